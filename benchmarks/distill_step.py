@@ -66,8 +66,8 @@ def make_variants(size, image_size, num_classes, device):
         return F.cross_entropy(plain(x), y)
 
     return {
-        "hdkd": (student, lambda x, y: forward_loss(student, hdkd, x, y, teacher).total),
-        "logit_only": (student, lambda x, y: forward_loss(student, logit_only, x, y, teacher).total),
+        "hdkd": (student, lambda x, y: forward_loss(student, hdkd, x, y, teacher)[0].total),
+        "logit_only": (student, lambda x, y: forward_loss(student, logit_only, x, y, teacher)[0].total),
         "official": (student, official),
         "floor": (plain, floor),
     }

@@ -78,6 +78,18 @@ def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def dvc_md5(path: str | os.PathLike) -> str:
+    """The hash DVC 3 records in ``dvc.lock``: a file's md5, or a directory's ``<md5>.dir`` tree hash."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    entries = sorted(
+        ({"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()} for f in path.rglob("*") if f.is_file()),
+        key=lambda e: e["relpath"],
+    )
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
         return o.tolist()

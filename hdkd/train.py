@@ -1,16 +1,52 @@
-"""Training engine: one loop for the teacher, the student and HDKD."""
+"""Training engine: one loop for the teacher, the plain student and the HDKD student.
+
+The three differ only in their loss (cross-entropy, or the HDKD distillation loss) and in whether
+a frozen teacher runs beside the student. Model selection uses the validation split only. Each
+epoch ends with an atomic resume state (weights, optimiser, scheduler, scaler, RNGs, history), so an
+interrupted run continues where it stopped and — on the CPU — ends with the same numbers.
+Runs as a plain process or under ``torchrun`` (DistributedDataParallel; rank 0 writes and logs).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
-from hdkd.losses import HDKDLoss, LossParts
+from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_resume_state, set_rng_state,
+                             unwrap)
+from hdkd.config import DistillConfig, OptimConfig, Params
+from hdkd.distributed import DistInfo, all_reduce_sum, barrier
+from hdkd.io import dvc_md5, load_torch, save_torch, write_json, write_text
+from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
+from hdkd.models import FrozenTeacher, create_model, model_name
+
+log = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student", "hdkd")
 
 
+# --------------------------------------------------------------------------- building blocks
 def forward_loss(student: nn.Module, criterion: HDKDLoss, images: torch.Tensor, labels: torch.Tensor,
-                 teacher: nn.Module | None = None) -> LossParts:
-    """One student pass (and one no-grad teacher pass) → the loss and its parts.
+                 teacher: nn.Module | None = None) -> tuple[LossParts, Any]:
+    """One student pass (and one no-grad teacher pass) → ``(loss parts, student outputs)``.
 
     Both networks return their stage maps from the same pass that produced the logits, so the
     feature loss costs no extra forward.
@@ -19,4 +55,347 @@ def forward_loss(student: nn.Module, criterion: HDKDLoss, images: torch.Tensor, 
     if teacher is not None:
         teacher_logits, teacher_feats = teacher(images)
     outputs, student_feats = student(images, return_features=True)
-    return criterion(outputs, labels, teacher_logits, student_feats, teacher_feats)
+    return criterion(outputs, labels, teacher_logits, student_feats, teacher_feats), outputs
+
+
+def stage_config(params: Params, role: str) -> OptimConfig:
+    return {"teacher": params.teacher, "student": params.student, "hdkd": params.distill}[role]
+
+
+def build_criterion(role: str, cfg: OptimConfig) -> HDKDLoss:
+    """Cross-entropy for the teacher and the plain student; the HDKD loss for distillation."""
+    if role != "hdkd":
+        return HDKDLoss(LogitDistillationLoss("none"), None, 0.0)
+    assert isinstance(cfg, DistillConfig)
+    return HDKDLoss(LogitDistillationLoss(cfg.type, cfg.alpha, cfg.tau, cfg.kl_reduction),
+                    FeatureDistillationLoss(cfg.stages, beta=cfg.beta), cfg.lambda_)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD; weight decay skips biases and norm weights (as timm's optimiser factory)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_at(cfg: OptimConfig, progress: float) -> float:
+    """Learning rate after ``progress`` epochs: linear warm-up from ``warmup_lr``, then cosine to ``min_lr``."""
+    if cfg.schedule == "none":
+        return cfg.lr
+    if progress < cfg.warmup_epochs:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * progress / cfg.warmup_epochs
+    t = (progress - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-12)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
+    """Per-step schedule (smooth warm-up even with few epochs)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step / steps_per_epoch) / cfg.lr)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Runtime:
+    """Where and how the loop runs."""
+
+    device: torch.device
+    dist: DistInfo = field(default_factory=DistInfo)
+    amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA; None = full precision
+    channels_last: bool = False
+    progress: bool = True
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+def make_runtime(params: Params, device: torch.device, dist: DistInfo) -> Runtime:
+    amp_dtype = None
+    if device.type == "cuda" and params.train.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return Runtime(device, dist, amp_dtype, params.train.channels_last and device.type == "cuda", dist.is_main)
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler, loader: DataLoader, rt: Runtime, teacher: nn.Module | None = None,
+                    grad_clip: float | None = None, batch_hook: Callable | None = None,
+                    desc: str = "train") -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean loss parts, accuracy and throughput."""
+    model.train()
+    sums = torch.zeros(6, dtype=torch.float64)  # total, ce, logit_kd, feature, correct, count
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True)
+    for images, labels in bar:
+        images, labels = rt.to_device(images, labels)
+        if batch_hook is not None:  # e.g. whole-batch augmentation on the GPU
+            images = batch_hook(images)
+        with rt.autocast():
+            parts, outputs = forward_loss(model, criterion, images, labels, teacher)
+        if not torch.isfinite(parts.total):
+            raise FloatingPointError(f"loss is {parts.total.item()} ({desc}); lower the learning rate or "
+                                     "check the data (train.grad_clip can help)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(parts.total).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        n = labels.shape[0]
+        sums += torch.tensor([parts.total.item() * n, parts.ce.item() * n, parts.logit_kd.item() * n,
+                              parts.feature.item() * n, (logits.argmax(1) == labels).sum().item(), n],
+                             dtype=torch.float64)
+        bar.set_postfix(loss=f"{parts.total.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    seconds = time.perf_counter() - start
+    sums = all_reduce_sum(sums.to(rt.device), rt.dist).cpu()
+    count = max(sums[5].item(), 1.0)
+    return {"train_loss": sums[0].item() / count, "train_ce": sums[1].item() / count,
+            "train_logit_kd": sums[2].item() / count, "train_feature_kd": sums[3].item() / count,
+            "train_accuracy": sums[4].item() / count, "epoch_time_s": seconds, "images_per_s": sums[5].item() / seconds}
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
+    """Cross-entropy and accuracy of the inference-mode logits (HDKD: the average of its heads)."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = rt.to_device(images, labels)
+        with rt.autocast():
+            logits = model(images)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += labels.shape[0]
+    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best: dict[str, float]
+    resumed_from: int  # 0 = fresh start
+
+
+def is_better(row: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Higher validation accuracy wins; equal accuracy is broken by lower validation loss."""
+    if best is None:
+        return True
+    return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+
+
+def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Dataset, val_set: Dataset, rt: Runtime,
+        *, seed: int, batch_size: int, eval_batch_size: int = 64, num_workers: int = 0,
+        teacher: nn.Module | None = None, grad_clip: float | None = None, resume_dir: Path | None = None,
+        fingerprint: str = "", on_epoch: Callable[[dict[str, float]], None] | None = None,
+        batch_hook: Callable | None = None, desc: str = "train") -> FitResult:
+    """Train ``model`` for ``cfg.epochs``, selecting on validation; resumable from ``resume_dir``."""
+    world = rt.dist.world_size
+    if batch_size % world:
+        raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rt.dist.rank, shuffle=True, seed=seed)
+    pin = rt.device.type == "cuda"
+    # drop_last: a final batch of one sample would break BatchNorm in training mode.
+    loader = DataLoader(train_set, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers,
+                        pin_memory=pin, drop_last=len(train_set) // world >= batch_size // world)
+    val_loader = DataLoader(val_set, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=pin)
+    if len(train_set) < 2 * world:
+        raise ValueError(f"the training split has {len(train_set)} samples: BatchNorm needs at least 2 per process")
+
+    net = unwrap(model)
+    optimizer = build_optimizer(net, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
+    history: list[dict[str, float]] = []
+    best: dict[str, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    start_epoch = 0
+
+    last_path = best_path = None
+    if resume_dir is not None:
+        last_path, best_path = Path(resume_dir) / "last.pt", Path(resume_dir) / "best.pt"
+        state = load_resume_state(last_path, fingerprint)
+        if state is not None:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            history, best, start_epoch = state["history"], state["best"], state["epoch"]
+            best_state = load_torch(best_path, rt.device)
+            if rt.dist.is_main:
+                log.info("resuming from epoch %d of %d (%s)", start_epoch, cfg.epochs, last_path)
+
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
+                  disable=not rt.progress, dynamic_ncols=True)
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):  # per-(seed, epoch, index) augmentation
+            train_set.set_epoch(epoch)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row |= train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, rt, teacher, grad_clip,
+                               batch_hook, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+        row |= validate(net, val_loader, rt)
+        history.append(row)
+        improved = is_better(row, best)
+        if improved:
+            best = {"epoch": row["epoch"], "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val loss %.4f  val acc %.3f  lr %.2e  %.0f img/s%s",
+                 desc, row["epoch"], cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+                 row["val_accuracy"], row["lr"], row["images_per_s"], "  *best" if improved else "")
+        epochs.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", best=f"{best['val_accuracy']:.3f}")
+        if rt.dist.is_main and resume_dir is not None:
+            if improved:  # before last.pt: a resume state never points at a missing best
+                save_torch(best_path, best_state)
+            save_resume_state(last_path, {
+                "fingerprint": fingerprint, "epoch": epoch + 1, "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "history": history, "best": best,
+            })
+        if on_epoch is not None and rt.dist.is_main:
+            on_epoch(row)
+        barrier(rt.dist)
+
+    net.load_state_dict(best_state)
+    return FitResult(history, best["epoch"], best, start_epoch)
+
+
+# ---------------------------------------------------------------------------------- a stage
+@dataclass(frozen=True)
+class StagePaths:
+    """Where a training stage reads and writes (the paths ``dvc.yaml`` declares)."""
+
+    train: Path  # packed directory holding the training split (after balancing)
+    val: Path  # packed directory holding the validation split
+    out_dir: Path  # model.pt + run.json
+    metrics: Path  # DVC metrics JSON (validation accuracy and loss)
+    history: Path  # per-epoch CSV (DVC plots)
+    resume_dir: Path  # resume states: outside DVC's outputs, so they survive its clean-up
+    teacher: Path | None = None  # the teacher stage's model.pt (distillation only)
+
+
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_ce", "train_logit_kd", "train_feature_kd",
+                   "train_accuracy", "val_loss", "val_accuracy")  # timings stay in MLflow: they vary run to run
+
+
+def load_teacher(path: Path | None, classes: list[str], student: nn.Module, stages, device) -> FrozenTeacher:
+    """The teacher stage's output, checked against the student before any training starts."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} not found: distillation needs the train_teacher "
+                                "stage's output (run `dvc repro train_teacher`)")
+    teacher, meta = load_model(path, device)
+    if list(meta["classes"]) != list(classes):
+        raise ValueError(f"teacher {path} was trained on classes {meta['classes']}, the data has {classes}: "
+                         "retrain the teacher on this data (`dvc repro train_teacher`)")
+    for s in stages:
+        if teacher.feature_shapes[s - 1] != student.feature_shapes[s - 1]:
+            raise ValueError(f"teacher {path} stage {s} maps are {teacher.feature_shapes[s - 1]}, the student's are "
+                             f"{student.feature_shapes[s - 1]}: teacher and student need the same image size, "
+                             "stem stride and stage widths for feature distillation")
+    return FrozenTeacher(teacher.to(device))
+
+
+def input_fingerprint(role: str, params: Params, paths: StagePaths) -> str:
+    """What a resume state is valid for: the params that shape training and the exact input files."""
+    relevant = {k: v for k, v in params.to_dict().items() if k not in ("tracking", "evaluate")}
+    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("num_workers", "log_every")}
+    files = [paths.train, paths.val] + ([paths.teacher] if paths.teacher else [])
+    blob = json.dumps({"role": role, "params": relevant, "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_COLUMNS})
+    write_text(path, buf.getvalue())
+
+
+def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[Dataset, Dataset, list[str]],
+                 rt: Runtime, batch_hook: Callable | None = None) -> dict[str, Any]:
+    """Train one of the paper's three models end to end and write the stage's outputs.
+
+    ``datasets`` is ``(train_set, val_set, class_names)``. Rank 0 writes ``model.pt``, ``run.json``,
+    the metrics JSON and the history CSV, and logs to MLflow; other ranks only train.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    from hdkd.tracking import Tracker  # MLflow is imported only by the stages that track
+
+    cfg = stage_config(params, role)
+    train_set, val_set, classes = datasets
+    seed_everything(params.seed)  # identical initial weights on every rank
+    name = model_name(role, params.model.size)
+    overrides = {"block": params.model.block, "stem_stride": params.model.stem_stride,
+                 "dropout": params.model.dropout}
+    model = create_model(name, len(classes), params.data.image_size, **overrides).to(rt.device)
+    teacher = None
+    if role == "hdkd":
+        teacher = load_teacher(paths.teacher, classes, model, params.distill.stages, rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = torch.compile(model) if params.train.compile else model
+    if rt.dist.enabled:
+        unused = role == "hdkd" and params.distill.type == "none"  # the distillation head gets no gradient
+        train_model = DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                              else None, find_unused_parameters=unused)
+    torch.manual_seed(params.seed + rt.dist.rank)  # distinct dropout streams per rank
+
+    fingerprint = input_fingerprint(role, params, paths)
+    run_file = paths.resume_dir / "mlflow_run.json"
+    previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    resume_run = previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
+    stage = {"teacher": "train_teacher", "student": "train_student", "hdkd": "distill"}[role]
+    tracking = params.tracking if rt.dist.is_main else params.tracking.model_copy(update={"enabled": False})
+    extra = {"hdkd.model": name, "hdkd.world_size": str(rt.dist.world_size), "hdkd.device": str(rt.device)}
+    with Tracker(tracking, params, stage, extra_tags=extra, resume_run_id=resume_run) as tracker:
+        if rt.dist.is_main and tracker.run_id:
+            write_json(run_file, {"fingerprint": fingerprint, "run_id": tracker.run_id})
+        result = fit(train_model, build_criterion(role, cfg), cfg, train_set, val_set, rt, seed=params.seed,
+                     batch_size=params.train.batch_size, eval_batch_size=params.train.eval_batch_size,
+                     num_workers=params.train.num_workers, teacher=teacher, grad_clip=params.train.grad_clip,
+                     resume_dir=paths.resume_dir, fingerprint=fingerprint, batch_hook=batch_hook, desc=role,
+                     on_epoch=lambda row: tracker.log_metrics(row, step=int(row["epoch"])))
+        summary = {"val_accuracy": result.best["val_accuracy"], "val_loss": result.best["val_loss"],
+                   "best_epoch": result.best_epoch, "epochs": cfg.epochs}
+        if rt.dist.is_main:
+            # Outputs first, MLflow after: a tracking failure can never cost a finished checkpoint.
+            model_path = paths.out_dir / "model.pt"
+            save_model(model_path, model, name, classes, params.data.image_size, overrides, summary)
+            write_json(paths.metrics, summary)
+            write_history_csv(paths.history, result.history)
+            tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
+            tracker.log_artifact(model_path, "checkpoint")
+            tracker.log_artifact(paths.history)
+            write_json(paths.out_dir / "run.json", {**tracker.info(), "params_hash": params.digest(),
+                                                    "model": name, **summary})
+            shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
+    return {**summary, "history": result.history, "resumed_from": result.resumed_from}

@@ -73,7 +73,7 @@ def test_total_is_logit_plus_lambda_feature():
     teacher = FrozenTeacher(create_model("teacher_tiny", 3, image_size=32))
     student = create_model("hdkd_tiny", 3, image_size=32).train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    parts = forward_loss(student, HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 7.0), x, y, teacher)
+    parts, _ = forward_loss(student, HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 7.0), x, y, teacher)
     torch.testing.assert_close(parts.total, parts.logit + 7.0 * parts.feature)
     assert parts.feature.item() > 0 and parts.logit_kd.item() > 0
 
@@ -87,7 +87,7 @@ def test_one_pass_per_network_and_gradients_reach_only_the_student():
         for stage in net.stages:
             stage.register_forward_hook(lambda *_, n=name: runs.__setitem__(n, runs[n] + 1))
     bn_before = {k: v.clone() for k, v in teacher_net.state_dict().items()}
-    parts = forward_loss(student, HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 10.0),
+    parts, _ = forward_loss(student, HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 10.0),
                          torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), teacher)
     parts.total.backward()
     assert runs == {"teacher": 3, "student": 3}  # each stage once: no prefix re-computation

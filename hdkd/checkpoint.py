@@ -1,0 +1,101 @@
+"""Checkpoints: trained-model files (pipeline outputs) and resume states (survive an interrupted run).
+
+A model file holds the weights *and* how to rebuild the network (registry name, classes, image
+size, overrides), so evaluation and distillation need nothing else. A resume state holds
+everything that decides the rest of a run — weights, optimiser, scheduler, scaler, RNG states,
+epoch, history, best-so-far — plus a fingerprint of the inputs it is valid for. Everything is
+written atomically and read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hdkd.io import load_torch, save_torch
+from hdkd.models import create_model
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "hdkd-model/1"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network inside DDP and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module"):  # DistributedDataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_model(path: str | Path, model: nn.Module, name: str, classes: list[str], image_size: int,
+               overrides: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+    save_torch(path, {
+        "format": MODEL_FORMAT, "model_name": name, "classes": list(classes), "image_size": image_size,
+        "overrides": dict(overrides), "metrics": dict(metrics or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+    })
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a network saved by :func:`save_model`; returns ``(model, metadata)``."""
+    blob = load_torch(path, map_location)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not an hdkd model file (expected format {MODEL_FORMAT!r}); "
+                         "official checkpoints load through hdkd.compat.load_official_checkpoint")
+    model = create_model(blob["model_name"], len(blob["classes"]), blob["image_size"], **blob["overrides"])
+    model.load_state_dict(blob["state_dict"])
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
+    save_torch(path, {**state, "rng": rng_state()})
+
+
+def load_resume_state(path: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The saved state if it exists and belongs to the same inputs; ``None`` otherwise (says why)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = load_torch(path)
+    except ValueError as e:
+        log.warning("ignoring unreadable resume state %s (%s); starting afresh", path, e)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("resume state %s belongs to other params or data; starting afresh", path)
+        return None
+    return state

@@ -1,0 +1,45 @@
+"""One distillation step under torchrun (2 CPU processes, gloo); run by tests/test_distributed.py.
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_step.py OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import TensorDataset
+
+from hdkd.config import DistillConfig
+from hdkd.distributed import init_distributed, shutdown
+from hdkd.models import FrozenTeacher, create_model
+from hdkd.train import Runtime, build_criterion, fit
+
+# SGD: Adam would turn float-noise gradients (e.g. of pre-norm biases that a following BatchNorm
+# cancels) into full-size steps of arbitrary sign, hiding the comparison in noise.
+CFG = DistillConfig(epochs=1, optimizer="sgd", lr=0.05, weight_decay=0.05)
+GLOBAL_BATCH = 8
+
+
+def setup():
+    """Identical on every process and in the single-process reference."""
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(create_model("teacher_tiny", 3, image_size=32))
+    student = create_model("hdkd_tiny", 3, image_size=32)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.arange(GLOBAL_BATCH) % 3)
+    return teacher, student, data
+
+
+def main(out: Path):
+    info = init_distributed("cpu")
+    teacher, student, data = setup()
+    rt = Runtime(torch.device("cpu"), info, progress=False)
+    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), CFG, data, data, rt, seed=0,
+        batch_size=GLOBAL_BATCH, teacher=teacher)
+    torch.save(student.state_dict(), out / f"rank{info.rank}.pt")
+    shutdown(info)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,151 @@
+import logging
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from hdkd.config import DistillConfig, OptimConfig
+from hdkd.checkpoint import save_model
+from hdkd.models import create_model
+from hdkd.train import Runtime, build_criterion, build_optimizer, fit, is_better, load_teacher, lr_at
+
+CPU = Runtime(torch.device("cpu"), progress=False)
+
+
+def toy_split(n, classes=3, size=32, seed=0):
+    """Images whose class is their dominant colour channel, plus noise: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = torch.randn(n, 3, size, size, generator=g) * 0.5
+    images[torch.arange(n), labels] += 1.5
+    return TensorDataset(images, labels)
+
+
+def teacher_cfg(epochs=3, **kw):
+    return OptimConfig(epochs=epochs, optimizer="adam", lr=3e-3, **kw)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = OptimConfig(epochs=10, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=2, warmup_lr=1e-4,
+                      min_lr=1e-5)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 1) == pytest.approx(5.5e-4)
+    assert lr_at(cfg, 2) == pytest.approx(1e-3)
+    assert lr_at(cfg, 6) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at(cfg, 10) == pytest.approx(1e-5)
+    assert lr_at(OptimConfig(epochs=3, optimizer="adam", lr=1e-3), 2.5) == 1e-3
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = create_model("student_tiny", 3, image_size=32)
+    opt = build_optimizer(model, OptimConfig(epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.05))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_selection_prefers_accuracy_then_loss():
+    assert is_better({"val_accuracy": 0.5, "val_loss": 1.0}, None)
+    assert is_better({"val_accuracy": 0.6, "val_loss": 9.0}, {"val_accuracy": 0.5, "val_loss": 1.0})
+    assert is_better({"val_accuracy": 0.5, "val_loss": 0.9}, {"val_accuracy": 0.5, "val_loss": 1.0})
+    assert not is_better({"val_accuracy": 0.5, "val_loss": 1.0}, {"val_accuracy": 0.5, "val_loss": 1.0})
+
+
+def test_teacher_learns_and_is_deterministic():
+    train, val = toy_split(96), toy_split(48, seed=1)
+
+    def run():
+        torch.manual_seed(0)
+        model = create_model("teacher_tiny", 3, image_size=32)
+        return fit(model, build_criterion("teacher", teacher_cfg()), teacher_cfg(), train, val, CPU, seed=0,
+                   batch_size=16), model
+
+    (first, model), (second, _) = run(), run()
+    assert first.best["val_accuracy"] > 0.8  # chance is 1/3
+    assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
+    assert [r["train_loss"] for r in first.history] == [r["train_loss"] for r in second.history]
+    # The returned model holds the best epoch's weights.
+    from hdkd.train import validate
+
+    assert validate(model, torch.utils.data.DataLoader(val, batch_size=16), CPU)["val_accuracy"] == first.best[
+        "val_accuracy"]
+
+
+def test_an_interrupted_fit_resumes_and_ends_identically(tmp_path, caplog):
+    train, val = toy_split(64), toy_split(32, seed=1)
+    cfg = OptimConfig(epochs=4, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=1,
+                      warmup_lr=1e-4, min_lr=1e-5)
+
+    def run(resume_dir, stop_after=None):
+        torch.manual_seed(0)
+        model = create_model("student_tiny", 3, image_size=32, dropout=0.1)  # dropout: RNG state must resume too
+
+        def stop(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        return fit(model, build_criterion("student", cfg), cfg, train, val, CPU, seed=3, batch_size=16,
+                   resume_dir=resume_dir, fingerprint="f1", on_epoch=stop)
+
+    straight = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, stop_after=2)
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    with caplog.at_level(logging.INFO, logger="hdkd.train"):
+        resumed = run(tmp_path)
+    assert "resuming from epoch 2 of 4" in caplog.text
+    assert resumed.resumed_from == 2
+    timing = ("epoch_time_s", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in straight.history]
+    assert resumed.best == straight.best
+
+
+def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
+    train, val = toy_split(32), toy_split(16, seed=1)
+    cfg = teacher_cfg(epochs=1)
+    model = create_model("teacher_tiny", 3, image_size=32)
+    fit(model, build_criterion("teacher", cfg), cfg, train, val, CPU, seed=0, batch_size=16, resume_dir=tmp_path,
+        fingerprint="old")
+    with caplog.at_level(logging.INFO):
+        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), cfg, train, val,
+                     CPU, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="new")
+    assert result.resumed_from == 0 and "starting afresh" in caplog.text
+
+
+def test_hdkd_fit_logs_every_loss_part(tmp_path):
+    train, val = toy_split(48), toy_split(16, seed=1)
+    teacher_path = tmp_path / "teacher.pt"
+    save_model(teacher_path, create_model("teacher_tiny", 3, image_size=32), "teacher_tiny", ["a", "b", "c"], 32, {})
+    student = create_model("hdkd_tiny", 3, image_size=32)
+    cfg = DistillConfig(epochs=1, optimizer="adamw", lr=1e-3)
+    teacher = load_teacher(teacher_path, ["a", "b", "c"], student, cfg.stages, "cpu")
+    rows = []
+    fit(student, build_criterion("hdkd", cfg), cfg, train, val, CPU, seed=0, batch_size=16, teacher=teacher,
+        on_epoch=rows.append)
+    (row,) = rows
+    assert row["train_ce"] > 0 and row["train_logit_kd"] > 0 and row["train_feature_kd"] > 0
+    assert math.isclose(row["train_loss"], 0.5 * row["train_ce"] + 0.5 * row["train_logit_kd"]
+                        + 10 * row["train_feature_kd"], rel_tol=1e-6)
+
+
+def test_teacher_checks_fail_early_and_clearly(tmp_path):
+    student = create_model("hdkd_tiny", 3, image_size=32)
+    with pytest.raises(FileNotFoundError, match="dvc repro train_teacher"):
+        load_teacher(tmp_path / "none.pt", ["a", "b", "c"], student, (1, 2, 3), "cpu")
+    path = tmp_path / "t.pt"
+    save_model(path, create_model("teacher_tiny", 2, image_size=32), "teacher_tiny", ["a", "b"], 32, {})
+    with pytest.raises(ValueError, match=r"classes \['a', 'b'\]"):
+        load_teacher(path, ["a", "b", "c"], student, (1, 2, 3), "cpu")
+    save_model(path, create_model("teacher_tiny", 3, image_size=32, stem_stride=4), "teacher_tiny", ["a", "b", "c"],
+               32, {"stem_stride": 4})
+    with pytest.raises(ValueError, match="stage 1 maps are"):
+        load_teacher(path, ["a", "b", "c"], student, (1, 2, 3), "cpu")
+
+
+def test_a_split_too_small_for_batchnorm_is_an_error():
+    with pytest.raises(ValueError, match="at least 2"):
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()), teacher_cfg(),
+            toy_split(1), toy_split(4), CPU, seed=0, batch_size=16)
