@@ -116,6 +116,7 @@ class Tracker:
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
+        self.ended = False
         self.uri = resolve_tracking_uri(cfg.uri, self.root)
 
     # -- lifecycle
@@ -189,10 +190,11 @@ class Tracker:
         return run.info.run_id
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
+        """Close the run (and mark its parent); later logging calls are ignored."""
+        if self._active():
             self._guard(self.client.set_terminated, self.run_id, status)
             self._guard(self.client.set_terminated, self.parent_run_id, status)
-            self.run_id = None
+        self.ended = True
 
     # -- logging
     def _log_params(self, run_id: str) -> None:
@@ -235,7 +237,7 @@ class Tracker:
 
     # -- failure isolation
     def _active(self) -> bool:
-        return self.enabled and self.run_id is not None
+        return self.enabled and self.run_id is not None and not self.ended
 
     def _guard(self, fn, *args, **kwargs):
         if not self.enabled:
