@@ -41,18 +41,18 @@ def hand_efficiency(params: int, macs: int, ms: float) -> dict:
 
 
 def hand_models(shift: float = 0.0) -> dict:
-    """Teacher / student / HDKD results; ``shift`` moves every accuracy (for ablation runs)."""
+    """Teacher / student / HDKD results; ``shift`` moves every accuracy and its CI (ablation runs)."""
     cm = [[8, 2, 0], [1, 8, 1], [0, 0, 20]]
     history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.25 / e, "val_accuracy": 0.5 + 0.125 * e,
                 "lr": 0.001} for e in (1, 2, 3)]
     return {
-        "teacher": {"evaluation": hand_evaluation(0.9 + shift, 0.8, 0.7, 0.75, [0.85, 0.95], [0.7, 0.8],
+        "teacher": {"evaluation": hand_evaluation(0.9 + shift, 0.8, 0.7, 0.75, [0.85 + shift, 0.95 + shift], [0.7, 0.8],
                                                   [0.5, 0.75, 1.0], cm),
                     "efficiency": hand_efficiency(3948677, 5_812_345_678, 40.0), "history": history},
-        "student": {"evaluation": hand_evaluation(0.8 + shift, 0.7, 0.6, 0.65, [0.75, 0.85], [0.6, 0.7],
+        "student": {"evaluation": hand_evaluation(0.8 + shift, 0.7, 0.6, 0.65, [0.75 + shift, 0.85 + shift], [0.6, 0.7],
                                                   [0.25, 0.5, 0.875], cm),
                     "efficiency": hand_efficiency(3724977, 2_050_000_000, 20.0), "history": history},
-        "hdkd": {"evaluation": hand_evaluation(0.85 + shift, 0.75, 0.65, 0.7, [0.8, 0.9], [0.65, 0.75],
+        "hdkd": {"evaluation": hand_evaluation(0.85 + shift, 0.75, 0.65, 0.7, [0.8 + shift, 0.9 + shift], [0.65, 0.75],
                                                [0.375, 0.625, 0.9375], cm),
                  "efficiency": hand_efficiency(3727288, 2_060_000_000, 21.0), "history": history},
     }
