@@ -161,7 +161,7 @@ def parse_lines(name: str, text: str) -> list[Line]:
     """A CSV or Markdown file as lines of cells, each knowing its table's headers."""
     if name.endswith(".csv"):
         rows = [tuple(r) for r in csv.reader(io.StringIO(text))]
-        return [Line(r, "header" if i == 0 else "row", rows[0]) for i, r in enumerate(rows)]
+        return [Line(r, "header" if i == 0 else "row", rows[0]) for i, r in enumerate(rows)]  # [] if empty
     raw = text.split("\n")
     lines: list[Line] = []
     headers: tuple[str, ...] = ()
