@@ -247,19 +247,18 @@ def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterabl
 
 
 def check_reports(
-    committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(), stream: TextIO | None = sys.stdout
+    committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(), stream: TextIO | None = None
 ) -> list[Difference]:
-    """Compare, print a readable account to ``stream``, return the differences (empty = match)."""
+    """Compare, print a readable account to ``stream`` (stdout), return the differences (empty = match)."""
+    stream = stream or sys.stdout
     differences = compare_trees(committed, fresh, tol)
-    if stream is not None:
-        print(f"comparing committed {committed} with fresh {fresh} (rtol {tol.rtol:g}, atol {tol.atol:g})",
-              file=stream)
-        for d in differences:
-            print(d, file=stream)
-        diffs = unified_diffs(committed, fresh, differences)
-        if diffs:
-            print("\n" + diffs, file=stream, end="")
-        print(f"{len(differences)} difference(s)" if differences else "reports match", file=stream)
+    print(f"comparing committed {committed} with fresh {fresh} (rtol {tol.rtol:g}, atol {tol.atol:g})", file=stream)
+    for d in differences:
+        print(d, file=stream)
+    diffs = unified_diffs(committed, fresh, differences)
+    if diffs:
+        print("\n" + diffs, file=stream, end="")
+    print(f"{len(differences)} difference(s)" if differences else "reports match", file=stream)
     return differences
 
 
