@@ -156,6 +156,21 @@ class EvaluateConfig(Section):
     latency_batch_sizes: tuple[int, ...] = (1, 32)
     latency_iters: int = Field(10, ge=1)
     latency_warmup: int = Field(2, ge=0)
+    latency_amp: bool = True  # CUDA only: time the GPU throughput under autocast
+
+    @field_validator("latency_batch_sizes")
+    @classmethod
+    def _positive_batch_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b < 1 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"latency_batch_sizes must be distinct positive ints, got {list(v)}")
+        return tuple(sorted(v))
+
+
+class ReportConfig(Section):
+    """Figures of the paper report (tables have no settings: they are fixed by the bundle)."""
+
+    confusion_normalize: bool = True  # colour confusion matrices by row share (recall per class)
+    dpi: int = Field(120, ge=50, le=600)
 
 
 class TrackingConfig(Section):
@@ -179,6 +194,7 @@ class Params(Section):
         epochs=200, optimizer="adamw", lr=5e-5, weight_decay=0.05, schedule="cosine", warmup_epochs=5
     )
     evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -198,7 +214,7 @@ class Params(Section):
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
     def digest(self) -> str:
         """A stable hash of the resolved params (key order and formatting do not matter)."""
@@ -235,12 +251,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys (``{"distill": {"lambda": 10}}`` -> ``{"distill.lambda": 10}``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

@@ -8,12 +8,14 @@ the old file or no file, never a half-written one that looks whole.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -37,7 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="\n")  # same bytes on every OS
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -48,6 +50,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as stable, human-readable JSON (sorted keys, trailing newline)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """CSV with ``\n`` line endings (the csv module defaults to ``\r\n``), header included in ``rows``."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[Any]]) -> None:
+    write_text(path, csv_text(rows))
 
 
 def read_json(path: str | os.PathLike) -> Any:

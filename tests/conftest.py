@@ -1,9 +1,18 @@
+"""Shared fixtures: the official reference outputs, hand-written results bundles, throwaway git repos."""
+
+from __future__ import annotations
+
+import copy
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from hdkd.config import parse_params
+from hdkd.evaluate import make_bundle
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-small"
 
@@ -27,3 +36,86 @@ def reference():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CLASSES = ["akiec", "bcc", "nv"]
+
+
+def hand_evaluation(acc: float, p: float, r: float, f1: float, acc_ci, f1_ci, per_class_f1, cm) -> dict:
+    """An evaluation record with chosen numbers (not computed: the report must only format them)."""
+    return {
+        "n": sum(map(sum, cm)), "accuracy": acc, "balanced_accuracy": r, "precision_macro": p,
+        "recall_macro": r, "f1_macro": f1, "precision_weighted": p, "recall_weighted": acc,
+        "f1_weighted": f1 + 0.05, "roc_auc_macro": 0.9, "ece": 0.0625, "ece_bins": 15,
+        "confusion_matrix": cm,
+        "per_class": [
+            {"class": c, "precision": 0.5, "recall": 0.25, "f1": f, "support": sum(row), "roc_auc": 0.9}
+            for c, f, row in zip(CLASSES, per_class_f1, cm)
+        ],
+        "classes_absent": [],
+        "ci": {"level": 0.95, "resamples": 1000, "seed": 0, "method": "percentile",
+               "accuracy": acc_ci, "f1_macro": f1_ci},
+        "predictions": {"true_counts": [sum(row) for row in cm], "predicted_counts": [sum(c) for c in zip(*cm)],
+                        "mean_confidence": 0.75},
+    }
+
+
+def hand_efficiency(params: int, macs: int, ms: float) -> dict:
+    return {"params": {"total": params, "trainable": params}, "macs": macs, "input_shape": [3, 224, 224],
+            "timing": [{"device": "cpu", "batch_size": 1, "amp": False, "ms_per_batch": ms, "ms_per_image": ms,
+                        "images_per_s": 1000 / ms, "device_name": "x86_64", "threads": 2}]}
+
+
+def hand_models(shift: float = 0.0) -> dict:
+    """Teacher / student / HDKD results; ``shift`` moves every accuracy and its CI (ablation runs)."""
+    cm = [[8, 2, 0], [1, 8, 1], [0, 0, 20]]
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.25 / e, "val_accuracy": 0.5 + 0.125 * e,
+                "lr": 0.001} for e in (1, 2, 3)]
+    return {
+        "teacher": {"evaluation": hand_evaluation(0.9 + shift, 0.8, 0.7, 0.75, [0.85 + shift, 0.95 + shift], [0.7, 0.8],
+                                                  [0.5, 0.75, 1.0], cm),
+                    "efficiency": hand_efficiency(3948677, 5_812_345_678, 40.0), "history": history},
+        "student": {"evaluation": hand_evaluation(0.8 + shift, 0.7, 0.6, 0.65, [0.75 + shift, 0.85 + shift], [0.6, 0.7],
+                                                  [0.25, 0.5, 0.875], cm),
+                    "efficiency": hand_efficiency(3724977, 2_050_000_000, 20.0), "history": history},
+        "hdkd": {"evaluation": hand_evaluation(0.85 + shift, 0.75, 0.65, 0.7, [0.8 + shift, 0.9 + shift], [0.65, 0.75],
+                                               [0.375, 0.625, 0.9375], cm),
+                 "efficiency": hand_efficiency(3727288, 2_060_000_000, 21.0), "history": history},
+    }
+
+
+def bundle_with(overrides: dict | None = None, shift: float = 0.0, **provenance) -> dict:
+    """A results bundle of the default params with ``overrides`` ({"distill": {"lambda": 1.0}})."""
+    raw = copy.deepcopy(parse_params({}).to_dict())
+    for section, values in (overrides or {}).items():
+        raw[section].update(values)
+    provenance = {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False} | provenance
+    return make_bundle(hand_models(shift), parse_params(raw), CLASSES, dataset="toy", **provenance)
+
+
+@pytest.fixture
+def bundle() -> dict:
+    return bundle_with()
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def run_git(repo: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=os.environ | GIT_ENV)
+    return out.stdout.decode().strip()
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_git(repo, "init", "-q", "-b", "main")
+    return repo
+
+
+def commit_all(repo: Path, message: str) -> str:
+    run_git(repo, "add", "-A")
+    run_git(repo, "commit", "-q", "-m", message)
+    return run_git(repo, "rev-parse", "HEAD")

@@ -1,0 +1,217 @@
+"""Evaluate trained models once on the test split, and the results bundle that holds a whole run.
+
+Results bundle (``reports/bundle.json``, logged to MLflow as ``results_bundle.json``)
+--------------------------------------------------------------------------------------
+One JSON object; the report is built from it alone::
+
+    {
+      "schema_version": 1,
+      "dataset": "synthetic",                 # what the models were evaluated on
+      "class_names": ["akiec", "bcc", ...],   # index k = label k
+      "params": {...},                        # resolved params (Params.to_dict(), YAML key names)
+      "params_hash": "3f2a...",               # Params.digest()
+      "git_commit": "<40 hex>" | null,        # HEAD when the evaluation ran
+      "git_dirty": false | null,              # tracked code modified at that time
+      "dvc_exp_name": "exp-lambda-1" | null,  # set under `dvc exp run`
+      "models": {                             # keys: "teacher", "student", "hdkd" (others allowed)
+        "<model>": {
+          "evaluation": {...},                # evaluate_model(): metrics.classification_metrics()
+                                              #   + "predictions": {true_counts, predicted_counts,
+                                              #                     mean_confidence}
+          "efficiency": {...} | null,         # efficiency.measure_efficiency()
+          "history": [{"epoch": 1, "train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}, ...]
+        }
+      }
+    }
+
+Files written by :func:`write_evaluation` (under ``reports/``, small, git-tracked)::
+
+    bundle.json                 the results bundle
+    metrics.json                DVC metrics: one key per model, headline numbers (timing under "timing")
+    eval/<model>.json           per-model detail: all metrics, per-class, confusion matrix, CIs, efficiency
+    plots/confusion_<model>.csv DVC plots, one row per test image: actual,predicted (template: confusion)
+    plots/curves_<model>.csv    per-epoch training history: epoch, then the logged columns (sorted)
+
+dvc.yaml fragment for these plots::
+
+    plots:
+      - reports/plots/confusion_teacher.csv: {template: confusion, x: actual, y: predicted}
+      - reports/plots/curves_teacher.csv: {x: epoch, y: [train_loss, val_loss]}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hdkd.config import EvaluateConfig, Params
+from hdkd.efficiency import eval_mode
+from hdkd.io import write_csv, write_json
+from hdkd.metrics import classification_metrics
+
+SCHEMA_VERSION = 1
+MODEL_ORDER = ("teacher", "student", "hdkd")
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over ``loader``: ``(labels (N,), softmax probabilities (N, C))`` as float64 numpy."""
+    labels, probs = [], []
+    model.to(device)
+    with eval_mode(model):
+        for images, y in loader:
+            logits = model(images.to(device, non_blocking=True))
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(y):
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(f"model must return logits (B={len(y)}, C) in eval mode, got {got}")
+            probs.append(torch.softmax(logits.double(), dim=1).cpu())
+            labels.append(y.cpu())
+    return torch.cat(labels).numpy().astype(np.int64), torch.cat(probs).numpy()
+
+
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader,
+    class_names: Sequence[str],
+    cfg: EvaluateConfig,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All metrics of one model on ``loader`` (inference runs once), JSON-able."""
+    y_true, probs = predict_proba(model, loader, device)
+    if probs.shape[1] != len(class_names):
+        raise ValueError(f"model predicts {probs.shape[1]} classes, class_names has {len(class_names)}")
+    result = classification_metrics(
+        y_true, probs, class_names, ece_bins=cfg.ece_bins, bootstrap=cfg.bootstrap, ci=cfg.ci, seed=seed
+    )
+    n_classes = len(class_names)
+    result["predictions"] = {
+        "true_counts": np.bincount(y_true, minlength=n_classes).tolist(),
+        "predicted_counts": np.bincount(probs.argmax(axis=1), minlength=n_classes).tolist(),
+        "mean_confidence": float(probs.max(axis=1).mean()),
+    }
+    return result
+
+
+def make_bundle(
+    models: Mapping[str, Mapping[str, Any]],
+    params: Params,
+    class_names: Sequence[str],
+    *,
+    dataset: str | None = None,
+    git_commit: str | None = None,
+    git_dirty: bool | None = None,
+    dvc_exp_name: str | None = None,
+) -> dict[str, Any]:
+    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history."""
+    bundle = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": dataset or params.data.dataset,
+        "class_names": list(class_names),
+        "params": params.to_dict(),
+        "params_hash": params.digest(),
+        "git_commit": git_commit,
+        "git_dirty": git_dirty,
+        "dvc_exp_name": dvc_exp_name,
+        "models": {
+            name: {
+                "evaluation": dict(m["evaluation"]),
+                "efficiency": m.get("efficiency"),
+                "history": [dict(row) for row in m.get("history") or []],
+            }
+            for name, m in models.items()
+        },
+    }
+    return validate_bundle(bundle)
+
+
+def validate_bundle(bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the parts the report relies on; raise ``ValueError`` saying what is wrong."""
+    version = bundle.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"results bundle schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    missing = [k for k in ("dataset", "class_names", "params", "params_hash", "models") if k not in bundle]
+    if missing:
+        raise ValueError(f"results bundle lacks {missing}")
+    if not bundle["models"]:
+        raise ValueError("results bundle holds no model")
+    n_classes = len(bundle["class_names"])
+    for name, m in bundle["models"].items():
+        ev = m.get("evaluation") or {}
+        if len(ev.get("per_class", ())) != n_classes or len(ev.get("confusion_matrix", ())) != n_classes:
+            raise ValueError(f"results bundle: model {name!r} is not evaluated on the {n_classes} classes")
+    return dict(bundle)
+
+
+def model_names(bundle: Mapping[str, Any]) -> list[str]:
+    """Models in report order: teacher, student, hdkd, then any other by name."""
+    names = bundle["models"]
+    return [m for m in MODEL_ORDER if m in names] + sorted(set(names) - set(MODEL_ORDER))
+
+
+def headline_metrics(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The small per-model record of ``metrics.json``."""
+    ev, eff = model["evaluation"], model.get("efficiency") or {}
+    out = {k: ev[k] for k in (
+        "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
+        "roc_auc_macro", "ece",
+    )}
+    if ev.get("ci"):
+        for k in ("accuracy", "f1_macro"):
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = ev["ci"][k]
+    if eff:
+        out |= {"params": eff["params"]["total"], "macs": eff["macs"]}
+        out["timing"] = {
+            f"{t['device']}_bs{t['batch_size']}_{unit}": t[unit]
+            for t in eff["timing"] for unit in ("ms_per_image", "images_per_s")
+        }
+    return out
+
+
+def confusion_rows(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Iterable[tuple[str, str]]:
+    """One (actual, predicted) pair per test image, expanded from the matrix, in matrix order."""
+    for i, row in enumerate(confusion):
+        for j, count in enumerate(row):
+            yield from [(class_names[i], class_names[j])] * count
+
+
+def history_rows(history: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Header (epoch first, then the other logged keys sorted) and one row per epoch."""
+    keys = sorted({k for row in history for k in row} - {"epoch"})
+    header = ["epoch", *keys]
+    return [header] + [[row.get(k, "") for k in header] for row in history]
+
+
+def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "reports") -> list[Path]:
+    """Write the bundle, DVC metrics, per-model detail and DVC plots data; return the paths written."""
+    bundle = validate_bundle(bundle)
+    out = Path(out_dir)
+    names, class_names = model_names(bundle), bundle["class_names"]
+    written = {out / "bundle.json": bundle}
+    written[out / "metrics.json"] = {m: headline_metrics(bundle["models"][m]) for m in names}
+    for m in names:
+        model = bundle["models"][m]
+        written[out / "eval" / f"{m}.json"] = {
+            "model": m, "dataset": bundle["dataset"], "class_names": class_names,
+            "evaluation": model["evaluation"], "efficiency": model["efficiency"],
+        }
+    for path, obj in written.items():
+        write_json(path, obj)
+    paths = list(written)
+    for m in names:
+        model = bundle["models"][m]
+        confusion = [("actual", "predicted"), *confusion_rows(model["evaluation"]["confusion_matrix"], class_names)]
+        paths.append(out / "plots" / f"confusion_{m}.csv")
+        write_csv(paths[-1], confusion)
+        if model["history"]:
+            paths.append(out / "plots" / f"curves_{m}.csv")
+            write_csv(paths[-1], history_rows(model["history"]))
+    return paths

@@ -1,0 +1,501 @@
+"""Paper tables and figures, built from results bundles alone (see :mod:`hdkd.evaluate`).
+
+:func:`build_report` writes under ``out_dir`` (default ``reports/``)::
+
+    tables/main.{md,csv}              model, params, MACs, accuracy, macro P/R/F1, CIs
+    tables/metrics.{md,csv}           balanced accuracy, weighted F1, macro ROC-AUC, ECE
+    tables/per_class.{md,csv}         per-class P/R/F1 of every model, support
+    tables/efficiency.{md,csv}        params, MACs, timing (when measured)
+    tables/ablation_<name>.{md,csv}   one per ablation with >= 1 run differing in exactly its keys
+    figures/confusion_<model>.png     annotated confusion matrix per model
+    figures/training_curves.png       loss and validation accuracy per epoch
+    figures/per_class_f1.png          per-class F1 grouped by model
+    figures/data_efficiency.png       accuracy vs training fraction (>= 2 fractions)
+    README.md                         index; dataset, git commit and params hash of the source
+
+The report owns ``tables/`` and ``figures/``: files there that this build did not write are removed.
+
+Tables are byte-deterministic: fixed decimals, orders fixed by the bundles' content, ``\\n``
+endings, no timestamps. PNGs carry no software/date metadata, so they are byte-identical for the
+same matplotlib and FreeType versions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from hdkd.config import ReportConfig, flatten
+from hdkd.evaluate import model_names, validate_bundle
+from hdkd.io import csv_text, read_json, write_bytes, write_text
+
+MODEL_LABELS = {"teacher": "Teacher", "student": "Student", "hdkd": "HDKD"}
+MODEL_COLORS = {"teacher": "#4c72b0", "student": "#dd8452", "hdkd": "#55a868"}
+EXTRA_COLORS = ("#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+MODELS_NOTE = "Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the teacher."
+NA = "n/a"
+
+# Params that never change a result; a run differing only in these is the reference run again.
+NON_RESULT_PARAMS = ("tracking.*", "report.*", "evaluate.latency_*", "train.num_workers", "train.log_every",
+                     "data.root", "data.urls*")
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # file stem under tables/
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    note: str = ""  # Markdown only
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    title: str
+    keys: tuple[str, ...]  # dotted params keys; a run belongs here if it differs in a subset of them
+    headers: tuple[str, ...]  # one column header per key
+    models: tuple[str, ...] | None  # models the ablation changes; None = all
+    show_macs: bool = False
+
+
+ABLATIONS = (
+    Ablation("lambda", "feature distillation weight λ", ("distill.lambda",), ("λ",), ("hdkd",)),
+    Ablation("alpha_tau", "logit distillation α and τ", ("distill.alpha", "distill.tau"), ("α", "τ"), ("hdkd",)),
+    Ablation("stages", "distilled feature stages", ("distill.stages",), ("Stages",), ("hdkd",)),
+    Ablation("block", "MBCSA vs MBConv blocks", ("model.block",), ("Block",), None, show_macs=True),
+    Ablation("stem_stride", "stem stride", ("model.stem_stride",), ("Stem stride",), None, show_macs=True),
+    Ablation("train_fraction", "fraction of training data", ("data.train_fraction",), ("Train fraction",), None),
+)
+AblationGroups = Mapping[str, Sequence[Mapping[str, Any]]]  # ablation name -> its runs
+
+
+# ------------------------------------------------------------------------------------ formatting
+def pct(x: float | None) -> str:
+    return NA if x is None else f"{100 * x:.2f}"
+
+
+def pct_interval(interval: Sequence[float] | None) -> str:
+    return NA if interval is None else f"[{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
+def fixed(x: float | None, digits: int) -> str:
+    return NA if x is None else f"{x:.{digits}f}"
+
+
+def param_value(v: Any) -> str:
+    if isinstance(v, float):
+        return format(v, "g")
+    if isinstance(v, (list, tuple)):
+        return ", ".join(param_value(x) for x in v)
+    return str(v)
+
+
+def model_label(name: str) -> str:
+    return MODEL_LABELS.get(name, name)
+
+
+def model_color(bundle: Mapping[str, Any], name: str) -> str:
+    others = [m for m in model_names(bundle) if m not in MODEL_COLORS]
+    return MODEL_COLORS.get(name) or EXTRA_COLORS[others.index(name) % len(EXTRA_COLORS)]
+
+
+def table_markdown(table: Table) -> str:
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    align = [":---"] + ["---:"] * (len(table.columns) - 1)
+    lines = [f"## {table.title}", "", line(table.columns), line(align), *map(line, table.rows)]
+    if table.note:
+        lines += ["", table.note]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(table: Table) -> str:
+    return csv_text([table.columns, *table.rows])
+
+
+# ---------------------------------------------------------------------------------------- tables
+def _first_ci(bundle: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The bootstrap settings (one per run: every model is evaluated with the same config)."""
+    return next((c for m in model_names(bundle) if (c := bundle["models"][m]["evaluation"].get("ci"))), None)
+
+
+def _ci_label(bundle: Mapping[str, Any]) -> str:
+    ci = _first_ci(bundle)
+    return "CI" if ci is None else f"{100 * ci['level']:g}% CI"
+
+
+def _ci_note(bundle: Mapping[str, Any]) -> str:
+    ci = _first_ci(bundle)
+    if ci is None:
+        return "No bootstrap confidence intervals (evaluate.bootstrap = 0)."
+    return f"CI: {ci['method']} bootstrap over test images, {ci['resamples']} resamples, seed {ci['seed']}."
+
+
+def _interval(ev: Mapping[str, Any], key: str) -> Sequence[float] | None:
+    return ev["ci"][key] if ev.get("ci") else None
+
+
+def _efficiency(bundle: Mapping[str, Any], model: str) -> Mapping[str, Any]:
+    return bundle["models"][model].get("efficiency") or {}
+
+
+def _params_m(eff: Mapping[str, Any]) -> str:
+    return fixed(eff["params"]["total"] / 1e6, 3) if eff else NA
+
+
+def _macs_m(eff: Mapping[str, Any]) -> str:
+    return fixed(eff["macs"] / 1e6, 1) if eff else NA
+
+
+def main_table(bundle: Mapping[str, Any]) -> Table:
+    ci = _ci_label(bundle)
+    columns = ("Model", "Params (M)", "MACs (M)", "Accuracy (%)", f"Accuracy {ci}",
+               "Precision (%)", "Recall (%)", "F1 (%)", f"F1 {ci}")
+    rows = []
+    for m in model_names(bundle):
+        ev, eff = bundle["models"][m]["evaluation"], _efficiency(bundle, m)
+        rows.append((model_label(m), _params_m(eff), _macs_m(eff), pct(ev["accuracy"]),
+                     pct_interval(_interval(ev, "accuracy")), pct(ev["precision_macro"]), pct(ev["recall_macro"]),
+                     pct(ev["f1_macro"]), pct_interval(_interval(ev, "f1_macro"))))
+    n = len(bundle["class_names"])
+    note = (f"Test split of {bundle['dataset']}; precision, recall and F1 are macro averages over all {n} "
+            f"classes; MACs for one image. {_ci_note(bundle)} {MODELS_NOTE}")
+    return Table("main", "Main comparison", columns, tuple(rows), note)
+
+
+def metrics_table(bundle: Mapping[str, Any]) -> Table:
+    columns = ("Model", "Balanced accuracy (%)", "Weighted F1 (%)", "ROC-AUC (macro, OvR)", "ECE", "Test images")
+    evaluations = [(m, bundle["models"][m]["evaluation"]) for m in model_names(bundle)]
+    rows = tuple(
+        (model_label(m), pct(ev["balanced_accuracy"]), pct(ev["f1_weighted"]), fixed(ev["roc_auc_macro"], 4),
+         fixed(ev["ece"], 4), str(ev["n"]))
+        for m, ev in evaluations
+    )
+    note = (f"ECE: top-label, {evaluations[0][1]['ece_bins']} equal-width bins. ROC-AUC: one-vs-rest, averaged "
+            "over the classes present in the test split.")
+    return Table("metrics", "Additional metrics", columns, rows, note)
+
+
+def per_class_table(bundle: Mapping[str, Any]) -> Table:
+    names = model_names(bundle)
+    per_class = {m: bundle["models"][m]["evaluation"]["per_class"] for m in names}
+    supports = {tuple(c["support"] for c in per_class[m]) for m in names}
+    if len(supports) != 1:
+        raise ValueError("models of one bundle were evaluated on different test sets (per-class supports differ)")
+    columns = ("Class", "Support") + tuple(
+        f"{model_label(m)} {k} (%)" for m in names for k in ("P", "R", "F1"))
+    rows = tuple(
+        (cls, str(per_class[names[0]][k]["support"]))
+        + tuple(pct(per_class[m][k][key]) for m in names for key in ("precision", "recall", "f1"))
+        for k, cls in enumerate(bundle["class_names"])
+    )
+    return Table("per_class", "Per-class results", columns, rows, "P: precision, R: recall, on the test split.")
+
+
+def efficiency_table(bundle: Mapping[str, Any]) -> Table | None:
+    names = [m for m in model_names(bundle) if _efficiency(bundle, m)]
+    if not names:
+        return None
+    slots = sorted({(t["device"], t["batch_size"]) for m in names for t in _efficiency(bundle, m)["timing"]})
+    columns = ("Model", "Params", "Trainable params", "MACs (M)") + tuple(
+        f"{dev.upper()} {unit} (bs {bs})" for dev, bs in slots for unit in ("ms/img", "img/s"))
+    rows = []
+    for m in names:
+        eff = _efficiency(bundle, m)
+        timing = {(t["device"], t["batch_size"]): t for t in eff["timing"]}
+        cells = [model_label(m), str(eff["params"]["total"]), str(eff["params"]["trainable"]), _macs_m(eff)]
+        for slot in slots:
+            t = timing.get(slot)
+            cells += [fixed(t["ms_per_image"], 3), fixed(t["images_per_s"], 1)] if t else [NA, NA]
+        rows.append(tuple(cells))
+    note = "Timing: median of the timed forward passes, inference mode; machine-dependent, not compared by checks."
+    return Table("efficiency", "Efficiency", columns, tuple(rows), note)
+
+
+# ------------------------------------------------------------------------------------- ablations
+def run_label(bundle: Mapping[str, Any]) -> str:
+    """How to name a run on the command line: its DVC experiment, else its commit, else its params hash."""
+    return bundle.get("dvc_exp_name") or (bundle.get("git_commit") or "")[:12] or bundle["params_hash"]
+
+
+def differing_params(reference: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """Dotted params keys whose values differ, ignoring :data:`NON_RESULT_PARAMS`."""
+    a, b = flatten(reference["params"]), flatten(other["params"])
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(fnmatchcase(k, p) for p in NON_RESULT_PARAMS)]
+
+
+def group_ablations(
+    reference: Mapping[str, Any], others: Iterable[Mapping[str, Any]]
+) -> tuple[dict[str, list[Mapping[str, Any]]], list[tuple[Mapping[str, Any], list[str]]]]:
+    """Runs per ablation name (a run differing in a non-empty subset of its keys), and the unused runs
+    with their differing keys. Runs with one params hash count once (the first in sorted order)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    unused, seen = [], {reference["params_hash"]}
+    for run in sorted(others, key=lambda b: (b["params_hash"], run_label(b))):
+        diff = differing_params(reference, run)
+        ablation = next((a for a in ABLATIONS if diff and set(diff) <= set(a.keys)), None)
+        if ablation is None or run["params_hash"] in seen:
+            unused.append((run, diff))
+            continue
+        seen.add(run["params_hash"])
+        groups.setdefault(ablation.name, []).append(run)
+    return groups, unused
+
+
+def _ablation_values(ablation: Ablation, bundle: Mapping[str, Any]) -> list[Any]:
+    flat = flatten(bundle["params"])
+    return [flat.get(k) for k in ablation.keys]
+
+
+def _sort_key(values: Sequence[Any]) -> tuple:
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v)) for v in values)
+
+
+def _ablation_series(ablation: Ablation, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]):
+    """(values, bundle, is_reference) sorted by the ablated values."""
+    series = [(_ablation_values(ablation, b), b, b["params_hash"] == reference["params_hash"])
+              for b in (reference, *runs)]
+    return sorted(series, key=lambda s: (_sort_key(s[0]), s[1]["params_hash"]))
+
+
+def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Table:
+    ci = _ci_label(reference)
+    models = [m for m in model_names(reference) if ablation.models is None or m in ablation.models]
+    per_model = ("Accuracy (%)", f"Accuracy {ci}", "F1 (%)") + (("MACs (M)",) if ablation.show_macs else ())
+    columns = ablation.headers + ("Run (params hash)", "Reference") + tuple(
+        f"{model_label(m)} {c}" for m in models for c in per_model)
+    rows = []
+    for values, bundle, is_reference in _ablation_series(ablation, reference, runs):
+        cells = [param_value(v) for v in values] + [bundle["params_hash"], "yes" if is_reference else "no"]
+        for m in models:
+            result = bundle["models"].get(m)
+            if result is None:
+                cells += [NA] * len(per_model)
+                continue
+            ev = result["evaluation"]
+            cells += [pct(ev["accuracy"]), pct_interval(_interval(ev, "accuracy")), pct(ev["f1_macro"])]
+            if ablation.show_macs:
+                cells.append(_macs_m(result.get("efficiency") or {}))
+        rows.append(tuple(cells))
+    note = f"Runs differing from the reference only in {', '.join(ablation.keys)}; F1 is macro."
+    return Table(f"ablation_{ablation.name}", f"Ablation: {ablation.title}", columns, tuple(rows), note)
+
+
+# --------------------------------------------------------------------------------------- figures
+def _png(fig: Figure, dpi: int) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})  # no version stamp
+    return buf.getvalue()
+
+
+def confusion_figure(bundle: Mapping[str, Any], model: str, normalize: bool = True) -> Figure:
+    counts = np.asarray(bundle["models"][model]["evaluation"]["confusion_matrix"], dtype=float)
+    classes = bundle["class_names"]
+    rows = counts.sum(axis=1, keepdims=True)
+    shown = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0) if normalize else counts
+    side = 2.5 + 0.75 * len(classes)
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, label="share of actual class" if normalize else "images")
+    if not normalize:
+        bar.locator = MaxNLocator(integer=True)
+    threshold = (1 if normalize else shown.max()) / 2
+    for (i, j), value in np.ndenumerate(shown):
+        text = f"{value:.2f}\n({int(counts[i, j])})" if normalize else str(int(value))
+        ax.text(j, i, text, ha="center", va="center", fontsize=10 if len(classes) <= 5 else 8,
+                color="white" if value > threshold else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("Actual")
+    ax.set_title(f"{model_label(model)}: confusion matrix" + (" (row-normalised)" if normalize else ""))
+    return fig
+
+
+def training_curves_figure(bundle: Mapping[str, Any]) -> Figure | None:
+    models = [m for m in model_names(bundle) if bundle["models"][m]["history"]]
+    if not models:
+        return None
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for m in models:
+        history, color = bundle["models"][m]["history"], model_color(bundle, m)
+
+        def series(key: str) -> tuple[list, list]:
+            points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+            return [p[0] for p in points], [p[1] for p in points]
+
+        loss_ax.plot(*series("train_loss"), color=color, label=f"{model_label(m)} train")
+        loss_ax.plot(*series("val_loss"), color=color, linestyle="--", label=f"{model_label(m)} val")
+        epochs, acc = series("val_accuracy")
+        acc_ax.plot(epochs, [100 * a for a in acc], color=color, marker="o", markersize=3, label=model_label(m))
+    loss_ax.set(title="Loss", xlabel="Epoch", ylabel="Loss")
+    acc_ax.set(title="Validation accuracy", xlabel="Epoch", ylabel="Accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
+    models, classes = model_names(bundle), bundle["class_names"]
+    width = 0.8 / len(models)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(classes) + 2), 4), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(classes))
+    for i, m in enumerate(models):
+        f1 = [100 * c["f1"] for c in bundle["models"][m]["evaluation"]["per_class"]]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, f1, width, label=model_label(m), color=model_color(bundle, m))
+    ax.set_xticks(x, classes, rotation=30 if max(map(len, classes)) > 6 else 0)
+    ax.set(ylabel="F1 (%)", ylim=(0, 100), title="Per-class F1 on the test split")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(fontsize=8, ncols=len(models), loc="outside lower center")  # never over the bars
+    return fig
+
+
+def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Figure | None:
+    ablation = next(a for a in ABLATIONS if a.name == "train_fraction")
+    series = _ablation_series(ablation, reference, runs)
+    if len({s[0][0] for s in series}) < 2:
+        return None
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for m in model_names(reference):
+        points = [(v[0], b["models"][m]["evaluation"]) for v, b, _ in series if m in b["models"]]
+        x = [100 * p[0] for p in points]
+        y = [100 * p[1]["accuracy"] for p in points]
+        cis = [_interval(p[1], "accuracy") for p in points]
+        err = None
+        if all(cis):  # a percentile interval may, rarely, exclude its estimate: clip, never negative
+            err = [[max(yi - 100 * lo, 0) for yi, (lo, _) in zip(y, cis)],
+                   [max(100 * hi - yi, 0) for yi, (_, hi) in zip(y, cis)]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=model_color(reference, m), label=model_label(m))
+    ax.set_xticks(sorted({100 * s[0][0] for s in series}))
+    ax.set(xlabel="Training data used (%)", ylabel="Test accuracy (%)", title="Data efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- report
+def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    return validate_bundle(read_json(path))
+
+
+def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None) -> list[Table]:
+    ablation_groups = ablation_groups or {}
+    tables = [main_table(bundle), metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle)]
+    tables += [ablation_table(a, bundle, ablation_groups[a.name]) for a in ABLATIONS if a.name in ablation_groups]
+    return [t for t in tables if t is not None]
+
+
+def report_figures(
+    bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None, cfg: ReportConfig = ReportConfig()
+) -> dict[str, Callable[[], Figure | None]]:
+    """File name -> figure builder (lazy: a figure is drawn only when written)."""
+    ablation_groups = ablation_groups or {}
+    figures: dict[str, Callable[[], Figure | None]] = {
+        f"confusion_{m}.png": (lambda m=m: confusion_figure(bundle, m, cfg.confusion_normalize))
+        for m in model_names(bundle)
+    }
+    figures["training_curves.png"] = lambda: training_curves_figure(bundle)
+    figures["per_class_f1.png"] = lambda: per_class_f1_figure(bundle)
+    figures["data_efficiency.png"] = lambda: data_efficiency_figure(bundle, ablation_groups.get("train_fraction", []))
+    return figures
+
+
+def build_report(
+    bundle: Mapping[str, Any],
+    out_dir: str | os.PathLike = "reports",
+    ablations: Iterable[Mapping[str, Any]] = (),
+    cfg: ReportConfig = ReportConfig(),
+) -> list[Path]:
+    """Write the tables, figures and README of one run (plus ablations of other runs); return the paths."""
+    bundle = validate_bundle(bundle)
+    groups, unused = group_ablations(bundle, [validate_bundle(b) for b in ablations])
+    out = Path(out_dir)
+    written: list[Path] = []
+    tables = report_tables(bundle, groups)
+    for table in tables:
+        for suffix, text in ((".md", table_markdown(table)), (".csv", table_csv(table))):
+            written.append(out / "tables" / f"{table.name}{suffix}")
+            write_text(written[-1], text)
+    figures = []
+    for name, draw in report_figures(bundle, groups, cfg).items():
+        fig = draw()
+        if fig is not None:
+            figures.append(name)
+            written.append(out / "figures" / name)
+            write_bytes(written[-1], _png(fig, cfg.dpi))
+    _remove_stale(out, written)
+    written.append(out / "README.md")
+    write_text(written[-1], readme(bundle, tables, figures, groups, unused))
+    return written
+
+
+def _remove_stale(out: Path, written: Sequence[Path]) -> None:
+    keep = set(written)
+    for sub in ("tables", "figures"):
+        for path in sorted((out / sub).glob("*")):
+            if path.is_file() and path.suffix in (".md", ".csv", ".png") and path not in keep:
+                path.unlink()
+
+
+def readme(
+    bundle: Mapping[str, Any],
+    tables: Sequence[Table],
+    figures: Sequence[str],
+    groups: AblationGroups,
+    unused: Sequence[tuple[Mapping[str, Any], list[str]]],
+) -> str:
+    """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
+    dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
+    ablation_runs = [b for a in ABLATIONS for b in groups.get(a.name, [])]
+    rev = bundle.get("dvc_exp_name") or "<the commit holding these reports>"
+    regenerate = f"python -m pipeline.report --rev {rev}" + "".join(f" --ablation {run_label(b)}" for b in ablation_runs)
+    lines = [
+        "# HDKD results",
+        "",
+        "Generated by `hdkd.report` from the results bundle `bundle.json`; do not edit by hand.",
+        "",
+        f"- Dataset: {bundle['dataset']} ({len(bundle['class_names'])} classes: {', '.join(bundle['class_names'])})",
+        f"- Git commit evaluated: `{bundle.get('git_commit') or 'unknown'}` (code modified: {dirty})",
+        f"- DVC experiment: {bundle.get('dvc_exp_name') or 'none'}",
+        f"- Params hash: `{bundle['params_hash']}`",
+        f"- Regenerate without retraining: `{regenerate}`",
+        "",
+        "## Tables",
+        "",
+        *(f"- [{t.title}](tables/{t.name}.md) ([csv](tables/{t.name}.csv))" for t in tables),
+        "",
+        "## Figures",
+        "",
+        *(f"- [{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures),
+        "",
+        "## Evaluation data",
+        "",
+        "- `bundle.json`: everything above is derived from it",
+        "- `metrics.json`: DVC metrics, one key per model",
+        "- `eval/<model>.json`: per-model detail (per-class, confusion matrix, CIs, efficiency)",
+        "- `plots/`: DVC plots data (confusion matrices, training curves)",
+    ]
+    if ablation_runs or unused:
+        lines += ["", "## Other runs", "", "| Run | Params hash | Differs in | Used in |", "|:---|:---|:---|:---|"]
+        used = [(b, differing_params(bundle, b), f"ablation_{a.name}") for a in ABLATIONS for b in groups.get(a.name, [])]
+        for b, diff, where in used + [(b, diff, "not used") for b, diff in unused]:
+            lines.append(f"| {run_label(b)} | `{b['params_hash']}` | {', '.join(diff) or 'nothing'} | {where} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,278 @@
+"""Compare freshly produced reports with committed ones: structure exactly, numbers within tolerance.
+
+Both sides are report trees: a directory, or ``reports/`` as committed at a git revision
+(``git show <rev>:reports/...``). Compared:
+
+- the set of files (PNGs by presence only: their pixels depend on the matplotlib/FreeType build);
+- ``*.json``: the same keys and list lengths everywhere, equal strings/booleans/nulls, numbers
+  within tolerance;
+- ``*.csv`` and ``*.md``: the same lines and cells; table headers, row labels (first column) and
+  lines outside tables exactly; in the other cells, the text around numbers exactly and the
+  numbers within tolerance.
+
+Tolerance (defaults :data:`DEFAULT_RTOL` = 1e-3, :data:`DEFAULT_ATOL` = 1e-6): a fresh number
+``y`` matches a committed ``x`` when ``|y - x| <= atol + rtol * |x|``. A number printed with
+``d`` decimals in a table may also differ by one unit of its last digit (``10**-d``): rounding.
+
+Locations are named ``<file>:<json.path>`` or ``<file>:<column header>`` (``<file>:<line>``
+outside tables); those matching a :data:`DEFAULT_IGNORE` glob (case-insensitive) are skipped:
+timing (machine-dependent) and provenance (the commit and experiment of a fresh run differ).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Iterable, Protocol, TextIO
+
+from hdkd.provenance import git, git_show
+
+DEFAULT_RTOL = 1e-3
+DEFAULT_ATOL = 1e-6
+DEFAULT_IGNORE = ("*timing*", "*ms/img*", "*img/s*", "*git?commit*", "*git?dirty*", "*dvc?exp*")
+TEXT_SUFFIXES = (".json", ".csv", ".md")
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.(\d+))?(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    def allowed(self, committed: float, decimals: int = 0) -> float:
+        return self.atol + self.rtol * abs(committed) + (10.0**-decimals if decimals else 0.0)
+
+    def ignores(self, location: str) -> bool:
+        return any(fnmatchcase(location.lower(), p.lower()) for p in self.ignore)
+
+
+@dataclass(frozen=True)
+class Difference:
+    file: str
+    kind: str  # "structure" or "value"
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.file}: {self.message}"
+
+
+# ------------------------------------------------------------------------------------------ trees
+class ReportTree(Protocol):
+    def files(self) -> set[str]: ...  # paths relative to the tree root, "/"-separated
+    def read(self, name: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class DirTree:
+    root: Path
+
+    def files(self) -> set[str]:
+        # dot-files are atomic-write leftovers or tool state, never report files
+        return {p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)}
+
+    def read(self, name: str) -> bytes:
+        return (Path(self.root) / name).read_bytes()
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+
+@dataclass(frozen=True)
+class GitTree:
+    """``prefix`` (e.g. ``reports``) as committed at ``rev`` in the repository at ``repo_root``."""
+
+    repo_root: Path
+    rev: str
+    prefix: str = "reports"
+
+    def files(self) -> set[str]:
+        out = git("ls-tree", "-r", "--name-only", self.rev, "--", self.prefix, repo_root=self.repo_root)
+        return {line[len(self.prefix) + 1:] for line in out.decode().splitlines()}
+
+    def read(self, name: str) -> bytes:
+        return git_show(self.rev, f"{self.prefix}/{name}", self.repo_root)
+
+    def __str__(self) -> str:
+        return f"{self.rev}:{self.prefix}"
+
+
+# ------------------------------------------------------------------------------------- comparing
+def _number_diff(label: str, a: str, b: str, tol: Tolerance, decimals: int = 0) -> str | None:
+    """``None`` if the numbers written ``a`` (committed) and ``b`` (fresh) agree, else the message."""
+    x, y = float(a), float(b)
+    allowed = tol.allowed(x, decimals)
+    if abs(y - x) <= allowed or (math.isnan(x) and math.isnan(y)):
+        return None
+    rounding = f" + {10.0**-decimals:g} rounding" if decimals else ""
+    return (f"{label}: committed {a} vs fresh {b} "
+            f"(tol {allowed:.3g} = atol {tol.atol:g} + rtol {tol.rtol:g}·|committed|{rounding})")
+
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def compare_json(file: str, a: Any, b: Any, tol: Tolerance, path: str = "") -> list[Difference]:
+    """Differences between two parsed JSON values, walking both together."""
+    if path and tol.ignores(f"{file}:{path}"):
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for side, keys in (("committed", a.keys() - b.keys()), ("fresh", b.keys() - a.keys())):
+            keys = [k for k in sorted(keys) if not tol.ignores(f"{file}:{_key_path(path, k)}")]
+            if keys:
+                out.append(Difference(file, "structure", f"{path or '<root>'}: keys only in {side}: {keys}"))
+        for k in sorted(a.keys() & b.keys()):
+            out += compare_json(file, a[k], b[k], tol, _key_path(path, k))
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [Difference(file, "structure", f"{path}: {len(a)} items committed vs {len(b)} fresh")]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in compare_json(file, x, y, tol, f"{path}[{i}]")]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if numbers:
+        message = _number_diff(path, repr(a), repr(b), tol)
+        return [Difference(file, "value", message)] if message else []
+    if type(a) is not type(b):
+        return [Difference(file, "structure", f"{path}: committed {a!r} vs fresh {b!r} (different types)")]
+    return [] if a == b else [Difference(file, "value", f"{path}: committed {a!r} vs fresh {b!r}")]
+
+
+@dataclass(frozen=True)
+class Line:
+    cells: tuple[str, ...]
+    kind: str  # "header", "row", "separator" (Markdown ---) or "text" (outside tables)
+    headers: tuple[str, ...] = ()  # the column headers in effect
+
+
+def parse_lines(name: str, text: str) -> list[Line]:
+    """A CSV or Markdown file as lines of cells, each knowing its table's headers."""
+    if name.endswith(".csv"):
+        rows = [tuple(r) for r in csv.reader(io.StringIO(text))]
+        return [Line(r, "header" if i == 0 else "row", rows[0]) for i, r in enumerate(rows)]  # [] if empty
+    raw = text.split("\n")
+    lines: list[Line] = []
+    headers: tuple[str, ...] = ()
+    for i, line in enumerate(raw):
+        if not line.startswith("|"):
+            lines.append(Line((line,), "text"))
+            continue
+        cells = tuple(c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1])
+        if all(set(c) <= set(":-") and c for c in cells):
+            lines.append(Line(cells, "separator", headers))
+        elif i + 1 < len(raw) and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", raw[i + 1].strip()):
+            headers = cells
+            lines.append(Line(cells, "header", headers))
+        else:
+            lines.append(Line(cells, "row", headers))
+    return lines
+
+
+def _compare_cell(file: str, label: str, a: str, b: str, tol: Tolerance) -> Difference | None:
+    if NUMBER.sub("#", a) != NUMBER.sub("#", b):
+        return Difference(file, "structure", f"{label}: committed {a!r} vs fresh {b!r}")
+    for ma, mb in zip(NUMBER.finditer(a), NUMBER.finditer(b)):
+        message = _number_diff(label, ma[0], mb[0], tol, len(ma[1] or ""))
+        if message:
+            return Difference(file, "value", message)
+    return None
+
+
+def compare_text(file: str, a: str, b: str, tol: Tolerance) -> list[Difference]:
+    la, lb = parse_lines(file, a), parse_lines(file, b)
+    if len(la) != len(lb):
+        return [Difference(file, "structure", f"{len(la)} lines committed vs {len(lb)} fresh")]
+    out = []
+    for number, (x, y) in enumerate(zip(la, lb), start=1):
+        if (x.kind, len(x.cells)) != (y.kind, len(y.cells)):
+            out.append(Difference(file, "structure", f"line {number}: {x.kind} of {len(x.cells)} cells committed "
+                                                     f"vs {y.kind} of {len(y.cells)} fresh"))
+            continue
+        for col, (ca, cb) in enumerate(zip(x.cells, y.cells)):
+            column = x.headers[col] if col < len(x.headers) else f"column {col + 1}"
+            if tol.ignores(f"{file}:{ca if x.kind == 'text' else column}"):
+                continue
+            if x.kind != "row" or col == 0:  # headers, row labels and prose: exactly
+                if ca != cb:
+                    what = "row label" if x.kind == "row" else x.kind
+                    out.append(Difference(file, "structure", f"line {number} {what}: committed {ca!r} vs fresh {cb!r}"))
+                continue
+            diff = _compare_cell(file, f"line {number}, {column}", ca, cb, tol)
+            if diff:
+                out.append(diff)
+    return out
+
+
+def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance()) -> list[Difference]:
+    """All differences between two report trees, file by file in name order."""
+    a_files, b_files = committed.files(), fresh.files()
+    out = [Difference(f, "structure", "missing from the fresh reports") for f in sorted(a_files - b_files)]
+    out += [Difference(f, "structure", "not in the committed reports") for f in sorted(b_files - a_files)]
+    for name in sorted(a_files & b_files):
+        if not name.endswith(TEXT_SUFFIXES) or tol.ignores(name):
+            continue
+        a, b = committed.read(name).decode("utf-8"), fresh.read(name).decode("utf-8")
+        if a == b:
+            continue
+        if name.endswith(".json"):
+            out += compare_json(name, json.loads(a), json.loads(b), tol)
+        else:
+            out += compare_text(name, a, b, tol)
+    return out
+
+
+def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterable[Difference]) -> str:
+    """Unified diffs of the tables (CSV, Markdown) that have differences, for reading."""
+    files = sorted({d.file for d in differences if d.file.endswith((".csv", ".md"))})
+    chunks = []
+    for name in files:
+        if name not in committed.files() or name not in fresh.files():
+            continue
+        a = committed.read(name).decode("utf-8").splitlines(keepends=True)
+        b = fresh.read(name).decode("utf-8").splitlines(keepends=True)
+        chunks.append("".join(difflib.unified_diff(a, b, f"committed/{name}", f"fresh/{name}", n=1)))
+    return "".join(chunks)
+
+
+def check_reports(
+    committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(), stream: TextIO | None = None
+) -> list[Difference]:
+    """Compare, print a readable account to ``stream`` (stdout), return the differences (empty = match)."""
+    stream = stream or sys.stdout
+    differences = compare_trees(committed, fresh, tol)
+    print(f"comparing committed {committed} with fresh {fresh} (rtol {tol.rtol:g}, atol {tol.atol:g})", file=stream)
+    for d in differences:
+        print(d, file=stream)
+    diffs = unified_diffs(committed, fresh, differences)
+    if diffs:
+        print("\n" + diffs, file=stream, end="")
+    print(f"{len(differences)} difference(s)" if differences else "reports match", file=stream)
+    return differences
+
+
+def main(
+    fresh: str | os.PathLike = "reports",
+    committed: str | os.PathLike | None = None,
+    rev: str = "HEAD",
+    repo_root: str | os.PathLike = ".",
+    prefix: str = "reports",
+    tol: Tolerance = Tolerance(),
+) -> int:
+    """Exit code of the check: 0 when the reports match, 1 otherwise.
+
+    ``committed`` is a directory; without it, ``prefix`` as committed at ``rev``.
+    """
+    committed_tree: ReportTree = DirTree(Path(committed)) if committed else GitTree(Path(repo_root), rev, prefix)
+    return 1 if check_reports(committed_tree, DirTree(Path(fresh)), tol) else 0

@@ -1,0 +1,36 @@
+"""Compare fresh reports with the committed ones; exit 1 on a mismatch.
+
+    dvc repro && python -m pipeline.check_reports            # reports/ vs reports/ at HEAD
+    python -m pipeline.check_reports --committed old/ --fresh reports/ --rtol 1e-2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hdkd.report_check import DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, main as check
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.check_reports", description=__doc__.split("\n")[0])
+    p.add_argument("--fresh", type=Path, default=Path("reports"), help="freshly produced reports")
+    p.add_argument("--committed", type=Path, help="committed reports as a directory (default: --prefix at --rev)")
+    p.add_argument("--rev", default="HEAD", help="git revision holding the committed reports")
+    p.add_argument("--prefix", default="reports", help="reports directory inside the repository")
+    p.add_argument("--repo", type=Path, default=Path("."), help="git repository root")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help=f"also skip locations matching GLOB; always skipped: {' '.join(DEFAULT_IGNORE)}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tol = Tolerance(args.rtol, args.atol, DEFAULT_IGNORE + tuple(args.ignore))
+    return check(args.fresh, args.committed, args.rev, args.repo, args.prefix, tol)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""evaluate_model on a model with known outputs; the bundle and the files write_evaluation writes."""
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hdkd.config import EvaluateConfig, Params
+from hdkd.evaluate import evaluate_model, make_bundle, validate_bundle, write_evaluation
+from hdkd.io import read_json
+
+from conftest import CLASSES, bundle_with, hand_models
+
+
+class ChannelMeans(nn.Module):
+    """Logits = per-channel image means; wrong on purpose in train mode, and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        self.calls += 1
+        logits = x.mean(dim=(2, 3)) * self.scale
+        return logits if not self.training else -logits
+
+
+def images_with_logits(logits: torch.Tensor, side: int = 4) -> torch.Tensor:
+    return logits[:, :, None, None].expand(-1, -1, side, side).contiguous()
+
+
+def loader_for(pred: list[int], labels: list[int], batch_size: int = 3) -> DataLoader:
+    logits = torch.full((len(pred), 3), -1.0)
+    logits[torch.arange(len(pred)), torch.tensor(pred)] = 2.0
+    return DataLoader(TensorDataset(images_with_logits(logits), torch.tensor(labels)), batch_size=batch_size)
+
+
+def test_evaluate_model_runs_once_in_eval_mode():
+    labels = [0, 0, 0, 1, 1, 2, 2, 2]
+    pred = [0, 0, 1, 1, 1, 2, 2, 0]
+    model = ChannelMeans()
+    cfg = EvaluateConfig(bootstrap=50)
+    result = evaluate_model(model, loader_for(pred, labels), CLASSES, cfg, "cpu", seed=0)
+    assert model.calls == 3  # 8 images, batches of 3: one pass
+    assert model.training  # mode given back
+    assert result["accuracy"] == pytest.approx(6 / 8)  # eval mode; train mode would predict the minimum
+    assert result["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 2]]
+    assert result["predictions"]["true_counts"] == [3, 2, 3]
+    assert result["predictions"]["predicted_counts"] == [3, 3, 2]
+    p_top = torch.softmax(torch.tensor([2.0, -1.0, -1.0]), 0)[0].item()
+    assert result["predictions"]["mean_confidence"] == pytest.approx(p_top)
+    assert result["ci"]["resamples"] == 50 and result["ece_bins"] == cfg.ece_bins
+    json.dumps(result)  # JSON-able as is
+
+
+def test_evaluate_model_rejects_non_logits():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)), x.mean(dim=(2, 3))
+
+    with pytest.raises(ValueError, match="must return logits"):
+        evaluate_model(Pair(), loader_for([0, 1], [0, 1]), CLASSES, EvaluateConfig())
+    with pytest.raises(ValueError, match="class_names has 2"):
+        evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], EvaluateConfig())
+
+
+def test_bundle_records_params_and_provenance():
+    b = bundle_with({"distill": {"lambda": 1.0}}, dvc_exp_name="exp-l1")
+    assert b["schema_version"] == 1 and b["class_names"] == CLASSES and b["dataset"] == "toy"
+    assert b["params"]["distill"]["lambda"] == 1.0 and len(b["params_hash"]) == 16
+    assert b["params_hash"] != bundle_with()["params_hash"]
+    assert b["dvc_exp_name"] == "exp-l1" and b["git_commit"].startswith("0123")
+    assert set(b["models"]) == {"teacher", "student", "hdkd"}
+
+
+def test_validate_bundle_says_what_is_wrong(bundle):
+    with pytest.raises(ValueError, match="schema_version 99"):
+        validate_bundle(bundle | {"schema_version": 99})
+    with pytest.raises(ValueError, match="lacks \\['params_hash'\\]"):
+        validate_bundle({k: v for k, v in bundle.items() if k != "params_hash"})
+    broken = json.loads(json.dumps(bundle))
+    broken["models"]["hdkd"]["evaluation"]["per_class"].pop()
+    with pytest.raises(ValueError, match="'hdkd' is not evaluated on the 3 classes"):
+        validate_bundle(broken)
+
+
+def test_write_evaluation_files(tmp_path, bundle):
+    paths = write_evaluation(bundle, tmp_path / "reports")
+    out = tmp_path / "reports"
+    names = sorted(p.relative_to(out).as_posix() for p in paths)
+    assert names == sorted(
+        ["bundle.json", "metrics.json"]
+        + [f"eval/{m}.json" for m in ("teacher", "student", "hdkd")]
+        + [f"plots/{kind}_{m}.csv" for m in ("teacher", "student", "hdkd") for kind in ("confusion", "curves")]
+    )
+    assert not list(out.rglob(".*"))  # no temporary files left behind
+    assert read_json(out / "bundle.json") == bundle
+
+    metrics = read_json(out / "metrics.json")
+    assert list(metrics) == ["hdkd", "student", "teacher"]  # sorted keys
+    teacher = metrics["teacher"]
+    assert teacher["accuracy"] == 0.9 and teacher["accuracy_ci_low"] == 0.85 and teacher["f1_macro_ci_high"] == 0.8
+    assert teacher["params"] == 3948677 and teacher["macs"] == 5_812_345_678
+    assert teacher["timing"] == {"cpu_bs1_ms_per_image": 40.0, "cpu_bs1_images_per_s": 25.0}
+
+    detail = read_json(out / "eval" / "hdkd.json")
+    assert detail["evaluation"]["confusion_matrix"] == [[8, 2, 0], [1, 8, 1], [0, 0, 20]]
+    assert detail["efficiency"]["params"]["total"] == 3727288
+
+    rows = list(csv.reader(io.StringIO((out / "plots" / "confusion_student.csv").read_text())))
+    assert rows[0] == ["actual", "predicted"] and len(rows) == 1 + 40
+    assert rows.count(["bcc", "akiec"]) == 1 and rows.count(["nv", "nv"]) == 20 and ["nv", "bcc"] not in rows
+
+    curves = (out / "plots" / "curves_teacher.csv").read_text()
+    assert curves.splitlines()[:2] == ["epoch,lr,train_loss,val_accuracy,val_loss", "1,0.001,1.0,0.625,1.25"]
+    assert "\r" not in curves
+
+
+def test_models_without_history_get_no_curves(tmp_path):
+    models = hand_models()
+    models["hdkd"]["history"] = []
+    b = make_bundle(models, Params(), CLASSES)
+    paths = write_evaluation(b, tmp_path)
+    assert (tmp_path / "plots" / "curves_teacher.csv") in paths
+    assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()

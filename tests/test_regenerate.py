@@ -1,0 +1,148 @@
+"""Finding a run's results bundle by commit or DVC experiment (MLflow first, then git), and rebuilding
+its report byte-identically without retraining."""
+
+import json
+
+import pytest
+
+from hdkd.io import write_json
+from hdkd.provenance import git_state
+from hdkd.regenerate import BUNDLE_ARTIFACT, COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
+from hdkd.report import build_report
+from pipeline.report import main as report_cli
+
+from conftest import bundle_with, commit_all, run_git
+
+
+def log_run(client, experiment_id, tags, start_time, bundle=None, tmp=None, artifact_dir=None):
+    run = client.create_run(experiment_id, start_time=start_time, tags=tags)
+    if bundle is not None:
+        path = tmp / run.info.run_id / BUNDLE_ARTIFACT
+        write_json(path, bundle)
+        client.log_artifact(run.info.run_id, str(path), artifact_dir)
+    client.set_terminated(run.info.run_id)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A git repo (commit A holds reports/bundle.json; commit B changes code) and an MLflow store with
+    runs of B (a plain `dvc repro` run, a newer experiment run, a newer run without a bundle), of a
+    commit this clone does not have, and of a commit with two experiments only."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("regen")
+    repo = tmp / "repo"
+    repo.mkdir()
+    run_git(repo, "init", "-q", "-b", "main")
+    (repo / "code.py").write_text("x = 1\n")
+    bundle_a = bundle_with(shift=-0.1, git_commit="a" * 40)
+    write_json(repo / "reports" / "bundle.json", bundle_a)
+    commit_a = commit_all(repo, "Evaluate: reports of A")
+    (repo / "code.py").write_text("x = 2\n")
+    commit_b = commit_all(repo, "Change code")
+    # a DVC experiment saved in git only, as `dvc exp` lays refs out: refs/exps/<baseline>/<name>
+    run_git(repo, "update-ref", f"refs/exps/{commit_b[:2]}/{commit_b[2:]}/exp-git-only", commit_a)
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("hdkd-toy", artifact_location=str(tmp / "artifacts"))
+    bundle_b = bundle_with(shift=0.02, git_commit=commit_b)
+    bundle_exp = bundle_with({"distill": {"lambda": 1.0}}, git_commit=commit_b, dvc_exp_name="exp-lambda-1")
+    bundle_other = bundle_with(shift=-0.05, git_commit="f" * 40)
+    log_run(client, eid, {COMMIT_TAG: commit_b}, 1000, bundle_b, tmp)
+    log_run(client, eid, {COMMIT_TAG: commit_b, EXP_TAG: "exp-lambda-1"}, 2000, bundle_exp, tmp, "evaluate")
+    log_run(client, eid, {COMMIT_TAG: commit_b}, 3000)  # e.g. a training stage: no bundle
+    log_run(client, eid, {COMMIT_TAG: "f" * 40}, 4000, bundle_other, tmp)
+    for name in ("exp-a", "exp-b"):  # a commit with experiment runs only
+        log_run(client, eid, {COMMIT_TAG: "e" * 40, EXP_TAG: name}, 5000, bundle_other, tmp)
+    return {"repo": repo, "uri": uri, "A": commit_a, "B": commit_b, "bundle_a": bundle_a, "bundle_b": bundle_b,
+            "bundle_exp": bundle_exp, "bundle_other": bundle_other, "tmp": tmp}
+
+
+def test_commit_found_by_mlflow_tag(store):
+    found = bundle_for_revision(store["B"][:8], store["uri"], store["repo"])
+    # the plain run wins over the newer experiment run of the same commit and the run without a bundle
+    assert found == store["bundle_b"]
+    assert bundle_for_revision(store["B"], store["uri"], store["repo"]) == store["bundle_b"]
+
+
+def test_experiment_found_by_name_at_any_artifact_depth(store):
+    assert bundle_for_revision("exp-lambda-1", store["uri"], store["repo"]) == store["bundle_exp"]
+
+
+def test_commit_unknown_to_git_found_by_hash_prefix(store):
+    assert bundle_for_revision("ffffffff", store["uri"], store["repo"]) == store["bundle_other"]
+
+
+def test_a_commit_with_several_experiments_only_is_ambiguous(store):
+    with pytest.raises(RevisionNotFound, match=r"only has DVC experiment runs in MLflow \(exp-a, exp-b\)"):
+        bundle_for_revision("eeeeeee", store["uri"], store["repo"])
+    assert bundle_for_revision("exp-b", store["uri"], store["repo"]) == store["bundle_other"]
+
+
+def test_git_fallback_for_commits_without_runs(store):
+    assert bundle_for_revision(store["A"][:7], store["uri"], store["repo"]) == store["bundle_a"]
+    assert bundle_for_revision("HEAD~1", store["uri"], store["repo"]) == store["bundle_a"]
+    missing_db = store["tmp"] / "none.db"
+    assert bundle_for_revision(store["A"], f"sqlite:///{missing_db}", store["repo"]) == store["bundle_a"]
+    assert not missing_db.exists()  # looking up never creates an empty tracking store
+    assert bundle_for_revision("exp-git-only", store["uri"], store["repo"]) == store["bundle_a"]
+
+
+def test_nothing_found_lists_available_revisions(store):
+    with pytest.raises(RevisionNotFound) as err:
+        bundle_for_revision("deadbeef", store["uri"], store["repo"])
+    message = str(err.value)
+    assert "no results bundle found for revision 'deadbeef'" in message
+    assert f"    {store['B'][:12]}\n" in message
+    assert f"    {store['B'][:12]} (experiment exp-lambda-1)\n" in message
+    assert "    ffffffffffff\n" in message
+    short_a = run_git(store["repo"], "rev-parse", "--short", store["A"])
+    assert f"    {short_a} Evaluate: reports of A" in message
+    assert "DVC experiments (refs/exps): exp-git-only" in message
+    with pytest.raises(RevisionNotFound, match="MLflow: no tracking store at None"):
+        bundle_for_revision("deadbeef", None, store["repo"])
+
+
+def table_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "tables").iterdir())}
+
+
+def test_rebuild_from_a_revision_is_byte_identical(store, tmp_path):
+    ablation = store["bundle_exp"]
+    build_report(store["bundle_b"], tmp_path / "direct", [ablation])
+    regenerated = bundle_for_revision(store["B"][:10], store["uri"], store["repo"])
+    build_report(regenerated, tmp_path / "regenerated", [ablation])
+    direct = table_bytes(tmp_path / "direct")
+    assert "ablation_lambda.md" in direct
+    assert table_bytes(tmp_path / "regenerated") == direct
+
+    report_cli(["--rev", store["B"][:10], "--ablation", "exp-lambda-1", "--out", str(tmp_path / "cli"),
+                "--tracking-uri", store["uri"], "--repo", str(store["repo"]),
+                "--params", str(tmp_path / "absent.yaml")])
+    assert table_bytes(tmp_path / "cli") == direct
+    assert (tmp_path / "cli" / "README.md").read_bytes() == (tmp_path / "direct" / "README.md").read_bytes()
+
+
+def test_report_cli_from_a_bundle_file(store, tmp_path):
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(store["bundle_a"]))
+    report_cli(["--bundle", str(path), "--out", str(tmp_path / "out"), "--params", str(tmp_path / "absent.yaml")])
+    build_report(store["bundle_a"], tmp_path / "direct")
+    assert table_bytes(tmp_path / "out") == table_bytes(tmp_path / "direct")
+
+
+def test_git_state_ignores_pipeline_outputs(git_repo, tmp_path, monkeypatch):
+    (git_repo / "code.py").write_text("x = 1\n")
+    (git_repo / "reports").mkdir()
+    (git_repo / "reports" / "metrics.json").write_text("{}\n")
+    head = commit_all(git_repo, "c")
+    assert git_state(git_repo) == {"git_commit": head, "git_dirty": False}
+    (git_repo / "reports" / "metrics.json").write_text('{"a": 1}\n')
+    assert git_state(git_repo)["git_dirty"] is False  # `dvc repro` rewrites its outputs
+    (git_repo / "code.py").write_text("x = 2\n")
+    assert git_state(git_repo)["git_dirty"] is True
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
+    assert git_state(outside) == {"git_commit": None, "git_dirty": None}

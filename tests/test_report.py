@@ -1,0 +1,161 @@
+"""Tables (exact text), ablation grouping, figures (valid, deterministic PNGs) and the README."""
+
+import struct
+
+import pytest
+
+from hdkd.config import ReportConfig
+from hdkd.report import (
+    ABLATIONS,
+    ablation_table,
+    build_report,
+    group_ablations,
+    main_table,
+    per_class_table,
+    table_csv,
+    table_markdown,
+)
+
+from conftest import bundle_with
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_main_table_markdown_exact(bundle):
+    assert table_markdown(main_table(bundle)) == (
+        "## Main comparison\n"
+        "\n"
+        "| Model | Params (M) | MACs (M) | Accuracy (%) | Accuracy 95% CI | Precision (%) | Recall (%) | F1 (%) "
+        "| F1 95% CI |\n"
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| Teacher | 3.949 | 5812.3 | 90.00 | [85.00, 95.00] | 80.00 | 70.00 | 75.00 | [70.00, 80.00] |\n"
+        "| Student | 3.725 | 2050.0 | 80.00 | [75.00, 85.00] | 70.00 | 60.00 | 65.00 | [60.00, 70.00] |\n"
+        "| HDKD | 3.727 | 2060.0 | 85.00 | [80.00, 90.00] | 75.00 | 65.00 | 70.00 | [65.00, 75.00] |\n"
+        "\n"
+        "Test split of toy; precision, recall and F1 are macro averages over all 3 classes; MACs for one image. "
+        "CI: percentile bootstrap over test images, 1000 resamples, seed 0. Teacher: CNN; Student: hybrid CNN + "
+        "transformer; HDKD: the student distilled from the teacher.\n"
+    )
+
+
+def test_per_class_csv_exact(bundle):
+    assert table_csv(per_class_table(bundle)) == (
+        "Class,Support,Teacher P (%),Teacher R (%),Teacher F1 (%),Student P (%),Student R (%),Student F1 (%),"
+        "HDKD P (%),HDKD R (%),HDKD F1 (%)\n"
+        "akiec,10,50.00,25.00,50.00,50.00,25.00,25.00,50.00,25.00,37.50\n"
+        "bcc,10,50.00,25.00,75.00,50.00,25.00,50.00,50.00,25.00,62.50\n"
+        "nv,20,50.00,25.00,100.00,50.00,25.00,87.50,50.00,25.00,93.75\n"
+    )
+
+
+def test_missing_efficiency_and_ci_print_na(bundle):
+    bundle["models"]["hdkd"]["efficiency"] = None
+    bundle["models"]["hdkd"]["evaluation"]["ci"] = None
+    assert main_table(bundle).rows[2] == ("HDKD", "n/a", "n/a", "85.00", "n/a", "75.00", "65.00", "70.00", "n/a")
+
+
+def lambda_runs():
+    return [bundle_with({"distill": {"lambda": lam}}, shift=shift) for lam, shift in ((5.0, -0.05), (1.0, -0.1))]
+
+
+def test_ablation_table_exact(bundle):
+    l5, l1 = lambda_runs()
+    lam = next(a for a in ABLATIONS if a.name == "lambda")
+    assert table_markdown(ablation_table(lam, bundle, [l5, l1])) == (
+        "## Ablation: feature distillation weight λ\n"
+        "\n"
+        "| λ | Run (params hash) | Reference | HDKD Accuracy (%) | HDKD Accuracy 95% CI | HDKD F1 (%) |\n"
+        "| :--- | ---: | ---: | ---: | ---: | ---: |\n"
+        f"| 1 | {l1['params_hash']} | no | 75.00 | [70.00, 80.00] | 70.00 |\n"
+        f"| 5 | {l5['params_hash']} | no | 80.00 | [75.00, 85.00] | 70.00 |\n"
+        f"| 10 | {bundle['params_hash']} | yes | 85.00 | [80.00, 90.00] | 70.00 |\n"
+        "\n"
+        "Runs differing from the reference only in distill.lambda; F1 is macro.\n"
+    )
+
+
+def test_runs_are_grouped_by_the_params_they_change(bundle):
+    l5, l1 = lambda_runs()
+    l1_again = bundle_with({"distill": {"lambda": 1.0}}, git_commit="f" * 40)  # same params, other commit
+    alpha = bundle_with({"distill": {"alpha": 0.25}})
+    alpha_tau = bundle_with({"distill": {"alpha": 0.25, "tau": 2.0}})
+    confounded = bundle_with({"distill": {"lambda": 1.0}, "model": {"block": "mbconv"}})
+    same = bundle_with({"tracking": {"uri": "sqlite:///elsewhere.db"}, "train": {"num_workers": 4}})
+    half = bundle_with({"data": {"train_fraction": 0.5}})
+    groups, unused = group_ablations(bundle, [l5, l1, l1_again, alpha, alpha_tau, confounded, same, half])
+    assert {name: sorted(b["params_hash"] for b in runs) for name, runs in groups.items()} == {
+        "lambda": sorted([l5["params_hash"], l1["params_hash"]]),
+        "alpha_tau": sorted([alpha["params_hash"], alpha_tau["params_hash"]]),
+        "train_fraction": [half["params_hash"]],
+    }
+    assert sorted(diff for _, diff in unused) == [[], ["distill.lambda"], ["distill.lambda", "model.block"]]
+
+
+def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
+    written = build_report(bundle, tmp_path, [bundle_with({"tracking": {"enabled": False}})])
+    assert not [p for p in written if "ablation" in p.name or p.name == "data_efficiency.png"]
+
+
+def build_full(out, bundle, cfg=ReportConfig()):
+    halves = [bundle_with({"data": {"train_fraction": f}}, shift=-0.2 * (1 - f)) for f in (0.25, 0.5)]
+    return build_report(bundle, out, [*lambda_runs(), *halves], cfg)
+
+
+def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
+    out = tmp_path / "reports"
+    written = build_full(out, bundle)
+    names = sorted(p.relative_to(out).as_posix() for p in written)
+    tables = ["main", "metrics", "per_class", "efficiency", "ablation_lambda", "ablation_train_fraction"]
+    figures = ["confusion_teacher", "confusion_student", "confusion_hdkd", "training_curves", "per_class_f1",
+               "data_efficiency"]
+    assert names == sorted([f"tables/{t}.{s}" for t in tables for s in ("md", "csv")]
+                           + [f"figures/{f}.png" for f in figures] + ["README.md"])
+    for f in figures:
+        width, height = png_size((out / "figures" / f"{f}.png").read_bytes())
+        assert 300 <= width <= 3000 and 300 <= height <= 3000, f
+    for path in written:
+        if path.suffix in (".md", ".csv"):
+            assert "\r" not in path.read_text(encoding="utf-8")
+
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert f"`{bundle['git_commit']}`" in readme and f"`{bundle['params_hash']}`" in readme
+    assert "Dataset: toy (3 classes: akiec, bcc, nv)" in readme
+    for name in tables:
+        assert f"(tables/{name}.md)" in readme
+    for name in figures:
+        assert f"(figures/{name}.png)" in readme
+
+
+def test_report_is_byte_deterministic(tmp_path, bundle):
+    a, b = build_full(tmp_path / "a", bundle), build_full(tmp_path / "b", bundle)
+    for pa, pb in zip(a, b):
+        assert pa.relative_to(tmp_path / "a") == pb.relative_to(tmp_path / "b")
+        assert pa.read_bytes() == pb.read_bytes(), pa.name
+
+
+def test_confusion_option_changes_the_figure(tmp_path, bundle):
+    build_report(bundle, tmp_path / "n", cfg=ReportConfig(confusion_normalize=True))
+    build_report(bundle, tmp_path / "c", cfg=ReportConfig(confusion_normalize=False))
+    fig = "figures/confusion_teacher.png"
+    assert (tmp_path / "n" / fig).read_bytes() != (tmp_path / "c" / fig).read_bytes()
+
+
+def test_stale_report_files_are_removed(tmp_path, bundle):
+    stale = tmp_path / "tables" / "ablation_lambda.md"
+    stale.parent.mkdir()
+    stale.write_text("from an older build")
+    keep = tmp_path / "tables" / "notes.txt"  # not a report file type: left alone
+    keep.write_text("mine")
+    build_report(bundle, tmp_path)
+    assert not stale.exists() and keep.exists()
+
+
+def test_bundles_of_different_test_sets_are_refused(bundle):
+    bundle["models"]["hdkd"]["evaluation"]["per_class"][0]["support"] = 11
+    with pytest.raises(ValueError, match="different test sets"):
+        per_class_table(bundle)

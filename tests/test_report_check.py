@@ -1,0 +1,131 @@
+"""The report check: passes on equal or within-tolerance reports, fails on changed numbers or structure."""
+
+import io
+import json
+import shutil
+
+import pytest
+
+from hdkd.evaluate import write_evaluation
+from hdkd.report import build_report
+from hdkd.report_check import DirTree, GitTree, Tolerance, check_reports, compare_trees, main
+from pipeline.check_reports import main as cli
+
+from conftest import bundle_with, commit_all
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("committed") / "reports"
+    bundle = bundle_with()
+    write_evaluation(bundle, out)
+    build_report(bundle, out)
+    return out
+
+
+@pytest.fixture
+def fresh(tmp_path, committed):
+    return shutil.copytree(committed, tmp_path / "fresh")
+
+
+def edit(path, old, new):
+    text = path.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{old!r} must occur once in {path.name}"
+    path.write_text(text.replace(old, new), encoding="utf-8", newline="\n")
+
+
+def edit_json(path, change):
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def differences(committed, fresh, **tol):
+    return [str(d) for d in compare_trees(DirTree(committed), DirTree(fresh), Tolerance(**tol))]
+
+
+def test_identical_reports_match(committed, fresh):
+    assert differences(committed, fresh) == []
+
+
+def test_changed_metric_fails_and_small_noise_passes(committed, fresh):
+    edit_json(fresh / "metrics.json", lambda m: m["teacher"].update(accuracy=0.9004))  # |Δ| 4e-4 <= 9e-4
+    assert differences(committed, fresh) == []
+    edit_json(fresh / "metrics.json", lambda m: m["teacher"].update(accuracy=0.902))
+    diffs = differences(committed, fresh)
+    assert len(diffs) == 1
+    assert diffs[0].startswith("[value] metrics.json: teacher.accuracy: committed 0.9 vs fresh 0.902 (tol 0.000901")
+    assert differences(committed, fresh, rtol=1e-2) == []  # the tolerance is configurable
+
+
+def test_changed_table_number(committed, fresh):
+    # one unit in the last printed digit is rounding; a whole point is a change
+    edit(fresh / "tables" / "main.md", "| Teacher | 3.949 | 5812.3 | 90.00 |", "| Teacher | 3.949 | 5812.3 | 90.01 |")
+    assert differences(committed, fresh) == []
+    edit(fresh / "tables" / "main.md", "| 90.01 |", "| 91.00 |")
+    diffs = differences(committed, fresh)
+    assert diffs == [
+        "[value] tables/main.md: line 5, Accuracy (%): committed 90.00 vs fresh 91.00 "
+        "(tol 0.1 = atol 1e-06 + rtol 0.001·|committed| + 0.01 rounding)"
+    ]
+    stream = io.StringIO()
+    check_reports(DirTree(committed), DirTree(fresh), stream=stream)
+    printed = stream.getvalue()
+    assert "--- committed/tables/main.md\n+++ fresh/tables/main.md\n" in printed
+    assert "\n-| Teacher | 3.949 | 5812.3 | 90.00 |" in printed and "\n+| Teacher | 3.949 | 5812.3 | 91.00 |" in printed
+    assert printed.rstrip().endswith("1 difference(s)")
+
+
+@pytest.mark.parametrize(
+    "file, old, new, expected",
+    [
+        ("tables/main.csv", "Model,Params (M)", "Model,Params", "line 1 header: committed 'Params (M)'"),
+        ("tables/main.csv", "HDKD,3.727", "HDKd,3.727", "line 4 row label: committed 'HDKD' vs fresh 'HDKd'"),
+        ("tables/main.md", "| 85.00 | [80.00, 90.00] |", "| 85.00 | n/a |", "committed '[80.00, 90.00]' vs fresh 'n/a'"),
+        ("tables/per_class.csv", "nv,20,", "nv,20,1,", "line 4: row of 11 cells committed vs row of 12 fresh"),
+        ("plots/curves_hdkd.csv", "3,0.001,", "3,0.001,\n4,0.001,", "4 lines committed vs 5 fresh"),
+    ],
+)
+def test_changed_structure_fails_whatever_the_tolerance(committed, fresh, file, old, new, expected):
+    edit(fresh / file, old, new)
+    diffs = differences(committed, fresh, rtol=1.0, atol=1e9)
+    assert len(diffs) == 1 and diffs[0].startswith(f"[structure] {file}:") and expected in diffs[0], diffs
+
+
+def test_json_structure_and_files(committed, fresh):
+    edit_json(fresh / "metrics.json", lambda m: m["hdkd"].update(brier=0.1))
+    (fresh / "eval" / "student.json").unlink()
+    (fresh / "tables" / "extra.csv").write_text("a\n")
+    assert differences(committed, fresh) == [
+        "[structure] eval/student.json: missing from the fresh reports",
+        "[structure] tables/extra.csv: not in the committed reports",
+        "[structure] metrics.json: hdkd: keys only in fresh: ['brier']",
+    ]
+
+
+def test_timing_and_provenance_are_not_compared(committed, fresh):
+    edit_json(fresh / "metrics.json", lambda m: m["teacher"]["timing"].update(cpu_bs1_ms_per_image=80.0))
+    edit_json(fresh / "bundle.json", lambda b: b.update(git_commit="f" * 40, dvc_exp_name="exp-x"))
+    edit(fresh / "tables" / "efficiency.md", "| 40.000 | 25.0 |", "| 80.000 | 12.5 |")
+    edit(fresh / "README.md", "0123456789abcdef0123456789abcdef01234567", "f" * 40)
+    assert differences(committed, fresh) == []
+
+
+def test_exit_codes_from_main_and_cli(committed, fresh):
+    assert main(fresh, committed) == 0
+    assert cli(["--committed", str(committed), "--fresh", str(fresh)]) == 0
+    edit_json(fresh / "metrics.json", lambda m: m["hdkd"].update(f1_macro=0.5))
+    assert main(fresh, committed) == 1
+    assert cli(["--committed", str(committed), "--fresh", str(fresh)]) == 1
+    assert cli(["--committed", str(committed), "--fresh", str(fresh), "--ignore", "*f1_macro"]) == 0
+
+
+def test_against_the_reports_of_a_git_revision(git_repo, committed):
+    reports = shutil.copytree(committed, git_repo / "reports")
+    commit_all(git_repo, "reports")
+    tree = GitTree(git_repo, "HEAD")
+    assert tree.files() == DirTree(reports).files()
+    assert main(reports, rev="HEAD", repo_root=git_repo) == 0
+    edit(reports / "tables" / "main.csv", "Teacher,3.949,5812.3,90.00", "Teacher,3.949,5812.3,95.00")
+    assert main(reports, rev="HEAD", repo_root=git_repo) == 1
+    assert cli(["--fresh", str(reports), "--repo", str(git_repo)]) == 1
