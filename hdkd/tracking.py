@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import yaml
 
 from hdkd.config import Params, TrackingConfig
 from hdkd.io import dvc_md5
+from hdkd.provenance import dvc_exp_name, git_state
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,6 @@ def repo_root(start: str | Path | None = None) -> Path:
         if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
             return candidate
     return path
-
-
-def git_state(cwd: str | Path | None = None) -> tuple[str, bool]:
-    """(``git rev-parse HEAD``, whether tracked files differ from it); ("unknown", True) outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
-        return commit, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", True
 
 
 def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
@@ -133,8 +121,9 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.experiment or f"hdkd-{self.params.data.dataset}"
         self.experiment_id = self._experiment(name)
-        commit, dirty = git_state(Path.cwd())
-        exp_name = os.environ.get("DVC_EXP_NAME", "")
+        state = git_state(Path.cwd())
+        commit, dirty = state["git_commit"] or "unknown", bool(state["git_dirty"])
+        exp_name = dvc_exp_name() or ""
         tags = {
             f"{TAG}git_commit": commit, "mlflow.source.git.commit": commit, f"{TAG}git_dirty": str(dirty).lower(),
             f"{TAG}params_hash": self.params.digest(), f"{TAG}dataset": self.params.data.dataset,
