@@ -38,10 +38,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_model(path: str | Path, model: nn.Module, name: str, classes: list[str], image_size: int,
-               overrides: dict[str, Any], metrics: dict[str, Any] | None = None) -> None:
+               overrides: dict[str, Any], metrics: dict[str, Any] | None = None,
+               history: list[dict[str, float]] | None = None) -> None:
+    """A trained network with what rebuilds it (registry name, classes, image size, overrides),
+    its selection metrics and its per-epoch training history."""
     save_torch(path, {
         "format": MODEL_FORMAT, "model_name": name, "classes": list(classes), "image_size": image_size,
-        "overrides": dict(overrides), "metrics": dict(metrics or {}),
+        "overrides": dict(overrides), "metrics": dict(metrics or {}), "history": list(history or []),
         "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
     })
 

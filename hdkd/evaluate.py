@@ -50,10 +50,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hdkd.checkpoint import load_model
 from hdkd.config import EvaluateConfig, Params
-from hdkd.efficiency import eval_mode
+from hdkd.efficiency import eval_mode, measure_efficiency
 from hdkd.io import write_csv, write_json
 from hdkd.metrics import classification_metrics
+from hdkd.provenance import dvc_exp_name, git_state
+from hdkd.tracking import Tracker
 
 SCHEMA_VERSION = 1
 MODEL_ORDER = ("teacher", "student", "hdkd")
@@ -215,3 +218,36 @@ def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "re
             paths.append(out / "plots" / f"curves_{m}.csv")
             write_csv(paths[-1], history_rows(model["history"]))
     return paths
+
+
+def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test_set: torch.utils.data.Dataset,
+                   class_names: Sequence[str], out_dir: str | os.PathLike = "reports",
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The evaluate stage: every trained model on the test split, once; write and track the bundle.
+
+    ``models`` maps a report name (``teacher``, ``student``, ``hdkd``) to a model file written by the
+    training stages; each file also carries the model's per-epoch training history.
+    """
+    loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
+                        num_workers=params.train.num_workers)
+    results = {}
+    for name, path in models.items():
+        model, meta = load_model(path, device)
+        if list(meta["classes"]) != list(class_names):
+            raise ValueError(f"{path} was trained on classes {meta['classes']}, the test split has "
+                             f"{list(class_names)}: rerun the training stages on this data")
+        results[name] = {
+            "evaluation": evaluate_model(model, loader, class_names, params.evaluate, device, params.seed),
+            "efficiency": measure_efficiency(model, params.data.image_size, params.evaluate, device),
+            "history": meta.get("history", []),
+        }
+    state = git_state()
+    bundle = make_bundle(results, params, class_names, git_commit=state["git_commit"], git_dirty=state["git_dirty"],
+                         dvc_exp_name=dvc_exp_name())
+    write_evaluation(bundle, out_dir)  # on disk first: tracking can never cost the result
+    with Tracker(params.tracking, params, "evaluate") as tracker:
+        for name in model_names(bundle):
+            headline = headline_metrics(bundle["models"][name])
+            tracker.log_metrics({f"{name}.{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
+        tracker.log_dict(bundle, "results_bundle.json")
+    return bundle

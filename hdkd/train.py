@@ -10,9 +10,7 @@ Runs as a plain process or under ``torchrun`` (DistributedDataParallel; rank 0 w
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -34,7 +32,7 @@ from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_res
                              unwrap)
 from hdkd.config import DistillConfig, OptimConfig, Params
 from hdkd.distributed import DistInfo, all_reduce_sum, barrier
-from hdkd.io import dvc_md5, load_torch, save_torch, write_json, write_text
+from hdkd.io import dvc_md5, load_torch, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
 
@@ -295,13 +293,14 @@ class StagePaths:
     val: Path  # packed directory holding the validation split
     out_dir: Path  # model.pt + run.json
     metrics: Path  # DVC metrics JSON (validation accuracy and loss)
-    history: Path  # per-epoch CSV (DVC plots)
     resume_dir: Path  # resume states: outside DVC's outputs, so they survive its clean-up
     teacher: Path | None = None  # the teacher stage's model.pt (distillation only)
 
 
+# Per-epoch columns kept with the model (and plotted by the evaluate stage); timings stay in
+# MLflow only, since they vary from run to run.
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_ce", "train_logit_kd", "train_feature_kd",
-                   "train_accuracy", "val_loss", "val_accuracy")  # timings stay in MLflow: they vary run to run
+                   "train_accuracy", "val_loss", "val_accuracy")
 
 
 def load_teacher(path: Path | None, classes: list[str], student: nn.Module, stages, device) -> FrozenTeacher:
@@ -330,21 +329,13 @@ def input_fingerprint(role: str, params: Params, paths: StagePaths) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in HISTORY_COLUMNS})
-    write_text(path, buf.getvalue())
-
-
 def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[Dataset, Dataset, list[str]],
                  rt: Runtime, batch_hook: Callable | None = None) -> dict[str, Any]:
     """Train one of the paper's three models end to end and write the stage's outputs.
 
-    ``datasets`` is ``(train_set, val_set, class_names)``. Rank 0 writes ``model.pt``, ``run.json``,
-    the metrics JSON and the history CSV, and logs to MLflow; other ranks only train.
+    ``datasets`` is ``(train_set, val_set, class_names)``. Rank 0 writes ``model.pt`` (best weights
+    and the per-epoch history), ``run.json`` and the metrics JSON, and logs to MLflow; other ranks
+    only train.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -389,12 +380,12 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
         if rt.dist.is_main:
             # Outputs first, MLflow after: a tracking failure can never cost a finished checkpoint.
             model_path = paths.out_dir / "model.pt"
-            save_model(model_path, model, name, classes, params.data.image_size, overrides, summary)
+            history = [{k: row[k] for k in HISTORY_COLUMNS} for row in result.history]
+            save_model(model_path, model, name, classes, params.data.image_size, overrides, summary, history)
             write_json(paths.metrics, summary)
-            write_history_csv(paths.history, result.history)
             tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
             tracker.log_artifact(model_path, "checkpoint")
-            tracker.log_artifact(paths.history)
+            tracker.log_dict(result.history, "history.json")
             write_json(paths.out_dir / "run.json", {**tracker.info(), "params_hash": params.digest(),
                                                     "model": name, **summary})
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
