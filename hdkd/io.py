@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +37,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def sibling_temp_dir(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """Create a new, uniquely named hidden directory next to ``path`` (same file system, so it can
+    be renamed onto ``path``), with the default permissions (``mkdtemp`` would make it private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``path``; swap it in place of ``path`` on success.
@@ -44,12 +59,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     complete new one, never a mix; a failure removes the temporary directory.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = sibling_temp_dir(path)
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = sibling_temp_dir(path, ".old")
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)

@@ -20,7 +20,6 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from hdkd.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
-from hdkd.io import file_md5, write_json
+from hdkd.io import file_md5, sibling_temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +176,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise FileExistsError(f"extraction target {dest} already exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = sibling_temp_dir(dest)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
