@@ -15,13 +15,16 @@ SPLITS = ("train", "val", "test")
 UNUSED = "unused"  # training images left out by data.train_fraction
 
 
-def carve(labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def carve(
+    labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np.random.Generator, at_least_one: bool = True
+) -> np.ndarray:
     """Boolean mask of about ``fraction`` of each class's samples, taking whole groups.
 
     A group belongs to the class most of its samples have (a lesion has one diagnosis). Per class,
     groups are visited in a random order and taken while that brings the count closer to
-    ``round(fraction * class size)`` (at least one sample); one group is always left behind, so
-    both sides keep every class that has two groups or more.
+    ``round(fraction * class size)`` (with ``at_least_one``, at least one sample, so that a small
+    validation or test split still sees every class). One group is always left behind: the
+    remaining side keeps every class.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
     group_names, group_of = np.unique(groups, return_inverse=True)
@@ -36,7 +39,7 @@ def carve(labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np.rando
         if len(members) < 2:
             continue
         members = rng.permutation(members)
-        target = max(1, round(fraction * size[members].sum()))
+        target = max(int(at_least_one), round(fraction * size[members].sum()))
         taken = 0
         for g in members[:-1]:
             if taken >= target:
@@ -67,17 +70,15 @@ def assign_splits(
     if not (split == "train").any():
         raise DataError("the source has no training images")
 
-    def carve_from(pool: np.ndarray, fraction: float, stream: int) -> np.ndarray:
+    def carve_from(pool: np.ndarray, fraction: float, stream: int, at_least_one: bool = True) -> np.ndarray:
         idx = np.flatnonzero(pool)
-        picked = carve(labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]))
+        picked = carve(labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]), at_least_one)
         return idx[picked]
 
     if not (split == "test").any():
         split[carve_from(split == "train", test_fraction, 0)] = "test"
     if not (split == "val").any():
         split[carve_from(split == "train", val_fraction, 1)] = "val"
-    if train_fraction < 1:
-        train = split == "train"
-        train[carve_from(train, train_fraction, 2)] = False  # the kept share keeps every class
-        split[train] = UNUSED
+    if train_fraction < 1:  # drop the rest; what is kept keeps every class
+        split[carve_from(split == "train", 1 - train_fraction, 2, at_least_one=False)] = UNUSED
     return split.astype(str)
