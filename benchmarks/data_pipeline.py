@@ -58,23 +58,39 @@ def smote_child(workdir: Path) -> None:
             noise = rng.integers(0, 24, (len(chunk), *HAM_SHAPE[1:]), dtype=np.uint8)
             out.write(basis[chunk, pick] // 2 + noise)
     np.save(prepared / "train" / LABELS, labels)
-    pd.DataFrame({"image_id": [f"img{i}" for i in range(len(labels))], "group": [f"g{i}" for i in range(len(labels))]}).to_csv(
-        prepared / "train" / INDEX, index=False
+    pd.DataFrame(
+        {"image_id": [f"img{i}" for i in range(len(labels))], "group": [f"g{i}" for i in range(len(labels))]}
+    ).to_csv(prepared / "train" / INDEX, index=False)
+    write_json(
+        prepared / MANIFEST,
+        {"classes": list(HAM_CLASSES), "dataset": "benchmark", "layout": "ham10000", "image_size": 224},
     )
-    write_json(prepared / MANIFEST, {"classes": list(HAM_CLASSES), "dataset": "benchmark", "layout": "ham10000", "image_size": 224})
 
     start = time.perf_counter()
-    manifest = balance_training_split(BalanceConfig(method="smote"), AugmentConfig(), 0, prepared, workdir / "balanced")
+    manifest = balance_training_split(
+        BalanceConfig(method="smote"), AugmentConfig(), 0, prepared, workdir / "balanced"
+    )
     seconds = time.perf_counter() - start
     rows = int(np.load(workdir / "balanced/train" / LABELS).shape[0])
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    print(json.dumps({"rows": rows, "seconds": seconds, "peak_rss_kb": peak_kb, "counts_after": manifest["counts_after"]}))
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "seconds": seconds,
+                "peak_rss_kb": peak_kb,
+                "counts_after": manifest["counts_after"],
+            }
+        )
+    )
 
 
 def run_smote(workdir: Path) -> dict:
     """Run :func:`smote_child` in a child process; its peak RSS is the figure."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, __file__, "--smote-child", str(workdir)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--smote-child", str(workdir)], capture_output=True, text=True
+    )
     if out.returncode:
         raise RuntimeError(f"SMOTE child failed:\n{out.stderr[-3000:]}")
     child = json.loads(out.stdout.strip().splitlines()[-1])
@@ -87,7 +103,9 @@ def run_smote(workdir: Path) -> dict:
         "smote_input_gb": round(np.prod(HAM_SHAPE) / 1024**3, 2),
         "smote_output_gb": round(child["rows"] * np.prod(HAM_SHAPE[1:]) / 1024**3, 2),
         # what SMOTE().fit_resample on the flattened float64 set needs for the input and the result alone
-        "official_smote_estimate_gb": round((HAM_SHAPE[0] + child["rows"]) * np.prod(HAM_SHAPE[1:]) * 8 / 1024**3, 1),
+        "official_smote_estimate_gb": round(
+            (HAM_SHAPE[0] + child["rows"]) * np.prod(HAM_SHAPE[1:]) * 8 / 1024**3, 1
+        ),
     }
 
 
@@ -143,7 +161,13 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     from PIL import Image
 
     from hdkd.config import AugmentConfig
-    from hdkd.data.augment import augment_batch, eval_transform, native_cpu_convolution, normalize, train_transform
+    from hdkd.data.augment import (
+        augment_batch,
+        eval_transform,
+        native_cpu_convolution,
+        normalize,
+        train_transform,
+    )
     from hdkd.data.images import decode_resized
     from hdkd.data.loader import PackedDataset
     from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, NpyWriter, load_split
@@ -182,9 +206,15 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     with native_cpu_convolution():
         r["official_aug_no_onednn_img_s"] = rate(official(official_transform(True)), len(paths), seconds)
     # The batched form (meant for augment.on_gpu), here on the CPU: uint8 batches of 32.
-    batch = torch.from_numpy(np.ascontiguousarray(split.images[: min(32, len(split))])).permute(0, 3, 1, 2).contiguous()
+    batch = (
+        torch.from_numpy(np.ascontiguousarray(split.images[: min(32, len(split))]))
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
     generator = torch.Generator().manual_seed(0)
-    r["batched_aug_cpu_img_s"] = len(batch) * rate(lambda i: normalize(augment_batch(batch, AugmentConfig(), generator)), 1, seconds)
+    r["batched_aug_cpu_img_s"] = len(batch) * rate(
+        lambda i: normalize(augment_batch(batch, AugmentConfig(), generator)), 1, seconds
+    )
     r = {k: round(v, 1) for k, v in r.items()}
     r["loader_speedup"] = round(r["packed_aug_img_s"] / r["official_aug_img_s"], 2)
     r["decode_speedup"] = round(r["packed_noaug_img_s"] / r["official_noaug_img_s"], 2)
@@ -192,10 +222,14 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=48, help="600x450 JPEGs in the speed test")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing window per measurement")
-    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)"
+    )
     parser.add_argument("--only-smote", action="store_true", help="skip the speed measurements")
     parser.add_argument("--smote-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,18 +246,34 @@ def main() -> None:
             result.update(run_speed(tmp / "speed", args.images, args.seconds))
 
     rows = [
-        ("SMOTE, HAM10000 shape -> 6,705 per class", "peak RSS", f"{result['smote_peak_rss_gb']:.2f} GB (target <= 2)"),
-        ("", "time / output", f"{result['smote_seconds']:.0f} s / {result['smote_output_gb']:.1f} GB written"),
+        (
+            "SMOTE, HAM10000 shape -> 6,705 per class",
+            "peak RSS",
+            f"{result['smote_peak_rss_gb']:.2f} GB (target <= 2)",
+        ),
+        (
+            "",
+            "time / output",
+            f"{result['smote_seconds']:.0f} s / {result['smote_output_gb']:.1f} GB written",
+        ),
         ("", "fit_resample in float64 needs", f">= {result['official_smote_estimate_gb']:.0f} GB"),
     ]
     if not args.only_smote:
         rows += [
-            ("official: JPEG + PIL + v1 transforms", "with augmentation", f"{result['official_aug_img_s']:.0f} img/s"),
+            (
+                "official: JPEG + PIL + v1 transforms",
+                "with augmentation",
+                f"{result['official_aug_img_s']:.0f} img/s",
+            ),
             ("", "decode + resize + normalise", f"{result['official_noaug_img_s']:.0f} img/s"),
             ("", "augmentation, oneDNN off", f"{result['official_aug_no_onednn_img_s']:.0f} img/s"),
             ("packed uint8 + v2 transforms", "with augmentation", f"{result['packed_aug_img_s']:.0f} img/s"),
             ("", "read + normalise", f"{result['packed_noaug_img_s']:.0f} img/s"),
-            ("augment_batch (GPU path) on the CPU", "batches of 32", f"{result['batched_aug_cpu_img_s']:.0f} img/s"),
+            (
+                "augment_batch (GPU path) on the CPU",
+                "batches of 32",
+                f"{result['batched_aug_cpu_img_s']:.0f} img/s",
+            ),
             ("speed-up", "loader (augmentation)", f"{result['loader_speedup']:.2f}x (target >= 2)"),
             ("", "decode", f"{result['decode_speedup']:.1f}x (target >= 20)"),
         ]

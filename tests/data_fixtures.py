@@ -111,7 +111,11 @@ def zip_tree(directory: Path, prefix: str = "") -> bytes:
 
 def params(tmp_path: Path, **data) -> Params:
     """Params with ``data.root`` in ``tmp_path`` and small synthetic defaults, overridden by ``data``."""
-    raw = {"root": str(tmp_path / "raw"), "image_size": 32, "synthetic": {"num_images": 120, "native_size": 40}}
+    raw = {
+        "root": str(tmp_path / "raw"),
+        "image_size": 32,
+        "synthetic": {"num_images": 120, "native_size": 40},
+    }
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
@@ -120,7 +124,9 @@ def params(tmp_path: Path, **data) -> Params:
     return parse_params({"data": raw})
 
 
-def write_image(path: Path, colour: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (24, 16)) -> Path:
+def write_image(
+    path: Path, colour: tuple[int, int, int] = (200, 40, 40), size: tuple[int, int] = (24, 16)
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size[1], size[0], 3), colour, np.uint8)).save(path)
     return path

@@ -37,7 +37,9 @@ def _smote(tmp_path, images, labels, n_new, k=5, seed=0):
     return np.load(tmp_path / "new.npy"), provenance
 
 
-@pytest.mark.parametrize("targets", ["majority", {"1": 30}, {"1": 25, "2": 40}], ids=["majority", "one", "two"])
+@pytest.mark.parametrize(
+    "targets", ["majority", {"1": 30}, {"1": 25, "2": 40}], ids=["majority", "one", "two"]
+)
 @pytest.mark.parametrize("seed", [0, 42])
 def test_smote_equals_imbalanced_learn(tmp_path, targets, seed):
     images, labels = _data()
@@ -49,8 +51,8 @@ def test_smote_equals_imbalanced_learn(tmp_path, targets, seed):
     x_ref, y_ref = SMOTE(sampling_strategy=strategy, k_neighbors=5, random_state=seed).fit_resample(
         images.reshape(len(images), -1).astype(np.float64), labels
     )
-    assert (y_ref[len(labels):] == provenance["label"].to_numpy()).all()
-    reference = np.rint(x_ref[len(labels):]).astype(np.uint8).reshape(-1, *SHAPE)
+    assert (y_ref[len(labels) :] == provenance["label"].to_numpy()).all()
+    reference = np.rint(x_ref[len(labels) :]).astype(np.uint8).reshape(-1, *SHAPE)
     assert new.shape == reference.shape and (new == reference).all()
 
 
@@ -64,7 +66,11 @@ def test_smote_samples_lie_between_a_sample_and_one_of_its_neighbours(tmp_path):
         nn = NearestNeighbors(n_neighbors=4).fit(flat[members])
         neighbours = members[nn.kneighbors(flat[members], return_distance=False)[:, 1:]]
         for row in np.flatnonzero(provenance["label"].to_numpy() == c):
-            p, q, step = int(provenance["parent"][row]), int(provenance["neighbour"][row]), provenance["step"][row]
+            p, q, step = (
+                int(provenance["parent"][row]),
+                int(provenance["neighbour"][row]),
+                provenance["step"][row],
+            )
             assert labels[p] == labels[q] == c and 0 <= step < 1
             assert q in neighbours[members == p][0]  # one of the parent's 3 nearest same-class samples
             expected = flat[p] + step * (flat[q] - flat[p])
@@ -79,7 +85,9 @@ def test_smote_needs_more_samples_than_neighbours(tmp_path):
 
 def test_smote_errors_name_the_class(tmp_path, prepared):
     with pytest.raises(DataError, match="class 'z' has 7 training images.*k_neighbors=10"):
-        balance_training_split(BalanceConfig(method="smote", k_neighbors=10), AugmentConfig(), 0, prepared, tmp_path / "b")
+        balance_training_split(
+            BalanceConfig(method="smote", k_neighbors=10), AugmentConfig(), 0, prepared, tmp_path / "b"
+        )
     assert not (tmp_path / "b").exists()
 
 
@@ -101,10 +109,16 @@ def prepared(tmp_path):
     (root / "train").mkdir(parents=True)
     np.save(root / "train" / IMAGES, images)
     np.save(root / "train" / LABELS, labels)
-    pd.DataFrame({"image_id": [f"i{i}" for i in range(len(labels))], "label": labels, "group": [f"g{i // 2}" for i in range(len(labels))]}).to_csv(
-        root / "train" / INDEX, index=False
+    pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(len(labels))],
+            "label": labels,
+            "group": [f"g{i // 2}" for i in range(len(labels))],
+        }
+    ).to_csv(root / "train" / INDEX, index=False)
+    write_json(
+        root / MANIFEST, {"classes": ["x", "y", "z"], "dataset": "t", "layout": "t", "image_size": SHAPE[0]}
     )
-    write_json(root / MANIFEST, {"classes": ["x", "y", "z"], "dataset": "t", "layout": "t", "image_size": SHAPE[0]})
     return root
 
 
@@ -133,7 +147,9 @@ def test_oversampling_raises_every_class_to_the_majority(tmp_path, prepared, met
 
 def test_augmented_copies_are_transformed_real_images_of_their_class(tmp_path, prepared):
     flips = AugmentConfig(rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0)
-    balance_training_split(BalanceConfig(method="augment", targets={"z": 20}), flips, 0, prepared, tmp_path / "out")
+    balance_training_split(
+        BalanceConfig(method="augment", targets={"z": 20}), flips, 0, prepared, tmp_path / "out"
+    )
     split = load_split(tmp_path / "out", "train")
     index = pd.read_csv(tmp_path / "out/train/index.csv")
     real = np.load(prepared / "train" / IMAGES)
@@ -148,7 +164,12 @@ def test_augmented_copies_are_transformed_real_images_of_their_class(tmp_path, p
 def test_smote_memory_stays_bounded_at_ham10000_scale(tmp_path):
     """The full HAM10000 shape (10,015 x 224 x 224 x 3, every class to 6,705) under 2 GB peak RSS."""
     bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "data_pipeline.py")
-    out = subprocess.run([sys.executable, bench, "--only-smote", "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, bench, "--only-smote", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import json
 
     result = json.loads(out.stdout.strip().splitlines()[-1])

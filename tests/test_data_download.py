@@ -19,7 +19,9 @@ PAYLOAD = os.urandom(300_000)
 
 def test_download_verifies_and_renames_into_place(tmp_path):
     with serve({"data.bin": PAYLOAD}) as server:
-        dest = download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD), size=len(PAYLOAD))
+        dest = download_file(
+            server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD), size=len(PAYLOAD)
+        )
     assert dest.read_bytes() == PAYLOAD
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data.bin.verified", "data.bin"]  # no .part left
 
@@ -41,7 +43,9 @@ def test_wrong_checksum_deletes_the_file_and_says_so(tmp_path):
 def test_wrong_size_is_a_checksum_error(tmp_path):
     with serve({"data.bin": PAYLOAD}) as server:
         with pytest.raises(ChecksumError, match="300000 bytes"):
-            download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD), size=len(PAYLOAD) + 1)
+            download_file(
+                server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD), size=len(PAYLOAD) + 1
+            )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -149,8 +153,19 @@ def test_safe_archive_is_extracted(tmp_path, maker):
         (_tar({"ok.txt": b"1"}, links={"hard": (tarfile.LNKTYPE, "../outside")}), "outside"),
         (_tar({"ok.txt": b"1"}, links={"fifo": (tarfile.FIFOTYPE, "")}), "device or pipe"),
     ],
-    ids=["zip-dotdot", "zip-nested-dotdot", "zip-absolute", "zip-drive", "zip-symlink", "tar-dotdot",
-         "tar-absolute", "tar-symlink-out", "tar-symlink-absolute", "tar-hardlink-out", "tar-fifo"],
+    ids=[
+        "zip-dotdot",
+        "zip-nested-dotdot",
+        "zip-absolute",
+        "zip-drive",
+        "zip-symlink",
+        "tar-dotdot",
+        "tar-absolute",
+        "tar-symlink-out",
+        "tar-symlink-absolute",
+        "tar-hardlink-out",
+        "tar-fifo",
+    ],
 )
 def test_unsafe_archive_is_refused_and_nothing_is_written(tmp_path, archive_bytes, reason):
     archive = tmp_path / "bad.archive"

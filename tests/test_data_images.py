@@ -96,13 +96,21 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(stored).save(tmp_path / "o.jpg", exif=exif, quality=95)
-    # 3: rotate 180 (red goes right); 6: rotate 90 clockwise (red on top); 8: counter-clockwise (red at the bottom)
-    red_at = {3: (slice(None), slice(30, 40)), 6: (slice(0, 10), slice(None)), 8: (slice(30, 40), slice(None))}[orientation]
+    # 3: rotate 180 (red goes right); 6: 90 clockwise (red on top); 8: counter-clockwise (red at the bottom)
+    red_at = {
+        3: (slice(None), slice(30, 40)),
+        6: (slice(0, 10), slice(None)),
+        8: (slice(30, 40), slice(None)),
+    }[orientation]
     rgb = _rgb_of(tmp_path / "o.jpg")
     assert rgb.shape == ((20, 40, 3) if orientation == 3 else (40, 20, 3))
     assert (rgb[red_at][..., 0] > 200).all() and (rgb[red_at][..., 2] < 60).all()
     square, _ = _decode(tmp_path / "o.jpg", size=16)  # the resized square keeps the orientation
-    red_square = {3: (slice(None), slice(12, 16)), 6: (slice(0, 4), slice(None)), 8: (slice(12, 16), slice(None))}[orientation]
+    red_square = {
+        3: (slice(None), slice(12, 16)),
+        6: (slice(0, 4), slice(None)),
+        8: (slice(12, 16), slice(None)),
+    }[orientation]
     assert (square[red_square][..., 0] > 200).all()
 
 
@@ -126,7 +134,12 @@ def _jpeg_bytes() -> bytes:
 
 @pytest.mark.parametrize(
     "content",
-    [_jpeg_bytes()[: len(_jpeg_bytes()) // 2], b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40],
+    [
+        _jpeg_bytes()[: len(_jpeg_bytes()) // 2],
+        b"",
+        b"not an image at all",
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+    ],
     ids=["truncated-jpeg", "empty", "garbage", "broken-png"],
 )
 def test_unreadable_files_raise_unreadable_image(tmp_path, content):

@@ -61,9 +61,9 @@ def test_eval_items_are_normalised_chw_float_and_int64_labels(packed):
     image, label = PackedDataset(split, eval_transform())[4]
     assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
     assert label.dtype == torch.int64 and int(label) == 1
-    expected = (torch.tensor(split.images[4]).permute(2, 0, 1) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(
-        IMAGENET_STD
-    )[:, None, None]
+    expected = (
+        torch.tensor(split.images[4]).permute(2, 0, 1) / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]
+    ) / torch.tensor(IMAGENET_STD)[:, None, None]
     assert torch.allclose(image, expected, atol=1e-6)
     raw, _ = PackedDataset(split)[4]  # no transform: the uint8 tensor, for augment_batch
     assert raw.dtype == torch.uint8 and (raw.permute(1, 2, 0).numpy() == split.images[4]).all()
@@ -188,7 +188,12 @@ def test_augment_batch_flips_only():
     out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
     kinds = set()
     for i in range(16):
-        for name, candidate in {"id": x[i], "h": x[i].flip(-1), "v": x[i].flip(-2), "hv": x[i].flip(-1, -2)}.items():
+        for name, candidate in {
+            "id": x[i],
+            "h": x[i].flip(-1),
+            "v": x[i].flip(-2),
+            "hv": x[i].flip(-1, -2),
+        }.items():
             if torch.equal(out[i], candidate):
                 kinds.add(name)
                 break

@@ -37,7 +37,9 @@ def _run_stages(tmp_path: Path, params: Path) -> None:
     out = tmp_path / "data"
     download_stage.main(["--params", str(params), "--out", str(out / "raw")])
     prepare_stage.main(["--params", str(params), "--raw", str(out / "raw"), "--out", str(out / "prepared")])
-    balance_stage.main(["--params", str(params), "--prepared", str(out / "prepared"), "--out", str(out / "balanced")])
+    balance_stage.main(
+        ["--params", str(params), "--prepared", str(out / "prepared"), "--out", str(out / "balanced")]
+    )
 
 
 def _imagefolder_tree(tmp_path: Path) -> Path:
@@ -57,7 +59,9 @@ def test_stages_on_the_default_dataset(tmp_path):
     assert sum(manifest["splits"]["sizes"].values()) == 120
     train = load_split(data / "balanced", "train", image_size=32)
     assert train.class_counts() == manifest["splits"]["counts"]["train"]  # balance.method: none
-    assert os.path.samefile(data / "balanced/train/images.npy", data / "prepared/train/images.npy")  # linked, not copied
+    assert os.path.samefile(
+        data / "balanced/train/images.npy", data / "prepared/train/images.npy"
+    )  # linked, not copied
 
 
 def test_stages_on_an_imagefolder_tree(tmp_path):
@@ -80,8 +84,14 @@ def test_invalid_params_fail_before_any_work(tmp_path):
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 

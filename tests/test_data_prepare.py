@@ -17,7 +17,9 @@ from hdkd.data.sources import fetch_dataset
 from hdkd.io import file_md5, read_json
 from tests.data_fixtures import params, write_image
 
-FILES = ["manifest.json", "quarantine.csv", "duplicates.csv"] + [f"{s}/{f}" for s in ("train", "val", "test") for f in ("images.npy", "labels.npy", "index.csv")]
+FILES = ["manifest.json", "quarantine.csv", "duplicates.csv"] + [
+    f"{s}/{f}" for s in ("train", "val", "test") for f in ("images.npy", "labels.npy", "index.csv")
+]
 
 
 def _prepare(tmp_path, out="prepared", seed=0, **data):
@@ -42,7 +44,9 @@ def test_synthetic_ham_is_packed_and_split_by_lesion(tmp_path):
         assert (index["class"] == [HAM_CLASSES[i] for i in s.labels]).all()
         groups[split] = set(index["group"])
         assert all(c > 0 for c in s.class_counts().values()) or split != "train"
-    assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"] or groups["val"] & groups["test"])
+    assert not (
+        groups["train"] & groups["val"] or groups["train"] & groups["test"] or groups["val"] & groups["test"]
+    )
 
 
 def test_packed_pixels_are_the_decoded_files(tmp_path):
@@ -143,7 +147,9 @@ def test_class_with_only_unreadable_training_images_is_an_error(tmp_path):
                 write_image(tree / split / c / f"{i}.png")
     for f in (tree / "train/b").iterdir():
         f.write_bytes(b"broken")
-    with pytest.raises(DataError, match=r"\['b'\] have no training images.*3 of their images were unreadable"):
+    with pytest.raises(
+        DataError, match=r"\['b'\] have no training images.*3 of their images were unreadable"
+    ):
         _prepare(tmp_path, dataset="imagefolder", root=str(tree), image_size=16)
     assert not (tmp_path / "prepared").exists()  # nothing half-written
 
@@ -162,3 +168,11 @@ def test_dermamnist_keeps_its_own_splits(tmp_path):
     manifest = prepare_dataset(p.data, 0, tmp_path / "prepared")
     assert manifest["splits"]["sizes"] == {"train": 14, "val": 7, "test": 7}
     assert read_json(tmp_path / "prepared/manifest.json")["classes"] == list(HAM_CLASSES)
+
+
+def test_a_record_of_another_dataset_is_refused(tmp_path):
+    p = params(tmp_path)
+    fetch_dataset(p.data, tmp_path / "record")
+    other = params(tmp_path, synthetic={"layout": "brain_tumor_mri"}).data
+    with pytest.raises(DataError, match="run the download stage first"):
+        prepare_dataset(other, 0, tmp_path / "prepared", tmp_path / "record/source.json")

@@ -14,7 +14,15 @@ import pytest
 from hdkd.config import SyntheticConfig
 from hdkd.data.errors import ChecksumError, DataError
 from hdkd.data.formats import BRAIN_CLASSES, HAM_CLASSES, HAM_METADATA, HAM_PARTS, count_class_tree
-from hdkd.data.sources import SOURCE_RECORD, BrainTumorMri, DermaMnist, Ham10000, RemoteFile, fetch_dataset, get_source
+from hdkd.data.sources import (
+    SOURCE_RECORD,
+    BrainTumorMri,
+    DermaMnist,
+    Ham10000,
+    RemoteFile,
+    fetch_dataset,
+    get_source,
+)
 from hdkd.data.synthetic import generate
 from hdkd.io import read_json
 from tests.data_fixtures import md5, params, serve, write_image, zip_tree
@@ -31,7 +39,9 @@ def ham_files(tmp_path_factory) -> dict[str, bytes]:
 
 
 def _ham_source(server, files) -> Ham10000:
-    return Ham10000(tuple(RemoteFile(name, server.url(name), md5(data), len(data)) for name, data in files.items()))
+    return Ham10000(
+        tuple(RemoteFile(name, server.url(name), md5(data), len(data)) for name, data in files.items())
+    )
 
 
 def test_ham10000_download_extract_and_catalog(tmp_path, ham_files):
@@ -63,7 +73,9 @@ def test_ham10000_wrong_checksum_is_refused(tmp_path, ham_files):
 def test_data_urls_override_the_default_urls(tmp_path, ham_files):
     with serve(ham_files) as server:
         cfg = params(tmp_path, dataset="ham10000", urls={n: server.url(n) for n in ham_files}).data
-        files = tuple(RemoteFile(n, "http://unreachable.invalid/x", md5(d), len(d)) for n, d in ham_files.items())
+        files = tuple(
+            RemoteFile(n, "http://unreachable.invalid/x", md5(d), len(d)) for n, d in ham_files.items()
+        )
         Ham10000(files).fetch(cfg)
     assert sorted(path for path, _ in server.requests) == sorted(ham_files)
 
@@ -104,7 +116,10 @@ def test_ham10000_empty_class_is_named(tmp_path, ham_tree):
 # --------------------------------------------------------------------------- Brain Tumor MRI
 @pytest.fixture(scope="module")
 def brain_tree(tmp_path_factory):
-    return generate(SyntheticConfig(layout="brain_tumor_mri", num_images=60, native_size=24), tmp_path_factory.mktemp("mri") / "t")
+    return generate(
+        SyntheticConfig(layout="brain_tumor_mri", num_images=60, native_size=24),
+        tmp_path_factory.mktemp("mri") / "t",
+    )
 
 
 @pytest.fixture
@@ -118,7 +133,9 @@ def test_brain_mri_from_the_mirror_verified_by_counts(tmp_path, brain_tree, no_k
     counts = count_class_tree(brain_tree, {"train": "Training", "test": "Testing"})
     cfg = params(tmp_path, dataset="brain_tumor_mri").data
     with serve({"mri.zip": archive}) as server:
-        source = BrainTumorMri(mirror=RemoteFile("brain-tumor-mri-dataset.zip", server.url("mri.zip")), expected_counts=counts)
+        source = BrainTumorMri(
+            mirror=RemoteFile("brain-tumor-mri-dataset.zip", server.url("mri.zip")), expected_counts=counts
+        )
         record = source.fetch(cfg)
         source.fetch(cfg)  # already there and verified: no second download
     assert record["counts"] == counts and len(server.requests) == 1
@@ -133,7 +150,9 @@ def test_brain_mri_wrong_counts_are_an_error(tmp_path, brain_tree, no_kaggle):
     counts["Testing"]["glioma"] += 1
     cfg = params(tmp_path, dataset="brain_tumor_mri").data
     with serve({"mri.zip": zip_tree(brain_tree)}) as server:
-        source = BrainTumorMri(mirror=RemoteFile("brain-tumor-mri-dataset.zip", server.url("mri.zip")), expected_counts=counts)
+        source = BrainTumorMri(
+            mirror=RemoteFile("brain-tumor-mri-dataset.zip", server.url("mri.zip")), expected_counts=counts
+        )
         with pytest.raises(DataError, match=r"Testing/glioma: \d+ \(expected \d+\)"):
             source.fetch(cfg)
 
@@ -147,7 +166,9 @@ def test_brain_mri_prefers_kagglehub(tmp_path, brain_tree, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "kagglehub", types.SimpleNamespace(dataset_download=dataset_download))
     counts = count_class_tree(brain_tree, {"train": "Training", "test": "Testing"})
-    source = BrainTumorMri(mirror=RemoteFile("brain-tumor-mri-dataset.zip", "http://unused.invalid/"), expected_counts=counts)
+    source = BrainTumorMri(
+        mirror=RemoteFile("brain-tumor-mri-dataset.zip", "http://unused.invalid/"), expected_counts=counts
+    )
     source.fetch(params(tmp_path, dataset="brain_tumor_mri").data)
     assert calls == ["masoudnickparvar/brain-tumor-mri-dataset"]
 
@@ -159,7 +180,9 @@ def test_brain_mri_falls_back_to_the_mirror_when_kaggle_fails(tmp_path, brain_tr
     monkeypatch.setitem(sys.modules, "kagglehub", types.SimpleNamespace(dataset_download=dataset_download))
     counts = count_class_tree(brain_tree, {"train": "Training", "test": "Testing"})
     with serve({"mri.zip": zip_tree(brain_tree)}) as server:
-        source = BrainTumorMri(mirror=RemoteFile("brain-tumor-mri-dataset.zip", server.url("mri.zip")), expected_counts=counts)
+        source = BrainTumorMri(
+            mirror=RemoteFile("brain-tumor-mri-dataset.zip", server.url("mri.zip")), expected_counts=counts
+        )
         source.fetch(params(tmp_path, dataset="brain_tumor_mri").data)
     assert [p for p, _ in server.requests] == ["mri.zip"]
     assert not list((tmp_path / "raw/brain_tumor_mri").glob(".*tmp"))  # the failed attempt left nothing
@@ -180,7 +203,12 @@ def _npz(labels_shift: int = 0) -> bytes:
 def test_dermamnist_download_and_official_splits(tmp_path):
     data = _npz()
     with serve({"dermamnist.npz": data}) as server:
-        cfg = params(tmp_path, dataset="dermamnist", dermamnist_size=28, urls={"dermamnist.npz": server.url("dermamnist.npz")}).data
+        cfg = params(
+            tmp_path,
+            dataset="dermamnist",
+            dermamnist_size=28,
+            urls={"dermamnist.npz": server.url("dermamnist.npz")},
+        ).data
         source = DermaMnist(md5={28: md5(data)})
         source.fetch(cfg)
     catalog = source.catalog(cfg)
@@ -194,7 +222,12 @@ def test_dermamnist_download_and_official_splits(tmp_path):
 def test_dermamnist_wrong_md5_and_unknown_labels(tmp_path):
     data = _npz(labels_shift=3)  # labels up to 9
     with serve({"dermamnist.npz": data}) as server:
-        cfg = params(tmp_path, dataset="dermamnist", dermamnist_size=28, urls={"dermamnist.npz": server.url("dermamnist.npz")}).data
+        cfg = params(
+            tmp_path,
+            dataset="dermamnist",
+            dermamnist_size=28,
+            urls={"dermamnist.npz": server.url("dermamnist.npz")},
+        ).data
         with pytest.raises(ChecksumError):
             DermaMnist().fetch(cfg)  # the real file's MD5
         source = DermaMnist(md5={28: md5(data)})

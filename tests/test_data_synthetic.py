@@ -7,8 +7,8 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 import torch
+from PIL import Image
 from torch import nn
 
 from hdkd.config import SyntheticConfig
@@ -35,11 +35,16 @@ def test_ham_layout_matches_the_real_format(tmp_path):
 
 
 def test_brain_layout_matches_the_real_format(tmp_path):
-    out = generate(SyntheticConfig(layout="brain_tumor_mri", num_images=200, native_size=32), tmp_path / "mri")
+    out = generate(
+        SyntheticConfig(layout="brain_tumor_mri", num_images=200, native_size=32), tmp_path / "mri"
+    )
     files = sorted(out.glob("*/*/*.jpg"))
     assert {f.parent.parent.name for f in files} == {"Training", "Testing"}
     assert {f.parent.name for f in files} == set(BRAIN_CLASSES)
-    assert all(f.name.startswith(("Tr-gl_", "Tr-me_", "Tr-no_", "Tr-pi_", "Te-gl_", "Te-me_", "Te-no_", "Te-pi_")) for f in files)
+    assert all(
+        f.name.startswith(("Tr-gl_", "Tr-me_", "Tr-no_", "Tr-pi_", "Te-gl_", "Te-me_", "Te-no_", "Te-pi_"))
+        for f in files
+    )
     modes, sizes = Counter(), set()
     for f in files:
         with Image.open(f) as img:
@@ -85,7 +90,14 @@ def _small_cnn_accuracy(render, classes, size: int = 32) -> float:
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
 
-    net = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, len(classes)))
+    net = nn.Sequential(
+        *block(3, 16),
+        *block(16, 32),
+        *block(32, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, len(classes)),
+    )
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     for _ in range(25):
         for batch in torch.randperm(len(x)).split(32):

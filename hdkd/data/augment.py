@@ -125,7 +125,10 @@ class _Transform:
 
 
 def train_transform(cfg: AugmentConfig) -> Callable[..., torch.Tensor]:
-    """Per-image training transform ``(uint8 image, generator) -> float``; normalisation only when ``cfg.enabled`` is false."""
+    """Per-image training transform ``(uint8 image, generator) -> float32``.
+
+    Normalisation only when ``cfg.enabled`` is false.
+    """
     return _Transform(cfg if cfg.enabled else None)
 
 
@@ -150,7 +153,9 @@ def native_cpu_convolution() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- batched form
-def apply_batch_params(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: AugmentConfig) -> torch.Tensor:
+def apply_batch_params(
+    images: torch.Tensor, params: dict[str, torch.Tensor], cfg: AugmentConfig
+) -> torch.Tensor:
     """Augment a ``uint8`` B x 3 x H x W batch, image ``i`` with ``params[...][i]``; returns ``uint8``."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"expected a uint8 B x C x H x W batch, got {images.dtype} {tuple(images.shape)}")

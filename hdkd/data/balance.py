@@ -32,7 +32,16 @@ from tqdm import tqdm
 
 from hdkd.config import AugmentConfig, BalanceConfig
 from hdkd.data.errors import DataError
-from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, NpyWriter, load_split, read_rows, write_labels_and_index
+from hdkd.data.packed import (
+    IMAGES,
+    INDEX,
+    LABELS,
+    MANIFEST,
+    NpyWriter,
+    load_split,
+    read_rows,
+    write_labels_and_index,
+)
 from hdkd.data.seeding import derive_seed
 from hdkd.io import atomic_dir, read_json, write_json
 
@@ -43,7 +52,11 @@ SMOTE_CHUNK = 32  # rows in float64 at once (32 x 150,528 x 8 B = 39 MB at 224 p
 
 
 def balance_training_split(
-    cfg: BalanceConfig, augment: AugmentConfig, seed: int, prepared_dir: str | os.PathLike, out_dir: str | os.PathLike
+    cfg: BalanceConfig,
+    augment: AugmentConfig,
+    seed: int,
+    prepared_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
 ) -> dict[str, Any]:
     """Write the balanced training split of ``prepared_dir`` to ``out_dir/train``; return the manifest."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
@@ -64,13 +77,17 @@ def balance_training_split(
                 for start in range(0, len(split), CHUNK):
                     out.write(read_rows(source / IMAGES, np.arange(start, min(start + CHUNK, len(split)))))
                 if cfg.method == "smote":
-                    new = smote_oversample(source / IMAGES, split.labels, n_new, cfg.k_neighbors, seed, out, split.classes)
+                    new = smote_oversample(
+                        source / IMAGES, split.labels, n_new, cfg.k_neighbors, seed, out, split.classes
+                    )
                 else:
                     new = augment_oversample(source / IMAGES, split.labels, n_new, augment, seed, out)
             index = pd.read_csv(source / INDEX, dtype={"image_id": str, "group": str}, keep_default_na=False)
             index["origin"] = "real"
             labels = np.concatenate([split.labels, new["label"].to_numpy()])
-            write_labels_and_index(target, labels, pd.concat([index, _new_index(new, index, split.classes, cfg.method)]))
+            write_labels_and_index(
+                target, labels, pd.concat([index, _new_index(new, index, split.classes, cfg.method)])
+            )
         after = np.bincount(labels, minlength=len(split.classes))
         manifest = {
             "classes": list(split.classes),
@@ -81,21 +98,27 @@ def balance_training_split(
             "seed": seed,
             "counts_before": dict(zip(split.classes, before.tolist())),
             "counts_after": dict(zip(split.classes, after.tolist())),
-            "prepared": {k: read_json(prepared_dir / MANIFEST)[k] for k in ("dataset", "layout", "image_size")},
+            "prepared": {
+                k: read_json(prepared_dir / MANIFEST)[k] for k in ("dataset", "layout", "image_size")
+            },
         }
         write_json(tmp / MANIFEST, manifest)
     log.info("balance (%s): %s -> %s", cfg.method, manifest["counts_before"], manifest["counts_after"])
     return manifest
 
 
-def resolve_targets(targets: str | dict[str, int], classes: tuple[str, ...], counts: np.ndarray) -> dict[int, int]:
+def resolve_targets(
+    targets: str | dict[str, int], classes: tuple[str, ...], counts: np.ndarray
+) -> dict[int, int]:
     """Samples to add per class label: up to the majority count, or up to explicit ``{class: count}``."""
     if targets == "majority":
         goal = {i: int(counts.max()) for i in range(len(classes))}
     else:
         unknown = sorted(set(targets) - set(classes))
         if unknown:
-            raise DataError(f"balance.targets names unknown class(es) {unknown}; the classes are {list(classes)}")
+            raise DataError(
+                f"balance.targets names unknown class(es) {unknown}; the classes are {list(classes)}"
+            )
         goal = {i: targets.get(c, int(counts[i])) for i, c in enumerate(classes)}
         below = [f"{classes[i]}: {g} < {counts[i]}" for i, g in goal.items() if g < counts[i]]
         if below:
@@ -129,31 +152,50 @@ def smote_oversample(
         members = np.flatnonzero(labels == label)
         if len(members) <= k_neighbors:
             raise DataError(
-                f"class {classes[label] if classes else label!r} has {len(members)} training images; SMOTE needs more than "
-                f"balance.k_neighbors={k_neighbors}: lower k_neighbors, or leave the class out of balance.targets"
+                f"class {classes[label] if classes else label!r} has {len(members)} training images; "
+                f"SMOTE needs more than balance.k_neighbors={k_neighbors}: lower k_neighbors, "
+                f"or leave the class out of balance.targets"
             )
         x = np.empty((len(members), int(np.prod(row_shape))), dtype=np.float32)  # exact for uint8 values
         for start in range(0, len(members), CHUNK):
-            x[start : start + CHUNK] = read_rows(images, members[start : start + CHUNK]).reshape(-1, x.shape[1])
+            x[start : start + CHUNK] = read_rows(images, members[start : start + CHUNK]).reshape(
+                -1, x.shape[1]
+            )
         nn = check_neighbors_object("k_neighbors", k_neighbors, additional_neighbor=1).fit(x)
         # scikit-learn upcasts blocks of pairwise_dist_chunk_size rows to float64 per thread:
         # 256 (its default) x 150,528 x 8 B is 300 MB a block at 224 px; 32 keeps it at 40 MB.
         with sklearn.config_context(pairwise_dist_chunk_size=SMOTE_CHUNK):
             neighbours = np.concatenate(
-                [nn.kneighbors(x[s : s + 2 * SMOTE_CHUNK], return_distance=False)[:, 1:] for s in range(0, len(x), 2 * SMOTE_CHUNK)]
+                [
+                    nn.kneighbors(x[s : s + 2 * SMOTE_CHUNK], return_distance=False)[:, 1:]
+                    for s in range(0, len(x), 2 * SMOTE_CHUNK)
+                ]
             )
         rng = check_random_state(seed)  # imbalanced-learn restarts the stream for every class
         picks = rng.randint(low=0, high=neighbours.size, size=n)
         steps = rng.uniform(size=n)[:, np.newaxis]
         rows, cols = np.floor_divide(picks, neighbours.shape[1]), np.mod(picks, neighbours.shape[1])
-        for start in tqdm(range(0, n, SMOTE_CHUNK), desc=f"SMOTE {classes[label] if classes else label}", leave=False):
-            r, c, s = rows[start : start + SMOTE_CHUNK], cols[start : start + SMOTE_CHUNK], steps[start : start + SMOTE_CHUNK]
+        for start in tqdm(
+            range(0, n, SMOTE_CHUNK), desc=f"SMOTE {classes[label] if classes else label}", leave=False
+        ):
+            r, c, s = (
+                rows[start : start + SMOTE_CHUNK],
+                cols[start : start + SMOTE_CHUNK],
+                steps[start : start + SMOTE_CHUNK],
+            )
             base = x[r].astype(np.float64)
             new = base + s * (x[neighbours[r, c]].astype(np.float64) - base)
             out.write(np.rint(new).astype(np.uint8).reshape(-1, *row_shape))
         del x, nn
         provenance.append(
-            pd.DataFrame({"label": label, "parent": members[rows], "neighbour": members[neighbours[rows, cols]], "step": steps[:, 0]})
+            pd.DataFrame(
+                {
+                    "label": label,
+                    "parent": members[rows],
+                    "neighbour": members[neighbours[rows, cols]],
+                    "step": steps[:, 0],
+                }
+            )
         )
     return pd.concat(provenance, ignore_index=True)
 

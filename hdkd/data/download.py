@@ -62,7 +62,12 @@ def is_verified(path: Path, md5: str | None = None, size: int | None = None) -> 
 
 
 def download_file(
-    url: str, dest: str | os.PathLike, *, md5: str | None = None, size: int | None = None, timeout: float = 60.0
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    md5: str | None = None,
+    size: int | None = None,
+    timeout: float = 60.0,
 ) -> Path:
     """Download ``url`` to ``dest`` unless a verified copy is already there; return ``dest``.
 
@@ -108,14 +113,18 @@ def _fetch_into(url: str, part: Path, *, size: int | None, timeout: float, dest:
         offset = 0
     if size is not None and offset == size:
         return
-    request = urllib.request.Request(url, headers={"User-Agent": "hdkd", **({"Range": f"bytes={offset}-"} if offset else {})})
+    request = urllib.request.Request(
+        url, headers={"User-Agent": "hdkd", **({"Range": f"bytes={offset}-"} if offset else {})}
+    )
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # our partial file is not a prefix the server knows: start over
             part.unlink()
             return _fetch_into(url, part, size=size, timeout=timeout, dest=dest)
-        raise DownloadError(f"cannot download {dest.name}: {url} answered HTTP {e.code} {e.reason}. {_remedy(dest)}") from e
+        raise DownloadError(
+            f"cannot download {dest.name}: {url} answered HTTP {e.code} {e.reason}. {_remedy(dest)}"
+        ) from e
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DownloadError(
@@ -132,9 +141,18 @@ def _fetch_into(url: str, part: Path, *, size: int | None, timeout: float, dest:
         total = offset + int(length) if length is not None else size  # what this server says is complete
         received = offset
         try:
-            with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, leave=False
-            ) as bar:
+            with (
+                open(part, "ab" if resumed else "wb") as f,
+                tqdm(
+                    total=total,
+                    initial=offset,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    leave=False,
+                ) as bar,
+            ):
                 while block := response.read(CHUNK):
                     f.write(block)
                     received += len(block)
@@ -183,7 +201,9 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
                 for info in zf.infolist():
                     if stat.S_ISLNK(info.external_attr >> 16):
                         # zipfile would write the link target as a plain file's text: never what was meant.
-                        raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; refusing to extract")
+                        raise UnsafeArchiveError(
+                            f"{archive}: member {info.filename!r} is a symbolic link; refusing to extract"
+                        )
                     _check_member(archive, info.filename)
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
@@ -191,14 +211,20 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
                 for m in tf.getmembers():
                     _check_member(archive, m.name)
                     if m.issym():
-                        _check_member(archive, posixpath.join(posixpath.dirname(m.name), m.linkname), link_of=m.name)
+                        _check_member(
+                            archive, posixpath.join(posixpath.dirname(m.name), m.linkname), link_of=m.name
+                        )
                     elif m.islnk():
                         _check_member(archive, m.linkname, link_of=m.name)
                     elif not (m.isfile() or m.isdir()):
-                        raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a device or pipe; refusing to extract")
+                        raise UnsafeArchiveError(
+                            f"{archive}: member {m.name!r} is a device or pipe; refusing to extract"
+                        )
                 tf.extractall(tmp, filter="data")  # the stdlib's own checks, as a second line of defence
         else:
-            raise UnsafeArchiveError(f"{archive} is neither a zip nor a tar archive (corrupt download?); delete it and run again")
+            raise UnsafeArchiveError(
+                f"{archive} is neither a zip nor a tar archive (corrupt download?); delete it and run again"
+            )
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -216,4 +242,6 @@ def _check_member(archive: Path, name: str, link_of: str | None = None) -> None:
     for part in PurePosixPath(posix).parts:
         depth += -1 if part == ".." else (0 if part == "." else 1)
         if depth < 0:
-            raise UnsafeArchiveError(f"{archive}: {what} points outside the extraction directory; refusing to extract")
+            raise UnsafeArchiveError(
+                f"{archive}: {what} points outside the extraction directory; refusing to extract"
+            )

@@ -71,10 +71,6 @@ class Catalog:
                 f"(restore the missing files, or remove the class from the dataset)"
             )
 
-    def counts(self) -> dict[str, int]:
-        n = np.bincount(self.items["label"].to_numpy(dtype=np.int64), minlength=len(self.classes))
-        return dict(zip(self.classes, n.tolist()))
-
 
 def read_ham_tree(directory: Path) -> Catalog:
     """HAM10000: ``HAM10000_metadata.csv`` plus ``ISIC_*.jpg`` anywhere below (both part folders).
@@ -84,7 +80,9 @@ def read_ham_tree(directory: Path) -> Catalog:
     """
     meta_path = directory / HAM_METADATA
     if not meta_path.is_file():
-        raise DataError(f"{meta_path} not found: run the download stage (dvc repro download) or check data.root")
+        raise DataError(
+            f"{meta_path} not found: run the download stage (dvc repro download) or check data.root"
+        )
     meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
     missing_cols = [c for c in ("lesion_id", "image_id", "dx") if c not in meta.columns]
     if missing_cols:
@@ -121,7 +119,9 @@ def read_ham_tree(directory: Path) -> Catalog:
     return Catalog(HAM_CLASSES, items, Image.open, str(directory))
 
 
-def read_class_tree(directory: Path, split_dirs: dict[str, str], classes: tuple[str, ...] | None = None) -> Catalog:
+def read_class_tree(
+    directory: Path, split_dirs: dict[str, str], classes: tuple[str, ...] | None = None
+) -> Catalog:
     """A tree ``directory/<split dir>/<class>/<image>`` (Brain Tumor MRI, ImageFolder).
 
     ``split_dirs`` maps split names to folder names; a missing ``train`` or ``test`` folder is an
@@ -149,7 +149,8 @@ def read_class_tree(directory: Path, split_dirs: dict[str, str], classes: tuple[
         for class_dir in class_dirs:
             if class_dir.name not in classes:
                 raise DataError(
-                    f"unknown label {class_dir.name!r}: folder {class_dir} is not one of the classes {list(classes)}"
+                    f"unknown label {class_dir.name!r}: folder {class_dir} is not one of the "
+                    f"classes {list(classes)}"
                 )
             label = classes.index(class_dir.name)
             images, skipped = _image_files(class_dir)
@@ -178,7 +179,7 @@ def count_class_tree(directory: Path, split_dirs: dict[str, str]) -> dict[str, d
 
 
 def _image_files(class_dir: Path) -> tuple[list[Path], int]:
-    """Image files below ``class_dir`` (hidden ones, e.g. macOS ``._*`` forks, left out), and how many others."""
+    """Image files below ``class_dir`` and the number of other files; hidden ones (macOS ``._*``) left out."""
     images, others = [], 0
     for p in sorted(class_dir.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(class_dir).parts):

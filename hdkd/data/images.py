@@ -59,7 +59,9 @@ def decode_resized(open_image: Callable[[], Image.Image], size: int, name: str) 
         with open_image() as img:
             img.load()
             rgb = to_rgb(img)
-    except Exception as e:  # Pillow's plugins raise many types (OSError, SyntaxError, struct.error, ...) on bad files
+    except (
+        Exception
+    ) as e:  # Pillow's plugins raise many types (OSError, SyntaxError, struct.error, ...) on bad files
         raise UnreadableImage(name, f"{type(e).__name__}: {e}") from e
     pixels = np.asarray(rgb)
     digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()

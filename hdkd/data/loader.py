@@ -21,6 +21,14 @@
   is the same for any ``num_workers``, batch size or order.
 - ``train_transform(cfg)``, ``eval_transform()``, ``normalize(uint8)``, ``augment_image``,
   ``augment_batch(uint8 B x 3 x H x W, cfg, generator)``: see :mod:`hdkd.data.augment`.
+
+With ``augment.on_gpu`` (CUDA), augment whole batches on the device instead::
+
+    train_ds = PackedDataset(train)                      # uint8 3 x S x S items
+    generator = torch.Generator().manual_seed(params.seed)
+    for images, labels in DataLoader(train_ds, ...):
+        images = augment_batch(images.to(device, non_blocking=True), params.augment, generator)
+        images = normalize(images)
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ __all__ = ["PackedDataset", "PackedSplit", "load_split"]
 class PackedDataset(Dataset):
     """A packed split as a map-style dataset of ``(image tensor, int64 label)``."""
 
-    def __init__(self, split: PackedSplit, transform: Callable[..., torch.Tensor] | None = None, seed: int = 0):
+    def __init__(
+        self, split: PackedSplit, transform: Callable[..., torch.Tensor] | None = None, seed: int = 0
+    ):
         self.split = split
         self.transform = transform
         self.seed = seed

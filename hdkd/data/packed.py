@@ -28,7 +28,7 @@ IMAGES, LABELS, INDEX, MANIFEST = "images.npy", "labels.npy", "index.csv", "mani
 
 @dataclass(frozen=True, eq=False)
 class PackedSplit:
-    """One split of a packed directory; ``images`` is memory-mapped (copy-on-write: the file never changes)."""
+    """One split of a packed directory; ``images`` is memory-mapped copy-on-write (the file never changes)."""
 
     root: Path
     name: str
@@ -48,7 +48,7 @@ class PackedSplit:
         return dict(zip(self.classes, np.bincount(self.labels, minlength=len(self.classes)).tolist()))
 
     def __reduce__(self):
-        # Pickled (e.g. to DataLoader workers started with "spawn") as a reference, never as a copy of the pixels.
+        # Pickled (e.g. for DataLoader workers started with "spawn") as a reference, not as the pixels.
         return load_split, (self.root, self.name)
 
 
@@ -59,16 +59,29 @@ def load_split(root: str | os.PathLike, name: str, image_size: int | None = None
     paths = [root / MANIFEST, directory / IMAGES, directory / LABELS, directory / INDEX]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
-        raise DataError(f"packed split {directory} is incomplete, missing {absent}: run `dvc repro` (prepare/balance)")
+        raise DataError(
+            f"packed split {directory} is incomplete, missing {absent}: run `dvc repro` (prepare/balance)"
+        )
     classes = tuple(read_json(root / MANIFEST)["classes"])
     # Copy-on-write mapping: tensors can wrap it without a copy; a write never reaches the file.
     images = np.load(directory / IMAGES, mmap_mode="c")
     labels = np.load(directory / LABELS).astype(np.int64, copy=False)
-    ids = pd.read_csv(directory / INDEX, usecols=["image_id"], dtype=str, keep_default_na=False)["image_id"].to_numpy()
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise DataError(f"{directory / IMAGES}: expected uint8 N x S x S x 3, got {images.dtype} {images.shape}")
+    ids = pd.read_csv(directory / INDEX, usecols=["image_id"], dtype=str, keep_default_na=False)[
+        "image_id"
+    ].to_numpy()
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[-1] != 3
+        or images.shape[1] != images.shape[2]
+    ):
+        raise DataError(
+            f"{directory / IMAGES}: expected uint8 N x S x S x 3, got {images.dtype} {images.shape}"
+        )
     if not len(images) == len(labels) == len(ids):
-        raise DataError(f"{directory}: {len(images)} images, {len(labels)} labels and {len(ids)} index rows disagree")
+        raise DataError(
+            f"{directory}: {len(images)} images, {len(labels)} labels and {len(ids)} index rows disagree"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DataError(f"{directory / LABELS}: labels outside 0..{len(classes) - 1}")
     if image_size is not None and images.shape[1] != image_size:
@@ -83,7 +96,9 @@ def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Shape, dtype and data offset of a ``.npy`` file, from its header."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
         shape, fortran_order, dtype = read_header(f)
         if fortran_order:
             raise DataError(f"{path}: Fortran-ordered arrays are not supported")
@@ -112,17 +127,24 @@ def read_rows(path: Path, indices: np.ndarray) -> np.ndarray:
 class NpyWriter:
     """Write an ``(n, *row_shape)`` array to a ``.npy`` file chunk by chunk, never holding it whole."""
 
-    def __init__(self, path: Path, n: int, row_shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.uint8)):
+    def __init__(self, path: Path, n: int, row_shape: tuple[int, ...], dtype: np.typing.DTypeLike = np.uint8):
         self.path, self.n, self.row_shape, self.dtype = Path(path), n, tuple(row_shape), np.dtype(dtype)
         self.written = 0
         self._f: BinaryIO = open(self.path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n, *self.row_shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (n, *self.row_shape),
+        }
         np.lib.format.write_array_header_2_0(self._f, header)
 
     def write(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.row_shape or self.written + len(rows) > self.n:
-            raise ValueError(f"{self.path}: rows {rows.shape} do not fit ({self.written}/{self.n} written, rows {self.row_shape})")
+            raise ValueError(
+                f"{self.path}: rows {rows.shape} do not fit "
+                f"({self.written}/{self.n} written, rows {self.row_shape})"
+            )
         self._f.write(memoryview(rows).cast("B"))
         self.written += len(rows)
 

@@ -47,15 +47,34 @@ def prepare_dataset(
     """Prepare ``cfg.dataset`` into ``out_dir``; return the manifest.
 
     ``source_record`` is the download stage's record (``data/raw/source.json``): its checksums go
-    into the manifest.
+    into the manifest, and it must describe the dataset being prepared.
     """
+    record = read_json(source_record) if source_record else {}
+    if record and (record["dataset"], record["directory"]) != (
+        cfg.dataset,
+        str(get_source(cfg.dataset).directory(cfg)),
+    ):
+        raise DataError(
+            f"{source_record} describes dataset {record['dataset']!r} in {record['directory']}, not "
+            f"{cfg.dataset!r}: run the download stage first (dvc repro download)"
+        )
     catalog = get_source(cfg.dataset).catalog(cfg)
     items = catalog.items.copy()
     items["split"] = assign_splits(
-        items, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, train_fraction=cfg.train_fraction, seed=seed
+        items,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        train_fraction=cfg.train_fraction,
+        seed=seed,
     )
     used = items[items["split"] != UNUSED].reset_index(drop=True)
-    log.info("%s: %d images, %d used (%s)", catalog.where, len(items), len(used), used["split"].value_counts().to_dict())
+    log.info(
+        "%s: %d images, %d used (%s)",
+        catalog.where,
+        len(items),
+        len(used),
+        used["split"].value_counts().to_dict(),
+    )
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -69,7 +88,9 @@ def prepare_dataset(
         for split in SPLITS:
             rows = good[good["split"] == split]
             _write_split(tmp / split, decoded, rows, catalog.classes, cfg.image_size)
-            counts[split] = dict(zip(catalog.classes, np.bincount(rows["label"], minlength=len(catalog.classes)).tolist()))
+            counts[split] = dict(
+                zip(catalog.classes, np.bincount(rows["label"], minlength=len(catalog.classes)).tolist())
+            )
         decoded.unlink()
 
         quarantined[["split", "image_id", "ref", "quarantine_reason"]].rename(
@@ -93,7 +114,7 @@ def prepare_dataset(
                 "unused_training_images": int((items["split"] == UNUSED).sum()),
                 "seed": seed,
             },
-            "source": {"where": catalog.where, **(read_json(source_record) if source_record else {})},
+            "source": {"where": catalog.where, **record},
             "duplicates": _duplicate_summary(duplicates),
             "quarantined": len(quarantined),
         }
@@ -115,7 +136,9 @@ def _decode_all(catalog: Catalog, items: pd.DataFrame, size: int, path: Path) ->
 
     hashes, reasons = [], []
     with NpyWriter(path, len(refs), (size, size, 3)) as out, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        for pixels, digest, reason in tqdm(pool.map(decode, refs), total=len(refs), desc="decode", unit="img", leave=False):
+        for pixels, digest, reason in tqdm(
+            pool.map(decode, refs), total=len(refs), desc="decode", unit="img", leave=False
+        ):
             out.write((pixels if pixels is not None else np.zeros((size, size, 3), np.uint8))[None])
             hashes.append(digest)
             reasons.append(reason)
@@ -140,7 +163,9 @@ def _check_training_classes(catalog: Catalog, good: pd.DataFrame, quarantined: p
             log.warning("%s split has no images of class(es) %s (too few images or groups)", split, empty)
 
 
-def _write_split(directory: Path, decoded: Path, rows: pd.DataFrame, classes: tuple[str, ...], size: int) -> None:
+def _write_split(
+    directory: Path, decoded: Path, rows: pd.DataFrame, classes: tuple[str, ...], size: int
+) -> None:
     directory.mkdir()
     positions = rows.index.to_numpy()
     with NpyWriter(directory / IMAGES, len(rows), (size, size, 3)) as out:
@@ -195,5 +220,8 @@ def _log_summary(manifest: dict[str, Any]) -> None:
     d = manifest["duplicates"]
     log.info(
         "%d px images; %d quarantined; %d duplicate groups (%d across splits)",
-        manifest["image_size"], manifest["quarantined"], d["groups"], d["cross_split_groups"],
+        manifest["image_size"],
+        manifest["quarantined"],
+        d["groups"],
+        d["cross_split_groups"],
     )

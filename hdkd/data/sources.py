@@ -21,6 +21,7 @@ dermamnist     Zenodo npz, ``root/dermamnist``                  MD5
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from PIL import Image
 
 from hdkd.config import DataConfig
 from hdkd.data.download import download_file, extract_archive
-from hdkd.data.errors import DataError, DownloadError
+from hdkd.data.errors import DataError
 from hdkd.data.formats import (
     BRAIN_CLASSES,
     BRAIN_COUNTS,
@@ -65,10 +66,12 @@ class RemoteFile:
 
     def fetch(self, cfg: DataConfig, directory: Path) -> Path:
         """Download to ``directory/name`` (``data.urls[name]`` overrides the URL)."""
-        return download_file(cfg.urls.get(self.name, self.url), directory / self.name, md5=self.md5, size=self.size)
+        return download_file(
+            cfg.urls.get(self.name, self.url), directory / self.name, md5=self.md5, size=self.size
+        )
 
 
-class Source:
+class Source(abc.ABC):
     """One dataset: where its raw files live, how to get them, how to list its images."""
 
     name: ClassVar[str]
@@ -80,11 +83,13 @@ class Source:
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return ()
 
+    @abc.abstractmethod
     def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        raise NotImplementedError
+        """Make the raw data available and verified; return what identifies it (checksums, digest)."""
 
+    @abc.abstractmethod
     def catalog(self, cfg: DataConfig) -> Catalog:
-        raise NotImplementedError
+        """List the images, labels, groups and official splits of the fetched data."""
 
     def _check_url_overrides(self, cfg: DataConfig) -> None:
         known = {f.name for f in self.remote_files(cfg)}
@@ -117,7 +122,7 @@ class Synthetic(Source):
 
 
 class ImageFolder(Source):
-    """An existing local tree ``data.root/{train,test}/<class>/<image>`` (optionally ``val/``), read in place."""
+    """An existing tree ``data.root/{train,test}/<class>/<image>`` (optionally ``val/``), read in place."""
 
     name = "imagefolder"
 
@@ -128,11 +133,18 @@ class ImageFolder(Source):
         self._check_url_overrides(cfg)
         catalog = self.catalog(cfg)  # validates the layout and the class folders
         files = [Path(p) for p in catalog.items["ref"]]
-        return {"classes": list(catalog.classes), "images": len(files), "tree_digest": tree_digest(cfg.root, files)}
+        return {
+            "classes": list(catalog.classes),
+            "images": len(files),
+            "tree_digest": tree_digest(cfg.root, files),
+        }
 
     def catalog(self, cfg: DataConfig) -> Catalog:
         if not cfg.root.is_dir():
-            raise DataError(f"data.root {cfg.root} is not a directory; for dataset imagefolder it must hold train/ and test/")
+            raise DataError(
+                f"data.root {cfg.root} is not a directory; for dataset imagefolder it must hold "
+                f"train/ and test/"
+            )
         return read_class_tree(cfg.root, IMAGEFOLDER_SPLIT_DIRS)
 
 
@@ -183,14 +195,15 @@ class Ham10000(Source):
 
 
 BRAIN_ZENODO = RemoteFile(
-    "brain-tumor-mri-dataset.zip", "https://zenodo.org/records/12735702/files/brain-tumor-mri-dataset.zip?download=1"
+    "brain-tumor-mri-dataset.zip",
+    "https://zenodo.org/records/12735702/files/brain-tumor-mri-dataset.zip?download=1",
 )
 BRAIN_KAGGLE_HANDLE = "masoudnickparvar/brain-tumor-mri-dataset"
 
 
 @dataclass
 class BrainTumorMri(Source):
-    """Brain Tumor MRI: Kaggle when a client is installed, else the public Zenodo mirror; checked by counts."""
+    """Brain Tumor MRI: Kaggle when a client is installed, else the Zenodo mirror; checked by counts."""
 
     name: ClassVar[str] = "brain_tumor_mri"
     mirror: RemoteFile = BRAIN_ZENODO
@@ -211,7 +224,10 @@ class BrainTumorMri(Source):
                 extract_archive(archive, extracted)
         root = self._tree_root(directory)
         if root is None:
-            raise DataError(f"no Training/ and Testing/ folders found under {directory}: the download is not the expected dataset")
+            raise DataError(
+                f"no Training/ and Testing/ folders found under {directory}: "
+                f"the download is not the expected dataset"
+            )
         counts = count_class_tree(root, BRAIN_SPLIT_DIRS)
         if counts != self.expected_counts:
             diff = [
@@ -220,9 +236,15 @@ class BrainTumorMri(Source):
                 for c, n in per.items()
                 if counts.get(s, {}).get(c, 0) != n
             ]
-            extra = [f"{s}/{c}" for s, per in counts.items() for c in per if c not in self.expected_counts.get(s, {})]
+            extra = [
+                f"{s}/{c}"
+                for s, per in counts.items()
+                for c in per
+                if c not in self.expected_counts.get(s, {})
+            ]
             raise DataError(
-                f"{root} does not hold the expected images: {'; '.join(diff + [f'unexpected {e}' for e in extra])}. "
+                f"{root} does not hold the expected images: "
+                f"{'; '.join(diff + [f'unexpected {e}' for e in extra])}. "
                 f"Delete {directory} and run the download stage again."
             )
         return {"counts": counts, "tree_digest": tree_digest(root)}
@@ -230,7 +252,9 @@ class BrainTumorMri(Source):
     def catalog(self, cfg: DataConfig) -> Catalog:
         root = self._tree_root(self.directory(cfg))
         if root is None:
-            raise DataError(f"no Training/ and Testing/ folders under {self.directory(cfg)}: run the download stage first")
+            raise DataError(
+                f"no Training/ and Testing/ folders under {self.directory(cfg)}: run the download stage first"
+            )
         return read_class_tree(root, BRAIN_SPLIT_DIRS, BRAIN_CLASSES)
 
     @staticmethod
@@ -260,7 +284,9 @@ def _kaggle_download(handle: str, dest: Path) -> bool:
         os.replace(tmp, dest)
         return True
     except Exception as e:  # client, credential or network failure of a third-party library
-        log.warning("Kaggle download of %s failed (%s: %s); using the public mirror", handle, type(e).__name__, e)
+        log.warning(
+            "Kaggle download of %s failed (%s: %s); using the public mirror", handle, type(e).__name__, e
+        )
         return False
     finally:
         if tmp.exists():
@@ -272,7 +298,9 @@ def _kaggle_client():
     try:
         import kagglehub
 
-        return lambda handle, directory: shutil.copytree(kagglehub.dataset_download(handle), directory, dirs_exist_ok=True)
+        return lambda handle, directory: shutil.copytree(
+            kagglehub.dataset_download(handle), directory, dirs_exist_ok=True
+        )
     except ImportError:
         pass
     config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
@@ -303,12 +331,14 @@ DERMAMNIST_MD5 = {
 
 def dermamnist_file(size: int, md5: str | None = None) -> RemoteFile:
     name = "dermamnist.npz" if size == 28 else f"dermamnist_{size}.npz"
-    return RemoteFile(name, f"https://zenodo.org/records/10519652/files/{name}?download=1", md5 or DERMAMNIST_MD5[size])
+    return RemoteFile(
+        name, f"https://zenodo.org/records/10519652/files/{name}?download=1", md5 or DERMAMNIST_MD5[size]
+    )
 
 
 @dataclass
 class DermaMnist(Source):
-    """DermaMNIST (MedMNIST v2, from HAM10000): one npz with its own train/val/test; labels 0-6 = HAM classes."""
+    """DermaMNIST (MedMNIST, from HAM10000): one npz with its own train/val/test; labels 0-6 = HAM classes."""
 
     name: ClassVar[str] = "dermamnist"
     md5: dict[int, str] = field(default_factory=lambda: dict(DERMAMNIST_MD5))
@@ -328,24 +358,39 @@ class DermaMnist(Source):
         if not path.is_file():
             raise DataError(f"{path} not found: run the download stage (dvc repro download)")
         with np.load(path) as npz:
-            arrays = {s: (npz[f"{s}_images"], npz[f"{s}_labels"].reshape(-1)) for s in ("train", "val", "test")}
+            arrays = {
+                s: (npz[f"{s}_images"], npz[f"{s}_labels"].reshape(-1)) for s in ("train", "val", "test")
+            }
         frames = []
-        for split, (images, labels) in arrays.items():
+        for split, (_, labels) in arrays.items():
             bad = sorted(set(np.unique(labels).tolist()) - set(range(len(HAM_CLASSES))))
             if bad:
-                raise DataError(f"unknown label(s) {bad} in {path} ({split}_labels); expected 0-{len(HAM_CLASSES) - 1}")
+                raise DataError(
+                    f"unknown label(s) {bad} in {path} ({split}_labels); expected 0-{len(HAM_CLASSES) - 1}"
+                )
             ids = [f"{split}_{i:05d}" for i in range(len(labels))]
             frames.append(
                 pd.DataFrame(
-                    {"image_id": ids, "label": labels.astype(np.int64), "group": ids, "split": split, "ref": [(split, i) for i in range(len(labels))]}
+                    {
+                        "image_id": ids,
+                        "label": labels.astype(np.int64),
+                        "group": ids,
+                        "split": split,
+                        "ref": [(split, i) for i in range(len(labels))],
+                    }
                 )
             )
         return Catalog(
-            HAM_CLASSES, pd.concat(frames, ignore_index=True), lambda ref: Image.fromarray(arrays[ref[0]][0][ref[1]]), str(path)
+            HAM_CLASSES,
+            pd.concat(frames, ignore_index=True),
+            lambda ref: Image.fromarray(arrays[ref[0]][0][ref[1]]),
+            str(path),
         )
 
 
-SOURCES: dict[str, Source] = {s.name: s for s in (Synthetic(), ImageFolder(), Ham10000(), BrainTumorMri(), DermaMnist())}
+SOURCES: dict[str, Source] = {
+    s.name: s for s in (Synthetic(), ImageFolder(), Ham10000(), BrainTumorMri(), DermaMnist())
+}
 
 
 def get_source(name: str) -> Source:

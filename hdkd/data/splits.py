@@ -16,7 +16,11 @@ UNUSED = "unused"  # training images left out by data.train_fraction
 
 
 def carve(
-    labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np.random.Generator, at_least_one: bool = True
+    labels: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    at_least_one: bool = True,
 ) -> np.ndarray:
     """Boolean mask of about ``fraction`` of each class's samples, taking whole groups.
 
@@ -72,7 +76,9 @@ def assign_splits(
 
     def carve_from(pool: np.ndarray, fraction: float, stream: int, at_least_one: bool = True) -> np.ndarray:
         idx = np.flatnonzero(pool)
-        picked = carve(labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]), at_least_one)
+        picked = carve(
+            labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]), at_least_one
+        )
         return idx[picked]
 
     if not (split == "test").any():

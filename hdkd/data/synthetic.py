@@ -97,8 +97,27 @@ HAM_STYLES = {
 }
 _LESION_SIZES = (1, 2, 3, 4, 5)  # images per lesion: ~1.35 on average, as 10,015 / 7,470
 _LESION_SIZE_P = (0.77, 0.14, 0.05, 0.03, 0.01)
-_DX_TYPE = {"akiec": "histo", "bcc": "histo", "bkl": "histo", "df": "consensus", "mel": "histo", "nv": "follow_up", "vasc": "consensus"}
-_SITES = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot", "scalp", "neck")
+_DX_TYPE = {
+    "akiec": "histo",
+    "bcc": "histo",
+    "bkl": "histo",
+    "df": "consensus",
+    "mel": "histo",
+    "nv": "follow_up",
+    "vasc": "consensus",
+}
+_SITES = (
+    "back",
+    "lower extremity",
+    "trunk",
+    "upper extremity",
+    "abdomen",
+    "face",
+    "chest",
+    "foot",
+    "scalp",
+    "neck",
+)
 _ORIGINS = ("vidir_modern", "rosendahl", "vidir_molemax", "vienna_dias")
 
 
@@ -150,7 +169,9 @@ def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, wi
     x = ((u - cx) * np.cos(angle) + (v - cy) * np.sin(angle)) / scale
     y = (-(u - cx) * np.sin(angle) + (v - cy) * np.cos(angle)) / scale
     edge = 0.05 / scale
-    mask = np.clip((_wobble(outline_rng, np.arctan2(y, x), style.irregular) - np.hypot(x, y)) / edge + 0.5, 0, 1)
+    mask = np.clip(
+        (_wobble(outline_rng, np.arctan2(y, x), style.irregular) - np.hypot(x, y)) / edge + 0.5, 0, 1
+    )
     lesion_rgb, mask = _ham_texture(style.texture, texture_rng, x, y, colour, mask)
 
     img = skin * (1 - mask[..., None]) + lesion_rgb * mask[..., None]
@@ -190,7 +211,9 @@ def _ham_texture(kind, rng, x, y, colour, mask):
         mask = np.zeros_like(x)
         for _ in range(rng.integers(3, 7)):
             cx, cy = rng.uniform(-0.55, 0.55, 2)
-            mask = np.maximum(mask, np.clip((rng.uniform(0.25, 0.45) - np.hypot(x - cx, y - cy)) / 0.08, 0, 1))
+            mask = np.maximum(
+                mask, np.clip((rng.uniform(0.25, 0.45) - np.hypot(x - cx, y - cy)) / 0.08, 0, 1)
+            )
         base *= (1 + 0.15 * _waves(rng, 4, (0.8, 1.6))(x, y))[..., None]
     else:
         raise ValueError(f"unknown texture {kind!r}")
@@ -219,7 +242,9 @@ def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
     for n, i in enumerate(tqdm(order, desc="synthetic HAM10000", unit="img", leave=False)):
         li, dx = images[i]
         image_id = f"ISIC_{24306 + n:07d}"
-        pixels = render_ham_image(dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width)
+        pixels = render_ham_image(
+            dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width
+        )
         path = out / HAM_PARTS[0 if n < part_1 else 1] / f"{image_id}.jpg"
         Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
         meta = np.random.default_rng(derive_seed(cfg.seed, 3, li))
@@ -267,7 +292,11 @@ def render_brain_image(tumour: str, seed: int, height: int, width: int) -> np.nd
             ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.12, 0.2)
             dist = 0.9 * min(a, b) - rad * 0.8
         else:  # pituitary: small bright mass low in the midline (sella)
-            ang, dist, rad = np.pi / 2 + rng.uniform(-0.1, 0.1), rng.uniform(0.42, 0.52) * b, rng.uniform(0.06, 0.09)
+            ang, dist, rad = (
+                np.pi / 2 + rng.uniform(-0.1, 0.1),
+                rng.uniform(0.42, 0.52) * b,
+                rng.uniform(0.06, 0.09),
+            )
         tx, ty = dist * np.cos(ang), dist * np.sin(ang)
         d = np.hypot(x - tx, y - ty)
         if tumour == "glioma":
