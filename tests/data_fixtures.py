@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import io
 import re
 import socket
 import threading
@@ -122,6 +123,18 @@ def params(tmp_path: Path, **data) -> Params:
         else:
             raw[key] = value
     return parse_params({"data": raw})
+
+
+def dermamnist_npz(labels_shift: int = 0) -> bytes:
+    """A small DermaMNIST-format npz (28 px; 21/7/14 images; labels 0-6 shifted by ``labels_shift``)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 21), ("val", 7), ("test", 14)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 7 + labels_shift).reshape(-1, 1)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def write_image(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +13,7 @@ from hdkd.data.packed import load_split
 from hdkd.data.prepare import prepare_dataset
 from hdkd.data.sources import fetch_dataset
 from hdkd.io import file_md5, read_json
-from tests.data_fixtures import params, write_image
+from tests.data_fixtures import dermamnist_npz, params, write_image
 
 FILES = ["manifest.json", "quarantine.csv", "duplicates.csv"] + [
     f"{s}/{f}" for s in ("train", "val", "test") for f in ("images.npy", "labels.npy", "index.csv")
@@ -155,18 +153,11 @@ def test_class_with_only_unreadable_training_images_is_an_error(tmp_path):
 
 
 def test_dermamnist_keeps_its_own_splits(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 14), ("val", 7), ("test", 7)):
-        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(n) % 7).reshape(-1, 1)
     (tmp_path / "raw/dermamnist").mkdir(parents=True)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    (tmp_path / "raw/dermamnist/dermamnist.npz").write_bytes(buf.getvalue())
+    (tmp_path / "raw/dermamnist/dermamnist.npz").write_bytes(dermamnist_npz())
     p = params(tmp_path, dataset="dermamnist", dermamnist_size=28, image_size=16)
     manifest = prepare_dataset(p.data, 0, tmp_path / "prepared")
-    assert manifest["splits"]["sizes"] == {"train": 14, "val": 7, "test": 7}
+    assert manifest["splits"]["sizes"] == {"train": 21, "val": 7, "test": 14}
     assert read_json(tmp_path / "prepared/manifest.json")["classes"] == list(HAM_CLASSES)
 
 

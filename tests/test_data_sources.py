@@ -25,7 +25,7 @@ from hdkd.data.sources import (
 )
 from hdkd.data.synthetic import generate
 from hdkd.io import read_json
-from tests.data_fixtures import md5, params, serve, write_image, zip_tree
+from tests.data_fixtures import dermamnist_npz, md5, params, serve, write_image, zip_tree
 
 
 # ---------------------------------------------------------------------------------- HAM10000
@@ -189,26 +189,15 @@ def test_brain_mri_falls_back_to_the_mirror_when_kaggle_fails(tmp_path, brain_tr
 
 
 # -------------------------------------------------------------------------------- DermaMNIST
-def _npz(labels_shift: int = 0) -> bytes:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 21), ("val", 7), ("test", 14)):
-        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(n) % 7 + labels_shift).reshape(-1, 1)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+def _dermamnist_cfg(tmp_path, server):
+    url = server.url("dermamnist.npz")
+    return params(tmp_path, dataset="dermamnist", dermamnist_size=28, urls={"dermamnist.npz": url}).data
 
 
 def test_dermamnist_download_and_official_splits(tmp_path):
-    data = _npz()
+    data = dermamnist_npz()
     with serve({"dermamnist.npz": data}) as server:
-        cfg = params(
-            tmp_path,
-            dataset="dermamnist",
-            dermamnist_size=28,
-            urls={"dermamnist.npz": server.url("dermamnist.npz")},
-        ).data
+        cfg = _dermamnist_cfg(tmp_path, server)
         source = DermaMnist(md5={28: md5(data)})
         source.fetch(cfg)
     catalog = source.catalog(cfg)
@@ -220,14 +209,9 @@ def test_dermamnist_download_and_official_splits(tmp_path):
 
 
 def test_dermamnist_wrong_md5_and_unknown_labels(tmp_path):
-    data = _npz(labels_shift=3)  # labels up to 9
+    data = dermamnist_npz(labels_shift=3)  # labels up to 9
     with serve({"dermamnist.npz": data}) as server:
-        cfg = params(
-            tmp_path,
-            dataset="dermamnist",
-            dermamnist_size=28,
-            urls={"dermamnist.npz": server.url("dermamnist.npz")},
-        ).data
+        cfg = _dermamnist_cfg(tmp_path, server)
         with pytest.raises(ChecksumError):
             DermaMnist().fetch(cfg)  # the real file's MD5
         source = DermaMnist(md5={28: md5(data)})

@@ -39,7 +39,7 @@ from hdkd.data.formats import (
     HAM_PARTS,
 )
 from hdkd.data.seeding import derive_seed
-from hdkd.io import atomic_dir, write_json
+from hdkd.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def generate(cfg: SyntheticConfig, dest: Path) -> Path:
     """Write the synthetic tree for ``cfg`` at ``dest`` (atomically), unless it is already there."""
     stamp = {"format_version": 1, **cfg.model_dump()}
     try:
-        if pd.read_json(dest / STAMP, typ="series").to_dict() == stamp:
+        if read_json(dest / STAMP) == stamp:
             log.info("%s: synthetic %s data already generated", dest, cfg.layout)
             return dest
     except (OSError, ValueError):
