@@ -32,7 +32,8 @@ class SyntheticConfig(Section):
 
     layout: Literal["ham10000", "brain_tumor_mri"] = "ham10000"
     num_images: int = Field(1500, ge=50, le=200_000)
-    native_size: int = Field(96, ge=16, le=1024)  # side of the generated files on disk
+    native_size: int = Field(96, ge=16, le=1024)  # height of the generated files on disk
+    seed: int = Field(0, ge=0)  # the dataset's own seed: params.seed varies training, not the data
 
 
 class DataConfig(Section):

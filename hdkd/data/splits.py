@@ -1,0 +1,90 @@
+"""Train / validation / test assignment: stratified by class, grouped (e.g. by HAM10000 ``lesion_id``).
+
+scikit-learn's ``StratifiedGroupKFold`` only cuts folds of 1/k; :func:`carve` takes any fraction
+of every class, exactly up to group granularity, so ``test_fraction: 0.15`` means 15 %.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hdkd.data.errors import DataError
+
+SPLITS = ("train", "val", "test")
+UNUSED = "unused"  # training images left out by data.train_fraction
+
+
+def carve(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    at_least_one: bool = True,
+) -> np.ndarray:
+    """Boolean mask of about ``fraction`` of each class's samples, taking whole groups.
+
+    A group belongs to the class most of its samples have (a lesion has one diagnosis). Per class,
+    groups are visited in a random order and taken while that brings the count closer to
+    ``round(fraction * class size)`` (with ``at_least_one``, at least one sample, so that a small
+    validation or test split still sees every class). One group is always left behind: the
+    remaining side keeps every class.
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    group_names, group_of = np.unique(groups, return_inverse=True)
+    size = np.bincount(group_of, minlength=len(group_names))
+    counts = np.zeros((len(group_names), labels.max() + 1), dtype=np.int64)
+    np.add.at(counts, (group_of, labels), 1)
+    group_label = counts.argmax(axis=1)
+
+    chosen = np.zeros(len(group_names), dtype=bool)
+    for c in np.unique(group_label):
+        members = np.flatnonzero(group_label == c)
+        if len(members) < 2:
+            continue
+        members = rng.permutation(members)
+        target = max(int(at_least_one), round(fraction * size[members].sum()))
+        taken = 0
+        for g in members[:-1]:
+            if taken >= target:
+                break
+            if taken + size[g] - target < target - taken:  # closer to the target with this group
+                chosen[g] = True
+                taken += size[g]
+    return chosen[group_of]
+
+
+def assign_splits(
+    items: pd.DataFrame, *, val_fraction: float, test_fraction: float, train_fraction: float, seed: int
+) -> np.ndarray:
+    """Return each item's split: its official one where the source has it, else carved.
+
+    ``items`` has ``label``, ``group`` and ``split`` (``train``/``val``/``test``, or ``""`` for
+    "no official split"). Without an official test split, ``test_fraction`` of all images is
+    carved out; without an official validation split, ``val_fraction`` of the training images.
+    ``train_fraction < 1`` then keeps that share of the training split (the rest is ``unused``).
+    Each step draws from its own stream of ``seed``.
+    """
+    split = items["split"].to_numpy(dtype=object).copy()
+    unknown = set(split) - {"", *SPLITS}
+    if unknown:
+        raise DataError(f"unknown split name(s) {sorted(unknown)} in the catalog; expected {SPLITS}")
+    labels, groups = items["label"].to_numpy(), items["group"].to_numpy()
+    split[split == ""] = "train"
+    if not (split == "train").any():
+        raise DataError("the source has no training images")
+
+    def carve_from(pool: np.ndarray, fraction: float, stream: int, at_least_one: bool = True) -> np.ndarray:
+        idx = np.flatnonzero(pool)
+        picked = carve(
+            labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]), at_least_one
+        )
+        return idx[picked]
+
+    if not (split == "test").any():
+        split[carve_from(split == "train", test_fraction, 0)] = "test"
+    if not (split == "val").any():
+        split[carve_from(split == "train", val_fraction, 1)] = "val"
+    if train_fraction < 1:  # drop the rest; what is kept keeps every class
+        split[carve_from(split == "train", 1 - train_fraction, 2, at_least_one=False)] = UNUSED
+    return split.astype(str)

@@ -1,0 +1,337 @@
+"""The embedded default dataset, generated deterministically in the on-disk format of a real one.
+
+- ``layout: ham10000`` writes ``HAM10000_metadata.csv`` (the real columns) and ``ISIC_*.jpg``
+  files (4:3, like the real 600×450) split over the two part folders as the real zips are, with
+  several images per lesion and the real class imbalance.
+- ``layout: brain_tumor_mri`` writes ``Training/<class>/Tr-xx_0000.jpg`` and ``Testing/...``
+  with the real split and class proportions, grayscale and RGB JPEGs of varying sizes, and a few
+  cross-split duplicates, as the real set has.
+
+Each class has its own visual signature (shape, colour, texture, location) under nuisance
+variation (rotation, position, scale, brightness, noise, hairs), so that a small CNN learns it
+clearly above chance, but not from one pixel. Images of one lesion share their appearance.
+Every image is drawn from its own seed, so the output depends only on ``data.synthetic``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from hdkd.config import SyntheticConfig
+from hdkd.data.formats import (
+    BRAIN_CLASSES,
+    BRAIN_COUNTS,
+    BRAIN_FILE_PREFIX,
+    HAM_CLASSES,
+    HAM_COLUMNS,
+    HAM_COUNTS,
+    HAM_METADATA,
+    HAM_PART_1_SHARE,
+    HAM_PARTS,
+)
+from hdkd.data.seeding import derive_seed
+from hdkd.io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STAMP = ".synthetic.json"  # the settings a generated tree was made with
+JPEG_QUALITY = 90
+
+
+def generate(cfg: SyntheticConfig, dest: Path) -> Path:
+    """Write the synthetic tree for ``cfg`` at ``dest`` (atomically), unless it is already there."""
+    stamp = {"format_version": 1, **cfg.model_dump()}
+    try:
+        if read_json(dest / STAMP) == stamp:
+            log.info("%s: synthetic %s data already generated", dest, cfg.layout)
+            return dest
+    except (OSError, ValueError):
+        pass
+    log.info("generating %d synthetic %s images in %s", cfg.num_images, cfg.layout, dest)
+    with atomic_dir(dest) as tmp:
+        (_write_ham_tree if cfg.layout == "ham10000" else _write_brain_tree)(cfg, tmp)
+        write_json(tmp / STAMP, stamp)
+    return dest
+
+
+def apportion(total: int, weights: dict[str, float], minimum: int) -> dict[str, int]:
+    """Split ``total`` in proportion to ``weights`` (largest remainder), at least ``minimum`` each."""
+    keys = list(weights)
+    w = np.array([weights[k] for k in keys], dtype=np.float64)
+    free = total - minimum * len(keys)
+    if free < 0:
+        raise ValueError(f"{total} items cannot give {minimum} to each of {len(keys)} parts")
+    raw = w / w.sum() * free
+    n = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - n), kind="stable")[: free - n.sum()]:
+        n[i] += 1
+    return {k: minimum + int(v) for k, v in zip(keys, n)}
+
+
+# ---------------------------------------------------------------------------- HAM10000 layout
+@dataclass(frozen=True)
+class _Style:
+    colour: tuple[int, int, int]
+    radius: tuple[float, float]  # of the lesion, in half the image's short side
+    irregular: float  # amplitude of the boundary's harmonics
+    texture: str
+
+
+HAM_STYLES = {
+    "akiec": _Style((196, 96, 86), (0.35, 0.55), 0.16, "scaly"),
+    "bcc": _Style((222, 160, 160), (0.30, 0.45), 0.07, "vessels"),
+    "bkl": _Style((165, 122, 82), (0.35, 0.55), 0.10, "ridges"),
+    "df": _Style((158, 106, 76), (0.20, 0.30), 0.04, "scar"),
+    "mel": _Style((70, 45, 35), (0.40, 0.60), 0.24, "blotches"),
+    "nv": _Style((128, 82, 56), (0.28, 0.42), 0.04, "smooth"),
+    "vasc": _Style((150, 28, 58), (0.25, 0.40), 0.05, "lacunae"),
+}
+_LESION_SIZES = (1, 2, 3, 4, 5)  # images per lesion: ~1.35 on average, as 10,015 / 7,470
+_LESION_SIZE_P = (0.77, 0.14, 0.05, 0.03, 0.01)
+_DX_TYPE = {
+    "akiec": "histo",
+    "bcc": "histo",
+    "bkl": "histo",
+    "df": "consensus",
+    "mel": "histo",
+    "nv": "follow_up",
+    "vasc": "consensus",
+}
+_SITES = (
+    "back",
+    "lower extremity",
+    "trunk",
+    "upper extremity",
+    "abdomen",
+    "face",
+    "chest",
+    "foot",
+    "scalp",
+    "neck",
+)
+_ORIGINS = ("vidir_modern", "rosendahl", "vidir_molemax", "vienna_dias")
+
+
+def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres in units of half the short side, origin at the image centre."""
+    half = min(height, width) / 2
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    return (x + 0.5 - width / 2) / half, (y + 0.5 - height / 2) / half
+
+
+def _waves(rng: np.random.Generator, n: int, freq: tuple[float, float]):
+    """A random smooth field f(x, y) in about [-1, 1]: a sum of plane waves (rotates with its coordinates)."""
+    f = rng.uniform(*freq, n)
+    theta = rng.uniform(0, 2 * np.pi, n)
+    phase = rng.uniform(0, 2 * np.pi, n)
+
+    def field(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(x)
+        for fi, ti, pi in zip(f, theta, phase):
+            out += np.sin(2 * np.pi * fi * (x * np.cos(ti) + y * np.sin(ti)) + pi)
+        return out / np.sqrt(n / 2)
+
+    return field
+
+
+def _wobble(rng: np.random.Generator, phi: np.ndarray, irregular: float) -> np.ndarray:
+    """A random closed outline: 1 + a few harmonics of the polar angle."""
+    k = np.arange(2, 7)
+    amps = rng.uniform(0, irregular, len(k)) / np.sqrt(k - 1)
+    phases = rng.uniform(0, 2 * np.pi, len(k))
+    return 1 + sum(a * np.cos(ki * phi + p) for a, ki, p in zip(amps, k, phases))
+
+
+def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, width: int) -> np.ndarray:
+    """One dermatoscopy-like RGB image of class ``dx``; images with one ``lesion_seed`` show one lesion."""
+    style = HAM_STYLES[dx]
+    lesion = np.random.default_rng(lesion_seed)
+    skin = np.array([224.0, 186.0, 162.0]) * lesion.uniform(0.78, 1.04) + lesion.normal(0, 6, 3)
+    colour = np.array(style.colour, dtype=np.float64) * lesion.uniform(0.85, 1.15) + lesion.normal(0, 8, 3)
+    radius = lesion.uniform(*style.radius)
+    outline_rng, texture_rng = lesion.spawn(2)
+
+    shot = np.random.default_rng(image_seed)  # this image's view of the lesion
+    u, v = _grid(height, width)
+    angle = shot.uniform(0, 2 * np.pi)
+    cx, cy = shot.uniform(-0.15, 0.15, 2)
+    scale = radius * shot.uniform(0.9, 1.1)
+    # lesion coordinates, in lesion radii: the texture turns and moves with the lesion
+    x = ((u - cx) * np.cos(angle) + (v - cy) * np.sin(angle)) / scale
+    y = (-(u - cx) * np.sin(angle) + (v - cy) * np.cos(angle)) / scale
+    edge = 0.05 / scale
+    mask = np.clip(
+        (_wobble(outline_rng, np.arctan2(y, x), style.irregular) - np.hypot(x, y)) / edge + 0.5, 0, 1
+    )
+    lesion_rgb, mask = _ham_texture(style.texture, texture_rng, x, y, colour, mask)
+
+    img = skin * (1 - mask[..., None]) + lesion_rgb * mask[..., None]
+    img *= (1 - 0.12 * (u**2 + v**2) / 2)[..., None]  # dermatoscope vignetting
+    for _ in range(shot.integers(0, 3)):  # hairs
+        t = shot.uniform(0, np.pi)
+        d = np.abs(u * np.sin(t) - v * np.cos(t) - shot.uniform(-0.8, 0.8))
+        img = np.where((d < shot.uniform(0.015, 0.03))[..., None], np.array([60.0, 42.0, 32.0]), img)
+    img = img * shot.uniform(0.9, 1.1) + shot.normal(0, 4, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _ham_texture(kind, rng, x, y, colour, mask):
+    """A class's colour field over lesion coordinates ``x``, ``y`` (in lesion radii), and its mask."""
+    r = np.hypot(x, y)
+    base = np.broadcast_to(colour, x.shape + (3,)).copy()
+    if kind == "smooth":  # nevus: even brown, a little darker in the middle
+        base *= (1 + 0.06 * _waves(rng, 4, (0.5, 1))(x, y) - 0.12 * np.clip(1 - r, 0, 1))[..., None]
+    elif kind == "blotches":  # melanoma: black, brown and blue-grey areas
+        field = _waves(rng, 6, (0.6, 1.4))(x, y)
+        base = np.where((field > 0.5)[..., None], np.array([28.0, 22.0, 24.0]), base)
+        base = np.where((field < -0.6)[..., None], np.array([96.0, 104.0, 132.0]), base)
+    elif kind == "ridges":  # keratosis: waxy cerebriform ridges
+        t = rng.uniform(0, np.pi)
+        bend = 0.8 * _waves(rng, 3, (0.5, 1))(x, y)
+        base *= (1 + 0.25 * np.sin(2 * np.pi * 2.5 * (x * np.cos(t) + y * np.sin(t)) + bend))[..., None]
+    elif kind == "vessels":  # basal cell carcinoma: pearly pink with thin branching red vessels
+        vessels = np.abs(_waves(rng, 5, (0.8, 1.6))(x, y)) < 0.3
+        base = np.where(vessels[..., None], np.array([176.0, 36.0, 48.0]), base)
+    elif kind == "scaly":  # actinic keratosis: red with white scales
+        scales = _waves(rng, 8, (2.5, 4))(x, y) > 0.9
+        base = np.where(scales[..., None], np.array([236.0, 226.0, 214.0]), base)
+    elif kind == "scar":  # dermatofibroma: brown ring around a pale centre
+        centre = np.clip(1.6 - 2.2 * r, 0, 1)[..., None]
+        base = base * (1 - centre) + np.array([232.0, 212.0, 196.0]) * centre
+    elif kind == "lacunae":  # vascular lesion: a cluster of round red-purple lakes
+        mask = np.zeros_like(x)
+        for _ in range(rng.integers(3, 7)):
+            cx, cy = rng.uniform(-0.55, 0.55, 2)
+            mask = np.maximum(
+                mask, np.clip((rng.uniform(0.25, 0.45) - np.hypot(x - cx, y - cy)) / 0.08, 0, 1)
+            )
+        base *= (1 + 0.15 * _waves(rng, 4, (0.8, 1.6))(x, y))[..., None]
+    else:
+        raise ValueError(f"unknown texture {kind!r}")
+    return base, mask
+
+
+def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
+    rng = np.random.default_rng([cfg.seed, 0])
+    counts = apportion(cfg.num_images, {c: HAM_COUNTS[c] for c in HAM_CLASSES}, minimum=4)
+    lesions: list[tuple[str, int]] = []  # (dx, images of the lesion)
+    for dx in HAM_CLASSES:
+        left = counts[dx]
+        while left:
+            n = min(left, int(rng.choice(_LESION_SIZES, p=_LESION_SIZE_P)))
+            lesions.append((dx, n))
+            left -= n
+    lesion_ids = rng.permutation(len(lesions))
+    images = [(li, dx) for li, (dx, n) in enumerate(lesions) for _ in range(n)]
+    order = rng.permutation(len(images))  # image ids do not follow the classes, as in the real set
+    part_1 = round(len(images) * HAM_PART_1_SHARE)
+    height, width = cfg.native_size, round(cfg.native_size * 4 / 3)
+
+    rows = []
+    for parts_dir in HAM_PARTS:
+        (out / parts_dir).mkdir()
+    for n, i in enumerate(tqdm(order, desc="synthetic HAM10000", unit="img", leave=False)):
+        li, dx = images[i]
+        image_id = f"ISIC_{24306 + n:07d}"
+        pixels = render_ham_image(
+            dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width
+        )
+        path = out / HAM_PARTS[0 if n < part_1 else 1] / f"{image_id}.jpg"
+        Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
+        meta = np.random.default_rng(derive_seed(cfg.seed, 3, li))
+        rows.append(
+            {
+                "lesion_id": f"HAM_{lesion_ids[li]:07d}",
+                "image_id": image_id,
+                "dx": dx,
+                "dx_type": _DX_TYPE[dx],
+                "age": f"{5 * meta.integers(2, 18)}.0",
+                "sex": meta.choice(["male", "female", "male", "female", "unknown"]),
+                "localization": meta.choice(_SITES),
+                "dataset": meta.choice(_ORIGINS),
+            }
+        )
+    # The real file lists the images of a lesion together, ordered by diagnosis.
+    meta = pd.DataFrame(rows, columns=list(HAM_COLUMNS)).sort_values(["dx", "lesion_id", "image_id"])
+    meta.to_csv(out / HAM_METADATA, index=False)
+
+
+# ------------------------------------------------------------------------- Brain Tumor MRI layout
+def render_brain_image(tumour: str, seed: int, height: int, width: int) -> np.ndarray:
+    """One axial MRI-like grayscale slice with a tumour of class ``tumour`` (or none)."""
+    rng = np.random.default_rng(seed)
+    u, v = _grid(height, width)
+    t = rng.uniform(-0.3, 0.3)
+    s = rng.uniform(0.9, 1.08)
+    x = (u * np.cos(t) + v * np.sin(t)) / s + rng.uniform(-0.05, 0.05)
+    y = (-u * np.sin(t) + v * np.cos(t)) / s + rng.uniform(-0.05, 0.05)
+    a, b = rng.uniform(0.70, 0.80), rng.uniform(0.84, 0.94)
+    r = np.hypot(x / a, y / b)
+
+    gyri = _waves(rng, 6, (3, 6))(x, y)
+    img = np.where(r < 1.0, 190.0, 0.0)  # skull and scalp fat
+    img = np.where(r < 0.94, 40.0, img)  # cerebrospinal fluid
+    img = np.where(r < 0.90, 100.0 + 16 * gyri, img)  # brain
+    for side in (-1, 1):  # ventricles
+        vx, vy = (x - side * 0.11) / 0.06, (y + 0.04) / 0.17
+        img = np.where(np.hypot(vx, vy) < 1, 38.0, img)
+
+    if tumour != "notumor":
+        if tumour == "glioma":  # irregular, ring-enhancing, necrotic core, oedema, inside the brain
+            ang, dist, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.45), rng.uniform(0.14, 0.24)
+        elif tumour == "meningioma":  # round, homogeneous, bright, against the skull
+            ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.12, 0.2)
+            dist = 0.9 * min(a, b) - rad * 0.8
+        else:  # pituitary: small bright mass low in the midline (sella)
+            ang, dist, rad = (
+                np.pi / 2 + rng.uniform(-0.1, 0.1),
+                rng.uniform(0.42, 0.52) * b,
+                rng.uniform(0.06, 0.09),
+            )
+        tx, ty = dist * np.cos(ang), dist * np.sin(ang)
+        d = np.hypot(x - tx, y - ty)
+        if tumour == "glioma":
+            q = d / (rad * _wobble(rng, np.arctan2(y - ty, x - tx), 0.25))
+            img = np.where((q < 1.6) & (r < 0.9), img + 28 * np.clip(1.6 - q, 0, 0.6), img)
+            img = np.where(q < 1.0, 178.0, img)
+            img = np.where(q < 0.7, 62.0 + 10 * gyri, img)
+        else:
+            img = np.where(d < rad, (205.0 if tumour == "meningioma" else 188.0) + 6 * gyri, img)
+
+    img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 6, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _write_brain_tree(cfg: SyntheticConfig, out: Path) -> None:
+    rng = np.random.default_rng([cfg.seed, 0])
+    cells = {(split, c): n for split, per in BRAIN_COUNTS.items() for c, n in per.items()}
+    counts = apportion(cfg.num_images, {f"{s}/{c}": n for (s, c), n in cells.items()}, minimum=3)
+    written: dict[str, list[Path]] = {c: [] for c in BRAIN_CLASSES}
+    n = 0
+    for key, count in tqdm(counts.items(), desc="synthetic brain MRI", leave=False):
+        split, cls = key.split("/")
+        folder = out / split / cls
+        folder.mkdir(parents=True)
+        prefix = f"{split[:2]}-{BRAIN_FILE_PREFIX[cls]}"
+        # The real set copies a few training images into Testing: about 2 % of each test class here.
+        copies = math.ceil(0.02 * count) if split == "Testing" else 0
+        for j in range(count - copies):
+            shape = rng.uniform(0.85, 1.15, 2) * cfg.native_size
+            pixels = render_brain_image(cls, derive_seed(cfg.seed, 4, n), int(shape[0]), int(shape[1]))
+            img = Image.fromarray(pixels, "L")
+            path = folder / f"{prefix}_{j:04d}.jpg"
+            (img.convert("RGB") if rng.random() < 0.2 else img).save(path, quality=JPEG_QUALITY)
+            if split == "Training":
+                written[cls].append(path)
+            n += 1
+        for j, src in enumerate(rng.choice(written[cls], copies, replace=False) if copies else []):
+            shutil.copyfile(src, folder / f"{prefix}_{count - copies + j:04d}.jpg")

@@ -1,0 +1,24 @@
+"""DVC stage `download`: make data.dataset's raw data available and verified (download, generate
+or validate in place) and record what identifies it in data/raw/source.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from hdkd.config import load_params
+from hdkd.data import fetch_dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/raw", help="where the source record goes (the stage's output)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    fetch_dataset(params.data, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""DVC stage `prepare`: decode, split (train/val/test) and pack the raw data into data/prepared."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from hdkd.config import load_params
+from hdkd.data import SOURCE_RECORD, prepare_dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--raw", default="data/raw", help="the download stage's output (its source record)")
+    parser.add_argument("--out", default="data/prepared")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    prepare_dataset(params.data, params.seed, args.out, source_record=Path(args.raw) / SOURCE_RECORD)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Grouped, stratified split assignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hdkd.data.errors import DataError
+from hdkd.data.splits import UNUSED, assign_splits, carve
+
+
+def _lesions(seed: int = 0, per_class=(600, 120, 40, 12)) -> pd.DataFrame:
+    """Images of lesions with 1-4 images each, one diagnosis per lesion."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, n in enumerate(per_class):
+        lesion = 0
+        while n > 0:
+            k = min(n, int(rng.choice([1, 1, 1, 2, 3, 4])))
+            rows += [(f"c{label}_l{lesion}_{j}", label, f"c{label}_l{lesion}", "") for j in range(k)]
+            n -= k
+            lesion += 1
+    return pd.DataFrame(rows, columns=["image_id", "label", "group", "split"])
+
+
+def test_carve_takes_whole_groups_and_the_fraction_of_each_class():
+    items = _lesions()
+    mask = carve(items["label"].to_numpy(), items["group"].to_numpy(), 0.2, np.random.default_rng(0))
+    carved_groups, kept_groups = set(items.group[mask]), set(items.group[~mask])
+    assert not carved_groups & kept_groups
+    for label, n in items.groupby("label").size().items():
+        taken = int(mask[items.label == label].sum())
+        assert abs(taken - 0.2 * n) <= 2, (label, taken, n)
+
+
+def test_carve_keeps_every_class_on_both_sides_when_it_can():
+    labels = np.array([0] * 50 + [1, 1, 2])  # class 1: two groups; class 2: one
+    groups = np.array([f"g{i}" for i in range(50)] + ["a", "b", "c"])
+    mask = carve(labels, groups, 0.1, np.random.default_rng(3))
+    assert mask[50:52].sum() == 1  # one of the two class-1 groups, however small the fraction
+    assert not mask[52]  # a single group stays on the kept side
+
+
+def test_assign_splits_is_deterministic_and_grouped():
+    items = _lesions()
+    kwargs = dict(val_fraction=0.15, test_fraction=0.15, train_fraction=1.0)
+    a = assign_splits(items, seed=7, **kwargs)
+    assert (a == assign_splits(items, seed=7, **kwargs)).all()
+    assert (a != assign_splits(items, seed=8, **kwargs)).any()
+    assert items.assign(split=a).groupby("group")["split"].nunique().max() == 1  # no lesion in two splits
+    share = pd.Series(a).value_counts(normalize=True)
+    assert abs(share["test"] - 0.15) < 0.02 and abs(share["val"] - 0.85 * 0.15) < 0.02
+
+
+def test_official_splits_are_kept_and_val_is_carved_from_train():
+    items = _lesions()
+    items.loc[::5, "split"] = "test"
+    items.loc[items.split == "", "split"] = "train"
+    got = assign_splits(items, val_fraction=0.2, test_fraction=0.15, train_fraction=1.0, seed=0)
+    assert (got[items.split == "test"] == "test").all()
+    assert set(got[items.split == "train"]) == {"train", "val"}
+
+
+def test_train_fraction_keeps_a_stratified_share_of_train_only():
+    items = _lesions()
+    full = assign_splits(items, val_fraction=0.15, test_fraction=0.15, train_fraction=1.0, seed=0)
+    part = assign_splits(items, val_fraction=0.15, test_fraction=0.15, train_fraction=0.25, seed=0)
+    assert ((full == "val") == (part == "val")).all() and ((full == "test") == (part == "test")).all()
+    assert set(part[full == "train"]) == {"train", UNUSED}
+    for label in range(4):
+        kept = ((part == "train") & (items.label == label)).sum()
+        total = ((full == "train") & (items.label == label)).sum()
+        assert kept >= 1 and abs(kept - 0.25 * total) <= 3
+
+
+def test_unknown_split_name_is_an_error():
+    items = _lesions().assign(split="validation")
+    with pytest.raises(DataError, match="unknown split name"):
+        assign_splits(items, val_fraction=0.1, test_fraction=0.1, train_fraction=1.0, seed=0)
