@@ -251,3 +251,28 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
             tracker.log_metrics({f"{name}.{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
         tracker.log_dict(bundle, "results_bundle.json")
     return bundle
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line of the evaluate stage; the defaults are the paths ``dvc.yaml`` declares."""
+    import argparse
+    import logging
+
+    from hdkd.config import load_params
+    from hdkd.data import PackedDataset, eval_transform, load_split
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="packed test split")
+    parser.add_argument("--models", type=Path, default=Path("models"), help="<dir>/<model>/model.pt")
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    test = load_split(args.data, "test", image_size=params.data.image_size)
+    models = {name: args.models / name / "model.pt" for name in MODEL_ORDER}
+    missing = [str(p) for p in models.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"trained models missing: {missing}; run `dvc repro distill` first")
+    device = "cuda" if params.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), args.out, device)

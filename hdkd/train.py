@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_resume_state, set_rng_state,
                              unwrap)
-from hdkd.config import DistillConfig, OptimConfig, Params
+from hdkd.config import DistillConfig, OptimConfig, Params, load_params
 from hdkd.distributed import DistInfo, all_reduce_sum, barrier
 from hdkd.io import dvc_md5, load_torch, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
@@ -39,6 +39,7 @@ from hdkd.models import FrozenTeacher, create_model, model_name
 log = logging.getLogger(__name__)
 
 ROLES = ("teacher", "student", "hdkd")
+STAGES = {"teacher": "train_teacher", "student": "train_student", "hdkd": "distill"}  # dvc.yaml stage names
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -144,7 +145,8 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
     model.train()
     sums = torch.zeros(6, dtype=torch.float64)  # total, ce, logit_kd, feature, correct, count
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not rt.progress, dynamic_ncols=True)
+    # disable=None: no per-batch bar when stderr is not a terminal (DVC logs, CI), only the log lines.
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if rt.progress else True, dynamic_ncols=True)
     for images, labels in bar:
         images, labels = rt.to_device(images, labels)
         if batch_hook is not None:  # e.g. whole-batch augmentation on the GPU
@@ -250,7 +252,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
                 log.info("resuming from epoch %d of %d (%s)", start_epoch, cfg.epochs, last_path)
 
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
-                  disable=not rt.progress, dynamic_ncols=True)
+                  disable=None if rt.progress else True, dynamic_ncols=True)
     for epoch in epochs:
         sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):  # per-(seed, epoch, index) augmentation
@@ -364,7 +366,7 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
     run_file = paths.resume_dir / "mlflow_run.json"
     previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
     resume_run = previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
-    stage = {"teacher": "train_teacher", "student": "train_student", "hdkd": "distill"}[role]
+    stage = STAGES[role]
     tracking = params.tracking if rt.dist.is_main else params.tracking.model_copy(update={"enabled": False})
     extra = {"hdkd.model": name, "hdkd.world_size": str(rt.dist.world_size), "hdkd.device": str(rt.device)}
     with Tracker(tracking, params, stage, extra_tags=extra, resume_run_id=resume_run) as tracker:
@@ -390,3 +392,60 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
                                                     "model": name, **summary})
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     return {**summary, "history": result.history, "resumed_from": result.resumed_from}
+
+
+def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple[Dataset, Dataset, list[str]],
+                                                                          Callable | None]:
+    """The packed train/val splits as datasets, and the batch hook for GPU augmentation (if any)."""
+    from hdkd.data import PackedDataset, augment_batch, eval_transform, load_split, normalize, train_transform
+
+    train = load_split(paths.train, "train", image_size=params.data.image_size)
+    val = load_split(paths.val, "val", image_size=params.data.image_size)
+    if list(train.classes) != list(val.classes):
+        raise ValueError(f"{paths.train} and {paths.val} disagree on the classes: rerun `dvc repro balance`")
+    hook = None
+    if not params.augment.enabled:
+        train_set = PackedDataset(train, eval_transform(), seed=params.seed)
+    elif params.augment.on_gpu and rt.device.type == "cuda":
+        train_set = PackedDataset(train, None, seed=params.seed)  # uint8 batches, augmented on the device
+        generator = torch.Generator(rt.device).manual_seed(params.seed + rt.dist.rank)
+        hook = lambda images: normalize(augment_batch(images, params.augment, generator))  # noqa: E731
+    else:
+        train_set = PackedDataset(train, train_transform(params.augment), seed=params.seed)
+    return (train_set, PackedDataset(val, eval_transform()), list(train.classes)), hook
+
+
+def train_stage(role: str, params: Params, paths: StagePaths) -> dict[str, Any]:
+    """Entry point of the train_teacher / train_student / distill stages, plain or under torchrun."""
+    from hdkd.distributed import init_distributed, resolve_device, shutdown
+
+    requested = params.train.device
+    dist = init_distributed("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+                            else "cpu")
+    try:
+        rt = make_runtime(params, resolve_device(requested, dist), dist)
+        datasets, hook = training_data(params, paths, rt)
+        return run_training(role, params, paths, datasets, rt, batch_hook=hook)
+    finally:
+        shutdown(dist)
+
+
+def main(role: str, argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line of a training stage; the defaults are the paths ``dvc.yaml`` declares."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{STAGES[role]}")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--train", type=Path, default=Path("data/balanced"), help="packed training split")
+    parser.add_argument("--val", type=Path, default=Path("data/prepared"), help="packed validation split")
+    parser.add_argument("--out", type=Path, default=Path(f"models/{role}"), help="model.pt and run.json")
+    parser.add_argument("--metrics", type=Path, default=Path(f"reports/train/{role}.json"))
+    parser.add_argument("--resume-dir", type=Path, default=Path(f"checkpoints/{role}"),
+                        help="resume states (kept outside DVC's outputs)")
+    if role == "hdkd":
+        parser.add_argument("--teacher", type=Path, default=Path("models/teacher/model.pt"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)  # validated before any work
+    paths = StagePaths(args.train, args.val, args.out, args.metrics, args.resume_dir, getattr(args, "teacher", None))
+    return train_stage(role, params, paths)
