@@ -35,7 +35,6 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     correct = probs.argmax(axis=1) == y_true
     inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
     bins = np.searchsorted(inner_edges, confidence, side="left")  # right-closed bins
-    count = np.bincount(bins, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
     correct_sum = np.bincount(bins, weights=correct, minlength=n_bins)
     return float(np.abs(correct_sum - conf_sum).sum() / len(y_true))

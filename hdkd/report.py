@@ -22,7 +22,6 @@ same matplotlib and FreeType versions.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -37,10 +36,8 @@ from matplotlib.ticker import MaxNLocator
 from hdkd.config import ReportConfig, flatten
 from hdkd.evaluate import model_names, validate_bundle
 from hdkd.io import csv_text, read_json, write_bytes, write_text
+from hdkd.plots import EXTRA_COLORS, MODEL_COLORS, figure_png, model_label, training_curves_figure
 
-MODEL_LABELS = {"teacher": "Teacher", "student": "Student", "hdkd": "HDKD"}
-MODEL_COLORS = {"teacher": "#4c72b0", "student": "#dd8452", "hdkd": "#55a868"}
-EXTRA_COLORS = ("#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 MODELS_NOTE = "Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the teacher."
 NA = "n/a"
 
@@ -98,10 +95,6 @@ def param_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(param_value(x) for x in v)
     return str(v)
-
-
-def model_label(name: str) -> str:
-    return MODEL_LABELS.get(name, name)
 
 
 def model_color(bundle: Mapping[str, Any], name: str) -> str:
@@ -294,12 +287,6 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
 
 
 # --------------------------------------------------------------------------------------- figures
-def _png(fig: Figure, dpi: int) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})  # no version stamp
-    return buf.getvalue()
-
-
 def confusion_figure(bundle: Mapping[str, Any], model: str, normalize: bool = True) -> Figure:
     counts = np.asarray(bundle["models"][model]["evaluation"]["confusion_matrix"], dtype=float)
     classes = bundle["class_names"]
@@ -322,32 +309,6 @@ def confusion_figure(bundle: Mapping[str, Any], model: str, normalize: bool = Tr
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Actual")
     ax.set_title(f"{model_label(model)}: confusion matrix" + (" (row-normalised)" if normalize else ""))
-    return fig
-
-
-def training_curves_figure(bundle: Mapping[str, Any]) -> Figure | None:
-    models = [m for m in model_names(bundle) if bundle["models"][m]["history"]]
-    if not models:
-        return None
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    for m in models:
-        history, color = bundle["models"][m]["history"], model_color(bundle, m)
-
-        def series(key: str) -> tuple[list, list]:
-            points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
-            return [p[0] for p in points], [p[1] for p in points]
-
-        loss_ax.plot(*series("train_loss"), color=color, label=f"{model_label(m)} train")
-        loss_ax.plot(*series("val_loss"), color=color, linestyle="--", label=f"{model_label(m)} val")
-        epochs, acc = series("val_accuracy")
-        acc_ax.plot(epochs, [100 * a for a in acc], color=color, marker="o", markersize=3, label=model_label(m))
-    loss_ax.set(title="Loss", xlabel="Epoch", ylabel="Loss")
-    acc_ax.set(title="Validation accuracy", xlabel="Epoch", ylabel="Accuracy (%)")
-    for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     return fig
 
 
@@ -412,7 +373,8 @@ def report_figures(
         f"confusion_{m}.png": (lambda m=m: confusion_figure(bundle, m, cfg.confusion_normalize))
         for m in model_names(bundle)
     }
-    figures["training_curves.png"] = lambda: training_curves_figure(bundle)
+    figures["training_curves.png"] = lambda: training_curves_figure(
+        {m: bundle["models"][m]["history"] for m in model_names(bundle)})
     figures["per_class_f1.png"] = lambda: per_class_f1_figure(bundle)
     figures["data_efficiency.png"] = lambda: data_efficiency_figure(bundle, ablation_groups.get("train_fraction", []))
     return figures
@@ -440,7 +402,7 @@ def build_report(
         if fig is not None:
             figures.append(name)
             written.append(out / "figures" / name)
-            write_bytes(written[-1], _png(fig, cfg.dpi))
+            write_bytes(written[-1], figure_png(fig, cfg.dpi))
     _remove_stale(out, written)
     written.append(out / "README.md")
     write_text(written[-1], readme(bundle, tables, figures, groups, unused))

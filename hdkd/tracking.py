@@ -212,12 +212,16 @@ class Tracker:
         if self._active():
             self._guard(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def log_dict(self, obj: Any, name: str) -> None:
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """Log in-memory content (a figure, a JSON document) as the artifact ``name``."""
         if self._active():
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / name
-                path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+                path.write_bytes(data)
                 self.log_artifact(path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.log_bytes((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), name)
 
     def info(self) -> dict[str, Any]:
         """What leads from a DVC output back to this run (written next to checkpoints)."""

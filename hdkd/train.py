@@ -341,7 +341,8 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    from hdkd.tracking import Tracker  # MLflow is imported only by the stages that track
+    from hdkd.plots import figure_png, training_curves_figure  # matplotlib only where figures are drawn
+    from hdkd.tracking import Tracker
 
     cfg = stage_config(params, role)
     train_set, val_set, classes = datasets
@@ -388,6 +389,7 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
             tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
             tracker.log_artifact(model_path, "checkpoint")
             tracker.log_dict(result.history, "history.json")
+            tracker.log_bytes(figure_png(training_curves_figure({role: history})), "training_curves.png")
             write_json(paths.out_dir / "run.json", {**tracker.info(), "params_hash": params.digest(),
                                                     "model": name, **summary})
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
