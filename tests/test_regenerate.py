@@ -140,6 +140,10 @@ def test_git_state_ignores_pipeline_outputs(git_repo, tmp_path, monkeypatch):
     assert git_state(git_repo) == {"git_commit": head, "git_dirty": False}
     (git_repo / "reports" / "metrics.json").write_text('{"a": 1}\n')
     assert git_state(git_repo)["git_dirty"] is False  # `dvc repro` rewrites its outputs
+    (git_repo / "params.yaml").write_text("seed: 1\n")
+    commit_all(git_repo, "params")
+    (git_repo / "params.yaml").write_text("seed: 2\n")
+    assert git_state(git_repo)["git_dirty"] is False  # `dvc exp run -S seed=2`: recorded as params, not code
     (git_repo / "code.py").write_text("x = 2\n")
     assert git_state(git_repo)["git_dirty"] is True
     outside = tmp_path / "not-a-repo"
