@@ -7,20 +7,11 @@ import pytest
 
 from hdkd.io import write_json
 from hdkd.provenance import git_state
-from hdkd.regenerate import BUNDLE_ARTIFACT, COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
+from hdkd.regenerate import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
 from hdkd.report import build_report
 from pipeline.report import main as report_cli
 
-from conftest import bundle_with, commit_all, run_git
-
-
-def log_run(client, experiment_id, tags, start_time, bundle=None, tmp=None, artifact_dir=None):
-    run = client.create_run(experiment_id, start_time=start_time, tags=tags)
-    if bundle is not None:
-        path = tmp / run.info.run_id / BUNDLE_ARTIFACT
-        write_json(path, bundle)
-        client.log_artifact(run.info.run_id, str(path), artifact_dir)
-    client.set_terminated(run.info.run_id)
+from conftest import bundle_with, commit_all, log_run, run_git
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +44,7 @@ def store(tmp_path_factory):
     log_run(client, eid, {COMMIT_TAG: commit_b, EXP_TAG: "exp-lambda-1"}, 2000, bundle_exp, tmp, "evaluate")
     log_run(client, eid, {COMMIT_TAG: commit_b}, 3000)  # e.g. a training stage: no bundle
     log_run(client, eid, {COMMIT_TAG: "f" * 40}, 4000, bundle_other, tmp)
+    log_run(client, eid, {COMMIT_TAG: commit_a, EXP_TAG: "exp-on-a"}, 4500, bundle_exp, tmp)  # A's experiment
     for name in ("exp-a", "exp-b"):  # a commit with experiment runs only
         log_run(client, eid, {COMMIT_TAG: "e" * 40, EXP_TAG: name}, 5000, bundle_other, tmp)
     return {"repo": repo, "uri": uri, "A": commit_a, "B": commit_b, "bundle_a": bundle_a, "bundle_b": bundle_b,
@@ -80,8 +72,10 @@ def test_a_commit_with_several_experiments_only_is_ambiguous(store):
     assert bundle_for_revision("exp-b", store["uri"], store["repo"]) == store["bundle_other"]
 
 
-def test_git_fallback_for_commits_without_runs(store):
+def test_git_fallback_for_commits_without_plain_runs(store):
+    # A's only run is an experiment: it stands for its name, A for the bundle committed there
     assert bundle_for_revision(store["A"][:7], store["uri"], store["repo"]) == store["bundle_a"]
+    assert bundle_for_revision("exp-on-a", store["uri"], store["repo"]) == store["bundle_exp"]
     assert bundle_for_revision("HEAD~1", store["uri"], store["repo"]) == store["bundle_a"]
     missing_db = store["tmp"] / "none.db"
     assert bundle_for_revision(store["A"], f"sqlite:///{missing_db}", store["repo"]) == store["bundle_a"]
@@ -150,3 +144,4 @@ def test_git_state_ignores_pipeline_outputs(git_repo, tmp_path, monkeypatch):
     outside.mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
     assert git_state(outside) == {"git_commit": None, "git_dirty": None}
+
