@@ -59,6 +59,7 @@ from hdkd.provenance import dvc_exp_name, git_state
 from hdkd.tracking import Tracker
 
 SCHEMA_VERSION = 1
+BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
 MODEL_ORDER = ("teacher", "student", "hdkd")
 
 
@@ -249,7 +250,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
         for name in model_names(bundle):
             headline = headline_metrics(bundle["models"][name])
             tracker.log_metrics({f"{name}.{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
-        tracker.log_dict(bundle, "results_bundle.json")
+        tracker.log_dict(bundle, BUNDLE_ARTIFACT)
     return bundle
 
 

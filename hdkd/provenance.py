@@ -10,8 +10,9 @@ import os
 import subprocess
 from pathlib import Path
 
-# The pipeline's own outputs change during `dvc repro`; they do not make the code "dirty".
-PIPELINE_OUTPUTS = ("reports", "dvc.lock")
+# Not code: the pipeline's own outputs change during `dvc repro`, and params.yaml is recorded in full
+# (params hash, MLflow params) and changed by `dvc exp run -S`; none of them makes the code "dirty".
+NOT_CODE = ("reports", "dvc.lock", "params.yaml")
 
 
 class GitError(RuntimeError):
@@ -43,7 +44,7 @@ def git_state(repo_root: str | os.PathLike = ".") -> dict[str, str | bool | None
     commit = resolve_commit("HEAD", repo_root)
     if commit is None:
         return {"git_commit": None, "git_dirty": None}
-    excludes = [f":(exclude){p}" for p in PIPELINE_OUTPUTS]
+    excludes = [f":(exclude){p}" for p in NOT_CODE]
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excludes, repo_root=repo_root)
     return {"git_commit": commit, "git_dirty": bool(status.strip())}
 

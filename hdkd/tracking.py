@@ -8,20 +8,28 @@ to the code and data: ``hdkd.git_commit`` (exactly ``git rev-parse HEAD``), ``hd
 
 The SQLite store (``sqlite:///mlflow.db``) and the artifacts (``mlartifacts/``) live at the repo
 root — also for queued DVC experiments, which run in temporary copies under ``.dvc/tmp/exps``.
-Tracking never costs a result: any MLflow failure is reported once and tracking switches off.
+Experiments running at once (``dvc queue start -j 2``) share that store: a new store is created
+under a file lock, and calls that find the database locked are retried.
+Tracking never costs a result: any other MLflow failure is reported once and tracking switches off.
+
+The read side (:func:`find_runs`, :func:`find_artifact`, :func:`read_json_artifact`) serves
+:mod:`hdkd.regenerate` and :mod:`hdkd.ablations`, which find results bundles of earlier runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -36,7 +44,14 @@ TAG = "hdkd."
 
 # ----------------------------------------------------------------------------- provenance
 def repo_root(start: str | Path | None = None) -> Path:
-    """The project root; from a DVC temporary experiment copy, the real repository it came from."""
+    """The project root; from a DVC temporary experiment copy, the real repository it came from.
+
+    DVC sets ``DVC_ROOT`` for every stage command, and for queued experiments points it at the
+    repository that queued them (not the copy under ``.dvc/tmp/exps``); without it (a stage run
+    by hand), the path is searched upwards.
+    """
+    if start is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
     path = Path(start or os.getcwd()).resolve()
     parts = path.parts
     for i in range(len(parts) - 2):
@@ -76,13 +91,167 @@ def environment_tags() -> dict[str, str]:
     return {f"{TAG}env.{k}": v for k, v in tags.items()}
 
 
+def experiment_name(cfg: TrackingConfig, dataset: str) -> str:
+    """The MLflow experiment of a dataset's runs: ``tracking.experiment``, else ``hdkd-<dataset>``."""
+    return cfg.experiment or f"hdkd-{dataset}"
+
+
+# ------------------------------------------------------------------------------- store access
+SQLITE = "sqlite:///"
+RETRY_ATTEMPTS = 8  # delays doubling from RETRY_DELAY_S: ~25 s in all, after MLflow's own 20 s busy timeout
+RETRY_DELAY_S = 0.2
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative or absolute), else ``None``."""
+    return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
+
+
 def resolve_tracking_uri(uri: str, root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` wins; a relative ``sqlite:///x.db`` is anchored at the repo root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
-        uri = prefix + str(root / uri[len(prefix):])
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        uri = SQLITE + str(root / path)
     return uri
+
+
+def tracking_store_exists(uri: str) -> bool:
+    """False for a ``sqlite:///`` file that does not exist (opening it would create an empty store)."""
+    path = sqlite_path(uri)
+    return path is None or path.is_file()
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Serialise the opening of a SQLite store across processes on this machine.
+
+    MLflow creates the tables of a new SQLite store on first open, and two processes doing it at
+    once (two queued experiments) leave a half-migrated database that no client can open again.
+    """
+    path = sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: queue experiments with -j 1 there
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"hdkd-mlflow-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def is_transient(error: Exception) -> bool:
+    """A store error worth retrying: SQLite busy or locked while another process writes."""
+    if getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MLflow's wrap of OperationalError
+        return True
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def retry_transient(fn: Callable, *args, attempts: int = RETRY_ATTEMPTS, delay: float = RETRY_DELAY_S, **kwargs):
+    """Call ``fn``; on a transient store error wait (doubling, jittered) and call again."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - filtered by is_transient
+            if attempt == attempts - 1 or not is_transient(e):
+                raise
+            log.debug("MLflow store busy (%s); retry %d/%d", e, attempt + 1, attempts - 1)
+            time.sleep(delay * 2**attempt * random.uniform(0.5, 1.5))  # jitter: two writers must not retry in step
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose every call goes through :func:`retry_transient`.
+
+    A failed SQLite write is rolled back, so calling again never duplicates a run or a metric.
+    """
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return lambda *args, **kwargs: retry_transient(attr, *args, **kwargs)
+
+
+def open_client(uri: str) -> RetryingClient:
+    """An MLflow client of ``uri`` (which it creates, for a new SQLite store), safe under concurrency."""
+    from mlflow.tracking import MlflowClient
+
+    with _store_creation_lock(uri):
+        client = retry_transient(MlflowClient, tracking_uri=uri)  # opens the store, creating its tables
+    return RetryingClient(client)
+
+
+# ------------------------------------------------------------------------------------ reads
+@dataclass(frozen=True)
+class TrackedRun:
+    """What readers need of an MLflow run, without MLflow types."""
+
+    run_id: str
+    tags: dict[str, str]
+
+
+def find_runs(uri: str, filter_string: str = "", experiment_names: list[str] | None = None,
+              max_results: int = 5000) -> list[TrackedRun]:
+    """Runs matching an MLflow ``filter_string``, newest first, in the named experiments (default:
+    all); no store (or none of the experiments) yields no runs and creates nothing."""
+    if not tracking_store_exists(uri):
+        return []
+    client = open_client(uri)
+    experiments = client.search_experiments()
+    ids = [e.experiment_id for e in experiments if experiment_names is None or e.name in experiment_names]
+    if not ids:
+        return []
+    runs = client.search_runs(ids, filter_string, order_by=["attributes.start_time DESC"], max_results=max_results)
+    return [TrackedRun(r.info.run_id, dict(r.data.tags)) for r in runs]
+
+
+def find_artifact(uri: str, run_id: str, name: str) -> str | None:
+    """Path of the first artifact called ``name`` in a run (searched at any depth), or ``None``."""
+    client = open_client(uri)
+
+    def search(path: str | None) -> str | None:
+        for item in client.list_artifacts(run_id, path):
+            if item.is_dir:
+                found = search(item.path)
+                if found:
+                    return found
+            elif Path(item.path).name == name:
+                return item.path
+        return None
+
+    return search(None)
+
+
+def read_json_artifact(uri: str, run_id: str, path: str) -> Any:
+    """A run's JSON artifact, parsed (downloaded to a temporary directory that is then removed)."""
+    with tempfile.TemporaryDirectory() as tmp, _without_progress_bars():
+        local = open_client(uri).download_artifacts(run_id, path, tmp)
+        return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar per download on stderr: noise when reading dozens of small bundles."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = previous
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -116,10 +285,8 @@ class Tracker:
         self.end("FAILED" if exc_type else "FINISHED")
 
     def _start(self) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.uri)
-        name = self.cfg.experiment or f"hdkd-{self.params.data.dataset}"
+        self.client = open_client(self.uri)
+        name = experiment_name(self.cfg, self.params.data.dataset)
         self.experiment_id = self._experiment(name)
         state = git_state(Path.cwd())
         commit, dirty = state["git_commit"] or "unknown", bool(state["git_dirty"])
@@ -161,10 +328,17 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
+        from mlflow.exceptions import MlflowException
+
         location = None
-        if self.uri.startswith("sqlite:///"):
+        if sqlite_path(self.uri) is not None:
             location = (self.root / "mlartifacts" / name).as_uri()  # absolute: survives DVC temp dirs
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id  # a parallel experiment created it
 
     def _parent(self, tags: dict[str, str], commit: str, dirty: bool, exp_name: str) -> str:
         key = hashlib.sha256(f"{commit}|{dirty}|{self.params.digest()}|{exp_name}".encode()).hexdigest()[:16]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hdkd.config import parse_params
-from hdkd.evaluate import make_bundle
+from hdkd.evaluate import BUNDLE_ARTIFACT, make_bundle
+from hdkd.io import write_json
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-small"
 
@@ -119,3 +120,14 @@ def commit_all(repo: Path, message: str) -> str:
     run_git(repo, "add", "-A")
     run_git(repo, "commit", "-q", "-m", message)
     return run_git(repo, "rev-parse", "HEAD")
+
+
+def log_run(client, experiment_id, tags, start_time, bundle=None, tmp=None, artifact_dir=None) -> str:
+    """An MLflow run with ``tags``, holding ``bundle`` as the evaluate stage logs it (if given)."""
+    run = client.create_run(experiment_id, start_time=start_time, tags=tags)
+    if bundle is not None:
+        path = tmp / run.info.run_id / BUNDLE_ARTIFACT
+        write_json(path, bundle)
+        client.log_artifact(run.info.run_id, str(path), artifact_dir)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -2,25 +2,18 @@
 its report byte-identically without retraining."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from hdkd.io import write_json
 from hdkd.provenance import git_state
-from hdkd.regenerate import BUNDLE_ARTIFACT, COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
+from hdkd.regenerate import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
 from hdkd.report import build_report
 from pipeline.report import main as report_cli
 
-from conftest import bundle_with, commit_all, run_git
-
-
-def log_run(client, experiment_id, tags, start_time, bundle=None, tmp=None, artifact_dir=None):
-    run = client.create_run(experiment_id, start_time=start_time, tags=tags)
-    if bundle is not None:
-        path = tmp / run.info.run_id / BUNDLE_ARTIFACT
-        write_json(path, bundle)
-        client.log_artifact(run.info.run_id, str(path), artifact_dir)
-    client.set_terminated(run.info.run_id)
+from conftest import bundle_with, commit_all, log_run, run_git
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +46,7 @@ def store(tmp_path_factory):
     log_run(client, eid, {COMMIT_TAG: commit_b, EXP_TAG: "exp-lambda-1"}, 2000, bundle_exp, tmp, "evaluate")
     log_run(client, eid, {COMMIT_TAG: commit_b}, 3000)  # e.g. a training stage: no bundle
     log_run(client, eid, {COMMIT_TAG: "f" * 40}, 4000, bundle_other, tmp)
+    log_run(client, eid, {COMMIT_TAG: commit_a, EXP_TAG: "exp-on-a"}, 4500, bundle_exp, tmp)  # A's experiment
     for name in ("exp-a", "exp-b"):  # a commit with experiment runs only
         log_run(client, eid, {COMMIT_TAG: "e" * 40, EXP_TAG: name}, 5000, bundle_other, tmp)
     return {"repo": repo, "uri": uri, "A": commit_a, "B": commit_b, "bundle_a": bundle_a, "bundle_b": bundle_b,
@@ -80,8 +74,10 @@ def test_a_commit_with_several_experiments_only_is_ambiguous(store):
     assert bundle_for_revision("exp-b", store["uri"], store["repo"]) == store["bundle_other"]
 
 
-def test_git_fallback_for_commits_without_runs(store):
+def test_git_fallback_for_commits_without_plain_runs(store):
+    # A's only run is an experiment: it stands for its name, A for the bundle committed there
     assert bundle_for_revision(store["A"][:7], store["uri"], store["repo"]) == store["bundle_a"]
+    assert bundle_for_revision("exp-on-a", store["uri"], store["repo"]) == store["bundle_exp"]
     assert bundle_for_revision("HEAD~1", store["uri"], store["repo"]) == store["bundle_a"]
     missing_db = store["tmp"] / "none.db"
     assert bundle_for_revision(store["A"], f"sqlite:///{missing_db}", store["repo"]) == store["bundle_a"]
@@ -140,9 +136,82 @@ def test_git_state_ignores_pipeline_outputs(git_repo, tmp_path, monkeypatch):
     assert git_state(git_repo) == {"git_commit": head, "git_dirty": False}
     (git_repo / "reports" / "metrics.json").write_text('{"a": 1}\n')
     assert git_state(git_repo)["git_dirty"] is False  # `dvc repro` rewrites its outputs
+    (git_repo / "params.yaml").write_text("seed: 1\n")
+    commit_all(git_repo, "params")
+    (git_repo / "params.yaml").write_text("seed: 2\n")
+    assert git_state(git_repo)["git_dirty"] is False  # `dvc exp run -S seed=2`: recorded as params, not code
     (git_repo / "code.py").write_text("x = 2\n")
     assert git_state(git_repo)["git_dirty"] is True
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
     assert git_state(outside) == {"git_commit": None, "git_dirty": None}
+
+
+# ------------------------------------------------------------------- revisions with ablation bundles
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory):
+    """Reports as the pipeline writes them, with ablation bundles in reports/ablations: commit C, and a
+    DVC experiment committed on its ref (refs/exps/...). No bundle.json is committed, so the main
+    bundles can only come from their evaluate runs in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from hdkd.ablations import ablation_labels, write_ablations
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    repo = tmp / "repo"
+    repo.mkdir()
+    run_git(repo, "init", "-q", "-b", "main")
+    ablations = [bundle_with({"distill": {"lambda": 1.0}}, shift=-0.1, dvc_exp_name="abl-lambda-1"),
+                 bundle_with({"data": {"train_fraction": 0.5}}, shift=-0.2)]
+    write_ablations(ablation_labels(ablations), repo / "reports" / "ablations")
+    plain = bundle_with(shift=0.01)
+    build_report(plain, repo / "reports", ablations)
+    commit = commit_all(repo, "Reports with ablations")
+    exp = bundle_with(shift=0.02, git_commit=commit, dvc_exp_name="exp-again")  # `dvc exp run` of the same params
+    build_report(exp, repo / "reports", ablations)
+    exp_commit = commit_all(repo, "exp-again")
+    run_git(repo, "update-ref", f"refs/exps/{commit[:2]}/{commit[2:]}/exp-again", exp_commit)
+    run_git(repo, "reset", "-q", "--hard", commit)
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("hdkd-synthetic", artifact_location=str(tmp / "artifacts"))
+    log_run(client, eid, {COMMIT_TAG: commit}, 1000, plain, tmp)
+    log_run(client, eid, {COMMIT_TAG: commit, EXP_TAG: "exp-again"}, 2000, exp, tmp, "evaluate")
+    return {"repo": repo, "uri": uri, "commit": commit, "exp_commit": exp_commit}
+
+
+def committed_report(repo, rev):
+    names = run_git(repo, "ls-tree", "-r", "--name-only", rev, "reports/tables", "reports/README.md").split()
+    return {Path(n).name: subprocess.run(["git", "show", f"{rev}:{n}"], cwd=repo, capture_output=True,
+                                         check=True).stdout for n in names}
+
+
+def rebuilt_report(out):
+    return {p.name: p.read_bytes() for p in [*sorted((out / "tables").iterdir()), out / "README.md"]}
+
+
+@pytest.mark.parametrize("rev, source", [("commit", "commit"), ("exp-again", "exp_commit")])
+def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, monkeypatch, rev, source):
+    repo = pipeline_repo["repo"]
+    rev = pipeline_repo["commit"][:9] if rev == "commit" else rev
+    monkeypatch.chdir(tmp_path)
+    report_cli(["--rev", rev, "--tracking-uri", pipeline_repo["uri"], "--repo", str(repo),
+                "--params", str(tmp_path / "absent.yaml")])
+    committed = committed_report(repo, pipeline_repo[source])
+    assert {"ablation_lambda.md", "ablation_train_fraction.csv"} <= set(committed)
+    assert rebuilt_report(tmp_path / "runs" / rev) == committed  # default --out: runs/<rev>, not reports/
+    assert (tmp_path / "runs" / rev / "figures" / "data_efficiency.png").is_file()
+
+
+def test_unknown_revision_is_a_clear_error_listing_the_available_ones(pipeline_repo, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        report_cli(["--rev", "exp-nope", "--tracking-uri", pipeline_repo["uri"], "--repo", str(pipeline_repo["repo"]),
+                    "--out", str(tmp_path / "out"), "--params", str(tmp_path / "absent.yaml")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: no results bundle found for revision 'exp-nope'. Available:")
+    commit = pipeline_repo["commit"]
+    assert f"    {commit[:12]}\n    {commit[:12]} (experiment exp-again)\n" in message
+    assert "DVC experiments (refs/exps): exp-again" in message
+    assert not (tmp_path / "out").exists()

@@ -1,10 +1,11 @@
 import logging
+import multiprocessing
 import subprocess
 
 import pytest
 
 from hdkd.config import parse_params
-from hdkd.tracking import Tracker, repo_root, resolve_tracking_uri
+from hdkd.tracking import Tracker, repo_root, resolve_tracking_uri, retry_transient
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -105,3 +106,72 @@ def test_queued_experiments_resolve_to_the_real_repo(tmp_path, monkeypatch):
     assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path / "repo") == f"sqlite:///{tmp_path}/repo/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
     assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == "sqlite:////elsewhere/m.db"
+
+
+def test_dvc_root_names_the_repo_that_queued_the_experiment(tmp_path, monkeypatch):
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpxyz"  # DVC runs queued experiments here
+    copy.mkdir(parents=True)
+    (copy / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert repo_root() == tmp_path / "repo"
+    assert repo_root(copy) == tmp_path / "repo"  # and without DVC_ROOT, from the path
+
+
+def test_locked_store_calls_are_retried():
+    from mlflow.exceptions import MlflowException
+
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked",
+                                  error_code="TEMPORARILY_UNAVAILABLE")
+        return "done"
+
+    assert retry_transient(locked_twice, delay=0.001) == "done" and len(calls) == 3
+
+    def broken():
+        calls.append(1)
+        raise ValueError("not transient")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        retry_transient(broken, delay=0.001)
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(MlflowException, match="database is locked"):  # still locked after the last attempt
+        retry_transient(locked_twice, attempts=2, delay=0.001)
+    assert len(calls) == 2
+
+
+def _stage_of_one_experiment(uri, exp_name, barrier, results):
+    import os
+
+    os.environ["DVC_EXP_NAME"] = exp_name
+    p = params(uri)
+    barrier.wait()  # every experiment opens the new store at the same moment
+    with Tracker(p.tracking, p, "evaluate") as tracker:
+        tracker.log_metrics({"hdkd.accuracy": 0.5})
+    results.put((exp_name, tracker.enabled, tracker.run_id))
+
+
+def test_experiments_running_at_once_share_a_new_store(tmp_path, monkeypatch):
+    """`dvc queue start -j 3` on a repo without mlflow.db: MLflow's own table creation would race."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fork = multiprocessing.get_context("fork")  # no re-import: the children start at once
+    barrier, results = fork.Barrier(3), fork.Queue()
+    names = [f"exp-{i}" for i in range(3)]
+    children = [fork.Process(target=_stage_of_one_experiment, args=(uri, n, barrier, results)) for n in names]
+    for child in children:
+        child.start()
+    outcomes = sorted(results.get(timeout=120) for _ in children)
+    for child in children:
+        child.join(timeout=30)
+    assert [(name, enabled) for name, enabled, _ in outcomes] == [(n, True) for n in names]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("hdkd-synthetic").experiment_id],
+                              "tags.`hdkd.stage` = 'evaluate'")
+    assert sorted(r.data.tags["hdkd.dvc_exp_name"] for r in runs) == names
