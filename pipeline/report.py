@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hdkd.config import ConfigError, ReportConfig, load_params
+from hdkd.config import ReportConfig, load_params
 from hdkd.regenerate import bundle_for_revision
 from hdkd.report import build_report, load_bundle
 
@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablation", action="append", default=[], metavar="PATH_OR_REV",
                    help="a bundle file or a revision of another run; repeatable")
     p.add_argument("--out", type=Path, default=Path("reports"), help="output directory")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="figure settings and tracking URI")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                   help="figure settings and tracking URI (defaults if the file is absent)")
     p.add_argument("--tracking-uri", help="MLflow URI to search (default: params' tracking.uri)")
     p.add_argument("--repo", type=Path, default=Path("."), help="git repository root")
     return p.parse_args(argv)
@@ -30,10 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        params = load_params(args.params)
+    if args.params.is_file():
+        params = load_params(args.params)  # an invalid file fails here, naming the key
         cfg, uri = params.report, args.tracking_uri or params.tracking.uri
-    except ConfigError:  # an old or foreign checkout: defaults still rebuild the tables exactly
+    else:  # outside a checkout: defaults still rebuild the tables exactly
         cfg, uri = ReportConfig(), args.tracking_uri
 
     def bundle(ref: str):
