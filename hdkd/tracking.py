@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import platform
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -76,6 +78,22 @@ def environment_tags() -> dict[str, str]:
     return {f"{TAG}env.{k}": v for k, v in tags.items()}
 
 
+def check_server_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` at once when an HTTP(S) tracking server accepts no connection.
+
+    MLflow's client retries a refused request with backoff for about four minutes before it
+    gives up: without this check, a tracking server that is down stalls every stage that long.
+    """
+    url = urlsplit(uri)
+    if url.scheme not in ("http", "https"):
+        return
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"MLflow tracking server {url.netloc} is unreachable ({e})") from None
+
+
 def resolve_tracking_uri(uri: str, root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` wins; a relative ``sqlite:///x.db`` is anchored at the repo root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", uri)
@@ -118,6 +136,7 @@ class Tracker:
     def _start(self) -> None:
         from mlflow.tracking import MlflowClient
 
+        check_server_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.experiment or f"hdkd-{self.params.data.dataset}"
         self.experiment_id = self._experiment(name)
