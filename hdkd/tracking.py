@@ -222,6 +222,20 @@ class Tracker:
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         self._guard(self.client.log_batch, self.run_id, metrics=batch)
 
+    def log_missing_steps(self, rows: list[dict[str, float]], step_key: str = "epoch") -> None:
+        """Log each row (``{metric: value}`` at step ``row[step_key]``) whose step the run lacks.
+
+        Each row goes out as one batch, so a step is either all there or absent; looking up the
+        steps of ``step_key`` (logged with every row) tells which rows to send.
+        """
+        if not self._active():
+            return
+        logged = self._guard(self.client.get_metric_history, self.run_id, step_key) or []
+        steps = {m.step for m in logged}
+        for row in rows:
+            if int(row[step_key]) not in steps:
+                self.log_metrics(row, step=int(row[step_key]))
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._active():
             for k, v in tags.items():
