@@ -51,13 +51,22 @@ def repo_root(start: str | Path | None = None) -> Path:
 
 
 def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
-    """DVC hashes of the dependencies ``dvc.yaml`` declares for ``stage`` (missing ones are skipped)."""
+    """The hashes ``dvc.lock`` records for the dependencies ``dvc.yaml`` declares for ``stage``
+    (missing ones are skipped): a directory's hash leaves out what ``.dvcignore`` ignores."""
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return {}
+    from dvc.fs import localfs
+    from dvc.ignore import DvcIgnoreFilter
+
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
     deps = stages.get(stage, {}).get("deps", [])
-    return {dep: dvc_md5(root / dep) for dep in deps if (root / dep).exists()}
+    ignore = DvcIgnoreFilter(localfs, str(root))  # DVC's own reading of every .dvcignore
+
+    def hashed_files(path: Path) -> list[Path]:
+        return [f for f in path.rglob("*") if f.is_file() and not ignore.is_ignored_file(str(f))]
+
+    return {dep: dvc_md5(root / dep, hashed_files(root / dep)) for dep in deps if (root / dep).exists()}
 
 
 def environment_tags() -> dict[str, str]:
