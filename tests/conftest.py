@@ -13,6 +13,8 @@ import torch
 
 from hdkd.config import parse_params
 from hdkd.evaluate import make_bundle
+# Whole scratch pipelines, run once per session for the end-to-end modules that share them.
+from tests.pipeline_fixtures import tracked_pipeline, unreachable_tracking_pipeline, untracked_pipeline  # noqa: F401
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-small"
 

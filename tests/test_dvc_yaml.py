@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
+import os
 import re
 import runpy
+import sys
 from functools import cache
 from pathlib import Path
 from unittest import mock
@@ -21,10 +24,10 @@ from unittest import mock
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.pipeline_fixtures import DVC_YAML, ROOT, declared_paths, stage_outputs
+
 PROJECT_PACKAGES = ("hdkd", "pipeline")
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-STAGES = DVC["stages"]
+STAGES = DVC_YAML["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
@@ -92,15 +95,6 @@ def stage_module(stage: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- dvc.yaml
-def declared_paths(stage: str, section: str) -> list[str]:
-    """Paths of a deps/outs/metrics/plots section (entries are strings or ``{path: options}``)."""
-    return [p for entry in STAGES[stage].get(section, []) for p in ([entry] if isinstance(entry, str) else entry)]
-
-
-def written_paths(stage: str) -> list[str]:
-    return [p for section in ("outs", "metrics", "plots") for p in declared_paths(stage, section)]
-
-
 def is_within(path: Path, container: Path) -> bool:
     return path == container or container in path.parents
 
@@ -170,13 +164,24 @@ def cli_output_locations(stage: str) -> list[Path]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_outputs_are_where_the_stage_writes_by_default(stage):
     locations = cli_output_locations(stage)
-    stray = [p for p in written_paths(stage) if not any(is_within(Path(p), loc) for loc in locations)]
+    stray = [p for p in stage_outputs(stage) if not any(is_within(Path(p), loc) for loc in locations)]
     assert not stray, (f"dvc.yaml stage {stage!r} declares outputs that its command line does not write "
                        f"(its default output paths: {[str(p) for p in locations]}): {stray}")
 
 
 def test_no_two_stages_write_the_same_path():
-    owners = [(Path(p), stage) for stage in STAGES for p in written_paths(stage)]
+    owners = [(Path(p), stage) for stage in STAGES for p in stage_outputs(stage)]
     clashes = [(str(a), sa, str(b), sb) for i, (a, sa) in enumerate(owners) for b, sb in owners[i + 1:]
                if is_within(a, b) or is_within(b, a)]
     assert not clashes, f"paths written by two stages (path, stage, path, stage): {clashes}"
+
+
+@pytest.mark.slow
+def test_recompiled_code_is_no_changed_dependency(tracked_pipeline):
+    # Python rewrites __pycache__ beside a source whose timestamp changed, and the .pyc embeds that
+    # timestamp: DVC must not take it for a code change (a re-run of every training stage).
+    # Only timestamps and __pycache__ change in the shared repo: no output other tests read.
+    for source in (tracked_pipeline.root / "hdkd").rglob("*.py"):
+        os.utime(source)
+    tracked_pipeline.run(sys.executable, "-c", "import hdkd.train, hdkd.evaluate, hdkd.report")
+    assert json.loads(tracked_pipeline.dvc("status", "--json")) == {"download": ["always changed"]}

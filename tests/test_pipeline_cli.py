@@ -3,7 +3,6 @@ and nothing is written (no outputs, no resume states, no MLflow store)."""
 
 from __future__ import annotations
 
-import copy
 import os
 import runpy
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 import yaml
 
 from hdkd.config import ConfigError
+from tests.pipeline_fixtures import DVC_YAML, ROOT, merged
 
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+STAGES = list(DVC_YAML["stages"])
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 # (the key the error must name, the change to params.yaml that makes it wrong)
@@ -29,13 +28,6 @@ BAD_PARAMS = {
     "unknown model size": ("model.size", {"model": {"size": "huge"}}),
     "image size the models cannot take": ("data.image_size", {"data": {"image_size": 72}}),
 }
-
-
-def merged(base: dict, change: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in change.items():
-        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def write_bad_params(directory: Path, change: dict) -> Path:
