@@ -25,11 +25,13 @@ import logging
 import os
 import platform
 import random
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -64,13 +66,22 @@ def repo_root(start: str | Path | None = None) -> Path:
 
 
 def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
-    """DVC hashes of the dependencies ``dvc.yaml`` declares for ``stage`` (missing ones are skipped)."""
+    """The hashes ``dvc.lock`` records for the dependencies ``dvc.yaml`` declares for ``stage``
+    (missing ones are skipped): a directory's hash leaves out what ``.dvcignore`` ignores."""
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return {}
+    from dvc.fs import localfs
+    from dvc.ignore import DvcIgnoreFilter
+
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
     deps = stages.get(stage, {}).get("deps", [])
-    return {dep: dvc_md5(root / dep) for dep in deps if (root / dep).exists()}
+    ignore = DvcIgnoreFilter(localfs, str(root))  # DVC's own reading of every .dvcignore
+
+    def hashed_files(path: Path) -> list[Path]:
+        return [f for f in path.rglob("*") if f.is_file() and not ignore.is_ignored_file(str(f))]
+
+    return {dep: dvc_md5(root / dep, hashed_files(root / dep)) for dep in deps if (root / dep).exists()}
 
 
 def environment_tags() -> dict[str, str]:
@@ -105,6 +116,22 @@ RETRY_DELAY_S = 0.2
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative or absolute), else ``None``."""
     return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
+
+
+def check_server_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` at once when an HTTP(S) tracking server accepts no connection.
+
+    MLflow's client retries a refused request with backoff for about four minutes before it
+    gives up: without this check, a tracking server that is down stalls every stage that long.
+    """
+    url = urlsplit(uri)
+    if url.scheme not in ("http", "https"):
+        return
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"MLflow tracking server {url.netloc} is unreachable ({e})") from None
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -285,6 +312,7 @@ class Tracker:
         self.end("FAILED" if exc_type else "FINISHED")
 
     def _start(self) -> None:
+        check_server_reachable(self.uri)
         self.client = open_client(self.uri)
         name = experiment_name(self.cfg, self.params.data.dataset)
         self.experiment_id = self._experiment(name)
@@ -376,6 +404,20 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         self._guard(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_missing_steps(self, rows: list[dict[str, float]], step_key: str = "epoch") -> None:
+        """Log each row (``{metric: value}`` at step ``row[step_key]``) whose step the run lacks.
+
+        Each row goes out as one batch, so a step is either all there or absent; looking up the
+        steps of ``step_key`` (logged with every row) tells which rows to send.
+        """
+        if not self._active():
+            return
+        logged = self._guard(self.client.get_metric_history, self.run_id, step_key) or []
+        steps = {m.step for m in logged}
+        for row in rows:
+            if int(row[step_key]) not in steps:
+                self.log_metrics(row, step=int(row[step_key]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._active():

@@ -387,6 +387,8 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
             save_model(model_path, model, name, classes, params.data.image_size, overrides, summary, history)
             write_json(paths.metrics, summary)
             tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
+            if result.resumed_from:  # an epoch saved just before a kill may not have reached MLflow
+                tracker.log_missing_steps(result.history[:result.resumed_from])
             tracker.log_artifact(model_path, "checkpoint")
             tracker.log_dict(result.history, "history.json")
             tracker.log_bytes(figure_png(training_curves_figure({role: history})), "training_curves.png")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hdkd.ablations import NoTrackedRuns, collect_ablations, summary
-from hdkd.config import ConfigError, ReportConfig, TrackingConfig, load_params
+from hdkd.config import ReportConfig, TrackingConfig, load_params
 from hdkd.regenerate import RevisionNotFound, ablations_for_revision, bundle_for_revision
 from hdkd.report import build_report, load_bundle
 from hdkd.tracking import experiment_name, repo_root, resolve_tracking_uri
@@ -75,10 +75,10 @@ def revision_inputs(args: argparse.Namespace, uri: str) -> tuple[dict[str, Any],
 
 
 def build(args: argparse.Namespace) -> None:
-    try:
-        params = load_params(args.params)
+    if args.params.is_file():
+        params = load_params(args.params)  # an invalid file fails here, naming the key
         cfg, tracking = params.report, params.tracking
-    except ConfigError:  # an old or foreign checkout: defaults still rebuild the tables exactly
+    else:  # outside a checkout: defaults still rebuild the tables exactly
         cfg, tracking = ReportConfig(), TrackingConfig()
     uri = args.tracking_uri or resolve_tracking_uri(tracking.uri, repo_root(args.repo))
     if args.collect_ablations:

@@ -14,6 +14,8 @@ import torch
 from hdkd.config import parse_params
 from hdkd.evaluate import BUNDLE_ARTIFACT, make_bundle
 from hdkd.io import write_json
+# Whole scratch pipelines, run once per session for the end-to-end modules that share them.
+from tests.pipeline_fixtures import tracked_pipeline, unreachable_tracking_pipeline, untracked_pipeline  # noqa: F401
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official-small"
 

@@ -1,11 +1,13 @@
 import logging
 import multiprocessing
 import subprocess
+import time
 
 import pytest
 
 from hdkd.config import parse_params
 from hdkd.tracking import Tracker, repo_root, resolve_tracking_uri, retry_transient
+from tests.data_fixtures import refused_url
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -89,6 +91,16 @@ def test_tracking_failure_never_raises(tmp_path, caplog):
             tracker.log_metrics({"a": 1.0}, step=1)
             tracker.log_artifact(tmp_path / "not-a-dir")
     assert not tracker.enabled and "continuing without tracking" in caplog.text
+
+
+def test_an_unreachable_tracking_server_is_given_up_at_once(caplog):
+    p = params(refused_url())  # a local port where nothing listens: a tracking server that is down
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        with Tracker(p.tracking, p, "train_teacher") as tracker:
+            tracker.log_metrics({"a": 1.0}, step=1)
+    assert time.monotonic() - start < 30  # MLflow's own retries would take about four minutes
+    assert not tracker.enabled and "is unreachable" in caplog.text
 
 
 def test_disabled_tracking_does_nothing(tmp_path):

@@ -5,10 +5,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from hdkd.config import DistillConfig, OptimConfig
+from hdkd.config import DistillConfig, OptimConfig, parse_params
 from hdkd.checkpoint import save_model
+from hdkd.io import read_json
 from hdkd.models import create_model
-from hdkd.train import Runtime, build_criterion, build_optimizer, fit, is_better, load_teacher, lr_at
+from hdkd.tracking import Tracker
+from hdkd.train import (Runtime, StagePaths, build_criterion, build_optimizer, fit, is_better, load_teacher, lr_at,
+                        run_training)
 
 CPU = Runtime(torch.device("cpu"), progress=False)
 
@@ -149,3 +152,32 @@ def test_a_split_too_small_for_batchnorm_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()), teacher_cfg(),
             toy_split(1), toy_split(4), CPU, seed=0, batch_size=16)
+
+
+def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # the run's repository root: no dvc.yaml, no git
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = parse_params({"data": {"image_size": 32}, "tracking": {"uri": store},
+                           "teacher": {"epochs": 3, "optimizer": "adam", "lr": 3e-3}})
+    for split in ("train", "val"):  # the fingerprinted inputs
+        (tmp_path / split).mkdir()
+    paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "metrics.json",
+                       tmp_path / "resume")
+    datasets = (toy_split(48), toy_split(16, seed=1), ["a", "b", "c"])
+    log_metrics = Tracker.log_metrics
+
+    def killed_before_epoch_2_reaches_mlflow(tracker, metrics, step=None):
+        if step == 2:  # epoch 2's resume state is on disk already
+            raise KeyboardInterrupt
+        log_metrics(tracker, metrics, step)
+
+    monkeypatch.setattr(Tracker, "log_metrics", killed_before_epoch_2_reaches_mlflow)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("teacher", params, paths, datasets, CPU)
+    monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
+    assert run_training("teacher", params, paths, datasets, CPU)["resumed_from"] == 2
+    run_id = read_json(paths.out_dir / "run.json")["run_id"]
+    history = mlflow.tracking.MlflowClient(store).get_metric_history(run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]

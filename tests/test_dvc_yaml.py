@@ -1,0 +1,187 @@
+"""dvc.yaml tells the truth: each stage depends on all the code it can run and on real params, and
+writes what it declares, where no other stage writes.
+
+Static checks (no stage runs): the code a stage can import is found by walking the ``import``
+statements of ``pipeline/<stage>.py`` and everything it reaches, function-level imports included;
+``hdkd.data`` exports its names lazily (``_EXPORTS``), so ``from hdkd.data import X`` is followed
+to the submodule that defines ``X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import os
+import re
+import runpy
+import sys
+from functools import cache
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+from tests.pipeline_fixtures import DVC_YAML, ROOT, declared_paths, stage_outputs
+
+PROJECT_PACKAGES = ("hdkd", "pipeline")
+STAGES = DVC_YAML["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+# ------------------------------------------------------------------------------- import closure
+def module_file(name: str) -> Path | None:
+    """The source file of a project module (a package: its ``__init__.py``); ``None`` for anything else
+    (third-party modules, or a name imported *from* a module rather than a submodule)."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+@cache
+def lazy_exports(package: str) -> dict[str, str]:
+    """``name -> submodule`` of a package that imports its names on first use (``_EXPORTS``)."""
+    init = module_file(package)
+    if init is None or init.name != "__init__.py":
+        return {}
+    return getattr(importlib.import_module(package), "_EXPORTS", {})
+
+
+def imported_names(path: Path, module: str) -> set[str]:
+    """Absolute dotted names a module's ``import`` statements mention, anywhere in the file."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            base = ".".join(filter(None, (base, node.module)))
+            names.add(base)
+            for alias in node.names:
+                names.add(f"{base}.{alias.name}")  # kept only if it is a submodule (module_file)
+                if alias.name in lazy_exports(base):
+                    names.add(f"{base}.{lazy_exports(base)[alias.name]}")
+    return names
+
+
+def with_parent_packages(name: str) -> set[str]:
+    """Importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def import_closure(module: str) -> set[Path]:
+    """Source files of every project module that running ``python -m <module>`` can import."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or module_file(name) is None:
+            continue
+        seen.add(name)
+        for imported in imported_names(module_file(name), name):
+            todo += with_parent_packages(imported)
+    return {module_file(name) for name in seen}
+
+
+def stage_module(stage: str) -> str:
+    match = re.fullmatch(r"python -m ([\w.]+)", STAGES[stage]["cmd"])
+    assert match, f"{stage}: cmd {STAGES[stage]['cmd']!r} is not `python -m <module>`"
+    return match[1]
+
+
+# ------------------------------------------------------------------------------------- dvc.yaml
+def is_within(path: Path, container: Path) -> bool:
+    return path == container or container in path.parents
+
+
+def code_deps(stage: str) -> list[Path]:
+    return [ROOT / d for d in declared_paths(stage, "deps") if d.split("/")[0] in PROJECT_PACKAGES]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deps_cover_every_module_the_stage_can_import(stage):
+    deps = code_deps(stage)
+    missing = sorted(f.relative_to(ROOT).as_posix() for f in import_closure(stage_module(stage))
+                     if not any(is_within(f, d) for d in deps))
+    assert not missing, f"dvc.yaml stage {stage!r} runs these files but does not list them in deps: {missing}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_code_dep_is_code_the_stage_runs(stage):
+    # A file the stage never imports would only make DVC re-run it for nothing.
+    closure = import_closure(stage_module(stage))
+    stale = [d.relative_to(ROOT).as_posix() for d in code_deps(stage) if not any(is_within(f, d) for f in closure)]
+    assert not stale, f"dvc.yaml stage {stage!r} lists deps its code never imports: {stale}"
+
+
+def has_key(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_are_keys_of_params_yaml(stage):
+    keys = [k for entry in STAGES[stage].get("params", []) for k in ([entry] if isinstance(entry, str) else
+                                                                     [k for ks in entry.values() for k in ks])]
+    unknown = [k for k in keys if not has_key(PARAMS, k)]
+    assert not unknown, f"dvc.yaml stage {stage!r} tracks params that params.yaml does not have: {unknown}"
+
+
+class _Parsed(Exception):
+    """Raised right after a stage parsed its command line: stops it before any work."""
+
+
+def cli_defaults(module: str) -> dict:
+    """The parsed command line of ``python -m <module>`` run without arguments (as DVC runs it)."""
+    parsed = {}
+    real_parse_args = argparse.ArgumentParser.parse_args
+
+    def capture(parser, args=None, namespace=None):
+        parsed.update(vars(real_parse_args(parser, [], namespace)))
+        raise _Parsed
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(_Parsed):
+        runpy.run_module(module, run_name="__main__")
+    return parsed
+
+
+def cli_output_locations(stage: str) -> list[Path]:
+    """The paths the stage's command line names by default, less its declared inputs (deps,
+    params.yaml) and the repository root."""
+    inputs = {Path(d) for d in declared_paths(stage, "deps")} | {Path("."), Path("params.yaml")}
+    paths = {Path(v) for v in cli_defaults(stage_module(stage)).values() if isinstance(v, (str, Path))}
+    return sorted(paths - inputs)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_outputs_are_where_the_stage_writes_by_default(stage):
+    locations = cli_output_locations(stage)
+    stray = [p for p in stage_outputs(stage) if not any(is_within(Path(p), loc) for loc in locations)]
+    assert not stray, (f"dvc.yaml stage {stage!r} declares outputs that its command line does not write "
+                       f"(its default output paths: {[str(p) for p in locations]}): {stray}")
+
+
+def test_no_two_stages_write_the_same_path():
+    owners = [(Path(p), stage) for stage in STAGES for p in stage_outputs(stage)]
+    clashes = [(str(a), sa, str(b), sb) for i, (a, sa) in enumerate(owners) for b, sb in owners[i + 1:]
+               if is_within(a, b) or is_within(b, a)]
+    assert not clashes, f"paths written by two stages (path, stage, path, stage): {clashes}"
+
+
+@pytest.mark.slow
+def test_recompiled_code_is_no_changed_dependency(tracked_pipeline):
+    # Python rewrites __pycache__ beside a source whose timestamp changed, and the .pyc embeds that
+    # timestamp: DVC must not take it for a code change (a re-run of every training stage).
+    # Only timestamps and __pycache__ change in the shared repo: no output other tests read.
+    for source in (tracked_pipeline.root / "hdkd").rglob("*.py"):
+        os.utime(source)
+    tracked_pipeline.run(sys.executable, "-c", "import hdkd.train, hdkd.evaluate, hdkd.report")
+    assert json.loads(tracked_pipeline.dvc("status", "--json")) == {}
