@@ -35,6 +35,7 @@ from hdkd.distributed import DistInfo, all_reduce_sum, barrier
 from hdkd.io import dvc_md5, load_torch, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
+from hdkd.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,6 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     from hdkd.plots import figure_png, training_curves_figure  # matplotlib only where figures are drawn
-    from hdkd.tracking import Tracker
 
     cfg = stage_config(params, role)
     train_set, val_set, classes = datasets
