@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_resume_state, set_rng_state,
                              unwrap)
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
-from hdkd.distributed import DistInfo, all_reduce_sum, barrier
+from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
 from hdkd.io import dvc_md5, load_torch, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
@@ -261,15 +261,17 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row |= train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, rt, teacher, grad_clip,
                                batch_hook, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+        broadcast_buffers(net, rt.dist)
         row |= validate(net, val_loader, rt)
         history.append(row)
         improved = is_better(row, best)
         if improved:
             best = {"epoch": row["epoch"], "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val loss %.4f  val acc %.3f  lr %.2e  %.0f img/s%s",
-                 desc, row["epoch"], cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
-                 row["val_accuracy"], row["lr"], row["images_per_s"], "  *best" if improved else "")
+        if rt.dist.is_main:
+            log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val loss %.4f  val acc %.3f  lr %.2e  %.0f img/s%s",
+                     desc, row["epoch"], cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+                     row["val_accuracy"], row["lr"], row["images_per_s"], "  *best" if improved else "")
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", best=f"{best['val_accuracy']:.3f}")
         if rt.dist.is_main and resume_dir is not None:
             if improved:  # before last.pt: a resume state never points at a missing best

@@ -35,9 +35,10 @@ def main(out: Path):
     info = init_distributed("cpu")
     teacher, student, data = setup()
     rt = Runtime(torch.device("cpu"), info, progress=False)
-    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), CFG, data, data, rt, seed=0,
-        batch_size=GLOBAL_BATCH, teacher=teacher)
+    result = fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), CFG, data, data, rt, seed=0,
+                 batch_size=GLOBAL_BATCH, teacher=teacher)
     torch.save(student.state_dict(), out / f"rank{info.rank}.pt")
+    torch.save({k: result.history[0][k] for k in ("val_loss", "val_accuracy")}, out / f"val{info.rank}.pt")
     shutdown(info)
 
 

@@ -44,5 +44,11 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     for name, value in params.items():
         torch.testing.assert_close(rank0[name], value.detach(), rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=name)  # replicas agree
+    # BatchNorm statistics (each rank updates them from its own shard) are rank 0's everywhere before
+    # validation, so every rank validates, selects and saves the same model.
+    for name, value in rank0.items():
+        torch.testing.assert_close(rank1[name], value, rtol=0, atol=0, msg=name)
+    val0, val1 = (torch.load(tmp_path / f"val{r}.pt", weights_only=True) for r in (0, 1))
+    assert val0 == val1
     moved = sum((rank0[n] - p0).abs().sum().item() for n, p0 in ddp_step.setup()[1].named_parameters())
     assert moved > 0  # the step changed the weights: the comparison is not between two untouched models
