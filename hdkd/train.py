@@ -144,19 +144,18 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
                     desc: str = "train") -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean loss parts, accuracy and throughput."""
     model.train()
-    sums = torch.zeros(6, dtype=torch.float64)  # total, ce, logit_kd, feature, correct, count
+    # Sums stay on the device: reading a number back each step would stall a GPU's queue.
+    sums = torch.zeros(6, dtype=torch.float64, device=rt.device)  # total, ce, logit_kd, feature, correct, count
+    refresh = max(1, len(loader) // 20)  # progress-bar updates (and NaN checks) per epoch
     start = time.perf_counter()
     # disable=None: no per-batch bar when stderr is not a terminal (DVC logs, CI), only the log lines.
     bar = tqdm(loader, desc=desc, leave=False, disable=None if rt.progress else True, dynamic_ncols=True)
-    for images, labels in bar:
+    for step, (images, labels) in enumerate(bar, 1):
         images, labels = rt.to_device(images, labels)
         if batch_hook is not None:  # e.g. whole-batch augmentation on the GPU
             images = batch_hook(images)
         with rt.autocast():
             parts, outputs = forward_loss(model, criterion, images, labels, teacher)
-        if not torch.isfinite(parts.total):
-            raise FloatingPointError(f"loss is {parts.total.item()} ({desc}); lower the learning rate or "
-                                     "check the data (train.grad_clip can help)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts.total).backward()
         if grad_clip:
@@ -167,12 +166,17 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
         scheduler.step()
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
         n = labels.shape[0]
-        sums += torch.tensor([parts.total.item() * n, parts.ce.item() * n, parts.logit_kd.item() * n,
-                              parts.feature.item() * n, (logits.argmax(1) == labels).sum().item(), n],
-                             dtype=torch.float64)
-        bar.set_postfix(loss=f"{parts.total.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        sums += torch.stack([parts.total.detach().double() * n, parts.ce.detach().double() * n,
+                             parts.logit_kd.detach().double() * n, parts.feature.detach().double() * n,
+                             (logits.argmax(1) == labels).sum().double(), sums.new_tensor(n)])
+        if step % refresh == 0 or step == len(loader):
+            loss = parts.total.item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} ({desc}, step {step}); lower the learning rate or "
+                                         "check the data (train.grad_clip can help)")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.perf_counter() - start
-    sums = all_reduce_sum(sums.to(rt.device), rt.dist).cpu()
+    sums = all_reduce_sum(sums, rt.dist).cpu()
     count = max(sums[5].item(), 1.0)
     return {"train_loss": sums[0].item() / count, "train_ce": sums[1].item() / count,
             "train_logit_kd": sums[2].item() / count, "train_feature_kd": sums[3].item() / count,

@@ -181,3 +181,11 @@ def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume
     run_id = read_json(paths.out_dir / "run.json")["run_id"]
     history = mlflow.tracking.MlflowClient(store).get_metric_history(run_id, "val_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error():
+    train = toy_split(32)
+    train.tensors[0][5] = float("nan")  # one corrupt sample poisons its batch's loss
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()), teacher_cfg(),
+            train, toy_split(8), CPU, seed=0, batch_size=16)
