@@ -144,8 +144,9 @@ class DistillConfig(OptimConfig):
     @field_validator("stages")
     @classmethod
     def _valid_stages(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if len(set(v)) != len(v) or any(s not in (1, 2, 3) for s in v):
-            raise ValueError(f"stages must be distinct values among 1, 2, 3, got {list(v)}")
+        if not v or len(set(v)) != len(v) or any(s not in (1, 2, 3) for s in v):
+            raise ValueError(f"stages must be distinct values among 1, 2, 3, got {list(v)} "
+                             "(to turn feature distillation off, set distill.lambda: 0)")
         return tuple(sorted(v))
 
 

@@ -30,6 +30,7 @@ def test_paper_files_hold_the_official_hyper_parameters():
     ({"distill": {"alpha": 1.5}}, "distill.alpha"),
     ({"distill": {"tau": 0}}, "distill.tau"),
     ({"distill": {"stages": [1, 4]}}, "distill.stages"),
+    ({"distill": {"stages": []}}, "distill.stages"),
     ({"data": {"dataset": "imagenet"}}, "data.dataset"),
     ({"model": {"size": "huge"}}, "model.size"),
     ({"model": {"stem_stride": 3}}, "model.stem_stride"),
