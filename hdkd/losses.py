@@ -65,28 +65,25 @@ class LogitDistillationLoss(nn.Module):
 
 
 class FeatureDistillationLoss(nn.Module):
-    """``L_F = Σ_i (i+1)^β · MSE(student[s_i], teacher[t_i])`` over the chosen stage pairs.
+    """``L_F = Σ_i (i+1)^β · MSE(student[s_i], teacher[s_i])`` over the chosen stages.
 
-    Stages are 1-based (1, 2, 3); ``i`` is the pair's position in the list, as in the official code.
+    Stages are 1-based (1, 2, 3); ``i`` is the stage's position in the list, as in the official code.
     """
 
-    def __init__(self, student_stages: Sequence[int] = (1, 2, 3), teacher_stages: Sequence[int] | None = None,
-                 beta: float = 1.0):
+    def __init__(self, stages: Sequence[int] = (1, 2, 3), beta: float = 1.0):
         super().__init__()
-        teacher_stages = student_stages if teacher_stages is None else teacher_stages
-        if len(student_stages) != len(teacher_stages) or not student_stages:
-            raise ValueError(f"need matching, non-empty stage lists, got {list(student_stages)} "
-                             f"and {list(teacher_stages)}")
-        self.pairs = list(zip(student_stages, teacher_stages))
-        self.weights = [(i + 1) ** beta for i in range(len(self.pairs))]
+        if not stages:
+            raise ValueError("feature distillation needs at least one stage")
+        self.stages = list(stages)
+        self.weights = [(i + 1) ** beta for i in range(len(self.stages))]
 
     def forward(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
         loss = student_feats[0].new_zeros(())
-        for w, (s, t) in zip(self.weights, self.pairs):
-            fs, ft = student_feats[s - 1], teacher_feats[t - 1]
+        for w, s in zip(self.weights, self.stages):
+            fs, ft = student_feats[s - 1], teacher_feats[s - 1]
             if fs.shape != ft.shape:
                 raise ValueError(f"feature distillation needs equal shapes: student stage {s} is "
-                                 f"{tuple(fs.shape)}, teacher stage {t} is {tuple(ft.shape)}")
+                                 f"{tuple(fs.shape)}, teacher stage {s} is {tuple(ft.shape)}")
             loss = loss + w * F.mse_loss(fs, ft.detach())
         return loss
 

@@ -68,6 +68,11 @@ def test_feature_shape_mismatch_names_stages_and_shapes():
         FeatureDistillationLoss((1, 2))(s, t)
 
 
+def test_feature_loss_needs_a_stage():
+    with pytest.raises(ValueError, match="at least one stage"):
+        FeatureDistillationLoss(())
+
+
 def test_total_is_logit_plus_lambda_feature():
     torch.manual_seed(1)
     teacher = FrozenTeacher(create_model("teacher_tiny", 3, image_size=32))

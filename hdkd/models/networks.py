@@ -37,7 +37,6 @@ class StagedNetwork(nn.Module):
         if image_size % (4 * stem_stride):
             raise ValueError(f"image_size {image_size} must be a multiple of {4 * stem_stride} "
                              f"(three stride-2 stages with stem stride {stem_stride})")
-        self.image_size = image_size
         self.stages = Stages([
             make_stage("stem", in_chans, widths[0], depths[0], first_stride=stem_stride),
             make_stage(block, widths[0], widths[1], depths[1]),
@@ -92,7 +91,6 @@ class HybridStudent(StagedNetwork):
                  block: Literal["mbcsa", "mbconv"] = "mbcsa", stem_stride: int = 2, dropout: float = 0.0,
                  in_chans: int = 3):
         super().__init__(image_size, depths, widths, block, stem_stride, in_chans)
-        self.distillation = distillation
         channels, resolution, _ = self.feature_shapes[-1]
         self.transformer = DFLT(channels, resolution, dim, depth, heads, dim_head, patch_size, mlp_ratio,
                                 distillation, dropout)

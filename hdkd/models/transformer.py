@@ -87,12 +87,11 @@ class DFLT(nn.Module):
         if resolution % patch_size:
             raise ValueError(f"feature map side {resolution} is not divisible by the patch size {patch_size}")
         num_patches = (resolution // patch_size) ** 2
-        self.num_prefix = 2 if distillation else 1
         self.patch_embed = PatchEmbed(channels, dim, patch_size)
         # Official initialisation: standard-normal tokens and positions.
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.dist_token = nn.Parameter(torch.randn(1, 1, dim)) if distillation else None
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + (2 if distillation else 1), dim))
         self.pos_drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(TransformerLayer(dim, heads, dim_head, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
