@@ -419,11 +419,6 @@ class Tracker:
             if int(row[step_key]) not in steps:
                 self.log_metrics(row, step=int(row[step_key]))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self._active():
-            for k, v in tags.items():
-                self._guard(self.client.set_tag, self.run_id, k, str(v))
-
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._active():
             self._guard(self.client.log_artifact, self.run_id, str(path), artifact_path)
