@@ -32,7 +32,7 @@ from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_res
                              unwrap)
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
 from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
-from hdkd.io import dvc_md5, load_torch, save_torch, write_json
+from hdkd.io import dvc_md5, load_torch, read_json, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
 from hdkd.tracking import Tracker
@@ -377,7 +377,7 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
 
     fingerprint = input_fingerprint(role, params, paths)
     run_file = paths.resume_dir / "mlflow_run.json"
-    previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    previous = read_json(run_file) if run_file.is_file() else {}
     resume_run = previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
     stage = STAGES[role]
     tracking = params.tracking if rt.dist.is_main else params.tracking.model_copy(update={"enabled": False})
