@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_resume_state, set_rng_state,
                              unwrap)
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
-from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
+from hdkd.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, device_type, init_distributed,
+                              resolve_device, shutdown)
 from hdkd.io import dvc_md5, load_torch, read_json, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
@@ -433,11 +434,8 @@ def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple
 
 def train_stage(role: str, params: Params, paths: StagePaths) -> dict[str, Any]:
     """Entry point of the train_teacher / train_student / distill stages, plain or under torchrun."""
-    from hdkd.distributed import init_distributed, resolve_device, shutdown
-
     requested = params.train.device
-    dist = init_distributed("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-                            else "cpu")
+    dist = init_distributed(device_type(requested))
     try:
         rt = make_runtime(params, resolve_device(requested, dist), dist)
         datasets, hook = training_data(params, paths, rt)
