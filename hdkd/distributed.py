@@ -41,11 +41,16 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-def resolve_device(requested: str, info: DistInfo) -> torch.device:
-    """``auto`` picks CUDA when present; each rank takes the GPU of its local rank."""
+def device_type(requested: str) -> str:
+    """``"cuda"`` or ``"cpu"`` for ``train.device``: ``auto`` picks CUDA when present."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    return "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def resolve_device(requested: str, info: DistInfo) -> torch.device:
+    """The device of ``train.device``; each rank takes the GPU of its local rank."""
+    if device_type(requested) == "cuda":
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
 

@@ -289,11 +289,11 @@ class Tracker:
     ...     tracker.log_metrics({"val_accuracy": 0.9}, step=1)
     """
 
-    def __init__(self, cfg: TrackingConfig, params: Params, stage: str, root: Path | None = None,
-                 extra_tags: dict[str, str] | None = None, resume_run_id: str | None = None):
+    def __init__(self, cfg: TrackingConfig, params: Params, stage: str, extra_tags: dict[str, str] | None = None,
+                 resume_run_id: str | None = None):
         self.cfg, self.params, self.stage = cfg, params, stage
         self.resume_run_id = resume_run_id  # an interrupted run of this stage to continue
-        self.root = root or repo_root()
+        self.root = repo_root()
         self.enabled = cfg.enabled
         self.extra_tags = extra_tags or {}
         self.client = None
@@ -418,11 +418,6 @@ class Tracker:
         for row in rows:
             if int(row[step_key]) not in steps:
                 self.log_metrics(row, step=int(row[step_key]))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self._active():
-            for k, v in tags.items():
-                self._guard(self.client.set_tag, self.run_id, k, str(v))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._active():

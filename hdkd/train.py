@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_resume_state, set_rng_state,
                              unwrap)
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
-from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
-from hdkd.io import dvc_md5, load_torch, save_torch, write_json
+from hdkd.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, device_type, init_distributed,
+                              resolve_device, shutdown)
+from hdkd.io import dvc_md5, load_torch, read_json, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
 from hdkd.tracking import Tracker
@@ -144,8 +145,11 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
                     desc: str = "train") -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean loss parts, accuracy and throughput."""
     model.train()
-    # Sums stay on the device: reading a number back each step would stall a GPU's queue.
-    sums = torch.zeros(6, dtype=torch.float64, device=rt.device)  # total, ce, logit_kd, feature, correct, count
+    # Sums stay on the device: reading a number back each step, or copying one there (a synchronous
+    # host-to-device copy), would stall a GPU's queue. The sample count is known on the host.
+    loss_sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # total, ce, logit_kd, feature (x samples)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    count = 0
     refresh = max(1, len(loader) // 20)  # progress-bar updates (and NaN checks) per epoch
     start = time.perf_counter()
     # disable=None: no per-batch bar when stderr is not a terminal (DVC logs, CI), only the log lines.
@@ -166,9 +170,9 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
         scheduler.step()
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
         n = labels.shape[0]
-        sums += torch.stack([parts.total.detach().double() * n, parts.ce.detach().double() * n,
-                             parts.logit_kd.detach().double() * n, parts.feature.detach().double() * n,
-                             (logits.argmax(1) == labels).sum().double(), sums.new_tensor(n)])
+        loss_sums += torch.stack([parts.total, parts.ce, parts.logit_kd, parts.feature]).detach().double() * n
+        correct += (logits.argmax(1) == labels).sum()
+        count += n
         if step % refresh == 0 or step == len(loader):
             loss = parts.total.item()
             if not math.isfinite(loss):
@@ -176,7 +180,8 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
                                          "check the data (train.grad_clip can help)")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.perf_counter() - start
-    sums = all_reduce_sum(sums, rt.dist).cpu()
+    sums = torch.cat([loss_sums, correct.double().reshape(1), loss_sums.new_tensor([count])])
+    sums = all_reduce_sum(sums, rt.dist).cpu()  # total, ce, logit_kd, feature, correct, count
     count = max(sums[5].item(), 1.0)
     return {"train_loss": sums[0].item() / count, "train_ce": sums[1].item() / count,
             "train_logit_kd": sums[2].item() / count, "train_feature_kd": sums[3].item() / count,
@@ -187,15 +192,17 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
 def validate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
     """Cross-entropy and accuracy of the inference-mode logits (HDKD: the average of its heads)."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)  # on the device: read once, at the end
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    count = 0
     for images, labels in loader:
         images, labels = rt.to_device(images, labels)
         with rt.autocast():
             logits = model(images)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
         count += labels.shape[0]
-    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+    return {"val_loss": loss_sum.item() / max(count, 1), "val_accuracy": correct.item() / max(count, 1)}
 
 
 @dataclass
@@ -371,7 +378,7 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
 
     fingerprint = input_fingerprint(role, params, paths)
     run_file = paths.resume_dir / "mlflow_run.json"
-    previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    previous = read_json(run_file) if run_file.is_file() else {}
     resume_run = previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
     stage = STAGES[role]
     tracking = params.tracking if rt.dist.is_main else params.tracking.model_copy(update={"enabled": False})
@@ -427,11 +434,8 @@ def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple
 
 def train_stage(role: str, params: Params, paths: StagePaths) -> dict[str, Any]:
     """Entry point of the train_teacher / train_student / distill stages, plain or under torchrun."""
-    from hdkd.distributed import init_distributed, resolve_device, shutdown
-
     requested = params.train.device
-    dist = init_distributed("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-                            else "cpu")
+    dist = init_distributed(device_type(requested))
     try:
         rt = make_runtime(params, resolve_device(requested, dist), dist)
         datasets, hook = training_data(params, paths, rt)

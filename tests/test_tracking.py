@@ -36,12 +36,13 @@ def test_stage_run_carries_params_tags_metrics_and_artifacts(store, tmp_path, mo
     run = client.get_run(run_id)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert run.info.status == "FINISHED"
-    assert run.data.tags["hdkd.git_commit"] == head
+    assert run.data.tags["hdkd.git_commit"] == run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["hdkd.git_dirty"] in ("true", "false")
     assert run.data.tags["hdkd.params_hash"] == p.digest()
     assert run.data.tags["hdkd.dvc_exp_name"] == "exp-test"
     assert run.data.tags["hdkd.stage"] == "train_teacher"
     assert "hdkd.env.torch" in run.data.tags
+    assert sorted(run.data.params) == sorted(p.flat())  # every resolved param, not a sample
     assert run.data.params["distill.alpha"] == "0.5" and run.data.params["data.dataset"] == "synthetic"
     history = client.get_metric_history(run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
@@ -51,6 +52,7 @@ def test_stage_run_carries_params_tags_metrics_and_artifacts(store, tmp_path, mo
     assert exp.name == "hdkd-synthetic"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["hdkd.stage"] == "pipeline" and parent.info.run_name == "exp-test"
+    assert parent.data.params == run.data.params and parent.data.tags["hdkd.git_commit"] == head
 
 
 def test_stages_of_one_pipeline_share_a_parent(store, monkeypatch):
