@@ -142,8 +142,11 @@ def make_runtime(params: Params, device: torch.device, dist: DistInfo) -> Runtim
 def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.optim.Optimizer, scheduler,
                     scaler: torch.amp.GradScaler, loader: DataLoader, rt: Runtime, teacher: nn.Module | None = None,
                     grad_clip: float | None = None, batch_hook: Callable | None = None,
-                    desc: str = "train") -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean loss parts, accuracy and throughput."""
+                    desc: str = "train", log_every: int = 0) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean loss parts, accuracy and throughput.
+
+    Every ``log_every`` steps (0: never) rank 0 logs a line with the running mean loss.
+    """
     model.train()
     # Sums stay on the device: reading a number back each step, or copying one there (a synchronous
     # host-to-device copy), would stall a GPU's queue. The sample count is known on the host.
@@ -173,12 +176,18 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, optimizer: torch.opti
         loss_sums += torch.stack([parts.total, parts.ce, parts.logit_kd, parts.feature]).detach().double() * n
         correct += (logits.argmax(1) == labels).sum()
         count += n
-        if step % refresh == 0 or step == len(loader):
-            loss = parts.total.item()
+        log_step = log_every and step % log_every == 0 and rt.dist.is_main
+        if log_step or step % refresh == 0 or step == len(loader):
+            # The running sum, not this step's loss: it stays non-finite once any step was (an fp16
+            # grad scaler skips such a step without a trace in the weights).
+            loss = loss_sums[0].item() / count
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} ({desc}, step {step}); lower the learning rate or "
-                                         "check the data (train.grad_clip can help)")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                raise FloatingPointError(f"loss became {loss} ({desc}, by step {step}); lower the learning rate "
+                                         "or check the data (train.grad_clip can help)")
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if log_step:
+                log.info("%s step %d/%d  loss %.4f  lr %.2e", desc, step, len(loader), loss, lr)
     seconds = time.perf_counter() - start
     sums = torch.cat([loss_sums, correct.double().reshape(1), loss_sums.new_tensor([count])])
     sums = all_reduce_sum(sums, rt.dist).cpu()  # total, ce, logit_kd, feature, correct, count
@@ -224,7 +233,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
         *, seed: int, batch_size: int, eval_batch_size: int = 64, num_workers: int = 0,
         teacher: nn.Module | None = None, grad_clip: float | None = None, resume_dir: Path | None = None,
         fingerprint: str = "", on_epoch: Callable[[dict[str, float]], None] | None = None,
-        batch_hook: Callable | None = None, desc: str = "train") -> FitResult:
+        batch_hook: Callable | None = None, desc: str = "train", log_every: int = 0) -> FitResult:
     """Train ``model`` for ``cfg.epochs``, selecting on validation; resumable from ``resume_dir``."""
     world = rt.dist.world_size
     if batch_size % world:
@@ -271,7 +280,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
             train_set.set_epoch(epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row |= train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, rt, teacher, grad_clip,
-                               batch_hook, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+                               batch_hook, desc=f"{desc} {epoch + 1}/{cfg.epochs}", log_every=log_every)
         broadcast_buffers(net, rt.dist)
         row |= validate(net, val_loader, rt)
         history.append(row)
@@ -390,6 +399,7 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
                      batch_size=params.train.batch_size, eval_batch_size=params.train.eval_batch_size,
                      num_workers=params.train.num_workers, teacher=teacher, grad_clip=params.train.grad_clip,
                      resume_dir=paths.resume_dir, fingerprint=fingerprint, batch_hook=batch_hook, desc=role,
+                     log_every=params.train.log_every,
                      on_epoch=lambda row: tracker.log_metrics(row, step=int(row["epoch"])))
         summary = {"val_accuracy": result.best["val_accuracy"], "val_loss": result.best["val_loss"],
                    "best_epoch": result.best_epoch, "epochs": cfg.epochs}

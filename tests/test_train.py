@@ -1,5 +1,6 @@
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -181,6 +182,16 @@ def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume
     run_id = read_json(paths.out_dir / "run.json")["run_id"]
     history = mlflow.tracking.MlflowClient(store).get_metric_history(run_id, "val_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_log_every_logs_running_loss_lines_inside_an_epoch(caplog):
+    train, val = toy_split(64), toy_split(16, seed=1)
+    cfg = teacher_cfg(epochs=1)
+    with caplog.at_level(logging.INFO, logger="hdkd.train"):
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), cfg, train, val, CPU,
+            seed=0, batch_size=8, log_every=3)
+    steps = [m[1] for r in caplog.records if (m := re.search(r" step (\d+/\d+)  loss \d", r.getMessage()))]
+    assert steps == ["3/8", "6/8"]
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_error():
