@@ -28,12 +28,12 @@ from typing import Any
 
 from hdkd.evaluate import BUNDLE_ARTIFACT, validate_bundle
 from hdkd.provenance import GitError, git, git_show, resolve_commit
-from hdkd.tracking import find_artifact, find_runs, read_json_artifact, tracking_store_exists
+from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact, tracking_store_exists
 
 BUNDLE_PATH = "reports/bundle.json"
 ABLATIONS_PATH = "reports/ablations"
-COMMIT_TAG = "hdkd.git_commit"
-EXP_TAG = "hdkd.dvc_exp_name"
+COMMIT_TAG = f"{TAG}git_commit"  # as hdkd.tracking.Tracker tags every run
+EXP_TAG = f"{TAG}dvc_exp_name"
 HEX = re.compile(r"[0-9a-f]{4,40}")
 
 
