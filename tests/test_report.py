@@ -5,6 +5,7 @@ import struct
 import pytest
 
 from hdkd.config import ReportConfig
+from hdkd.plots import EXTRA_COLORS, MODEL_COLORS, model_color
 from hdkd.report import (
     ABLATIONS,
     ablation_table,
@@ -153,6 +154,13 @@ def test_stale_report_files_are_removed(tmp_path, bundle):
     keep.write_text("mine")
     build_report(bundle, tmp_path)
     assert not stale.exists() and keep.exists()
+
+
+def test_model_colors_are_the_same_in_every_figure():
+    # the training curves and the report's figures colour a model alike: by its place among the extra models
+    names = ["teacher", "student", "hdkd", "kd", "dkd"]
+    assert [model_color(m, names) for m in names] == [*MODEL_COLORS.values(), *EXTRA_COLORS[:2]]
+    assert model_color("kd", ["kd"]) == model_color("kd", names)
 
 
 def test_bundles_of_different_test_sets_are_refused(bundle):
