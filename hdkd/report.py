@@ -422,7 +422,7 @@ def readme(
 ) -> str:
     """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
     dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
-    ablation_runs = [b for a in ABLATIONS for b in groups.get(a.name, [])]
+    used = [(b, differing_params(bundle, b), f"ablation_{a.name}") for a in ABLATIONS for b in groups.get(a.name, [])]
     rev = bundle.get("dvc_exp_name") or "<the commit holding these reports>"
     regenerate = f"python -m pipeline.report --rev {rev}"  # with the ablations committed in reports/ablations
     lines = [
@@ -451,9 +451,8 @@ def readme(
         "- `eval/<model>.json`: per-model detail (per-class, confusion matrix, CIs, efficiency)",
         "- `plots/`: DVC plots data (confusion matrices, training curves)",
     ]
-    if ablation_runs or unused:
+    if used or unused:
         lines += ["", "## Other runs", "", "| Run | Params hash | Differs in | Used in |", "|:---|:---|:---|:---|"]
-        used = [(b, differing_params(bundle, b), f"ablation_{a.name}") for a in ABLATIONS for b in groups.get(a.name, [])]
         for b, diff, where in used + [(b, diff, "not used") for b, diff in unused]:
             lines.append(f"| {run_label(b)} | `{b['params_hash']}` | {', '.join(diff) or 'nothing'} | {where} |")
     return "\n".join(lines) + "\n"
