@@ -32,11 +32,9 @@ Files written by :func:`write_evaluation` (under ``reports/``, small, git-tracke
     plots/confusion_<model>.csv DVC plots, one row per test image: actual,predicted (template: confusion)
     plots/curves_<model>.csv    per-epoch training history: epoch, then the logged columns (sorted)
 
-dvc.yaml fragment for these plots::
-
-    plots:
-      - reports/plots/confusion_teacher.csv: {template: confusion, x: actual, y: predicted}
-      - reports/plots/curves_teacher.csv: {x: epoch, y: [train_loss, val_loss]}
+``dvc.yaml``'s top-level ``plots:`` draws them: the confusion template (x: predicted, y: actual)
+over ``confusion_<model>.csv``, and validation accuracy and training loss per epoch over
+``curves_<model>.csv``.
 """
 
 from __future__ import annotations
