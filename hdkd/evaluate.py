@@ -94,10 +94,9 @@ def evaluate_model(
     result = classification_metrics(
         y_true, probs, class_names, ece_bins=cfg.ece_bins, bootstrap=cfg.bootstrap, ci=cfg.ci, seed=seed
     )
-    n_classes = len(class_names)
-    result["predictions"] = {
-        "true_counts": np.bincount(y_true, minlength=n_classes).tolist(),
-        "predicted_counts": np.bincount(probs.argmax(axis=1), minlength=n_classes).tolist(),
+    result["predictions"] = {  # the counts are the confusion matrix's row and column sums
+        "true_counts": [c["support"] for c in result["per_class"]],
+        "predicted_counts": np.sum(result["confusion_matrix"], axis=0).tolist(),
         "mean_confidence": float(probs.max(axis=1).mean()),
     }
     return result
