@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from hdkd.evaluate import BUNDLE_ARTIFACT, validate_bundle
+from hdkd.evaluate import validate_bundle
 from hdkd.io import write_json
+from hdkd.regenerate import tracked_bundle
 from hdkd.report import ABLATIONS, differing_params, group_ablations
-from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact
+from hdkd.tracking import TAG, find_runs
 
 EVALUATE_STAGE = "evaluate"
 UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -50,9 +51,9 @@ def newest_bundle_per_params(tracking_uri: str, experiment: str) -> list[dict[st
         params_hash = run.tags.get(f"{TAG}params_hash")
         if params_hash in newest:
             continue
-        path = find_artifact(tracking_uri, run.run_id, BUNDLE_ARTIFACT)
-        if path is not None:  # an evaluate run that failed before logging: an older run may have one
-            newest[params_hash] = validate_bundle(read_json_artifact(tracking_uri, run.run_id, path))
+        bundle = tracked_bundle(tracking_uri, run.run_id)
+        if bundle is not None:  # an evaluate run that failed before logging: an older run may have one
+            newest[params_hash] = bundle
     return list(newest.values())
 
 

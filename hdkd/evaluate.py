@@ -32,11 +32,9 @@ Files written by :func:`write_evaluation` (under ``reports/``, small, git-tracke
     plots/confusion_<model>.csv DVC plots, one row per test image: actual,predicted (template: confusion)
     plots/curves_<model>.csv    per-epoch training history: epoch, then the logged columns (sorted)
 
-dvc.yaml fragment for these plots::
-
-    plots:
-      - reports/plots/confusion_teacher.csv: {template: confusion, x: actual, y: predicted}
-      - reports/plots/curves_teacher.csv: {x: epoch, y: [train_loss, val_loss]}
+``dvc.yaml``'s top-level ``plots:`` draws them: the confusion template (x: predicted, y: actual)
+over ``confusion_<model>.csv``, and validation accuracy and training loss per epoch over
+``curves_<model>.csv``.
 """
 
 from __future__ import annotations
@@ -96,10 +94,9 @@ def evaluate_model(
     result = classification_metrics(
         y_true, probs, class_names, ece_bins=cfg.ece_bins, bootstrap=cfg.bootstrap, ci=cfg.ci, seed=seed
     )
-    n_classes = len(class_names)
-    result["predictions"] = {
-        "true_counts": np.bincount(y_true, minlength=n_classes).tolist(),
-        "predicted_counts": np.bincount(probs.argmax(axis=1), minlength=n_classes).tolist(),
+    result["predictions"] = {  # the counts are the confusion matrix's row and column sums
+        "true_counts": [c["support"] for c in result["per_class"]],
+        "predicted_counts": np.sum(result["confusion_matrix"], axis=0).tolist(),
         "mean_confidence": float(probs.max(axis=1).mean()),
     }
     return result

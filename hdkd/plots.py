@@ -17,6 +17,12 @@ def model_label(name: str) -> str:
     return MODEL_LABELS.get(name, name)
 
 
+def model_color(name: str, names: Sequence[str]) -> str:
+    """``name``'s colour among the models ``names`` of one figure: its own, else the next extra colour."""
+    others = [m for m in names if m not in MODEL_COLORS]
+    return MODEL_COLORS.get(name) or EXTRA_COLORS[others.index(name) % len(EXTRA_COLORS)]
+
+
 def figure_png(fig: Figure, dpi: int = 120) -> bytes:
     """A figure as PNG bytes, without the software stamp that would break byte-identical rebuilds."""
     buf = io.BytesIO()
@@ -32,9 +38,9 @@ def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]])
         return None
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for i, m in enumerate(models):
+    for m in models:
         history = histories[m]
-        color = MODEL_COLORS.get(m) or EXTRA_COLORS[i % len(EXTRA_COLORS)]
+        color = model_color(m, list(histories))  # as in the report's other figures
 
         def series(key: str) -> tuple[list, list]:
             points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]

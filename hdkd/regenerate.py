@@ -28,12 +28,12 @@ from typing import Any
 
 from hdkd.evaluate import BUNDLE_ARTIFACT, validate_bundle
 from hdkd.provenance import GitError, git, git_show, resolve_commit
-from hdkd.tracking import find_artifact, find_runs, read_json_artifact, tracking_store_exists
+from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact, tracking_store_exists
 
 BUNDLE_PATH = "reports/bundle.json"
 ABLATIONS_PATH = "reports/ablations"
-COMMIT_TAG = "hdkd.git_commit"
-EXP_TAG = "hdkd.dvc_exp_name"
+COMMIT_TAG = f"{TAG}git_commit"  # as hdkd.tracking.Tracker tags every run
+EXP_TAG = f"{TAG}dvc_exp_name"
 HEX = re.compile(r"[0-9a-f]{4,40}")
 
 
@@ -49,7 +49,7 @@ def bundle_for_revision(
     if tracking_uri:
         found, experiments = _find_mlflow_bundle(rev, resolve_commit(rev, repo_root), tracking_uri)
     if found is not None:
-        return validate_bundle(read_json_artifact(tracking_uri, *found))
+        return found
     ref = git_ref(rev, repo_root)
     if ref is not None:
         try:
@@ -82,8 +82,14 @@ def git_ref(rev: str, repo_root: str | os.PathLike = ".") -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ MLflow
-def _find_mlflow_bundle(rev: str, commit: str | None, tracking_uri: str) -> tuple[tuple[str, str] | None, list[str]]:
-    """``(run id, artifact path)`` of the newest bundle of ``rev`` (or ``None``), and the DVC experiments
+def tracked_bundle(tracking_uri: str, run_id: str) -> dict[str, Any] | None:
+    """The results bundle an evaluate run logged (at any artifact depth), validated; ``None`` if it has none."""
+    path = find_artifact(tracking_uri, run_id, BUNDLE_ARTIFACT)
+    return None if path is None else validate_bundle(read_json_artifact(tracking_uri, run_id, path))
+
+
+def _find_mlflow_bundle(rev: str, commit: str | None, tracking_uri: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest bundle of ``rev`` (or ``None``), and the DVC experiments
     of the commit ``rev`` names. An experiment's run stands for its name, never for its baseline commit:
     that commit's own results are those of a plain ``dvc repro`` (or the bundle committed there)."""
     if "'" in rev:  # never inside an MLflow filter string
@@ -99,9 +105,9 @@ def _find_mlflow_bundle(rev: str, commit: str | None, tracking_uri: str) -> tupl
         raise RevisionNotFound(f"revision {rev!r} is ambiguous in MLflow: commits {sorted(commits)}")
     plain = [r for r in by_commit if EXP_TAG not in r.tags]
     for run in find_runs(tracking_uri, f"tags.`{EXP_TAG}` = '{rev}'") + plain:  # newest first in each
-        path = find_artifact(tracking_uri, run.run_id, BUNDLE_ARTIFACT)
-        if path is not None:
-            return (run.run_id, path), []
+        bundle = tracked_bundle(tracking_uri, run.run_id)
+        if bundle is not None:
+            return bundle, []
     return None, sorted({r.tags[EXP_TAG] for r in by_commit if EXP_TAG in r.tags})
 
 

@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from hdkd.config import ReportConfig, flatten
 from hdkd.evaluate import model_names, validate_bundle
 from hdkd.io import csv_text, read_json, write_bytes, write_text
-from hdkd.plots import EXTRA_COLORS, MODEL_COLORS, figure_png, model_label, training_curves_figure
+from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 
 MODELS_NOTE = "Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the teacher."
 NA = "n/a"
@@ -95,11 +95,6 @@ def param_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(param_value(x) for x in v)
     return str(v)
-
-
-def model_color(bundle: Mapping[str, Any], name: str) -> str:
-    others = [m for m in model_names(bundle) if m not in MODEL_COLORS]
-    return MODEL_COLORS.get(name) or EXTRA_COLORS[others.index(name) % len(EXTRA_COLORS)]
 
 
 def table_markdown(table: Table) -> str:
@@ -320,7 +315,7 @@ def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
     x = np.arange(len(classes))
     for i, m in enumerate(models):
         f1 = [100 * c["f1"] for c in bundle["models"][m]["evaluation"]["per_class"]]
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, f1, width, label=model_label(m), color=model_color(bundle, m))
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, f1, width, label=model_label(m), color=model_color(m, models))
     ax.set_xticks(x, classes, rotation=30 if max(map(len, classes)) > 6 else 0)
     ax.set(ylabel="F1 (%)", ylim=(0, 100), title="Per-class F1 on the test split")
     ax.grid(axis="y", alpha=0.3)
@@ -335,7 +330,8 @@ def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[
         return None
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    for m in model_names(reference):
+    models = model_names(reference)
+    for m in models:
         points = [(v[0], b["models"][m]["evaluation"]) for v, b, _ in series if m in b["models"]]
         x = [100 * p[0] for p in points]
         y = [100 * p[1]["accuracy"] for p in points]
@@ -344,7 +340,7 @@ def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[
         if all(cis):  # a percentile interval may, rarely, exclude its estimate: clip, never negative
             err = [[max(yi - 100 * lo, 0) for yi, (lo, _) in zip(y, cis)],
                    [max(100 * hi - yi, 0) for yi, (_, hi) in zip(y, cis)]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=model_color(reference, m), label=model_label(m))
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=model_color(m, models), label=model_label(m))
     ax.set_xticks(sorted({100 * s[0][0] for s in series}))
     ax.set(xlabel="Training data used (%)", ylabel="Test accuracy (%)", title="Data efficiency")
     ax.grid(alpha=0.3)
@@ -426,7 +422,7 @@ def readme(
 ) -> str:
     """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
     dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
-    ablation_runs = [b for a in ABLATIONS for b in groups.get(a.name, [])]
+    used = [(b, differing_params(bundle, b), f"ablation_{a.name}") for a in ABLATIONS for b in groups.get(a.name, [])]
     rev = bundle.get("dvc_exp_name") or "<the commit holding these reports>"
     regenerate = f"python -m pipeline.report --rev {rev}"  # with the ablations committed in reports/ablations
     lines = [
@@ -455,9 +451,8 @@ def readme(
         "- `eval/<model>.json`: per-model detail (per-class, confusion matrix, CIs, efficiency)",
         "- `plots/`: DVC plots data (confusion matrices, training curves)",
     ]
-    if ablation_runs or unused:
+    if used or unused:
         lines += ["", "## Other runs", "", "| Run | Params hash | Differs in | Used in |", "|:---|:---|:---|:---|"]
-        used = [(b, differing_params(bundle, b), f"ablation_{a.name}") for a in ABLATIONS for b in groups.get(a.name, [])]
         for b, diff, where in used + [(b, diff, "not used") for b, diff in unused]:
             lines.append(f"| {run_label(b)} | `{b['params_hash']}` | {', '.join(diff) or 'nothing'} | {where} |")
     return "\n".join(lines) + "\n"

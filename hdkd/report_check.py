@@ -235,11 +235,10 @@ def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tol
 
 def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterable[Difference]) -> str:
     """Unified diffs of the tables (CSV, Markdown) that have differences, for reading."""
-    files = sorted({d.file for d in differences if d.file.endswith((".csv", ".md"))})
+    tables = {d.file for d in differences if d.file.endswith((".csv", ".md"))}
+    in_both = committed.files() & fresh.files() if tables else set()  # listed once: a GitTree runs git
     chunks = []
-    for name in files:
-        if name not in committed.files() or name not in fresh.files():
-            continue
+    for name in sorted(tables & in_both):
         a = committed.read(name).decode("utf-8").splitlines(keepends=True)
         b = fresh.read(name).decode("utf-8").splitlines(keepends=True)
         chunks.append("".join(difflib.unified_diff(a, b, f"committed/{name}", f"fresh/{name}", n=1)))

@@ -5,6 +5,7 @@ import struct
 import pytest
 
 from hdkd.config import ReportConfig
+from hdkd.plots import EXTRA_COLORS, MODEL_COLORS, model_color
 from hdkd.report import (
     ABLATIONS,
     ablation_table,
@@ -97,8 +98,10 @@ def test_runs_are_grouped_by_the_params_they_change(bundle):
 
 
 def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
-    written = build_report(bundle, tmp_path, [bundle_with({"tracking": {"enabled": False}})])
+    same = bundle_with({"tracking": {"enabled": False}})
+    written = build_report(bundle, tmp_path, [same])
     assert not [p for p in written if "ablation" in p.name or p.name == "data_efficiency.png"]
+    assert f"| `{same['params_hash']}` | nothing | not used |\n" in (tmp_path / "README.md").read_text(encoding="utf-8")
 
 
 def build_full(out, bundle, cfg=ReportConfig()):
@@ -129,6 +132,9 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
         assert f"(tables/{name}.md)" in readme
     for name in figures:
         assert f"(figures/{name}.png)" in readme
+    assert "## Other runs" in readme  # every ablation run, with what it differs in and where it is used
+    assert readme.count("| distill.lambda | ablation_lambda |\n") == 2
+    assert readme.count("| data.train_fraction | ablation_train_fraction |\n") == 2
 
 
 def test_report_is_byte_deterministic(tmp_path, bundle):
@@ -153,6 +159,13 @@ def test_stale_report_files_are_removed(tmp_path, bundle):
     keep.write_text("mine")
     build_report(bundle, tmp_path)
     assert not stale.exists() and keep.exists()
+
+
+def test_model_colors_are_the_same_in_every_figure():
+    # the training curves and the report's figures colour a model alike: by its place among the extra models
+    names = ["teacher", "student", "hdkd", "kd", "dkd"]
+    assert [model_color(m, names) for m in names] == [*MODEL_COLORS.values(), *EXTRA_COLORS[:2]]
+    assert model_color("kd", ["kd"]) == model_color("kd", names)
 
 
 def test_bundles_of_different_test_sets_are_refused(bundle):
