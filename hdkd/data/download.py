@@ -16,7 +16,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import stat
 import tarfile
 import urllib.error
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from hdkd.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
-from hdkd.io import file_md5, read_json, sibling_temp_dir, write_json
+from hdkd.io import atomic_dir, file_md5, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +200,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise FileExistsError(f"extraction target {dest} already exists")
-    tmp = sibling_temp_dir(dest)
-    try:
+    with atomic_dir(dest) as tmp:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
@@ -232,10 +230,6 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
             raise UnsafeArchiveError(
                 f"{archive} is neither a zip nor a tar archive (corrupt download?); delete it and run again"
             )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dest
 
 

@@ -48,7 +48,7 @@ from hdkd.data.formats import (
     read_ham_tree,
 )
 from hdkd.data.synthetic import generate
-from hdkd.io import dvc_md5, sibling_temp_dir, write_json
+from hdkd.io import atomic_dir, dvc_md5, write_json
 
 log = logging.getLogger(__name__)
 
@@ -278,19 +278,15 @@ def _kaggle_download(handle: str, dest: Path) -> bool:
     client = _kaggle_client()
     if client is None:
         return False
-    tmp = sibling_temp_dir(dest)
     try:
-        client(handle, tmp)
-        os.replace(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            client(handle, tmp)
         return True
     except Exception as e:  # client, credential or network failure of a third-party library
         log.warning(
             "Kaggle download of %s failed (%s: %s); using the public mirror", handle, type(e).__name__, e
         )
         return False
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _kaggle_client():
