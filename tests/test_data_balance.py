@@ -128,6 +128,7 @@ def test_none_passes_the_split_through_unchanged(tmp_path, prepared):
         assert file_md5(tmp_path / "balanced/train" / name) == file_md5(prepared / "train" / name)
     assert manifest["counts_before"] == manifest["counts_after"] == {"x": 30, "y": 12, "z": 7}
     assert read_json(tmp_path / "balanced" / MANIFEST)["classes"] == ["x", "y", "z"]
+    assert manifest["prepared"] == {"dataset": "t", "layout": "t", "image_size": SHAPE[0]}
 
 
 @pytest.mark.parametrize("method", ["smote", "augment"])
