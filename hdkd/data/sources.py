@@ -326,11 +326,9 @@ DERMAMNIST_MD5 = {
 }
 
 
-def dermamnist_file(size: int, md5: str | None = None) -> RemoteFile:
+def dermamnist_file(size: int, md5: str) -> RemoteFile:
     name = "dermamnist.npz" if size == 28 else f"dermamnist_{size}.npz"
-    return RemoteFile(
-        name, f"https://zenodo.org/records/10519652/files/{name}?download=1", md5 or DERMAMNIST_MD5[size]
-    )
+    return RemoteFile(name, f"https://zenodo.org/records/10519652/files/{name}?download=1", md5)
 
 
 @dataclass
