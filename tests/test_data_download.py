@@ -82,6 +82,14 @@ def test_server_without_range_support_restarts_from_zero(tmp_path):
     assert (tmp_path / "data.bin").read_bytes() == PAYLOAD
 
 
+def test_partial_file_the_server_refuses_to_continue_is_restarted(tmp_path):
+    (tmp_path / "data.bin.part").write_bytes(b"x" * (len(PAYLOAD) + 10))  # longer than the file: HTTP 416
+    with serve({"data.bin": PAYLOAD}) as server:
+        download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD))
+    assert server.requests == [("data.bin", f"bytes={len(PAYLOAD) + 10}-"), ("data.bin", None)]
+    assert (tmp_path / "data.bin").read_bytes() == PAYLOAD
+
+
 def test_connection_refused_is_a_clear_error(tmp_path):
     url = refused_url()
     with pytest.raises(DownloadError, match=r"unreachable.*network.*data\.urls\['file\.zip'\]") as e:
