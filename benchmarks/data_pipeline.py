@@ -41,7 +41,7 @@ def smote_child(workdir: Path) -> None:
     from hdkd.config import AugmentConfig, BalanceConfig
     from hdkd.data.balance import balance_training_split
     from hdkd.data.formats import HAM_CLASSES, HAM_COUNTS
-    from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, NpyWriter
+    from hdkd.data.packed import IMAGES, LABELS, MANIFEST, NpyWriter, write_labels_and_index
     from hdkd.io import write_json
 
     prepared = workdir / "prepared"
@@ -57,10 +57,8 @@ def smote_child(workdir: Path) -> None:
             pick = rng.integers(0, 4, len(chunk))
             noise = rng.integers(0, 24, (len(chunk), *HAM_SHAPE[1:]), dtype=np.uint8)
             out.write(basis[chunk, pick] // 2 + noise)
-    np.save(prepared / "train" / LABELS, labels)
-    pd.DataFrame(
-        {"image_id": [f"img{i}" for i in range(len(labels))], "group": [f"g{i}" for i in range(len(labels))]}
-    ).to_csv(prepared / "train" / INDEX, index=False)
+    ids, groups = [f"img{i}" for i in range(len(labels))], [f"g{i}" for i in range(len(labels))]
+    write_labels_and_index(prepared / "train", labels, pd.DataFrame({"image_id": ids, "group": groups}))
     write_json(
         prepared / MANIFEST,
         {"classes": list(HAM_CLASSES), "dataset": "benchmark", "layout": "ham10000", "image_size": 224},
@@ -157,6 +155,7 @@ def rate(step, n: int, seconds: float) -> float:
 
 
 def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
+    import pandas as pd
     import torch
     from PIL import Image
 
@@ -170,7 +169,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     )
     from hdkd.data.images import decode_resized
     from hdkd.data.loader import PackedDataset
-    from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, NpyWriter, load_split
+    from hdkd.data.packed import IMAGES, MANIFEST, NpyWriter, load_split, write_labels_and_index
     from hdkd.io import write_json
 
     torch.set_num_threads(1)  # per core
@@ -189,8 +188,9 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     with NpyWriter(packed / "train" / IMAGES, len(paths), (224, 224, 3)) as out:
         for p in paths:
             out.write(decode_resized(lambda p=p: Image.open(p), 224, str(p))[0][None])
-    np.save(packed / "train" / LABELS, np.zeros(len(paths), np.int64))
-    (packed / "train" / INDEX).write_text("image_id\n" + "\n".join(p.stem for p in paths) + "\n")
+    write_labels_and_index(
+        packed / "train", np.zeros(len(paths), np.int64), pd.DataFrame({"image_id": [p.stem for p in paths]})
+    )
     write_json(packed / MANIFEST, {"classes": ["x"]})
     split = load_split(packed, "train")
     packed_aug = PackedDataset(split, train_transform(AugmentConfig()), seed=0)

@@ -128,6 +128,7 @@ def test_none_passes_the_split_through_unchanged(tmp_path, prepared):
         assert file_md5(tmp_path / "balanced/train" / name) == file_md5(prepared / "train" / name)
     assert manifest["counts_before"] == manifest["counts_after"] == {"x": 30, "y": 12, "z": 7}
     assert read_json(tmp_path / "balanced" / MANIFEST)["classes"] == ["x", "y", "z"]
+    assert manifest["prepared"] == {"dataset": "t", "layout": "t", "image_size": SHAPE[0]}
 
 
 @pytest.mark.parametrize("method", ["smote", "augment"])
@@ -153,7 +154,9 @@ def test_augmented_copies_are_transformed_real_images_of_their_class(tmp_path, p
     split = load_split(tmp_path / "out", "train")
     index = pd.read_csv(tmp_path / "out/train/index.csv")
     real = np.load(prepared / "train" / IMAGES)
-    for row in np.flatnonzero(index["origin"] == "augment"):
+    added = np.flatnonzero(index["origin"] == "augment")
+    assert len(added) == 20 - 7
+    for row in added:
         parent = int(index["source"][row].split(":i")[1])
         assert split.labels[row] == split.labels[parent] == 2
         candidates = [real[parent], real[parent][:, ::-1], real[parent][::-1], real[parent][::-1, ::-1]]

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 
+from hdkd.data import download
 from hdkd.data.download import download_file, extract_archive, is_verified
 from hdkd.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
 from tests.data_fixtures import md5, refused_url, serve
@@ -26,11 +27,14 @@ def test_download_verifies_and_renames_into_place(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data.bin.verified", "data.bin"]  # no .part left
 
 
-def test_verified_file_is_not_downloaded_again(tmp_path):
+def test_verified_file_is_not_downloaded_again(tmp_path, monkeypatch):
+    hashed = []
+    monkeypatch.setattr(download, "file_md5", lambda path: hashed.append(path) or md5(path.read_bytes()))
     with serve({"data.bin": PAYLOAD}) as server:
         download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD))
         download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD))
     assert len(server.requests) == 1
+    assert len(hashed) == 1  # hashed once, as it arrived; after that the stamp vouches for it
 
 
 def test_wrong_checksum_deletes_the_file_and_says_so(tmp_path):
@@ -75,6 +79,14 @@ def test_server_without_range_support_restarts_from_zero(tmp_path):
     (tmp_path / "data.bin.part").write_bytes(b"x" * 5_000)  # not even a prefix of the real file
     with serve({"data.bin": PAYLOAD}, honour_range=False) as server:
         download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD))
+    assert (tmp_path / "data.bin").read_bytes() == PAYLOAD
+
+
+def test_partial_file_the_server_refuses_to_continue_is_restarted(tmp_path):
+    (tmp_path / "data.bin.part").write_bytes(b"x" * (len(PAYLOAD) + 10))  # longer than the file: HTTP 416
+    with serve({"data.bin": PAYLOAD}) as server:
+        download_file(server.url("data.bin"), tmp_path / "data.bin", md5=md5(PAYLOAD))
+    assert server.requests == [("data.bin", f"bytes={len(PAYLOAD) + 10}-"), ("data.bin", None)]
     assert (tmp_path / "data.bin").read_bytes() == PAYLOAD
 
 

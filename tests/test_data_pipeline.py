@@ -1,4 +1,4 @@
-"""The download -> prepare -> balance stages through their pipeline scripts (and, marked slow, DVC)."""
+"""The download -> prepare -> balance stages through their pipeline scripts, and through `dvc repro`."""
 
 from __future__ import annotations
 

@@ -116,6 +116,7 @@ def test_odd_but_valid_images_are_converted_not_quarantined(tmp_path):
     manifest = _prepare(tmp_path, dataset="imagefolder", root=str(tree), image_size=16)
     assert manifest["quarantined"] == 0
     prepared = tmp_path / "prepared"
+    checked = []
     for split in ("train", "val"):
         index = pd.read_csv(prepared / split / "index.csv")
         images = load_split(prepared, split).images
@@ -123,6 +124,8 @@ def test_odd_but_valid_images_are_converted_not_quarantined(tmp_path):
             if "/odd/" in image_id:
                 expected = (gray,) * 3 if ("gray" in image_id or "wide" in image_id) else colour
                 assert np.abs(images[row].astype(int) - expected).max() <= 6, image_id
+                checked.append(image_id)
+    assert len(checked) == len(list(odd.iterdir())) == 6  # every odd image was packed and compared
 
 
 def test_duplicates_across_splits_are_reported(tmp_path):

@@ -61,6 +61,7 @@ def balance_training_split(
     """Write the balanced training split of ``prepared_dir`` to ``out_dir/train``; return the manifest."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     split = load_split(prepared_dir, "train")
+    prepared = read_json(prepared_dir / MANIFEST)
     before = np.bincount(split.labels, minlength=len(split.classes))
     n_new = resolve_targets(cfg.targets, split.classes, before) if cfg.method != "none" else {}
     source = prepared_dir / "train"
@@ -98,9 +99,7 @@ def balance_training_split(
             "seed": seed,
             "counts_before": dict(zip(split.classes, before.tolist())),
             "counts_after": dict(zip(split.classes, after.tolist())),
-            "prepared": {
-                k: read_json(prepared_dir / MANIFEST)[k] for k in ("dataset", "layout", "image_size")
-            },
+            "prepared": {k: prepared[k] for k in ("dataset", "layout", "image_size")},
         }
         write_json(tmp / MANIFEST, manifest)
     log.info("balance (%s): %s -> %s", cfg.method, manifest["counts_before"], manifest["counts_after"])

@@ -12,12 +12,10 @@
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import os
 import posixpath
 import re
-import shutil
 import stat
 import tarfile
 import urllib.error
@@ -28,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from hdkd.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
-from hdkd.io import file_md5, sibling_temp_dir, write_json
+from hdkd.io import atomic_dir, file_md5, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +41,30 @@ def is_verified(path: Path, md5: str | None = None, size: int | None = None) -> 
     """
     if not path.is_file():
         return False
-    st = path.stat()
-    if size is not None and st.st_size != size:
+    if size is not None and path.stat().st_size != size:
         return False
     if md5 is None:
         return True
-    stamp = path.with_name(f".{path.name}.verified")
-    current = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5}
+    current = _stamp(path, md5)
     try:
-        if json.loads(stamp.read_text()) == current:
+        if read_json(_stamp_path(path)) == current:
             return True
     except (OSError, ValueError):
         pass
     if file_md5(path) != md5:
         return False
-    write_json(stamp, current)
+    write_json(_stamp_path(path), current)
     return True
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.verified")
+
+
+def _stamp(path: Path, md5: str) -> dict[str, object]:
+    """What ``.<name>.verified`` holds for ``path`` with content hash ``md5``."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5}
 
 
 def download_file(
@@ -99,8 +105,8 @@ def download_file(
     with open(part, "rb") as f:
         os.fsync(f.fileno())
     os.replace(part, dest)
-    if md5:
-        is_verified(dest, md5, size)  # records the stamp
+    if md5:  # the hash just checked: the next run trusts the stamp instead of reading the file again
+        write_json(_stamp_path(dest), _stamp(dest, md5))
     log.info("%s: downloaded and verified", dest)
     return dest
 
@@ -194,8 +200,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise FileExistsError(f"extraction target {dest} already exists")
-    tmp = sibling_temp_dir(dest)
-    try:
+    with atomic_dir(dest) as tmp:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
@@ -225,10 +230,6 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
             raise UnsafeArchiveError(
                 f"{archive} is neither a zip nor a tar archive (corrupt download?); delete it and run again"
             )
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dest
 
 

@@ -49,16 +49,14 @@ def prepare_dataset(
     ``source_record`` is the download stage's record (``data/raw/source.json``): its checksums go
     into the manifest, and it must describe the dataset being prepared.
     """
+    source = get_source(cfg.dataset)
     record = read_json(source_record) if source_record else {}
-    if record and (record["dataset"], record["directory"]) != (
-        cfg.dataset,
-        str(get_source(cfg.dataset).directory(cfg)),
-    ):
+    if record and (record["dataset"], record["directory"]) != (cfg.dataset, str(source.directory(cfg))):
         raise DataError(
             f"{source_record} describes dataset {record['dataset']!r} in {record['directory']}, not "
             f"{cfg.dataset!r}: run the download stage first (dvc repro download)"
         )
-    catalog = get_source(cfg.dataset).catalog(cfg)
+    catalog = source.catalog(cfg)
     items = catalog.items.copy()
     items["split"] = assign_splits(
         items,
@@ -82,15 +80,15 @@ def prepare_dataset(
         used["sha256"], used["quarantine_reason"] = _decode_all(catalog, used, cfg.image_size, decoded)
         quarantined = used[used["quarantine_reason"] != ""]
         good = used[used["quarantine_reason"] == ""]
-        _check_training_classes(catalog, good, quarantined)
-
-        counts: dict[str, dict[str, int]] = {}
-        for split in SPLITS:
-            rows = good[good["split"] == split]
+        by_split = {split: good[good["split"] == split] for split in SPLITS}
+        n_classes = len(catalog.classes)
+        counts = {
+            split: dict(zip(catalog.classes, np.bincount(rows["label"], minlength=n_classes).tolist()))
+            for split, rows in by_split.items()
+        }
+        _check_training_classes(catalog, counts, quarantined)
+        for split, rows in by_split.items():
             _write_split(tmp / split, decoded, rows, catalog.classes, cfg.image_size)
-            counts[split] = dict(
-                zip(catalog.classes, np.bincount(rows["label"], minlength=len(catalog.classes)).tolist())
-            )
         decoded.unlink()
 
         quarantined[["split", "image_id", "ref", "quarantine_reason"]].rename(
@@ -148,10 +146,11 @@ def _decode_all(catalog: Catalog, items: pd.DataFrame, size: int, path: Path) ->
     return hashes, reasons
 
 
-def _check_training_classes(catalog: Catalog, good: pd.DataFrame, quarantined: pd.DataFrame) -> None:
-    for split in SPLITS:
-        n = np.bincount(good.loc[good["split"] == split, "label"], minlength=len(catalog.classes))
-        empty = [c for c, k in zip(catalog.classes, n) if k == 0]
+def _check_training_classes(
+    catalog: Catalog, counts: dict[str, dict[str, int]], quarantined: pd.DataFrame
+) -> None:
+    for split, per_class in counts.items():
+        empty = [c for c, k in per_class.items() if k == 0]
         if empty and split == "train":
             lost = quarantined["label"].map(lambda i: catalog.classes[i]).isin(empty).sum()
             raise DataError(

@@ -48,7 +48,7 @@ from hdkd.data.formats import (
     read_ham_tree,
 )
 from hdkd.data.synthetic import generate
-from hdkd.io import dvc_md5, sibling_temp_dir, write_json
+from hdkd.io import atomic_dir, dvc_md5, write_json
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,11 @@ class Source(abc.ABC):
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return ()
 
-    @abc.abstractmethod
     def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        """Make the raw data available and verified; return what identifies it (checksums, digest)."""
+        """Make the raw data available and verified; return what identifies it (checksums, digest).
 
-    @abc.abstractmethod
-    def catalog(self, cfg: DataConfig) -> Catalog:
-        """List the images, labels, groups and official splits of the fetched data."""
-
-    def _check_url_overrides(self, cfg: DataConfig) -> None:
+        ``data.urls`` may only name files of :meth:`remote_files`; that is checked first.
+        """
         known = {f.name for f in self.remote_files(cfg)}
         unknown = sorted(set(cfg.urls) - known)
         if unknown:
@@ -99,6 +95,15 @@ class Source(abc.ABC):
                 f"data.urls names file(s) {unknown} that dataset {self.name!r} does not use; "
                 f"its files are {sorted(known) or 'none (nothing is downloaded)'}"
             )
+        return self._fetch(cfg)
+
+    @abc.abstractmethod
+    def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
+        """:meth:`fetch` once ``data.urls`` is checked."""
+
+    @abc.abstractmethod
+    def catalog(self, cfg: DataConfig) -> Catalog:
+        """List the images, labels, groups and official splits of the fetched data."""
 
 
 class Synthetic(Source):
@@ -109,8 +114,7 @@ class Synthetic(Source):
     def directory(self, cfg: DataConfig) -> Path:
         return cfg.root / f"synthetic_{cfg.synthetic.layout}"
 
-    def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        self._check_url_overrides(cfg)
+    def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
         directory = generate(cfg.synthetic, self.directory(cfg))
         return {"layout": cfg.synthetic.layout, "tree_digest": dvc_md5(directory)}
 
@@ -129,8 +133,7 @@ class ImageFolder(Source):
     def directory(self, cfg: DataConfig) -> Path:
         return cfg.root
 
-    def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        self._check_url_overrides(cfg)
+    def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
         catalog = self.catalog(cfg)  # validates the layout and the class folders
         files = [Path(p) for p in catalog.items["ref"]]
         return {
@@ -180,8 +183,7 @@ class Ham10000(Source):
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return self.files
 
-    def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        self._check_url_overrides(cfg)
+    def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
         directory = self.directory(cfg)
         for f in self.files:
             path = f.fetch(cfg, directory)
@@ -213,8 +215,7 @@ class BrainTumorMri(Source):
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return (self.mirror,)
 
-    def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        self._check_url_overrides(cfg)
+    def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
         directory = self.directory(cfg)
         if self._tree_root(directory) is None:
             extracted = directory / "dataset"
@@ -278,19 +279,15 @@ def _kaggle_download(handle: str, dest: Path) -> bool:
     client = _kaggle_client()
     if client is None:
         return False
-    tmp = sibling_temp_dir(dest)
     try:
-        client(handle, tmp)
-        os.replace(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            client(handle, tmp)
         return True
     except Exception as e:  # client, credential or network failure of a third-party library
         log.warning(
             "Kaggle download of %s failed (%s: %s); using the public mirror", handle, type(e).__name__, e
         )
         return False
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _kaggle_client():
@@ -329,11 +326,9 @@ DERMAMNIST_MD5 = {
 }
 
 
-def dermamnist_file(size: int, md5: str | None = None) -> RemoteFile:
+def dermamnist_file(size: int, md5: str) -> RemoteFile:
     name = "dermamnist.npz" if size == 28 else f"dermamnist_{size}.npz"
-    return RemoteFile(
-        name, f"https://zenodo.org/records/10519652/files/{name}?download=1", md5 or DERMAMNIST_MD5[size]
-    )
+    return RemoteFile(name, f"https://zenodo.org/records/10519652/files/{name}?download=1", md5)
 
 
 @dataclass
@@ -346,8 +341,7 @@ class DermaMnist(Source):
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return (dermamnist_file(cfg.dermamnist_size, self.md5[cfg.dermamnist_size]),)
 
-    def fetch(self, cfg: DataConfig) -> dict[str, Any]:
-        self._check_url_overrides(cfg)
+    def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
         (f,) = self.remote_files(cfg)
         f.fetch(cfg, self.directory(cfg))
         return {"files": {f.name: f.md5}}
