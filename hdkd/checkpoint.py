@@ -2,19 +2,18 @@
 
 A model file holds the weights *and* how to rebuild the network (registry name, classes, image
 size, overrides), so evaluation and distillation need nothing else. A resume state holds
-everything that decides the rest of a run — weights, optimiser, scheduler, scaler, RNG states,
-epoch, history, best-so-far — plus a fingerprint of the inputs it is valid for. Everything is
+everything that decides the rest of a run — weights, optimiser, scheduler, scaler, epoch,
+history, best-so-far — plus a fingerprint of the inputs it is valid for (no RNG state: the
+training loop seeds each epoch's draws from (seed, rank, epoch)). Everything is
 written atomically and read back with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -59,33 +58,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model.load_state_dict(blob["state_dict"])
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model, meta
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from, in a ``weights_only``-loadable form."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
-    save_torch(path, {**state, "rng": rng_state()})
 
 
 def load_resume_state(path: str | Path, fingerprint: str) -> dict[str, Any] | None:

@@ -2,8 +2,9 @@
 
 The three differ only in their loss (cross-entropy, or the HDKD distillation loss) and in whether
 a frozen teacher runs beside the student. Model selection uses the validation split only. Each
-epoch ends with an atomic resume state (weights, optimiser, scheduler, scaler, RNGs, history), so an
-interrupted run continues where it stopped and — on the CPU — ends with the same numbers.
+epoch ends with an atomic resume state (weights, optimiser, scheduler, scaler, history), and every
+random draw of an epoch is seeded from (seed, rank, epoch), so an interrupted run continues where it
+stopped and — on the CPU — ends with the same numbers.
 Runs as a plain process or under ``torchrun`` (DistributedDataParallel; rank 0 writes and logs).
 """
 
@@ -28,11 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from hdkd.checkpoint import (load_model, load_resume_state, save_model, save_resume_state, set_rng_state,
-                             unwrap)
+from hdkd.checkpoint import load_model, load_resume_state, save_model, unwrap
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
 from hdkd.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, device_type, init_distributed,
                               resolve_device, shutdown)
+from hdkd.data.seeding import derive_seed
 from hdkd.io import dvc_md5, load_torch, read_json, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
 from hdkd.models import FrozenTeacher, create_model, model_name
@@ -266,7 +267,6 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
             history, best, start_epoch = state["history"], state["best"], state["epoch"]
             best_state = load_torch(best_path, rt.device)
             if rt.dist.is_main:
@@ -275,9 +275,14 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
                   disable=None if rt.progress else True, dynamic_ncols=True)
     for epoch in epochs:
+        # Every random draw of an epoch depends only on (seed, rank, epoch): dropout here, the data
+        # order in the sampler, augmentation per sample or per batch. So each rank has its own streams
+        # and a resumed run draws what an uninterrupted one would, with no RNG state to save.
+        torch.manual_seed(derive_seed(seed, rt.dist.rank, epoch))
         sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):  # per-(seed, epoch, index) augmentation
-            train_set.set_epoch(epoch)
+        for part in (train_set, batch_hook):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row |= train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, rt, teacher, grad_clip,
                                batch_hook, desc=f"{desc} {epoch + 1}/{cfg.epochs}", log_every=log_every)
@@ -296,7 +301,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
         if rt.dist.is_main and resume_dir is not None:
             if improved:  # before last.pt: a resume state never points at a missing best
                 save_torch(best_path, best_state)
-            save_resume_state(last_path, {
+            save_torch(last_path, {
                 "fingerprint": fingerprint, "epoch": epoch + 1, "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "history": history, "best": best,
@@ -383,7 +388,6 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
         unused = role == "hdkd" and params.distill.type == "none"  # the distillation head gets no gradient
         train_model = DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                               else None, find_unused_parameters=unused)
-    torch.manual_seed(params.seed + rt.dist.rank)  # distinct dropout streams per rank
 
     fingerprint = input_fingerprint(role, params, paths)
     run_file = paths.resume_dir / "mlflow_run.json"
@@ -424,7 +428,7 @@ def run_training(role: str, params: Params, paths: StagePaths, datasets: tuple[D
 def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple[Dataset, Dataset, list[str]],
                                                                           Callable | None]:
     """The packed train/val splits as datasets, and the batch hook for GPU augmentation (if any)."""
-    from hdkd.data import PackedDataset, augment_batch, eval_transform, load_split, normalize, train_transform
+    from hdkd.data import BatchAugment, PackedDataset, eval_transform, load_split, train_transform
 
     train = load_split(paths.train, "train", image_size=params.data.image_size)
     val = load_split(paths.val, "val", image_size=params.data.image_size)
@@ -435,8 +439,7 @@ def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple
         train_set = PackedDataset(train, eval_transform(), seed=params.seed)
     elif params.augment.on_gpu and rt.device.type == "cuda":
         train_set = PackedDataset(train, None, seed=params.seed)  # uint8 batches, augmented on the device
-        generator = torch.Generator(rt.device).manual_seed(params.seed + rt.dist.rank)
-        hook = lambda images: normalize(augment_batch(images, params.augment, generator))  # noqa: E731
+        hook = BatchAugment(params.augment, params.seed, rt.dist.rank)
     else:
         train_set = PackedDataset(train, train_transform(params.augment), seed=params.seed)
     return (train_set, PackedDataset(val, eval_transform()), list(train.classes)), hook

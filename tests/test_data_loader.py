@@ -15,6 +15,7 @@ from hdkd.config import AugmentConfig
 from hdkd.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    BatchAugment,
     apply_batch_params,
     augment_batch,
     augment_image,
@@ -26,6 +27,7 @@ from hdkd.data.augment import (
 from hdkd.data.errors import DataError
 from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, load_split
+from hdkd.data.seeding import derive_seed
 from hdkd.io import write_json
 
 
@@ -180,6 +182,26 @@ def test_augment_batch_is_deterministic_per_generator_and_varies_per_image():
     same = augment_batch(x[:1].expand(8, -1, -1, -1).contiguous(), cfg, torch.Generator().manual_seed(3))
     assert len({tuple(img.flatten().tolist()) for img in same}) == 8  # own parameters per image
     assert torch.equal(augment_batch(x, AugmentConfig(enabled=False), torch.Generator()), x)
+
+
+def test_batch_augment_draws_depend_only_on_seed_rank_and_epoch():
+    cfg = AugmentConfig()
+    x = _batch(4)
+
+    def draw(seed=0, rank=0, epoch=0, skip=0):
+        hook = BatchAugment(cfg, seed, rank)
+        for _ in range(skip):  # batches drawn before: a resumed run has not drawn them
+            hook(x)
+        hook.set_epoch(epoch)
+        return hook(x)
+
+    first = draw(epoch=2)
+    assert first.dtype == torch.float32 and first.shape == x.shape  # normalised
+    assert torch.equal(first, draw(epoch=2, skip=3))
+    assert torch.equal(first, normalize(augment_batch(x, cfg, torch.Generator().manual_seed(derive_seed(0, 0, 2)))))
+    assert not torch.equal(first, draw(epoch=3))
+    assert not torch.equal(first, draw(epoch=2, rank=1))
+    assert not torch.equal(first, draw(epoch=2, seed=1))
 
 
 def test_augment_batch_flips_only():

@@ -8,7 +8,8 @@ Stages (each called by a thin ``pipeline/<stage>.py``):
 - :func:`balance_training_split` (balance): oversample the training split -> ``data/balanced``.
 
 Training: :func:`load_split`, :class:`PackedDataset`, :func:`train_transform`,
-:func:`eval_transform`, :func:`normalize`, :func:`augment_image`, :func:`augment_batch`
+:func:`eval_transform`, :func:`normalize`, :func:`augment_image`, :func:`augment_batch`,
+:class:`BatchAugment`
 (see :mod:`hdkd.data.loader`).
 
 Names are imported on first use: the download, prepare and SMOTE paths never load torch
@@ -21,6 +22,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "BatchAugment": "augment",
     "augment_batch": "augment",
     "augment_image": "augment",
     "eval_transform": "augment",

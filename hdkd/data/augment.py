@@ -12,7 +12,8 @@ distributions, configured by :class:`~hdkd.config.AugmentConfig`, in two forms:
   or the order it is loaded in.
 - :func:`augment_batch`: a whole ``uint8`` batch on any device (the GPU option
   ``augment.on_gpu``), every image with its own parameters, in a few batched kernels; equal to
-  :func:`augment_image` for the same parameters up to float rounding.
+  :func:`augment_image` for the same parameters up to float rounding; :class:`BatchAugment` is
+  the training loop's batch hook around it.
 
 Parameters are drawn by :func:`sample_params` from an explicit ``torch.Generator`` (never from
 torch's global RNG), the same way for both forms.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from hdkd.config import AugmentConfig
+from hdkd.data.seeding import derive_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -192,6 +194,26 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
     if not cfg.enabled:
         return images
     return apply_batch_params(images, sample_params(len(images), cfg, generator), cfg)
+
+
+class BatchAugment:
+    """The training batch hook of ``augment.on_gpu``: :func:`augment_batch` then :func:`normalize`.
+
+    Its draws depend only on (seed, rank, epoch) — :meth:`set_epoch` selects them, as
+    :meth:`PackedDataset.set_epoch <hdkd.data.loader.PackedDataset.set_epoch>` does per sample —
+    so a resumed run augments exactly as an uninterrupted one would, with no generator state to save.
+    """
+
+    def __init__(self, cfg: AugmentConfig, seed: int, rank: int = 0):
+        self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.generator = torch.Generator()  # on the CPU: parameters are few, and drawing them never syncs a GPU
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(derive_seed(self.seed, self.rank, epoch))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(augment_batch(images, self.cfg, self.generator))
 
 
 def _rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
