@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -135,10 +136,19 @@ def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(f"cannot load checkpoint {path}: {e}") from e
 
 
-def file_md5(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_md5(path: str | os.PathLike) -> str:
+    """A file's md5, remembered for the process while its inode, size and mtime stay the same (as
+    DVC's own hash cache): a training stage hashes its input arrays for its resume fingerprint and
+    again for its MLflow dependency tags, and these can be gigabytes."""
+    st = os.stat(path)
+    return _md5(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _md5(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
