@@ -227,7 +227,9 @@ def _rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], dim=-1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=x.device)
+    half_size = torch.full((2,), 0.5 * w, device=x.device)  # fills, not a host copy: no GPU sync per batch
+    half_size[1] = 0.5 * h
+    scaled = theta.transpose(1, 2) / half_size
     grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round_().to(torch.uint8)
