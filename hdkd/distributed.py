@@ -62,6 +62,15 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def same_on_all_ranks(value: int, info: DistInfo, device: torch.device) -> bool:
+    """Whether every rank holds the same integer (always true for one process)."""
+    if not info.enabled:
+        return True
+    both = torch.tensor([value, -value], dtype=torch.int64, device=device)  # NCCL needs device tensors
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # max(v) == -max(-v) == min(v) iff all equal
+    return both[0].item() == -both[1].item()
+
+
 def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics drift apart: each rank updates them
     from its own shard), so that all ranks validate, select and save the same model."""

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from hdkd.checkpoint import load_model, load_resume_state, save_model, unwrap
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
 from hdkd.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, device_type, init_distributed,
-                              resolve_device, shutdown)
+                              resolve_device, same_on_all_ranks, shutdown)
 from hdkd.data.seeding import derive_seed
 from hdkd.io import dvc_md5, load_torch, read_json, save_torch, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss, LossParts
@@ -271,6 +271,11 @@ def fit(model: nn.Module, criterion: HDKDLoss, cfg: OptimConfig, train_set: Data
             best_state = load_torch(best_path, rt.device)
             if rt.dist.is_main:
                 log.info("resuming from epoch %d of %d (%s)", start_epoch, cfg.epochs, last_path)
+        # Only rank 0 writes resume states: on nodes that do not share the directory, the other
+        # ranks would start afresh beside it and the run would hang or diverge.
+        if not same_on_all_ranks(start_epoch, rt.dist, rt.device):
+            raise RuntimeError(f"the ranks found different resume states in {resume_dir}: it must be on a file "
+                               "system that every node shares (or remove it on every node to start afresh)")
 
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
                   disable=None if rt.progress else True, dynamic_ncols=True)

@@ -1,6 +1,9 @@
 """One distillation step under torchrun (2 CPU processes, gloo); run by tests/test_distributed.py.
 
-Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_step.py OUT_DIR
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_step.py OUT_DIR [unshared-resume]
+
+``unshared-resume``: one epoch with a resume directory, then a longer run in which rank 1 looks
+for the resume state in a directory of its own (as on a node that does not share the file system).
 """
 
 import sys
@@ -42,5 +45,21 @@ def main(out: Path):
     shutdown(info)
 
 
+def unshared_resume(out: Path):
+    info = init_distributed("cpu")
+    teacher, student, data = setup()
+    rt = Runtime(torch.device("cpu"), info, progress=False)
+    run = dict(seed=0, batch_size=GLOBAL_BATCH, teacher=teacher, fingerprint="f")
+    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), CFG, data, data, rt, resume_dir=out / "shared",
+        **run)
+    longer = CFG.model_copy(update={"epochs": 2})
+    try:
+        fit(DistributedDataParallel(student), build_criterion("hdkd", longer), longer, data, data, rt,
+            resume_dir=out / ("shared" if info.is_main else "node1"), **run)
+    except RuntimeError as e:
+        (out / f"error{info.rank}.txt").write_text(str(e))
+    shutdown(info)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (unshared_resume if sys.argv[2:] == ["unshared-resume"] else main)(Path(sys.argv[1]))

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -14,11 +15,15 @@ import ddp_step  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+def torchrun_ddp_step(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "tests" / "ddp_step.py"), str(tmp_path)], check=True, env=env, cwd=ROOT,
+                    str(ROOT / "tests" / "ddp_step.py"), *map(str, args)], check=True, env=env, cwd=ROOT,
                    capture_output=True, timeout=300)
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    torchrun_ddp_step(tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     # Reference: one process, the same global batch. DDP averages the gradients of the per-rank losses
@@ -52,3 +57,10 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     assert val0 == val1
     moved = sum((rank0[n] - p0).abs().sum().item() for n, p0 in ddp_step.setup()[1].named_parameters())
     assert moved > 0  # the step changed the weights: the comparison is not between two untouched models
+
+
+@pytest.mark.slow
+def test_ranks_that_find_different_resume_states_stop_with_a_clear_error(tmp_path):
+    torchrun_ddp_step(tmp_path, "unshared-resume")
+    for rank in (0, 1):  # both stop (neither waits forever for the other), with the same advice
+        assert "every node shares" in (tmp_path / f"error{rank}.txt").read_text()
