@@ -1,4 +1,4 @@
-"""evaluate_model on a model with known outputs; the bundle and the files write_evaluation writes."""
+"""evaluate_model on a model with known outputs; the files write_evaluation writes."""
 
 import csv
 import io
@@ -10,10 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hdkd.config import EvaluateConfig, Params
-from hdkd.evaluate import evaluate_model, make_bundle, validate_bundle, write_evaluation
+from hdkd.bundle import make_bundle
+from hdkd.evaluate import evaluate_model, write_evaluation
 from hdkd.io import read_json
 
-from conftest import CLASSES, bundle_with, hand_models
+from conftest import CLASSES, hand_models
 
 
 class ChannelMeans(nn.Module):
@@ -67,26 +68,6 @@ def test_evaluate_model_rejects_non_logits():
         evaluate_model(Pair(), loader_for([0, 1], [0, 1]), CLASSES, EvaluateConfig())
     with pytest.raises(ValueError, match="class_names has 2"):
         evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], EvaluateConfig())
-
-
-def test_bundle_records_params_and_provenance():
-    b = bundle_with({"distill": {"lambda": 1.0}}, dvc_exp_name="exp-l1")
-    assert b["schema_version"] == 1 and b["class_names"] == CLASSES and b["dataset"] == "toy"
-    assert b["params"]["distill"]["lambda"] == 1.0 and len(b["params_hash"]) == 16
-    assert b["params_hash"] != bundle_with()["params_hash"]
-    assert b["dvc_exp_name"] == "exp-l1" and b["git_commit"].startswith("0123")
-    assert set(b["models"]) == {"teacher", "student", "hdkd"}
-
-
-def test_validate_bundle_says_what_is_wrong(bundle):
-    with pytest.raises(ValueError, match="schema_version 99"):
-        validate_bundle(bundle | {"schema_version": 99})
-    with pytest.raises(ValueError, match="lacks \\['params_hash'\\]"):
-        validate_bundle({k: v for k, v in bundle.items() if k != "params_hash"})
-    broken = json.loads(json.dumps(bundle))
-    broken["models"]["hdkd"]["evaluation"]["per_class"].pop()
-    with pytest.raises(ValueError, match="'hdkd' is not evaluated on the 3 classes"):
-        validate_bundle(broken)
 
 
 def test_write_evaluation_files(tmp_path, bundle):
