@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from hdkd.bundle import BUNDLE_ARTIFACT, MODEL_ORDER, make_bundle, model_names, validate_bundle
 from hdkd.checkpoint import load_model
 from hdkd.config import EvaluateConfig, Params
+from hdkd.distributed import DistInfo, resolve_device
 from hdkd.efficiency import eval_mode, measure_efficiency
 from hdkd.io import write_csv, write_json
 from hdkd.metrics import classification_metrics
@@ -187,10 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
+    device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
     test = load_split(args.data, "test", image_size=params.data.image_size)
     models = {name: args.models / name / "model.pt" for name in MODEL_ORDER}
     missing = [str(p) for p in models.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"trained models missing: {missing}; run `dvc repro distill` first")
-    device = "cuda" if params.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), args.out, device)

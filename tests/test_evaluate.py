@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hdkd.config import EvaluateConfig, Params
 from hdkd.bundle import make_bundle
-from hdkd.evaluate import evaluate_model, write_evaluation
+from hdkd.evaluate import evaluate_model, main as evaluate_main, write_evaluation
 from hdkd.io import read_json
 
 from conftest import CLASSES, hand_models
@@ -109,3 +109,14 @@ def test_models_without_history_get_no_curves(tmp_path):
     paths = write_evaluation(b, tmp_path)
     assert (tmp_path / "plots" / "curves_teacher.csv") in paths
     assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()
+
+
+def test_evaluate_stage_fails_on_cuda_without_a_gpu(tmp_path, monkeypatch):
+    # As the training stages do: `train.device: cuda` is never run on the CPU in silence.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "params.yaml").write_text("train:\n  device: cuda\n")
+    argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "prepared"),
+            "--models", str(tmp_path / "models"), "--out", str(tmp_path / "reports")]
+    with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
+        evaluate_main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # before any work
