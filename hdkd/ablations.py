@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from hdkd.evaluate import validate_bundle
+from hdkd.bundle import validate_bundle
 from hdkd.io import write_json
 from hdkd.regenerate import tracked_bundle
 from hdkd.report import ABLATIONS, differing_params, group_ablations

@@ -1,28 +1,7 @@
-"""Evaluate trained models once on the test split, and the results bundle that holds a whole run.
+"""Evaluate trained models once on the test split, and write the evaluate stage's outputs.
 
-Results bundle (``reports/bundle.json``, logged to MLflow as ``results_bundle.json``)
---------------------------------------------------------------------------------------
-One JSON object; the report is built from it alone::
-
-    {
-      "schema_version": 1,
-      "dataset": "synthetic",                 # what the models were evaluated on
-      "class_names": ["akiec", "bcc", ...],   # index k = label k
-      "params": {...},                        # resolved params (Params.to_dict(), YAML key names)
-      "params_hash": "3f2a...",               # Params.digest()
-      "git_commit": "<40 hex>" | null,        # HEAD when the evaluation ran
-      "git_dirty": false | null,              # tracked code modified at that time
-      "dvc_exp_name": "exp-lambda-1" | null,  # set under `dvc exp run`
-      "models": {                             # keys: "teacher", "student", "hdkd" (others allowed)
-        "<model>": {
-          "evaluation": {...},                # evaluate_model(): metrics.classification_metrics()
-                                              #   + "predictions": {true_counts, predicted_counts,
-                                              #                     mean_confidence}
-          "efficiency": {...} | null,         # efficiency.measure_efficiency()
-          "history": [{"epoch": 1, "train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}, ...]
-        }
-      }
-    }
+The run's results bundle (its format: :mod:`hdkd.bundle`) is assembled here from every model's
+evaluation, efficiency and training history.
 
 Files written by :func:`write_evaluation` (under ``reports/``, small, git-tracked)::
 
@@ -48,17 +27,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hdkd.bundle import BUNDLE_ARTIFACT, MODEL_ORDER, make_bundle, model_names, validate_bundle
 from hdkd.checkpoint import load_model
 from hdkd.config import EvaluateConfig, Params
+from hdkd.distributed import DistInfo, resolve_device
 from hdkd.efficiency import eval_mode, measure_efficiency
 from hdkd.io import write_csv, write_json
 from hdkd.metrics import classification_metrics
 from hdkd.provenance import dvc_exp_name, git_state
 from hdkd.tracking import Tracker
-
-SCHEMA_VERSION = 1
-BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
-MODEL_ORDER = ("teacher", "student", "hdkd")
 
 
 @torch.inference_mode()
@@ -100,62 +77,6 @@ def evaluate_model(
         "mean_confidence": float(probs.max(axis=1).mean()),
     }
     return result
-
-
-def make_bundle(
-    models: Mapping[str, Mapping[str, Any]],
-    params: Params,
-    class_names: Sequence[str],
-    *,
-    dataset: str | None = None,
-    git_commit: str | None = None,
-    git_dirty: bool | None = None,
-    dvc_exp_name: str | None = None,
-) -> dict[str, Any]:
-    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history."""
-    bundle = {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": dataset or params.data.dataset,
-        "class_names": list(class_names),
-        "params": params.to_dict(),
-        "params_hash": params.digest(),
-        "git_commit": git_commit,
-        "git_dirty": git_dirty,
-        "dvc_exp_name": dvc_exp_name,
-        "models": {
-            name: {
-                "evaluation": dict(m["evaluation"]),
-                "efficiency": m.get("efficiency"),
-                "history": [dict(row) for row in m.get("history") or []],
-            }
-            for name, m in models.items()
-        },
-    }
-    return validate_bundle(bundle)
-
-
-def validate_bundle(bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the parts the report relies on; raise ``ValueError`` saying what is wrong."""
-    version = bundle.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"results bundle schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    missing = [k for k in ("dataset", "class_names", "params", "params_hash", "models") if k not in bundle]
-    if missing:
-        raise ValueError(f"results bundle lacks {missing}")
-    if not bundle["models"]:
-        raise ValueError("results bundle holds no model")
-    n_classes = len(bundle["class_names"])
-    for name, m in bundle["models"].items():
-        ev = m.get("evaluation") or {}
-        if len(ev.get("per_class", ())) != n_classes or len(ev.get("confusion_matrix", ())) != n_classes:
-            raise ValueError(f"results bundle: model {name!r} is not evaluated on the {n_classes} classes")
-    return dict(bundle)
-
-
-def model_names(bundle: Mapping[str, Any]) -> list[str]:
-    """Models in report order: teacher, student, hdkd, then any other by name."""
-    names = bundle["models"]
-    return [m for m in MODEL_ORDER if m in names] + sorted(set(names) - set(MODEL_ORDER))
 
 
 def headline_metrics(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,10 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
+    device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
     test = load_split(args.data, "test", image_size=params.data.image_size)
     models = {name: args.models / name / "model.pt" for name in MODEL_ORDER}
     missing = [str(p) for p in models.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"trained models missing: {missing}; run `dvc repro distill` first")
-    device = "cuda" if params.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), args.out, device)

@@ -26,7 +26,7 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from hdkd.evaluate import BUNDLE_ARTIFACT, validate_bundle
+from hdkd.bundle import BUNDLE_ARTIFACT, validate_bundle
 from hdkd.provenance import GitError, git, git_show, resolve_commit
 from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact, tracking_store_exists
 

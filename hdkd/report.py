@@ -1,4 +1,4 @@
-"""Paper tables and figures, built from results bundles alone (see :mod:`hdkd.evaluate`).
+"""Paper tables and figures, built from results bundles alone (see :mod:`hdkd.bundle`).
 
 :func:`build_report` writes under ``out_dir`` (default ``reports/``)::
 
@@ -33,9 +33,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
-from hdkd.evaluate import model_names, validate_bundle
-from hdkd.io import csv_text, read_json, write_bytes, write_text
+from hdkd.io import csv_text, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 
 MODELS_NOTE = "Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the teacher."
@@ -349,10 +349,6 @@ def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[
 
 
 # ---------------------------------------------------------------------------------------- report
-def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
-    return validate_bundle(read_json(path))
-
-
 def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None) -> list[Table]:
     ablation_groups = ablation_groups or {}
     tables = [main_table(bundle), metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle)]

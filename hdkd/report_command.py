@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from hdkd.ablations import NoTrackedRuns, collect_ablations, summary
+from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig, load_params
 from hdkd.regenerate import RevisionNotFound, ablations_for_revision, bundle_for_revision
-from hdkd.report import build_report, load_bundle
+from hdkd.report import build_report
 from hdkd.tracking import experiment_name, repo_root, resolve_tracking_uri
 
 REPORTS_DIR = Path("reports")

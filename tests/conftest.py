@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle
 from hdkd.config import parse_params
-from hdkd.evaluate import BUNDLE_ARTIFACT, make_bundle
 from hdkd.io import write_json
 # Whole scratch pipelines, run once per session for the end-to-end modules that share them.
 from tests.pipeline_fixtures import tracked_pipeline, unreachable_tracking_pipeline, untracked_pipeline  # noqa: F401

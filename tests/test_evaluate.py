@@ -1,4 +1,4 @@
-"""evaluate_model on a model with known outputs; the bundle and the files write_evaluation writes."""
+"""evaluate_model on a model with known outputs; the files write_evaluation writes."""
 
 import csv
 import io
@@ -10,10 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hdkd.config import EvaluateConfig, Params
-from hdkd.evaluate import evaluate_model, make_bundle, validate_bundle, write_evaluation
+from hdkd.bundle import make_bundle
+from hdkd.evaluate import evaluate_model, main as evaluate_main, write_evaluation
 from hdkd.io import read_json
 
-from conftest import CLASSES, bundle_with, hand_models
+from conftest import CLASSES, hand_models
 
 
 class ChannelMeans(nn.Module):
@@ -69,26 +70,6 @@ def test_evaluate_model_rejects_non_logits():
         evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], EvaluateConfig())
 
 
-def test_bundle_records_params_and_provenance():
-    b = bundle_with({"distill": {"lambda": 1.0}}, dvc_exp_name="exp-l1")
-    assert b["schema_version"] == 1 and b["class_names"] == CLASSES and b["dataset"] == "toy"
-    assert b["params"]["distill"]["lambda"] == 1.0 and len(b["params_hash"]) == 16
-    assert b["params_hash"] != bundle_with()["params_hash"]
-    assert b["dvc_exp_name"] == "exp-l1" and b["git_commit"].startswith("0123")
-    assert set(b["models"]) == {"teacher", "student", "hdkd"}
-
-
-def test_validate_bundle_says_what_is_wrong(bundle):
-    with pytest.raises(ValueError, match="schema_version 99"):
-        validate_bundle(bundle | {"schema_version": 99})
-    with pytest.raises(ValueError, match="lacks \\['params_hash'\\]"):
-        validate_bundle({k: v for k, v in bundle.items() if k != "params_hash"})
-    broken = json.loads(json.dumps(bundle))
-    broken["models"]["hdkd"]["evaluation"]["per_class"].pop()
-    with pytest.raises(ValueError, match="'hdkd' is not evaluated on the 3 classes"):
-        validate_bundle(broken)
-
-
 def test_write_evaluation_files(tmp_path, bundle):
     paths = write_evaluation(bundle, tmp_path / "reports")
     out = tmp_path / "reports"
@@ -128,3 +109,14 @@ def test_models_without_history_get_no_curves(tmp_path):
     paths = write_evaluation(b, tmp_path)
     assert (tmp_path / "plots" / "curves_teacher.csv") in paths
     assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()
+
+
+def test_evaluate_stage_fails_on_cuda_without_a_gpu(tmp_path, monkeypatch):
+    # As the training stages do: `train.device: cuda` is never run on the CPU in silence.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "params.yaml").write_text("train:\n  device: cuda\n")
+    argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "prepared"),
+            "--models", str(tmp_path / "models"), "--out", str(tmp_path / "reports")]
+    with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
+        evaluate_main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # before any work

@@ -1,0 +1,100 @@
+"""The results bundle: one JSON object that holds a whole run; the report is built from it alone.
+
+Written by the evaluate stage (``reports/bundle.json``, logged to MLflow as ``results_bundle.json``)
+and read by the report stage. This module imports no torch, so reading a bundle stays cheap.
+
+::
+
+    {
+      "schema_version": 1,
+      "dataset": "synthetic",                 # what the models were evaluated on
+      "class_names": ["akiec", "bcc", ...],   # index k = label k
+      "params": {...},                        # resolved params (Params.to_dict(), YAML key names)
+      "params_hash": "3f2a...",               # Params.digest()
+      "git_commit": "<40 hex>" | null,        # HEAD when the evaluation ran
+      "git_dirty": false | null,              # tracked code modified at that time
+      "dvc_exp_name": "exp-lambda-1" | null,  # set under `dvc exp run`
+      "models": {                             # keys: "teacher", "student", "hdkd" (others allowed)
+        "<model>": {
+          "evaluation": {...},                # evaluate.evaluate_model(): metrics.classification_metrics()
+                                              #   + "predictions": {true_counts, predicted_counts,
+                                              #                     mean_confidence}
+          "efficiency": {...} | null,         # efficiency.measure_efficiency()
+          "history": [{"epoch": 1, "train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}, ...]
+        }
+      }
+    }
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from hdkd.config import Params
+from hdkd.io import read_json
+
+SCHEMA_VERSION = 1
+BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
+MODEL_ORDER = ("teacher", "student", "hdkd")
+
+
+def make_bundle(
+    models: Mapping[str, Mapping[str, Any]],
+    params: Params,
+    class_names: Sequence[str],
+    *,
+    dataset: str | None = None,
+    git_commit: str | None = None,
+    git_dirty: bool | None = None,
+    dvc_exp_name: str | None = None,
+) -> dict[str, Any]:
+    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history."""
+    bundle = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": dataset or params.data.dataset,
+        "class_names": list(class_names),
+        "params": params.to_dict(),
+        "params_hash": params.digest(),
+        "git_commit": git_commit,
+        "git_dirty": git_dirty,
+        "dvc_exp_name": dvc_exp_name,
+        "models": {
+            name: {
+                "evaluation": dict(m["evaluation"]),
+                "efficiency": m.get("efficiency"),
+                "history": [dict(row) for row in m.get("history") or []],
+            }
+            for name, m in models.items()
+        },
+    }
+    return validate_bundle(bundle)
+
+
+def validate_bundle(bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the parts the report relies on; raise ``ValueError`` saying what is wrong."""
+    version = bundle.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"results bundle schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    missing = [k for k in ("dataset", "class_names", "params", "params_hash", "models") if k not in bundle]
+    if missing:
+        raise ValueError(f"results bundle lacks {missing}")
+    if not bundle["models"]:
+        raise ValueError("results bundle holds no model")
+    n_classes = len(bundle["class_names"])
+    for name, m in bundle["models"].items():
+        ev = m.get("evaluation") or {}
+        if len(ev.get("per_class", ())) != n_classes or len(ev.get("confusion_matrix", ())) != n_classes:
+            raise ValueError(f"results bundle: model {name!r} is not evaluated on the {n_classes} classes")
+    return dict(bundle)
+
+
+def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a bundle file."""
+    return validate_bundle(read_json(path))
+
+
+def model_names(bundle: Mapping[str, Any]) -> list[str]:
+    """Models in report order: teacher, student, hdkd, then any other by name."""
+    names = bundle["models"]
+    return [m for m in MODEL_ORDER if m in names] + sorted(set(names) - set(MODEL_ORDER))
