@@ -23,7 +23,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float key, present or future, refuses .nan/.inf ("Input should be a
+    # finite number"), which range bounds alone let through (``ge=0`` admits .inf, a bare float .nan).
+    # Subclasses that set their own model_config inherit it (pydantic merges the configs).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- data

@@ -1,8 +1,13 @@
+import math
+import re
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from hdkd.config import ConfigError, load_params, parse_params
+from hdkd.config import ConfigError, Params, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +85,35 @@ def test_digest_ignores_formatting_but_not_values(tmp_path):
     c = parse_params({"distill": {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "lambda": 5}})
     assert a.digest() == b.digest() != c.digest()
     assert a.to_dict()["distill"]["lambda"] == 10.0  # YAML key names, not Python ones
+
+
+def _float_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted params.yaml keys of every float field, found by walking the models (new ones included)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        kinds = typing.get_args(field.annotation) or (field.annotation,)
+        if float in kinds:
+            keys.append(key)
+        keys += [k for t in kinds if isinstance(t, type) and issubclass(t, BaseModel) for k in _float_keys(t, key + ".")]
+    return keys
+
+
+FLOAT_KEYS = _float_keys(Params)
+
+
+def test_float_keys_are_all_found():
+    assert {"augment.sharpness", "distill.beta", "distill.lambda", "teacher.lr", "train.grad_clip"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_floats_are_refused_naming_the_key(key, value):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    *sections, leaf = key.split(".")
+    node = raw
+    for s in sections:
+        node = node.setdefault(s, {})
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}: Input should be a finite number"):
+        parse_params(raw)
