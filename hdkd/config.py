@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hdkd.io import read_yaml
 
 DATASETS = ("synthetic", "imagefolder", "ham10000", "brain_tumor_mri", "dermamnist")
 
@@ -248,9 +249,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raw = read_yaml(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw)

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
+import yaml
+
 if TYPE_CHECKING:
     import torch
 
@@ -113,7 +115,27 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[Any]]) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file; a damaged one (truncated, not UTF-8) raises ``ValueError`` naming it."""
+    return parse_json(Path(path).read_bytes(), str(path))
+
+
+def parse_json(data: str | bytes, where: str) -> Any:
+    """Parse JSON read from ``where`` (a file, ``<commit>:<path>``, an artifact), named in the error."""
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError name neither the file nor the fix
+        raise ValueError(f"{where} is not valid JSON ({e}); {_DAMAGED}") from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; a damaged one raises ``ValueError`` naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError) as e:
+        raise ValueError(f"{path} is not valid YAML ({e}); {_DAMAGED}") from None
+
+
+_DAMAGED = "was it cut short or edited by hand? Fix it, or delete it and re-run the stage that writes it"
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:

@@ -35,6 +35,14 @@ def test_validate_bundle_says_what_is_wrong(bundle):
         validate_bundle(broken)
 
 
+def test_a_truncated_bundle_is_named(tmp_path, bundle):
+    path = tmp_path / "reports/bundle.json"
+    write_json(path, bundle)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        load_bundle(path)
+
+
 def test_load_bundle_validates_what_it_reads(tmp_path, bundle):
     write_json(tmp_path / "bundle.json", bundle)
     assert load_bundle(tmp_path / "bundle.json") == bundle

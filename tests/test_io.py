@@ -1,9 +1,10 @@
 import hashlib
 import os
+import re
 
 import pytest
 
-from hdkd.io import atomic_path, file_md5
+from hdkd.io import atomic_path, file_md5, read_json, read_yaml
 
 
 def test_file_md5_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
@@ -29,3 +30,20 @@ def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("content", [b'{"models": {"teacher": ', b"\xff\xfe not text"])
+def test_a_damaged_json_file_is_named(tmp_path, content):
+    path = tmp_path / "reports" / "bundle.json"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not valid JSON"):
+        read_json(path)
+
+
+@pytest.mark.parametrize("content", [b"a: [1, 2\n", b"\xff\xfe not text"])
+def test_a_damaged_yaml_file_is_named(tmp_path, content):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not valid YAML"):
+        read_yaml(path)
