@@ -3,8 +3,9 @@ import os
 import re
 
 import pytest
+import torch
 
-from hdkd.io import atomic_path, file_md5, read_json, read_yaml
+from hdkd.io import atomic_path, dvc_md5, file_md5, load_torch, read_json, read_yaml, save_torch
 
 
 def test_file_md5_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
@@ -47,3 +48,23 @@ def test_a_damaged_yaml_file_is_named(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not valid YAML"):
         read_yaml(path)
+
+
+def test_checkpoints_are_byte_reproducible(tmp_path):
+    # torch.save names the zip's root folder after the file: the random temporary name of an atomic
+    # write made every model.pt differ, so DVC re-ran the stages downstream of identical weights.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 2))
+    state = {"model": model.state_dict(), "epoch": 3, "meta": {"classes": ["a", "b"]}}
+    save_torch(tmp_path / "model.pt", state)
+    first = (tmp_path / "model.pt").read_bytes()
+    save_torch(tmp_path / "model.pt", state)  # same path, new temporary name
+    save_torch(tmp_path / "other" / "best.pt", state)
+    assert (tmp_path / "model.pt").read_bytes() == first == (tmp_path / "other/best.pt").read_bytes()
+
+    loaded = load_torch(tmp_path / "model.pt")
+    clone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 2))
+    clone.load_state_dict(loaded["model"])
+    save_torch(tmp_path / "again.pt", {**loaded, "model": clone.state_dict()})
+    assert (tmp_path / "again.pt").read_bytes() == first
+    assert dvc_md5(tmp_path / "again.pt") == dvc_md5(tmp_path / "model.pt")
