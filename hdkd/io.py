@@ -13,7 +13,9 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -29,15 +31,46 @@ if TYPE_CHECKING:
 # and loading torch costs ~0.7 GB of resident memory (a third of the SMOTE stage's budget).
 
 
+log = logging.getLogger(__name__)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# What the atomic writers below name the temporaries of an output ``name``: ``.<name>.<8 chars>.tmp``
+# (mkstemp draws 8 of [a-z0-9_], sibling_temp_dir 8 hex digits), and ``.<name>.<8 chars>.old`` for
+# the copy atomic_dir moves aside. A killed process leaves them behind; nothing else is named so.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.(?:tmp|old)")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporaries that killed atomic writes left in ``directory`` (those of the output
+    ``name``, or of any output); return what was removed.
+
+    Called by a writer of these outputs before it writes: a concurrent writer of the same output
+    would lose its temporary (DVC runs one stage at a time per repository).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in sorted(directory.iterdir()):
+        m = _TEMPORARY.fullmatch(p.name)
+        if m and name in (None, m["name"]):
+            log.info("removing %s, left by an interrupted run", p)
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
+
+    What a killed earlier write of ``path`` left is removed first (as by :func:`atomic_dir`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -70,9 +103,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``path``; swap it in place of ``path`` on success.
 
     For outputs made of several files (a prepared dataset): readers see the old directory or the
-    complete new one, never a mix; a failure removes the temporary directory.
+    complete new one, never a mix; a failure removes the temporary directory, and what a killed
+    earlier write of ``path`` left (GBs for a prepared dataset) is removed first.
     """
     path = Path(path)
+    remove_stale_temporaries(path.parent, path.name)
     tmp = sibling_temp_dir(path)
     try:
         yield tmp

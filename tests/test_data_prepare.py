@@ -170,3 +170,13 @@ def test_a_record_of_another_dataset_is_refused(tmp_path):
     other = params(tmp_path, synthetic={"layout": "brain_tumor_mri"}).data
     with pytest.raises(DataError, match="run the download stage first"):
         prepare_dataset(other, 0, tmp_path / "prepared", tmp_path / "record/source.json")
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_run_keeps(tmp_path):
+    stale = tmp_path / ".prepared.0badc0de.tmp"  # a run killed while decoding (GBs at paper scale)
+    (stale / "train").mkdir(parents=True)
+    (stale / ".decoded.npy").write_bytes(b"\0" * 1000)
+    (tmp_path / ".prepared.0badc0de.old/prepared").mkdir(parents=True)  # killed while swapping
+    (tmp_path / ".balanced.12345678.tmp").mkdir()  # another stage's: not prepare's to remove
+    _prepare(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".balanced.12345678.tmp"]

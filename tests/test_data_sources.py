@@ -260,3 +260,23 @@ def test_imagefolder_missing_test_folder(tmp_path):
     shutil.rmtree(tree / "test")
     with pytest.raises(DataError, match="test not found"):
         get_source("imagefolder").catalog(params(tmp_path, dataset="imagefolder", root=str(tree)).data)
+
+
+@pytest.mark.parametrize("generated_before", [False, True])
+def test_download_removes_the_temporaries_of_a_killed_run(tmp_path, generated_before):
+    cfg = params(tmp_path).data
+    if generated_before:  # the data is complete: the stage takes its fast path
+        fetch_dataset(cfg, tmp_path / "raw")
+    leftovers = [
+        tmp_path / "raw/.synthetic_ham10000.9f8e7d6c.tmp/HAM10000_images_part_1",  # killed generating
+        tmp_path / "raw/.synthetic_brain_tumor_mri.01234567.tmp",  # another layout, generation killed
+        tmp_path / "raw/.source.json.a_b3c4de.tmp",  # killed writing the record
+    ]
+    for p in leftovers:
+        p.mkdir(parents=True) if "images" in p.name or "mri" in p.name else p.write_text("{")
+    (tmp_path / "raw/ham10000").mkdir()
+    (tmp_path / "raw/ham10000/HAM10000_images_part_1.zip.part").write_bytes(b"resume me")
+    fetch_dataset(cfg, tmp_path / "raw")
+    hidden = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "raw").rglob(".*"))
+    assert hidden == ["raw/synthetic_ham10000/.synthetic.json"]
+    assert (tmp_path / "raw/ham10000/HAM10000_images_part_1.zip.part").is_file()  # partial downloads resume

@@ -5,7 +5,17 @@ import re
 import pytest
 import torch
 
-from hdkd.io import atomic_path, dvc_md5, file_md5, load_torch, read_json, read_yaml, save_torch
+from hdkd.io import (
+    atomic_dir,
+    atomic_path,
+    dvc_md5,
+    file_md5,
+    load_torch,
+    read_json,
+    read_yaml,
+    remove_stale_temporaries,
+    save_torch,
+)
 
 
 def test_file_md5_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
@@ -68,3 +78,24 @@ def test_checkpoints_are_byte_reproducible(tmp_path):
     save_torch(tmp_path / "again.pt", {**loaded, "model": clone.state_dict()})
     assert (tmp_path / "again.pt").read_bytes() == first
     assert dvc_md5(tmp_path / "again.pt") == dvc_md5(tmp_path / "model.pt")
+
+
+def _leftovers(directory, name):
+    """What a killed atomic write of ``directory/name`` leaves: a temporary directory, a moved-aside
+    old copy, a temporary file (mkstemp's name)."""
+    (directory / f".{name}.1a2b3c4d.tmp" / "train").mkdir(parents=True)
+    (directory / f".{name}.1a2b3c4d.tmp" / "train" / "images.npy").write_bytes(b"x" * 100)
+    (directory / f".{name}.5e6f7a8b.old" / name).mkdir(parents=True)
+    (directory / f".{name}.k3_x9qzz.tmp").write_text("half")
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_a_stale_temporary_of_the_same_output_is_removed(tmp_path):
+    assert len(_leftovers(tmp_path, "prepared")) == 3
+    other = _leftovers(tmp_path, "balanced")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    with atomic_dir(tmp_path / "prepared") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*other, "notes.tmp", "prepared"])
+    remove_stale_temporaries(tmp_path)  # any output's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "prepared"]

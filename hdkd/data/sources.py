@@ -48,7 +48,7 @@ from hdkd.data.formats import (
     read_ham_tree,
 )
 from hdkd.data.synthetic import generate
-from hdkd.io import atomic_dir, dvc_md5, write_json
+from hdkd.io import atomic_dir, dvc_md5, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ class Source(abc.ABC):
 
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return ()
+
+    def scratch_dirs(self, cfg: DataConfig) -> tuple[Path, ...]:
+        """Where :meth:`fetch` writes (atomically, through temporaries a kill can leave behind)."""
+        return (cfg.root, self.directory(cfg))
 
     def fetch(self, cfg: DataConfig) -> dict[str, Any]:
         """Make the raw data available and verified; return what identifies it (checksums, digest).
@@ -132,6 +136,9 @@ class ImageFolder(Source):
 
     def directory(self, cfg: DataConfig) -> Path:
         return cfg.root
+
+    def scratch_dirs(self, cfg: DataConfig) -> tuple[Path, ...]:
+        return ()  # the tree is read in place, never written
 
     def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
         catalog = self.catalog(cfg)  # validates the layout and the class folders
@@ -402,6 +409,11 @@ def fetch_dataset(cfg: DataConfig, record_dir: str | os.PathLike) -> dict[str, A
     also for an ``imagefolder`` tree outside the repository.
     """
     source = get_source(cfg.dataset)
+    # A killed run's temporaries (a half-generated tree, a half-extracted archive) would stay in
+    # data/raw, a DVC output, whose hash would then never match a clean run's; .part files stay
+    # (downloads resume from them).
+    for directory in (Path(record_dir), *source.scratch_dirs(cfg)):
+        remove_stale_temporaries(directory)
     record = {"dataset": cfg.dataset, "directory": str(source.directory(cfg)), **source.fetch(cfg)}
     write_json(Path(record_dir) / SOURCE_RECORD, record)
     return record
