@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from hdkd.data.errors import DataError
-from hdkd.data.formats import HAM_CLASSES, HAM_PARTS
+from hdkd.data.formats import HAM_CLASSES, HAM_METADATA, HAM_PARTS
 from hdkd.data.packed import load_split
 from hdkd.data.prepare import prepare_dataset
 from hdkd.data.sources import fetch_dataset
@@ -149,7 +149,7 @@ def test_class_with_only_unreadable_training_images_is_an_error(tmp_path):
     for f in (tree / "train/b").iterdir():
         f.write_bytes(b"broken")
     with pytest.raises(
-        DataError, match=r"\['b'\] have no training images.*3 of their images were unreadable"
+        DataError, match=r"the train split has no images of class\(es\) \['b'\].*3 of their images were unreadable"
     ):
         _prepare(tmp_path, dataset="imagefolder", root=str(tree), image_size=16)
     assert not (tmp_path / "prepared").exists()  # nothing half-written
@@ -180,3 +180,48 @@ def test_a_killed_prepare_leaves_nothing_the_next_run_keeps(tmp_path):
     (tmp_path / ".balanced.12345678.tmp").mkdir()  # another stage's: not prepare's to remove
     _prepare(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".balanced.12345678.tmp"]
+
+
+def _edit_metadata(tmp_path, edit):
+    p = params(tmp_path)
+    fetch_dataset(p.data, tmp_path / "record")
+    path = tmp_path / "raw/synthetic_ham10000" / HAM_METADATA
+    meta = pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(meta)
+    meta.to_csv(path, index=False)
+    return p
+
+
+def test_a_class_missing_from_an_official_split_is_an_error(tmp_path):
+    tree = tmp_path / "tree"
+    for split, classes in (("train", "ab"), ("test", "a")):
+        for c in classes:
+            for i in range(3):
+                write_image(tree / split / c / f"{i}.png")
+    with pytest.raises(DataError, match=r"the test split has no images of class\(es\) \['b'\]\. .*"
+                                        r"the source's own test split lacks them"):
+        _prepare(tmp_path, dataset="imagefolder", root=str(tree), image_size=16)
+
+
+def test_empty_validation_and_test_splits_are_an_error(tmp_path):
+    # Blank lesion ids make one group of every image: nothing can be carved out for val and test,
+    # and training would then pick its "best" epoch on an empty set.
+    p = _edit_metadata(tmp_path, lambda meta: meta.__setitem__("lesion_id", ""))
+    with pytest.raises(DataError) as e:
+        prepare_dataset(p.data, 0, tmp_path / "prepared", tmp_path / "record/source.json")
+    message = str(e.value)
+    assert "the val split is empty" in message and "the test split is empty" in message
+    assert f"class(es) {list(HAM_CLASSES)} have their images in fewer than 3 groups" in message
+    assert "blank ids form one group" in message
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_class_missing_from_val_and_test_is_an_error(tmp_path):
+    def one_lesion_of_df(meta):
+        meta.loc[meta["dx"] == "df", "lesion_id"] = "HAM_0000001"
+
+    p = _edit_metadata(tmp_path, one_lesion_of_df)
+    with pytest.raises(DataError, match=r"the val split has no images of class\(es\) \['df'\].*"
+                                        r"the test split has no images of class\(es\) \['df'\].*"
+                                        r"class\(es\) \['df'\] have their images in fewer than 3 groups"):
+        prepare_dataset(p.data, 0, tmp_path / "prepared", tmp_path / "record/source.json")

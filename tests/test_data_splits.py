@@ -78,3 +78,13 @@ def test_unknown_split_name_is_an_error():
     items = _lesions().assign(split="validation")
     with pytest.raises(DataError, match="unknown split name"):
         assign_splits(items, val_fraction=0.1, test_fraction=0.1, train_fraction=1.0, seed=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_carve_takes_a_group_of_every_class_even_when_each_overshoots(seed):
+    # Class 1 has a lesion of 3 images and one of 1: taking either overshoots a target of 1 image,
+    # and when the big one came first in the random order nothing was taken (an empty val class).
+    labels = np.array([0] * 40 + [1, 1, 1, 1])
+    groups = np.array([f"g{i}" for i in range(40)] + ["big", "big", "big", "small"])
+    mask = carve(labels, groups, 0.15, np.random.default_rng(seed))
+    assert list(groups[mask & (labels == 1)]) == ["small"]

@@ -86,7 +86,7 @@ def prepare_dataset(
             split: dict(zip(catalog.classes, np.bincount(rows["label"], minlength=n_classes).tolist()))
             for split, rows in by_split.items()
         }
-        _check_training_classes(catalog, counts, quarantined)
+        _check_split_classes(catalog, catalog.items, counts, quarantined)
         for split, rows in by_split.items():
             _write_split(tmp / split, decoded, rows, catalog.classes, cfg.image_size)
         decoded.unlink()
@@ -146,20 +146,48 @@ def _decode_all(catalog: Catalog, items: pd.DataFrame, size: int, path: Path) ->
     return hashes, reasons
 
 
-def _check_training_classes(
-    catalog: Catalog, counts: dict[str, dict[str, int]], quarantined: pd.DataFrame
+def _check_split_classes(
+    catalog: Catalog, items: pd.DataFrame, counts: dict[str, dict[str, int]], quarantined: pd.DataFrame
 ) -> None:
+    """Every split must hold images of every class: a model selected on, or evaluated against, a
+    split without some class (or an empty one) gives numbers that mean nothing.
+
+    The message names each split and its missing classes, then the likely cause and the way out.
+    """
+    problems, missing, absent_at_source = [], set(), []
     for split, per_class in counts.items():
         empty = [c for c, k in per_class.items() if k == 0]
-        if empty and split == "train":
-            lost = quarantined["label"].map(lambda i: catalog.classes[i]).isin(empty).sum()
-            raise DataError(
-                f"class(es) {empty} have no training images in {catalog.where}"
-                + (f" ({lost} of their images were unreadable, see {QUARANTINE})" if lost else "")
-                + "; restore their images, or raise data.train_fraction"
-            )
         if empty:
-            log.warning("%s split has no images of class(es) %s (too few images or groups)", split, empty)
+            missing.update(empty)
+            at_source = set(items.loc[items["split"] == split, "label"].map(lambda i: catalog.classes[i]))
+            if (items["split"] == split).any() and set(empty) - at_source:  # an official split lacks them
+                absent_at_source.append(split)
+            problems.append(
+                f"the {split} split is empty"
+                if len(empty) == len(per_class)
+                else f"the {split} split has no images of class(es) {empty}"
+            )
+    if not problems:
+        return
+    hints = []
+    groups = items.groupby("label")["group"].nunique().reindex(range(len(catalog.classes)), fill_value=0)
+    few = [c for i, c in enumerate(catalog.classes) if c in missing and groups[i] < len(SPLITS)]
+    if few:
+        hints.append(
+            f"class(es) {few} have their images in fewer than {len(SPLITS)} groups (HAM10000: lesion_id; "
+            f"blank ids form one group), and a group stays in one split: check the group ids, or add "
+            f"images of other groups"
+        )
+    if absent_at_source:
+        hints.append(f"the source's own {' and '.join(absent_at_source)} split lacks them: add their images there")
+    lost = int(quarantined["label"].map(lambda i: catalog.classes[i]).isin(missing).sum())
+    if lost:
+        hints.append(f"{lost} of their images were unreadable: restore them (see {QUARANTINE})")
+    hints.append("for the train split, raise data.train_fraction")
+    raise DataError(
+        f"{catalog.where}: {'; '.join(problems)}. Every class needs images in train, val and test: "
+        + "; ".join(hints) + "."
+    )
 
 
 def _write_split(

@@ -26,9 +26,9 @@ def carve(
 
     A group belongs to the class most of its samples have (a lesion has one diagnosis). Per class,
     groups are visited in a random order and taken while that brings the count closer to
-    ``round(fraction * class size)`` (with ``at_least_one``, at least one sample, so that a small
-    validation or test split still sees every class). One group is always left behind: the
-    remaining side keeps every class.
+    ``round(fraction * class size)`` (with ``at_least_one``, at least one group, the smallest if
+    every group overshoots, so that a small validation or test split still sees every class). One
+    group is always left behind: the remaining side keeps every class.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
     group_names, group_of = np.unique(groups, return_inverse=True)
@@ -51,6 +51,8 @@ def carve(
             if taken + size[g] - target < target - taken:  # closer to the target with this group
                 chosen[g] = True
                 taken += size[g]
+        if at_least_one and not taken:  # every group visited overshot: the smallest still beats none
+            chosen[members[np.argmin(size[members])]] = True
     return chosen[group_of]
 
 
