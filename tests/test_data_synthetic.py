@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -122,3 +124,21 @@ def test_brain_classes_are_learnable_by_a_small_cnn():
         return np.repeat(render_brain_image(tumour, seed, size, size)[..., None], 3, axis=2)
 
     assert _small_cnn_accuracy(render, BRAIN_CLASSES) > 0.5  # chance: 1/4
+
+
+@pytest.mark.parametrize("damage", ["delete", "edit", "add"])
+def test_a_damaged_tree_is_regenerated(tmp_path, caplog, damage):
+    cfg = SyntheticConfig(num_images=60, native_size=24)
+    tree = generate(cfg, tmp_path / "raw/synthetic_ham10000")
+    clean = dvc_md5(tree)
+    victim = sorted((tree / HAM_PARTS[1]).glob("*.jpg"))[3]
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "edit":
+        victim.write_bytes(victim.read_bytes()[:-10])  # truncated
+    else:
+        (tree / HAM_PARTS[0] / "ISIC_9999999.jpg").write_bytes(victim.read_bytes())
+    caplog.set_level(logging.INFO, logger="hdkd.data.synthetic")
+    generate(cfg, tree)
+    assert dvc_md5(tree) == clean
+    assert "no longer match" in caplog.text and "regenerating" in caplog.text

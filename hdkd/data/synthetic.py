@@ -39,7 +39,7 @@ from hdkd.data.formats import (
     HAM_PARTS,
 )
 from hdkd.data.seeding import derive_seed
-from hdkd.io import atomic_dir, read_json, write_json
+from hdkd.io import atomic_dir, dvc_md5, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,42 @@ JPEG_QUALITY = 90
 
 
 def generate(cfg: SyntheticConfig, dest: Path) -> Path:
-    """Write the synthetic tree for ``cfg`` at ``dest`` (atomically), unless it is already there."""
-    stamp = {"format_version": 1, **cfg.model_dump()}
-    try:
-        if read_json(dest / STAMP) == stamp:
-            log.info("%s: synthetic %s data already generated", dest, cfg.layout)
-            return dest
-    except (OSError, ValueError):
-        pass
-    log.info("generating %d synthetic %s images in %s", cfg.num_images, cfg.layout, dest)
+    """Write the synthetic tree for ``cfg`` at ``dest`` (atomically), unless it is already there, intact.
+
+    The stamp records the settings and a digest of the files generated: a tree whose files no
+    longer match it (one deleted, edited or added) is generated again, not trusted.
+    """
+    settings = {"format_version": 1, **cfg.model_dump()}
+    problem = _check_tree(dest, settings)
+    if problem is None:
+        log.info("%s: synthetic %s data already generated, files intact", dest, cfg.layout)
+        return dest
+    log.info("%s: %s; %s %d synthetic %s images", dest, problem,
+             "regenerating" if dest.exists() else "generating", cfg.num_images, cfg.layout)
     with atomic_dir(dest) as tmp:
         (_write_ham_tree if cfg.layout == "ham10000" else _write_brain_tree)(cfg, tmp)
-        write_json(tmp / STAMP, stamp)
+        write_json(tmp / STAMP, {**settings, "digest": _digest(tmp)})
     return dest
+
+
+def _check_tree(dest: Path, settings: dict[str, object]) -> str | None:
+    """Why the tree at ``dest`` is not what ``settings`` generate, or None if it is."""
+    if not dest.is_dir():
+        return "not generated yet"
+    try:
+        stamp = read_json(dest / STAMP)
+    except (OSError, ValueError):
+        return f"no readable {STAMP}"
+    if {k: v for k, v in stamp.items() if k != "digest"} != settings:
+        return "generated with other data.synthetic settings"
+    if stamp.get("digest") != _digest(dest):
+        return "its files no longer match those generated (one deleted, edited or added)"
+    return None
+
+
+def _digest(tree: Path) -> str:
+    """DVC-style hash of every file of a generated tree but the stamp."""
+    return dvc_md5(tree, [p for p in tree.rglob("*") if p.is_file() and p.name != STAMP])
 
 
 def apportion(total: int, weights: dict[str, float], minimum: int) -> dict[str, int]:
