@@ -200,3 +200,38 @@ def test_not_an_archive_is_a_clear_error(tmp_path):
     archive.write_bytes(b"<html>login required</html>")
     with pytest.raises(UnsafeArchiveError, match="neither a zip nor a tar"):
         extract_archive(archive, tmp_path / "out")
+
+
+def _zip_deflated(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("maker", [_zip_deflated, _tar], ids=["zip", "tar"])
+def test_an_archive_that_expands_too_much_is_refused(tmp_path, maker):
+    # zip: a 4 MB member of zeros packs into ~4 KB (about 1000x); tar.gz: the same, archive-wide
+    archive = tmp_path / "bomb.archive"
+    archive.write_bytes(maker({"ok.txt": b"fine", "d/zeros.bin": bytes(4 << 20)}))
+    with pytest.raises(UnsafeArchiveError, match=r"bomb\.archive.*expand.*more than the limit .*MAX_COMPRESSION_RATIO = 100"):
+        extract_archive(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.archive"]
+
+
+def test_a_zip_member_that_expands_too_much_is_named(tmp_path):
+    archive = tmp_path / "bomb.zip"
+    archive.write_bytes(_zip_deflated({"ok.txt": b"fine", "d/zeros.bin": bytes(4 << 20)}))
+    with pytest.raises(UnsafeArchiveError, match=r"member 'd/zeros.bin' would expand \d+x"):
+        extract_archive(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize("maker", [_zip_deflated, _tar], ids=["zip", "tar"])
+def test_an_archive_larger_than_the_limit_is_refused(tmp_path, maker, monkeypatch):
+    monkeypatch.setattr(download, "MAX_EXTRACTED_BYTES", 25_000)
+    archive = tmp_path / "big.archive"
+    archive.write_bytes(maker({f"part{i}.bin": os.urandom(10_000) for i in range(3)}))  # incompressible
+    with pytest.raises(UnsafeArchiveError, match=r"big\.archive.*more than 25000 bytes.*'part2\.bin'.*MAX_EXTRACTED_BYTES"):
+        extract_archive(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.archive"]

@@ -280,3 +280,18 @@ def test_download_removes_the_temporaries_of_a_killed_run(tmp_path, generated_be
     hidden = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "raw").rglob(".*"))
     assert hidden == ["raw/synthetic_ham10000/.synthetic.json"]
     assert (tmp_path / "raw/ham10000/HAM10000_images_part_1.zip.part").is_file()  # partial downloads resume
+
+
+def test_brain_mri_mirror_is_verified_before_extraction(tmp_path, brain_tree, no_kaggle, caplog):
+    archive = zip_tree(brain_tree)
+    counts = count_class_tree(brain_tree, {"train": "Training", "test": "Testing"})
+    cfg = params(tmp_path, dataset="brain_tumor_mri").data
+    name = "brain-tumor-mri-dataset.zip"
+    with serve({"mri.zip": archive}) as server:
+        pinned_wrong = RemoteFile(name, server.url("mri.zip"), "0" * 32, len(archive))
+        with pytest.raises(ChecksumError, match=name):
+            BrainTumorMri(mirror=pinned_wrong, expected_counts=counts).fetch(cfg)
+        assert not (tmp_path / "raw/brain_tumor_mri/dataset").exists()  # nothing extracted
+        unpinned = RemoteFile(name, server.url("mri.zip"))
+        BrainTumorMri(mirror=unpinned, expected_counts=counts).fetch(cfg)
+    assert f"{name}: no MD5 and size pinned" in caplog.text

@@ -5,7 +5,8 @@
   place. An interrupted transfer keeps ``<name>.part`` (never a file that looks complete); a
   wrong checksum deletes it.
 - :func:`extract_archive` unpacks a zip or tar archive after checking every member: absolute
-  paths, ``..`` components and links that point out of the tree are refused before anything is
+  paths, ``..`` components, links that point out of the tree, and sizes beyond
+  :data:`MAX_EXTRACTED_BYTES` or :data:`MAX_COMPRESSION_RATIO` are refused before anything is
   written, and the result appears atomically.
 """
 
@@ -31,6 +32,12 @@ from hdkd.io import atomic_dir, file_md5, read_json, write_json
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+
+# Extraction limits against archive bombs (a 1 MB zip can hold a 1 GB file of zeros). The real
+# archives are far below them: HAM10000's largest zip holds 1.4 GB of JPEGs, which hardly compress
+# (ratio about 1); a CSV compresses about 5x. Raise them here for a genuine archive that exceeds them.
+MAX_EXTRACTED_BYTES = 64 << 30  # total size of one archive's members once extracted
+MAX_COMPRESSION_RATIO = 100  # extracted / packed size of a zip member (of a whole tar archive)
 
 
 def is_verified(path: Path, md5: str | None = None, size: int | None = None) -> bool:
@@ -201,6 +208,7 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
     if dest.exists():
         raise FileExistsError(f"extraction target {dest} already exists")
     with atomic_dir(dest) as tmp:
+        total = 0  # bytes the members declare; zipfile and tarfile write no more than that
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
@@ -210,11 +218,14 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
                             f"{archive}: member {info.filename!r} is a symbolic link; refusing to extract"
                         )
                     _check_member(archive, info.filename)
+                    total = _check_size(archive, info.filename, total + info.file_size)
+                    _check_ratio(archive, f"member {info.filename!r}", info.file_size, info.compress_size)
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 for m in tf.getmembers():
                     _check_member(archive, m.name)
+                    total = _check_size(archive, m.name, total + m.size)
                     if m.issym():
                         _check_member(
                             archive, posixpath.join(posixpath.dirname(m.name), m.linkname), link_of=m.name
@@ -225,12 +236,37 @@ def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> Path
                         raise UnsafeArchiveError(
                             f"{archive}: member {m.name!r} is a device or pipe; refusing to extract"
                         )
+                # a compressed tar has no per-member packed size: the whole archive's ratio is checked
+                _check_ratio(archive, "its members", total, archive.stat().st_size)
                 tf.extractall(tmp, filter="data")  # the stdlib's own checks, as a second line of defence
         else:
             raise UnsafeArchiveError(
                 f"{archive} is neither a zip nor a tar archive (corrupt download?); delete it and run again"
             )
     return dest
+
+
+_BOMB = "an archive bomb or a corrupt download: refusing to extract (raise the limit if the archive is genuine)"
+
+
+def _check_size(archive: Path, name: str, total: int) -> int:
+    """Return ``total`` (the bytes extracted up to member ``name``) if within :data:`MAX_EXTRACTED_BYTES`."""
+    if total > MAX_EXTRACTED_BYTES:
+        raise UnsafeArchiveError(
+            f"{archive}: extracting it would write more than {MAX_EXTRACTED_BYTES} bytes (reached at member "
+            f"{name!r}), the limit hdkd.data.download.MAX_EXTRACTED_BYTES; {_BOMB}"
+        )
+    return total
+
+
+def _check_ratio(archive: Path, what: str, size: int, packed: int) -> None:
+    """Refuse ``what`` (a member, or all of them) if ``size`` bytes come from over
+    :data:`MAX_COMPRESSION_RATIO` times fewer ``packed`` ones."""
+    if size > MAX_COMPRESSION_RATIO * max(packed, 1):
+        raise UnsafeArchiveError(
+            f"{archive}: {what} would expand {size / max(packed, 1):.0f}x ({size} bytes from {packed}), more "
+            f"than the limit hdkd.data.download.MAX_COMPRESSION_RATIO = {MAX_COMPRESSION_RATIO}; {_BOMB}"
+        )
 
 
 def _check_member(archive: Path, name: str, link_of: str | None = None) -> None:
