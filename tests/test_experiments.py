@@ -156,7 +156,7 @@ def test_dvc_experiment_is_tracked_and_its_report_rebuilt(tmp_path):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                               f"tags.`hdkd.dvc_exp_name` = '{name}'")
-    assert {r.data.tags["hdkd.stage"] for r in runs} == {"pipeline", "train_teacher", "train_student", "distill",
+    assert {r.data.tags["hdkd.stage"] for r in runs} == {"pipeline", "train_teacher", "train_student", "train_hdkd",
                                                          "evaluate"}
     assert {r.data.tags["hdkd.git_commit"] for r in runs} == {baseline}
     assert {r.data.tags["hdkd.git_dirty"] for r in runs} == {"false"}  # -S edits params.yaml, not code

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model
-from hdkd.train import forward_loss
+from hdkd.engine import forward_loss
 
 
 def test_soft_kd_matches_the_written_formula():
