@@ -108,7 +108,7 @@ class ModelConfig(Section):
 
 # ----------------------------------------------------------------------------------- training
 class TrainConfig(Section):
-    """Engine settings shared by the teacher, student and distill stages."""
+    """Engine settings shared by the training stages (train_<model>, one per model of hdkd.roster)."""
 
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)

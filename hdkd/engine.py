@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from hdkd.checkpoint import load_resume_state, unwrap
 from hdkd.config import OptimConfig
-from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, same_on_all_ranks
 from hdkd.data.seeding import derive_seed
+from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, same_on_all_ranks
 from hdkd.io import load_torch, save_torch
 from hdkd.losses import HDKDLoss, LossParts
 

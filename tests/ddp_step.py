@@ -16,8 +16,8 @@ from torch.utils.data import TensorDataset
 
 from hdkd.config import DistillConfig
 from hdkd.distributed import init_distributed, shutdown
-from hdkd.models import FrozenTeacher, create_model
 from hdkd.engine import FitSettings, Runtime, fit
+from hdkd.models import FrozenTeacher, create_model
 from hdkd.train import build_criterion
 
 # SGD: Adam would turn float-noise gradients (e.g. of pre-norm biases that a following BatchNorm

@@ -50,7 +50,7 @@ def tracked(tmp_path_factory):
     for t, name in enumerate(("reference", "lambda_old", "lambda", "alpha_tau", "half", "two_groups", "block")):
         log_run(client, eid, evaluate_tags(b[name]), 1000 * (t + 1), b[name], tmp_path, "evaluate" if t % 2 else None)
     log_run(client, eid, evaluate_tags(b["block"]), 9000)  # newest of its params, but failed before the bundle
-    log_run(client, eid, evaluate_tags(b["stages"], "distill"), 9000, b["stages"], tmp_path)  # not an evaluate run
+    log_run(client, eid, evaluate_tags(b["stages"], "train_hdkd"), 9000, b["stages"], tmp_path)  # not an evaluate run
     log_run(client, other_eid, evaluate_tags(b["stride"]), 9000, b["stride"], tmp_path)  # another experiment
     return uri, b
 
