@@ -12,7 +12,7 @@ from hdkd.io import read_json
 from hdkd.models import create_model
 from hdkd.engine import FitSettings, Runtime, build_optimizer, fit, is_better, lr_at, validate
 from hdkd.tracking import Tracker
-from hdkd.train import StagePaths, build_criterion, load_teacher, run_training
+from hdkd.train import StagePaths, build_criterion, input_fingerprint, load_teacher, run_training
 
 CPU = Runtime(torch.device("cpu"), progress=False)
 
@@ -198,3 +198,17 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
             train, toy_split(8), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
+
+
+def test_resume_fingerprint_ignores_exactly_the_params_that_never_change_a_result(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "m.json", tmp_path / "ck")
+
+    def fingerprint(**sections):
+        return input_fingerprint("teacher", parse_params(sections), paths)
+
+    base = fingerprint()
+    assert fingerprint(train={"num_workers": 4, "log_every": 5}, tracking={"enabled": False}) == base
+    assert fingerprint(train={"batch_size": 8}) != base
+    assert fingerprint(distill={"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "alpha": 0.9}) != base
