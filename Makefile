@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-run: install          ## download -> prepare -> balance -> train_teacher -> train_student -> distill -> evaluate -> report
+run: install          ## download -> prepare -> balance -> train_teacher -> train_student -> train_hdkd -> evaluate -> report
 	dvc repro
 
 test: install         ## the fast suite (slow end-to-end tests: make test-all)

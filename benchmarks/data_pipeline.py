@@ -5,7 +5,7 @@
     official torchvision v1 transforms (Resize -> RandomRotation(180) -> flips -> ColorJitter ->
     RandomAdjustSharpness(2) -> GaussianBlur(3) -> ToTensor -> Normalize);
   * packed: the same images prepared once into a uint8 array, read through
-    ``hdkd.data.PackedDataset`` with ``train_transform`` (torchvision v2 on uint8);
+    ``hdkd.data.loader.PackedDataset`` with ``train_transform`` (torchvision v2 on uint8);
   * both with and without augmentation (without: decode + resize + normalise vs. read + normalise).
 - SMOTE at the HAM10000 shape (10,015 x 224 x 224 x 3, every class raised to 6,705) through the
   balance stage, in a child process whose peak RSS is reported.

@@ -14,7 +14,7 @@ and read by the report stage. This module imports no torch, so reading a bundle 
       "git_commit": "<40 hex>" | null,        # HEAD when the evaluation ran
       "git_dirty": false | null,              # tracked code modified at that time
       "dvc_exp_name": "exp-lambda-1" | null,  # set under `dvc exp run`
-      "models": {                             # keys: "teacher", "student", "hdkd" (others allowed)
+      "models": {                             # keys: hdkd.roster's names (others allowed)
         "<model>": {
           "evaluation": {...},                # evaluate.evaluate_model(): metrics.classification_metrics()
                                               #   + "predictions": {true_counts, predicted_counts,
@@ -33,10 +33,10 @@ from typing import Any, Mapping, Sequence
 
 from hdkd.config import Params
 from hdkd.io import read_json
+from hdkd.roster import MODEL_NAMES
 
 SCHEMA_VERSION = 1
 BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
-MODEL_ORDER = ("teacher", "student", "hdkd")
 
 
 def make_bundle(
@@ -95,6 +95,6 @@ def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_names(bundle: Mapping[str, Any]) -> list[str]:
-    """Models in report order: teacher, student, hdkd, then any other by name."""
+    """Models in report order: the roster's, then any other by name."""
     names = bundle["models"]
-    return [m for m in MODEL_ORDER if m in names] + sorted(set(names) - set(MODEL_ORDER))
+    return [m for m in MODEL_NAMES if m in names] + sorted(set(names) - set(MODEL_NAMES))

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hdkd.geometry import PATCH_SIZE, image_size_step
 from hdkd.io import read_yaml
 
 DATASETS = ("synthetic", "imagefolder", "ham10000", "brain_tumor_mri", "dermamnist")
+
+# Params that never change a result (dotted keys, fnmatch patterns): where runs are logged and how
+# the report draws, how fast data loads and how often lines are logged, where the raw data comes
+# from (its content is hashed), and latency settings (timings vary from run to run anyway). Two runs
+# that differ only in these are the same run: the report's ablations, the training stages' resume
+# fingerprint and their params lists in dvc.yaml leave them out.
+NON_RESULT_PARAMS = ("tracking.*", "report.*", "evaluate.latency_*", "train.num_workers", "train.log_every",
+                     "data.root", "data.urls*")
 
 
 class ConfigError(ValueError):
@@ -101,7 +111,7 @@ class ModelConfig(Section):
 
 # ----------------------------------------------------------------------------------- training
 class TrainConfig(Section):
-    """Engine settings shared by the teacher, student and distill stages."""
+    """Engine settings shared by the training stages (train_<model>, one per model of hdkd.roster)."""
 
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
@@ -205,8 +215,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _image_size_fits_models(self) -> "Params":
-        # The student's transformer sees the stage-3 map (image / (4·stem_stride)) cut into 2×2 patches.
-        step = 4 * self.model.stem_stride * 2
+        step = image_size_step(self.model.stem_stride, PATCH_SIZE)
         if self.data.image_size % step:
             raise ValueError(
                 f"data.image_size ({self.data.image_size}) must be a multiple of {step} "
@@ -255,6 +264,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw)
+
+
+def is_result_param(key: str) -> bool:
+    """Whether the dotted params key can change a result (see :data:`NON_RESULT_PARAMS`)."""
+    return not any(fnmatchcase(key, pattern) for pattern in NON_RESULT_PARAMS)
+
+
+def result_params(params: Params) -> dict[str, Any]:
+    """The dotted params keys that can change a result, with their values."""
+    return {k: v for k, v in params.flat().items() if is_result_param(k)}
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -27,14 +27,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hdkd.bundle import BUNDLE_ARTIFACT, MODEL_ORDER, make_bundle, model_names, validate_bundle
+from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle, model_names, validate_bundle
 from hdkd.checkpoint import load_model
 from hdkd.config import EvaluateConfig, Params
+from hdkd.data.augment import eval_transform
+from hdkd.data.loader import PackedDataset
+from hdkd.data.packed import load_split
 from hdkd.distributed import DistInfo, resolve_device
 from hdkd.efficiency import eval_mode, measure_efficiency
 from hdkd.io import write_csv, write_json
 from hdkd.metrics import classification_metrics
 from hdkd.provenance import dvc_exp_name, git_state
+from hdkd.roster import ROSTER
 from hdkd.tracking import Tracker
 
 
@@ -144,8 +148,8 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
                    device: torch.device | str = "cpu") -> dict[str, Any]:
     """The evaluate stage: every trained model on the test split, once; write and track the bundle.
 
-    ``models`` maps a report name (``teacher``, ``student``, ``hdkd``) to a model file written by the
-    training stages; each file also carries the model's per-epoch training history.
+    ``models`` maps a model's name (:mod:`hdkd.roster`) to the file its training stage wrote; each
+    file also carries the model's per-epoch training history, and must be of ``data.image_size``.
     """
     loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
@@ -155,6 +159,9 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
         if list(meta["classes"]) != list(class_names):
             raise ValueError(f"{path} was trained on classes {meta['classes']}, the test split has "
                              f"{list(class_names)}: rerun the training stages on this data")
+        if meta["image_size"] != params.data.image_size:
+            raise ValueError(f"{path} was trained on {meta['image_size']}px images, data.image_size is "
+                             f"{params.data.image_size}: rerun the training stages with these params")
         results[name] = {
             "evaluation": evaluate_model(model, loader, class_names, params.evaluate, device, params.seed),
             "efficiency": measure_efficiency(model, params.data.image_size, params.evaluate, device),
@@ -172,26 +179,20 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
     return bundle
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line of the evaluate stage; the defaults are the paths ``dvc.yaml`` declares."""
-    import argparse
-    import logging
-
-    from hdkd.config import load_params
-    from hdkd.data import PackedDataset, eval_transform, load_split
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="packed test split")
-    parser.add_argument("--models", type=Path, default=Path("models"), help="<dir>/<model>/model.pt")
-    parser.add_argument("--out", type=Path, default=Path("reports"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
-    device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
-    test = load_split(args.data, "test", image_size=params.data.image_size)
-    models = {name: args.models / name / "model.pt" for name in MODEL_ORDER}
-    missing = [str(p) for p in models.values() if not p.is_file()]
+def model_files(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """``<models_dir>/<name>/model.pt`` of every model in the roster; all must exist."""
+    files = {m.name: Path(models_dir) / m.name / "model.pt" for m in ROSTER}
+    missing = [m for m in ROSTER if not files[m.name].is_file()]
     if missing:
-        raise FileNotFoundError(f"trained models missing: {missing}; run `dvc repro distill` first")
-    return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), args.out, device)
+        raise FileNotFoundError(f"trained models missing: {[str(files[m.name]) for m in missing]}; run "
+                                f"`dvc repro {' '.join(m.stage for m in missing)}` first")
+    return files
+
+
+def evaluate_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
+                   out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The evaluate stage: the roster's trained models under ``models_dir`` on the test split of ``data_dir``."""
+    device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
+    test = load_split(data_dir, "test", image_size=params.data.image_size)
+    models = model_files(models_dir)
+    return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), out_dir, device)

@@ -221,7 +221,7 @@ def dvc_md5(path: str | os.PathLike, files: Iterable[Path] | None = None) -> str
     """The hash DVC 3 records in ``dvc.lock``: a file's md5, or a directory's ``<md5>.dir`` tree hash.
 
     For a directory, ``files`` restricts the tree to those files (e.g. the images a reader uses;
-    DVC leaves out what ``.dvcignore`` ignores: see :func:`hdkd.tracking.stage_dep_hashes`).
+    DVC leaves out what ``.dvcignore`` ignores: see :func:`hdkd.provenance.stage_dep_hashes`).
     It changes when a file is added, removed, renamed or edited, not when only timestamps change.
     """
     path = Path(path)

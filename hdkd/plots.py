@@ -8,19 +8,22 @@ from typing import Any, Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-MODEL_LABELS = {"teacher": "Teacher", "student": "Student", "hdkd": "HDKD"}
-MODEL_COLORS = {"teacher": "#4c72b0", "student": "#dd8452", "hdkd": "#55a868"}
-EXTRA_COLORS = ("#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+from hdkd.roster import ROSTER
+
+EXTRA_COLORS = ("#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")  # models outside the roster
+_ROSTER = {m.name: m for m in ROSTER}
 
 
 def model_label(name: str) -> str:
-    return MODEL_LABELS.get(name, name)
+    return _ROSTER[name].label if name in _ROSTER else name
 
 
 def model_color(name: str, names: Sequence[str]) -> str:
     """``name``'s colour among the models ``names`` of one figure: its own, else the next extra colour."""
-    others = [m for m in names if m not in MODEL_COLORS]
-    return MODEL_COLORS.get(name) or EXTRA_COLORS[others.index(name) % len(EXTRA_COLORS)]
+    if name in _ROSTER:
+        return _ROSTER[name].color
+    others = [m for m in names if m not in _ROSTER]
+    return EXTRA_COLORS[others.index(name) % len(EXTRA_COLORS)]
 
 
 def figure_png(fig: Figure, dpi: int = 120) -> bytes:

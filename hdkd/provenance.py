@@ -1,4 +1,5 @@
-"""Where a result came from: the git commit, whether the code was modified, the DVC experiment.
+"""Where a result came from: the git commit, whether the code was modified, the DVC experiment,
+the repository root, the hashes of a stage's dependencies and the software environment.
 
 Thin wrappers over the ``git`` command line (no extra dependency); they return ``None`` outside a
 git checkout rather than failing, because a result without provenance is still a result.
@@ -7,8 +8,13 @@ git checkout rather than failing, because a result without provenance is still a
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from pathlib import Path
+
+import yaml
+
+from hdkd.io import dvc_md5
 
 # Not code: the pipeline's own outputs change during `dvc repro`, and params.yaml is recorded in full
 # (params hash, MLflow params) and changed by `dvc exp run -S`; none of them makes the code "dirty".
@@ -52,3 +58,61 @@ def git_state(repo_root: str | os.PathLike = ".") -> dict[str, str | bool | None
 def dvc_exp_name() -> str | None:
     """The experiment name while ``dvc exp run`` executes the stage (DVC sets ``DVC_EXP_NAME``)."""
     return os.environ.get("DVC_EXP_NAME") or None
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The project root; from a DVC temporary experiment copy, the real repository it came from.
+
+    DVC sets ``DVC_ROOT`` for every stage command, and for queued experiments points it at the
+    repository that queued them (not the copy under ``.dvc/tmp/exps``); without it (a stage run
+    by hand), the path is searched upwards.
+    """
+    if start is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    path = Path(start or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for candidate in (path, *path.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
+            return candidate
+    return path
+
+
+def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
+    """The hashes ``dvc.lock`` records for the dependencies ``dvc.yaml`` declares for ``stage``
+    (missing ones are skipped): a directory's hash leaves out what ``.dvcignore`` ignores."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return {}
+    from dvc.fs import localfs
+    from dvc.ignore import DvcIgnoreFilter
+
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    deps = stages.get(stage, {}).get("deps", [])
+    ignore = DvcIgnoreFilter(localfs, str(root))  # DVC's own reading of every .dvcignore
+
+    def hashed_files(path: Path) -> list[Path]:
+        return [f for f in path.rglob("*") if f.is_file() and not ignore.is_ignored_file(str(f))]
+
+    return {dep: dvc_md5(root / dep, hashed_files(root / dep)) for dep in deps if (root / dep).exists()}
+
+
+def environment() -> dict[str, str]:
+    """Versions of Python and the libraries that shape a result, the host and its GPU."""
+    import torch
+    import torchvision
+
+    tags = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "host": platform.node(), "cuda": str(torch.cuda.is_available())}
+    if torch.cuda.is_available():
+        tags["gpu"] = torch.cuda.get_device_name(0)
+    for pkg in ("mlflow", "dvc"):
+        try:
+            from importlib.metadata import version
+
+            tags[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing version string is not worth failing over
+            pass
+    return tags

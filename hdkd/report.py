@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -34,16 +33,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names, validate_bundle
-from hdkd.config import ReportConfig, flatten
+from hdkd.config import ReportConfig, flatten, is_result_param
 from hdkd.io import csv_text, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
+from hdkd.roster import ROSTER
 
-MODELS_NOTE = "Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the teacher."
+MODELS_NOTE = "; ".join(f"{m.label}: {m.description}" for m in ROSTER) + "."
 NA = "n/a"
 
-# Params that never change a result; a run differing only in these is the reference run again.
-NON_RESULT_PARAMS = ("tracking.*", "report.*", "evaluate.latency_*", "train.num_workers", "train.log_every",
-                     "data.root", "data.urls*")
 
 
 @dataclass(frozen=True)
@@ -218,10 +215,10 @@ def run_label(bundle: Mapping[str, Any]) -> str:
 
 
 def differing_params(reference: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
-    """Dotted params keys whose values differ, ignoring :data:`NON_RESULT_PARAMS`."""
+    """Dotted params keys whose values differ, ignoring :data:`hdkd.config.NON_RESULT_PARAMS`."""
     a, b = flatten(reference["params"]), flatten(other["params"])
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(fnmatchcase(k, p) for p in NON_RESULT_PARAMS)]
+    return [k for k in keys if a.get(k) != b.get(k) and is_result_param(k)]
 
 
 def group_ablations(

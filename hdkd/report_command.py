@@ -19,9 +19,10 @@ from typing import Any
 from hdkd.ablations import NoTrackedRuns, collect_ablations, summary
 from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig, load_params
+from hdkd.provenance import repo_root
 from hdkd.regenerate import RevisionNotFound, ablations_for_revision, bundle_for_revision
 from hdkd.report import build_report
-from hdkd.tracking import experiment_name, repo_root, resolve_tracking_uri
+from hdkd.tracking import experiment_name, resolve_tracking_uri
 
 REPORTS_DIR = Path("reports")
 REVISIONS_DIR = Path("runs")  # git-ignored: a rebuilt revision never overwrites the working tree's reports/

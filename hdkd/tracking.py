@@ -4,7 +4,7 @@ One experiment per dataset (``hdkd-<dataset>``), one run per stage, nested under
 pipeline execution (same git commit, params and DVC experiment). Runs carry tags that lead back
 to the code and data: ``hdkd.git_commit`` (exactly ``git rev-parse HEAD``), ``hdkd.git_dirty``,
 ``hdkd.params_hash``, ``hdkd.dep.<path>`` (the DVC hash of each of the stage's dependencies),
-``hdkd.dvc_exp_name``, device and library versions.
+``hdkd.dvc_exp_name``, device and library versions (gathered by :mod:`hdkd.provenance`).
 
 The SQLite store (``sqlite:///mlflow.db``) and the artifacts (``mlartifacts/``) live at the repo
 root — also for queued DVC experiments, which run in temporary copies under ``.dvc/tmp/exps``.
@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import random
 import socket
 import tempfile
@@ -33,73 +32,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
-import yaml
-
 from hdkd.config import Params, TrackingConfig
-from hdkd.io import dvc_md5
-from hdkd.provenance import dvc_exp_name, git_state
+from hdkd.provenance import dvc_exp_name, environment, git_state, repo_root, stage_dep_hashes
 
 log = logging.getLogger(__name__)
 
 TAG = "hdkd."
-
-
-# ----------------------------------------------------------------------------- provenance
-def repo_root(start: str | Path | None = None) -> Path:
-    """The project root; from a DVC temporary experiment copy, the real repository it came from.
-
-    DVC sets ``DVC_ROOT`` for every stage command, and for queued experiments points it at the
-    repository that queued them (not the copy under ``.dvc/tmp/exps``); without it (a stage run
-    by hand), the path is searched upwards.
-    """
-    if start is None and os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    path = Path(start or os.getcwd()).resolve()
-    parts = path.parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    for candidate in (path, *path.parents):
-        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
-            return candidate
-    return path
-
-
-def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
-    """The hashes ``dvc.lock`` records for the dependencies ``dvc.yaml`` declares for ``stage``
-    (missing ones are skipped): a directory's hash leaves out what ``.dvcignore`` ignores."""
-    dvc_yaml = root / "dvc.yaml"
-    if not dvc_yaml.is_file():
-        return {}
-    from dvc.fs import localfs
-    from dvc.ignore import DvcIgnoreFilter
-
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    deps = stages.get(stage, {}).get("deps", [])
-    ignore = DvcIgnoreFilter(localfs, str(root))  # DVC's own reading of every .dvcignore
-
-    def hashed_files(path: Path) -> list[Path]:
-        return [f for f in path.rglob("*") if f.is_file() and not ignore.is_ignored_file(str(f))]
-
-    return {dep: dvc_md5(root / dep, hashed_files(root / dep)) for dep in deps if (root / dep).exists()}
-
-
-def environment_tags() -> dict[str, str]:
-    import torch
-    import torchvision
-
-    tags = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "host": platform.node(), "cuda": str(torch.cuda.is_available())}
-    if torch.cuda.is_available():
-        tags["gpu"] = torch.cuda.get_device_name(0)
-    for pkg in ("mlflow", "dvc"):
-        try:
-            from importlib.metadata import version
-
-            tags[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001 - a missing version string is not worth failing over
-            pass
-    return {f"{TAG}env.{k}": v for k, v in tags.items()}
 
 
 def experiment_name(cfg: TrackingConfig, dataset: str) -> str:
@@ -327,7 +265,8 @@ class Tracker:
         self.parent_run_id = self._parent(tags, commit, dirty, exp_name)
         if self.resume_run_id and self._reopen(self.resume_run_id):
             return
-        run_tags = {**tags, **environment_tags(), **self.extra_tags, f"{TAG}stage": self.stage,
+        env = {f"{TAG}env.{k}": v for k, v in environment().items()}
+        run_tags = {**tags, **env, **self.extra_tags, f"{TAG}stage": self.stage,
                     "mlflow.parentRunId": self.parent_run_id,
                     **{f"{TAG}dep.{p}": h for p, h in stage_dep_hashes(self.stage, Path.cwd()).items()}}
         run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=self.stage)

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from hdkd.config import load_params
-from hdkd.data import balance_training_split
+from hdkd.data.balance import balance_training_split
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ import argparse
 import logging
 
 from hdkd.config import load_params
-from hdkd.data import fetch_dataset
+from hdkd.data.sources import fetch_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

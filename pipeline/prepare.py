@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from hdkd.config import load_params
-from hdkd.data import SOURCE_RECORD, prepare_dataset
+from hdkd.data.prepare import prepare_dataset
+from hdkd.data.sources import SOURCE_RECORD
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@
 Options (paths, resume directory): `python -m pipeline.train_teacher --help`.
 """
 
-from hdkd.train import main
+from pipeline._train import main
 
 if __name__ == "__main__":
     main("teacher")

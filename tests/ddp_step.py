@@ -7,6 +7,7 @@ for the resume state in a directory of its own (as on a node that does not share
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,8 +16,9 @@ from torch.utils.data import TensorDataset
 
 from hdkd.config import DistillConfig
 from hdkd.distributed import init_distributed, shutdown
+from hdkd.engine import FitSettings, Runtime, fit
 from hdkd.models import FrozenTeacher, create_model
-from hdkd.train import Runtime, build_criterion, fit
+from hdkd.train import build_criterion
 
 # SGD: Adam would turn float-noise gradients (e.g. of pre-norm biases that a following BatchNorm
 # cancels) into full-size steps of arbitrary sign, hiding the comparison in noise.
@@ -38,8 +40,8 @@ def main(out: Path):
     info = init_distributed("cpu")
     teacher, student, data = setup()
     rt = Runtime(torch.device("cpu"), info, progress=False)
-    result = fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), CFG, data, data, rt, seed=0,
-                 batch_size=GLOBAL_BATCH, teacher=teacher)
+    result = fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), data, data, rt,
+                 FitSettings(CFG, seed=0, batch_size=GLOBAL_BATCH), teacher=teacher)
     torch.save(student.state_dict(), out / f"rank{info.rank}.pt")
     torch.save({k: result.history[0][k] for k in ("val_loss", "val_accuracy")}, out / f"val{info.rank}.pt")
     shutdown(info)
@@ -49,13 +51,12 @@ def unshared_resume(out: Path):
     info = init_distributed("cpu")
     teacher, student, data = setup()
     rt = Runtime(torch.device("cpu"), info, progress=False)
-    run = dict(seed=0, batch_size=GLOBAL_BATCH, teacher=teacher, fingerprint="f")
-    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), CFG, data, data, rt, resume_dir=out / "shared",
-        **run)
+    settings = FitSettings(CFG, seed=0, batch_size=GLOBAL_BATCH, resume_dir=out / "shared", fingerprint="f")
+    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), data, data, rt, settings, teacher=teacher)
     longer = CFG.model_copy(update={"epochs": 2})
+    settings = replace(settings, optim=longer, resume_dir=out / ("shared" if info.is_main else "node1"))
     try:
-        fit(DistributedDataParallel(student), build_criterion("hdkd", longer), longer, data, data, rt,
-            resume_dir=out / ("shared" if info.is_main else "node1"), **run)
+        fit(DistributedDataParallel(student), build_criterion("hdkd", longer), data, data, rt, settings, teacher=teacher)
     except RuntimeError as e:
         (out / f"error{info.rank}.txt").write_text(str(e))
     shutdown(info)

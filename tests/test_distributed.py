@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from hdkd.train import build_criterion, build_optimizer, build_scheduler, forward_loss
+from hdkd.engine import build_optimizer, build_scheduler, forward_loss
+from hdkd.train import build_criterion
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_step  # noqa: E402

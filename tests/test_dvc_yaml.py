@@ -2,22 +2,18 @@
 writes what it declares, where no other stage writes.
 
 Static checks (no stage runs): the code a stage can import is found by walking the ``import``
-statements of ``pipeline/<stage>.py`` and everything it reaches, function-level imports included;
-``hdkd.data`` exports its names lazily (``_EXPORTS``), so ``from hdkd.data import X`` is followed
-to the submodule that defines ``X``.
+statements of ``pipeline/<stage>.py`` and everything it reaches, function-level imports included.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import json
 import os
 import re
 import runpy
 import sys
-from functools import cache
 from pathlib import Path
 from unittest import mock
 
@@ -41,15 +37,6 @@ def module_file(name: str) -> Path | None:
     return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
 
 
-@cache
-def lazy_exports(package: str) -> dict[str, str]:
-    """``name -> submodule`` of a package that imports its names on first use (``_EXPORTS``)."""
-    init = module_file(package)
-    if init is None or init.name != "__init__.py":
-        return {}
-    return getattr(importlib.import_module(package), "_EXPORTS", {})
-
-
 def imported_names(path: Path, module: str) -> set[str]:
     """Absolute dotted names a module's ``import`` statements mention, anywhere in the file."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -63,8 +50,6 @@ def imported_names(path: Path, module: str) -> set[str]:
             names.add(base)
             for alias in node.names:
                 names.add(f"{base}.{alias.name}")  # kept only if it is a submodule (module_file)
-                if alias.name in lazy_exports(base):
-                    names.add(f"{base}.{lazy_exports(base)[alias.name]}")
     return names
 
 

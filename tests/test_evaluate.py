@@ -9,10 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hdkd.config import EvaluateConfig, Params
+from hdkd.checkpoint import save_model
+from hdkd.config import EvaluateConfig, Params, parse_params
 from hdkd.bundle import make_bundle
-from hdkd.evaluate import evaluate_model, main as evaluate_main, write_evaluation
+from hdkd.evaluate import evaluate_model, evaluate_stage, model_files, run_evaluation, write_evaluation
 from hdkd.io import read_json
+from hdkd.models import create_model
 
 from conftest import CLASSES, hand_models
 
@@ -114,9 +116,24 @@ def test_models_without_history_get_no_curves(tmp_path):
 def test_evaluate_stage_fails_on_cuda_without_a_gpu(tmp_path, monkeypatch):
     # As the training stages do: `train.device: cuda` is never run on the CPU in silence.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (tmp_path / "params.yaml").write_text("train:\n  device: cuda\n")
-    argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "prepared"),
-            "--models", str(tmp_path / "models"), "--out", str(tmp_path / "reports")]
+    params = parse_params({"train": {"device": "cuda"}})
     with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
-        evaluate_main(argv)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # before any work
+        evaluate_stage(params, tmp_path / "prepared", tmp_path / "models", tmp_path / "reports")
+    assert list(tmp_path.iterdir()) == []  # before any work
+
+
+def test_missing_models_name_the_stages_to_run(tmp_path):
+    save_model(tmp_path / "teacher" / "model.pt", create_model("teacher_tiny", 3, image_size=32), "teacher_tiny",
+               list(CLASSES), 32, {})
+    with pytest.raises(FileNotFoundError, match="run `dvc repro train_student train_hdkd` first"):
+        model_files(tmp_path)
+
+
+def test_a_model_of_another_image_size_is_refused(tmp_path):
+    path = tmp_path / "teacher.pt"
+    save_model(path, create_model("teacher_tiny", 3, image_size=32), "teacher_tiny", list(CLASSES), 32, {})
+    test_set = TensorDataset(torch.zeros(2, 3, 64, 64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="trained on 32px images, data.image_size is 64"):
+        run_evaluation(parse_params({"data": {"image_size": 64}}), {"teacher": path}, test_set, CLASSES,
+                       tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()

@@ -50,7 +50,7 @@ def tracked(tmp_path_factory):
     for t, name in enumerate(("reference", "lambda_old", "lambda", "alpha_tau", "half", "two_groups", "block")):
         log_run(client, eid, evaluate_tags(b[name]), 1000 * (t + 1), b[name], tmp_path, "evaluate" if t % 2 else None)
     log_run(client, eid, evaluate_tags(b["block"]), 9000)  # newest of its params, but failed before the bundle
-    log_run(client, eid, evaluate_tags(b["stages"], "distill"), 9000, b["stages"], tmp_path)  # not an evaluate run
+    log_run(client, eid, evaluate_tags(b["stages"], "train_hdkd"), 9000, b["stages"], tmp_path)  # not an evaluate run
     log_run(client, other_eid, evaluate_tags(b["stride"]), 9000, b["stride"], tmp_path)  # another experiment
     return uri, b
 
@@ -156,7 +156,7 @@ def test_dvc_experiment_is_tracked_and_its_report_rebuilt(tmp_path):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                               f"tags.`hdkd.dvc_exp_name` = '{name}'")
-    assert {r.data.tags["hdkd.stage"] for r in runs} == {"pipeline", "train_teacher", "train_student", "distill",
+    assert {r.data.tags["hdkd.stage"] for r in runs} == {"pipeline", "train_teacher", "train_student", "train_hdkd",
                                                          "evaluate"}
     assert {r.data.tags["hdkd.git_commit"] for r in runs} == {baseline}
     assert {r.data.tags["hdkd.git_dirty"] for r in runs} == {"false"}  # -S edits params.yaml, not code

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hdkd.engine import forward_loss
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model
-from hdkd.train import forward_loss
 
 
 def test_soft_kd_matches_the_written_formula():

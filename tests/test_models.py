@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from hdkd.config import parse_params
+from hdkd.geometry import PATCH_SIZE, image_size_step
 from hdkd.models import FrozenTeacher, HybridStudent, create_model, list_models, model_name
 
 PAPER_PARAMS = {  # SPEC §2: the official implementation's counts
@@ -120,3 +122,14 @@ def test_frozen_teacher_stays_in_eval_mode_without_grads():
     assert all(not p.requires_grad for p in teacher.parameters())
     logits, feats = teacher(torch.randn(2, 3, 32, 32))
     assert not logits.requires_grad and len(feats) == 3
+
+
+@pytest.mark.parametrize("stem_stride", [2, 4])
+def test_params_accept_exactly_the_image_sizes_every_network_takes(stem_stride):
+    step = image_size_step(stem_stride, PATCH_SIZE)
+    for size in (step, 2 * step):  # accepted by params, built by every network
+        parse_params({"data": {"image_size": size}, "model": {"stem_stride": stem_stride}})
+        for name in ("teacher_tiny", "student_tiny", "hdkd_tiny"):
+            create_model(name, 3, image_size=size, stem_stride=stem_stride)
+    with pytest.raises(ValueError, match="not divisible by the patch size"):  # refused by params, and the student
+        create_model("student_tiny", 3, image_size=step + step // 2, stem_stride=stem_stride)

@@ -58,7 +58,7 @@ def test_the_command_line_names_the_key_and_exits_nonzero(tmp_path):
     bad = write_bad_params(tmp_path, BAD_PARAMS["alpha above 1"][1])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.distill", "--params", str(bad)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train_hdkd", "--params", str(bad)], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "distill.alpha: Input should be less than or equal to 1" in proc.stderr

@@ -16,7 +16,7 @@ import torch
 
 from hdkd.io import load_torch
 from hdkd.report_check import Line, Tolerance, parse_lines
-from hdkd.train import ROLES
+from hdkd.roster import MODEL_NAMES
 from tests.pipeline_fixtures import ScratchRepo
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def test_tables_are_identical_bytes_except_timing_columns(runs):
         assert all(comparable(r.root / "reports/tables" / name) == expected for r in others), name
 
 
-@pytest.mark.parametrize("model", ROLES)
+@pytest.mark.parametrize("model", MODEL_NAMES)
 def test_trained_weights_and_histories_are_identical(model, runs):
     first, *others = [load_torch(r.root / f"models/{model}/model.pt") for r in runs]
     for other in others:

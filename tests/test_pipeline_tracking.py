@@ -15,13 +15,13 @@ import yaml
 
 from hdkd.config import parse_params
 from hdkd.io import file_md5
-from hdkd.train import STAGES as ROLE_STAGES
-from hdkd.train import stage_config
+from hdkd.roster import ROSTER
+from hdkd.train import recipe
 from tests.pipeline_fixtures import PIPELINE_OUTPUTS, ScratchRepo, metric_history, mlflow_client, runs_by_stage
 
 pytestmark = pytest.mark.slow
 
-TRAINING_STAGES = {stage: role for role, stage in ROLE_STAGES.items()}  # stage -> model (role)
+TRAINING_STAGES = {m.stage: m for m in ROSTER}
 TRACKED_STAGES = [*TRAINING_STAGES, "evaluate"]
 EPOCH_METRICS = ("train_loss", "train_ce", "train_logit_kd", "train_feature_kd", "train_accuracy", "val_loss",
                  "val_accuracy", "lr", "epoch_time_s", "images_per_s")
@@ -57,12 +57,12 @@ def test_stage_runs_carry_the_resolved_params(stage, stage_runs, tracked_pipelin
 @pytest.mark.parametrize("stage", TRAINING_STAGES)
 def test_training_runs_log_every_epoch(stage, stage_runs, tracked_pipeline):
     run_id = stage_runs[stage].info.run_id
-    epochs = stage_config(parse_params(tracked_pipeline.params), TRAINING_STAGES[stage]).epochs
+    epochs = recipe(parse_params(tracked_pipeline.params), TRAINING_STAGES[stage]).epochs
     history = {key: metric_history(tracked_pipeline, run_id, key) for key in EPOCH_METRICS}
     for key, values in history.items():
         assert [step for step, _ in values] == list(range(1, epochs + 1)), key
     distilled = [value for key in ("train_logit_kd", "train_feature_kd") for _, value in history[key]]
-    if stage == "distill":
+    if TRAINING_STAGES[stage].distills:
         assert all(v > 0 for v in distilled)
     else:  # plain cross-entropy: no distillation terms
         assert all(v == 0 for v in distilled)
@@ -73,7 +73,8 @@ def test_training_runs_keep_the_checkpoint_history_and_params(stage, stage_runs,
     client, run_id = mlflow_client(tracked_pipeline), stage_runs[stage].info.run_id
     assert {"checkpoint", "history.json", "params.json"} <= {a.path for a in client.list_artifacts(run_id)}
     checkpoint = Path(client.download_artifacts(run_id, "checkpoint/model.pt", str(tmp_path)))
-    assert file_md5(checkpoint) == file_md5(tracked_pipeline.root / f"models/{TRAINING_STAGES[stage]}/model.pt")
+    model = TRAINING_STAGES[stage].name
+    assert file_md5(checkpoint) == file_md5(tracked_pipeline.root / f"models/{model}/model.pt")
 
 
 def test_evaluate_run_keeps_the_results_bundle(stage_runs, tracked_pipeline, tmp_path):
@@ -96,7 +97,7 @@ def test_provenance_tags_match_git_and_dvc_lock(stage, stage_runs, tracked_pipel
 
 @pytest.mark.parametrize("stage", TRAINING_STAGES)
 def test_model_directory_names_its_run(stage, stage_runs, tracked_pipeline):
-    run_json = tracked_pipeline.json(f"models/{TRAINING_STAGES[stage]}/run.json")
+    run_json = tracked_pipeline.json(f"models/{TRAINING_STAGES[stage].name}/run.json")
     assert run_json["run_id"] == stage_runs[stage].info.run_id
     assert run_json["parent_run_id"] == stage_runs["pipeline"].info.run_id
 
@@ -104,8 +105,8 @@ def test_model_directory_names_its_run(stage, stage_runs, tracked_pipeline):
 def assert_every_output_written(repo: ScratchRepo) -> None:
     missing = [str(p) for p in PIPELINE_OUTPUTS if not (repo.root / p).exists()]
     assert not missing, f"outputs not written: {missing}"
-    for model in TRAINING_STAGES.values():
-        assert repo.json(f"models/{model}/run.json")["run_id"] is None
+    for model in ROSTER:
+        assert repo.json(f"models/{model.name}/run.json")["run_id"] is None
 
 
 def test_without_tracking_every_output_is_written_and_mlflow_untouched(untracked_pipeline):

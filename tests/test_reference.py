@@ -11,7 +11,7 @@ from hdkd.compat import (CheckpointMismatchError, load_official_checkpoint, load
                          save_official_checkpoint, to_official)
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, HybridStudent, InvertedResidual, TeacherCNN
-from hdkd.train import forward_loss
+from hdkd.engine import forward_loss
 
 
 def construct(reference, role):

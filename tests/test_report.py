@@ -5,7 +5,8 @@ import struct
 import pytest
 
 from hdkd.config import ReportConfig
-from hdkd.plots import EXTRA_COLORS, MODEL_COLORS, model_color
+from hdkd.plots import EXTRA_COLORS, model_color
+from hdkd.roster import ROSTER
 from hdkd.report import (
     ABLATIONS,
     ablation_table,
@@ -164,7 +165,7 @@ def test_stale_report_files_are_removed(tmp_path, bundle):
 def test_model_colors_are_the_same_in_every_figure():
     # the training curves and the report's figures colour a model alike: by its place among the extra models
     names = ["teacher", "student", "hdkd", "kd", "dkd"]
-    assert [model_color(m, names) for m in names] == [*MODEL_COLORS.values(), *EXTRA_COLORS[:2]]
+    assert [model_color(m, names) for m in names] == [*(m.color for m in ROSTER), *EXTRA_COLORS[:2]]
     assert model_color("kd", ["kd"]) == model_color("kd", names)
 
 

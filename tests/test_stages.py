@@ -6,9 +6,14 @@ import pytest
 
 from hdkd.checkpoint import load_model
 from hdkd.config import parse_params
-from hdkd.data import PackedDataset, balance_training_split, eval_transform, fetch_dataset, load_split, prepare_dataset
+from hdkd.data.augment import eval_transform
+from hdkd.data.balance import balance_training_split
+from hdkd.data.loader import PackedDataset
+from hdkd.data.packed import load_split
+from hdkd.data.prepare import prepare_dataset
+from hdkd.data.sources import fetch_dataset
 from hdkd.evaluate import run_evaluation
-from hdkd.train import StagePaths, main as train_main
+from pipeline._train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def test_each_stage_trains_beats_chance_and_evaluates(workspace):
         metrics = json.loads((root / "metrics" / f"{role}.json").read_text())
         assert metrics["val_accuracy"] == result["val_accuracy"]
         run = json.loads((root / "models" / role / "run.json").read_text())
-        assert run["run_id"] and run["stage"] in ("train_teacher", "train_student", "distill")
+        assert run["run_id"] and run["stage"] == f"train_{role}"
         model, meta = load_model(root / "models" / role / "model.pt")
         assert meta["classes"] == list(val.classes) and len(meta["history"]) == 8
         assert not (root / "checkpoints" / role).exists()  # finished: no resume state left behind

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from hdkd.config import parse_params
-from hdkd.tracking import Tracker, repo_root, resolve_tracking_uri, retry_transient
+from hdkd.provenance import repo_root
+from hdkd.tracking import Tracker, resolve_tracking_uri, retry_transient
 from tests.data_fixtures import refused_url
 
 mlflow = pytest.importorskip("mlflow")
@@ -64,24 +65,24 @@ def test_stages_of_one_pipeline_share_a_parent(store, monkeypatch):
         pass
     other = parse_params({"tracking": {"uri": store, "experiment": "shared-parent"}, "distill": {
         "epochs": 3, "optimizer": "adamw", "lr": 1e-3, "alpha": 0.9}})
-    with Tracker(other.tracking, other, "distill") as c:
+    with Tracker(other.tracking, other, "train_hdkd") as c:
         pass
     assert a.parent_run_id == b.parent_run_id != c.parent_run_id
 
 
 def test_an_interrupted_run_is_continued_not_duplicated(store):
     p = params(store, experiment="resume")
-    first = Tracker(p.tracking, p, "distill")
+    first = Tracker(p.tracking, p, "train_hdkd")
     first.__enter__()
     first.log_metrics({"val_accuracy": 0.1}, step=1)
     run_id = first.run_id  # the process dies here: no __exit__
-    with Tracker(p.tracking, p, "distill", resume_run_id=run_id) as second:
+    with Tracker(p.tracking, p, "train_hdkd", resume_run_id=run_id) as second:
         second.log_metrics({"val_accuracy": 0.2}, step=2)
     client = MlflowClient(store)
     assert second.run_id == run_id
     assert [m.value for m in client.get_metric_history(run_id, "val_accuracy")] == [0.1, 0.2]
     runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
-                              filter_string="tags.`hdkd.stage` = 'distill'")
+                              filter_string="tags.`hdkd.stage` = 'train_hdkd'")
     assert len(runs) == 1
 
 

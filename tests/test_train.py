@@ -10,9 +10,9 @@ from hdkd.config import DistillConfig, OptimConfig, parse_params
 from hdkd.checkpoint import save_model
 from hdkd.io import read_json
 from hdkd.models import create_model
+from hdkd.engine import FitSettings, Runtime, build_optimizer, fit, is_better, lr_at, validate
 from hdkd.tracking import Tracker
-from hdkd.train import (Runtime, StagePaths, build_criterion, build_optimizer, fit, is_better, load_teacher, lr_at,
-                        run_training)
+from hdkd.train import StagePaths, build_criterion, input_fingerprint, load_teacher, run_training
 
 CPU = Runtime(torch.device("cpu"), progress=False)
 
@@ -63,16 +63,14 @@ def test_teacher_learns_and_is_deterministic():
     def run():
         torch.manual_seed(0)
         model = create_model("teacher_tiny", 3, image_size=32)
-        return fit(model, build_criterion("teacher", teacher_cfg()), teacher_cfg(), train, val, CPU, seed=0,
-                   batch_size=16), model
+        return fit(model, build_criterion("teacher", teacher_cfg()), train, val, CPU,
+                   FitSettings(teacher_cfg(), seed=0, batch_size=16)), model
 
     (first, model), (second, _) = run(), run()
     assert first.best["val_accuracy"] > 0.8  # chance is 1/3
     assert [r["val_loss"] for r in first.history] == [r["val_loss"] for r in second.history]
     assert [r["train_loss"] for r in first.history] == [r["train_loss"] for r in second.history]
     # The returned model holds the best epoch's weights.
-    from hdkd.train import validate
-
     assert validate(model, torch.utils.data.DataLoader(val, batch_size=16), CPU)["val_accuracy"] == first.best[
         "val_accuracy"]
 
@@ -90,14 +88,14 @@ def test_an_interrupted_fit_resumes_and_ends_identically(tmp_path, caplog):
             if row["epoch"] == stop_after:
                 raise KeyboardInterrupt
 
-        return fit(model, build_criterion("student", cfg), cfg, train, val, CPU, seed=3, batch_size=16,
-                   resume_dir=resume_dir, fingerprint="f1", on_epoch=stop)
+        settings = FitSettings(cfg, seed=3, batch_size=16, resume_dir=resume_dir, fingerprint="f1")
+        return fit(model, build_criterion("student", cfg), train, val, CPU, settings, on_epoch=stop)
 
     straight = run(None)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, stop_after=2)
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
-    with caplog.at_level(logging.INFO, logger="hdkd.train"):
+    with caplog.at_level(logging.INFO, logger="hdkd.engine"):
         resumed = run(tmp_path)
     assert "resuming from epoch 2 of 4" in caplog.text
     assert resumed.resumed_from == 2
@@ -111,11 +109,11 @@ def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
     train, val = toy_split(32), toy_split(16, seed=1)
     cfg = teacher_cfg(epochs=1)
     model = create_model("teacher_tiny", 3, image_size=32)
-    fit(model, build_criterion("teacher", cfg), cfg, train, val, CPU, seed=0, batch_size=16, resume_dir=tmp_path,
-        fingerprint="old")
+    settings = FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="old")
+    fit(model, build_criterion("teacher", cfg), train, val, CPU, settings)
     with caplog.at_level(logging.INFO):
-        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), cfg, train, val,
-                     CPU, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="new")
+        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val,
+                     CPU, FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="new"))
     assert result.resumed_from == 0 and "starting afresh" in caplog.text
 
 
@@ -127,8 +125,8 @@ def test_hdkd_fit_logs_every_loss_part(tmp_path):
     cfg = DistillConfig(epochs=1, optimizer="adamw", lr=1e-3)
     teacher = load_teacher(teacher_path, ["a", "b", "c"], student, cfg.stages, "cpu")
     rows = []
-    fit(student, build_criterion("hdkd", cfg), cfg, train, val, CPU, seed=0, batch_size=16, teacher=teacher,
-        on_epoch=rows.append)
+    fit(student, build_criterion("hdkd", cfg), train, val, CPU, FitSettings(cfg, seed=0, batch_size=16),
+        teacher=teacher, on_epoch=rows.append)
     (row,) = rows
     assert row["train_ce"] > 0 and row["train_logit_kd"] > 0 and row["train_feature_kd"] > 0
     assert math.isclose(row["train_loss"], 0.5 * row["train_ce"] + 0.5 * row["train_logit_kd"]
@@ -151,8 +149,8 @@ def test_teacher_checks_fail_early_and_clearly(tmp_path):
 
 def test_a_split_too_small_for_batchnorm_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()), teacher_cfg(),
-            toy_split(1), toy_split(4), CPU, seed=0, batch_size=16)
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
+            toy_split(1), toy_split(4), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
 
 
 def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume(tmp_path, monkeypatch):
@@ -187,9 +185,9 @@ def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume
 def test_log_every_logs_running_loss_lines_inside_an_epoch(caplog):
     train, val = toy_split(64), toy_split(16, seed=1)
     cfg = teacher_cfg(epochs=1)
-    with caplog.at_level(logging.INFO, logger="hdkd.train"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), cfg, train, val, CPU,
-            seed=0, batch_size=8, log_every=3)
+    with caplog.at_level(logging.INFO, logger="hdkd.engine"):
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val, CPU,
+            FitSettings(cfg, seed=0, batch_size=8, log_every=3))
     steps = [m[1] for r in caplog.records if (m := re.search(r" step (\d+/\d+)  loss \d", r.getMessage()))]
     assert steps == ["3/8", "6/8"]
 
@@ -198,5 +196,19 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     train = toy_split(32)
     train.tensors[0][5] = float("nan")  # one corrupt sample poisons its batch's loss
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()), teacher_cfg(),
-            train, toy_split(8), CPU, seed=0, batch_size=16)
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
+            train, toy_split(8), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
+
+
+def test_resume_fingerprint_ignores_exactly_the_params_that_never_change_a_result(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "m.json", tmp_path / "ck")
+
+    def fingerprint(**sections):
+        return input_fingerprint("teacher", parse_params(sections), paths)
+
+    base = fingerprint()
+    assert fingerprint(train={"num_workers": 4, "log_every": 5}, tracking={"enabled": False}) == base
+    assert fingerprint(train={"batch_size": 8}) != base
+    assert fingerprint(distill={"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "alpha": 0.9}) != base

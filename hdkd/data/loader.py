@@ -2,7 +2,9 @@
 
 ::
 
-    from hdkd.data import load_split, PackedDataset, train_transform, eval_transform
+    from hdkd.data.augment import eval_transform, train_transform
+    from hdkd.data.loader import PackedDataset
+    from hdkd.data.packed import load_split
 
     train = load_split("data/balanced", "train", image_size=params.data.image_size)
     val = load_split("data/prepared", "val", image_size=params.data.image_size)

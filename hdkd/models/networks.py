@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from hdkd.geometry import PATCH_SIZE, image_size_step
 from hdkd.models.blocks import make_stage
 from hdkd.models.transformer import DFLT
 
@@ -34,8 +35,8 @@ class StagedNetwork(nn.Module):
             raise ValueError(f"block must be 'mbcsa' or 'mbconv', got {block!r}")
         if stem_stride not in (2, 4):
             raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride}")
-        if image_size % (4 * stem_stride):
-            raise ValueError(f"image_size {image_size} must be a multiple of {4 * stem_stride} "
+        if image_size % image_size_step(stem_stride):
+            raise ValueError(f"image_size {image_size} must be a multiple of {image_size_step(stem_stride)} "
                              f"(three stride-2 stages with stem stride {stem_stride})")
         self.stages = Stages([
             make_stage("stem", in_chans, widths[0], depths[0], first_stride=stem_stride),
@@ -87,7 +88,7 @@ class HybridStudent(StagedNetwork):
 
     def __init__(self, num_classes: int, image_size: int = 224, depths: Sequence[int] = (2, 2, 3),
                  widths: Sequence[int] = (64, 96, 192), dim: int = 256, depth: int = 3, heads: int = 8,
-                 dim_head: int = 32, patch_size: int = 2, mlp_ratio: int = 4, distillation: bool = True,
+                 dim_head: int = 32, patch_size: int = PATCH_SIZE, mlp_ratio: int = 4, distillation: bool = True,
                  block: Literal["mbcsa", "mbconv"] = "mbcsa", stem_stride: int = 2, dropout: float = 0.0,
                  in_chans: int = 3):
         super().__init__(image_size, depths, widths, block, stem_stride, in_chans)

@@ -40,9 +40,9 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def model_name(role: str, size: str) -> str:
-    """Registry name of a role (``teacher`` | ``student`` | ``hdkd``) at a size (``paper`` | ``tiny``)."""
-    name = role if size == "paper" else f"{role}_{size}"
+def model_name(prefix: str, size: str) -> str:
+    """Registry name of a network family (a roster entry's ``registry``) at a size (``paper`` | ``tiny``)."""
+    name = prefix if size == "paper" else f"{prefix}_{size}"
     if name not in _REGISTRY:
         raise KeyError(f"no model {name!r}; known: {', '.join(list_models())}")
     return name
