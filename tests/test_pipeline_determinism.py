@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hdkd.io import load_torch
-from hdkd.report_check import Line, Tolerance, parse_lines
+from hdkd.report.check import Line, Tolerance, parse_lines
 from hdkd.train import ROLES
 from tests.pipeline_fixtures import ScratchRepo
 

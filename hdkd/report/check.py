@@ -261,12 +261,12 @@ def check_reports(
     return differences
 
 
-def main(
-    fresh: str | os.PathLike = "reports",
-    committed: str | os.PathLike | None = None,
-    rev: str = "HEAD",
-    repo_root: str | os.PathLike = ".",
-    prefix: str = "reports",
+def check(
+    fresh: str | os.PathLike,
+    committed: str | os.PathLike | None,
+    rev: str,
+    repo_root: str | os.PathLike,
+    prefix: str,
     tol: Tolerance = Tolerance(),
 ) -> int:
     """Exit code of the check: 0 when the reports match, 1 otherwise.
