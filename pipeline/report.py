@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="collected ablation bundles: every *.json is used (without --rev); "
                         "--collect-ablations fills it")
     p.add_argument("--out", type=Path, default=REPORTS_DIR,
-                   help=f"output directory (with --rev: {REVISIONS_DIR}/<rev>; a revision never goes over {REPORTS_DIR})")
+                   help=f"output directory (with --rev: {REVISIONS_DIR}/<rev>; "
+                        f"a revision never goes over {REPORTS_DIR})")
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="tracking URI and experiment, figure settings (with --rev: the revision's own, if it has them)")
     p.add_argument("--tracking-uri", help="MLflow URI to search (default: params' tracking.uri)")

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hdkd.config import EvaluateConfig, Params
+from conftest import CLASSES, hand_models
 from hdkd.bundle import make_bundle
 from hdkd.evaluate import evaluate_model, main as evaluate_main, write_evaluation
 from hdkd.io import read_json
-
-from conftest import CLASSES, hand_models
+from tests.params_fixtures import make_params, params_dict, section
 
 
 class ChannelMeans(nn.Module):
@@ -45,7 +45,7 @@ def test_evaluate_model_runs_once_in_eval_mode():
     labels = [0, 0, 0, 1, 1, 2, 2, 2]
     pred = [0, 0, 1, 1, 1, 2, 2, 0]
     model = ChannelMeans()
-    cfg = EvaluateConfig(bootstrap=50)
+    cfg = section("evaluate", bootstrap=50)
     result = evaluate_model(model, loader_for(pred, labels), CLASSES, cfg, "cpu", seed=0)
     assert model.calls == 3  # 8 images, batches of 3: one pass
     assert model.training  # mode given back
@@ -65,9 +65,9 @@ def test_evaluate_model_rejects_non_logits():
             return x.mean(dim=(2, 3)), x.mean(dim=(2, 3))
 
     with pytest.raises(ValueError, match="must return logits"):
-        evaluate_model(Pair(), loader_for([0, 1], [0, 1]), CLASSES, EvaluateConfig())
+        evaluate_model(Pair(), loader_for([0, 1], [0, 1]), CLASSES, section("evaluate"))
     with pytest.raises(ValueError, match="class_names has 2"):
-        evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], EvaluateConfig())
+        evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], section("evaluate"))
 
 
 def test_write_evaluation_files(tmp_path, bundle):
@@ -105,7 +105,7 @@ def test_write_evaluation_files(tmp_path, bundle):
 def test_models_without_history_get_no_curves(tmp_path):
     models = hand_models()
     models["hdkd"]["history"] = []
-    b = make_bundle(models, Params(), CLASSES)
+    b = make_bundle(models, make_params(), CLASSES)
     paths = write_evaluation(b, tmp_path)
     assert (tmp_path / "plots" / "curves_teacher.csv") in paths
     assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()
@@ -114,7 +114,7 @@ def test_models_without_history_get_no_curves(tmp_path):
 def test_evaluate_stage_fails_on_cuda_without_a_gpu(tmp_path, monkeypatch):
     # As the training stages do: `train.device: cuda` is never run on the CPU in silence.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (tmp_path / "params.yaml").write_text("train:\n  device: cuda\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict({"train": {"device": "cuda"}})))
     argv = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "prepared"),
             "--models", str(tmp_path / "models"), "--out", str(tmp_path / "reports")]
     with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):

@@ -4,12 +4,11 @@ import struct
 
 import pytest
 
+from conftest import bundle_with
 from hdkd.plots import EXTRA_COLORS, MODEL_COLORS, model_color
 from hdkd.report.ablations import ABLATIONS, group_ablations
 from hdkd.report.build import ablation_table, build_report, main_table, per_class_table, table_csv, table_markdown
 from tests.params_fixtures import section
-
-from conftest import bundle_with
 
 REPORT = section("report")
 

@@ -6,13 +6,12 @@ import shutil
 
 import pytest
 
+from conftest import bundle_with, commit_all
 from hdkd.evaluate import write_evaluation
 from hdkd.report.build import build_report
 from hdkd.report.check import DirTree, GitTree, Tolerance, check, check_reports, compare_trees
 from pipeline.check_reports import main as cli
 from tests.params_fixtures import section
-
-from conftest import bundle_with, commit_all
 
 
 @pytest.fixture(scope="module")

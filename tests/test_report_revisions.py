@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import bundle_with, commit_all, log_run, run_git
 from hdkd.io import write_json
 from hdkd.provenance import git_state
 from hdkd.report.build import build_report
 from hdkd.report.revisions import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
 from pipeline.report import main as report_cli
 from tests.params_fixtures import PARAMS_YAML, section
-
-from conftest import bundle_with, commit_all, log_run, run_git
 
 REPORT = section("report")
 

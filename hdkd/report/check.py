@@ -29,10 +29,11 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from hdkd.provenance import git, git_show
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig
