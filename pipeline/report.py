@@ -51,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tracking URI and experiment, figure settings (with --rev: the revision's own, if it has them)")
     p.add_argument("--tracking-uri", help="MLflow URI to search (default: params' tracking.uri)")
     p.add_argument("--repo", type=Path, default=Path("."), help="git repository root")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dry_run and args.queue_ablations is None:
+        p.error("--dry-run goes with --queue-ablations")
+    return args
 
 
 def revision_dir(rev: str) -> Path:

@@ -92,3 +92,6 @@ def test_the_queue_script_runs_the_generated_commands(tmp_path):
 def test_dry_run_prints_the_commands(capsys):
     report_cli(["--queue-ablations", "block", "--dry-run"])
     assert capsys.readouterr().out == "dvc exp run --queue -n abl-block-mbconv -S model.block=mbconv\n"
+    with pytest.raises(SystemExit):
+        report_cli(["--dry-run"])  # never a silent full report build
+    assert "--dry-run goes with --queue-ablations" in capsys.readouterr().err
