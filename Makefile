@@ -6,7 +6,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-all bench clean-venv
+.PHONY: install run test test-all lint bench clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: install         ## the fast suite (slow end-to-end tests: make test-all)
 
 test-all: install
 	python -m pytest -m "slow or not slow"
+
+lint: install         ## ruff: pyflakes, pycodestyle, bugbear, pyupgrade, import order (pyproject.toml)
+	ruff check .
 
 bench: install        ## speed and memory benchmarks (figures in the README)
 	python benchmarks/distill_step.py

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+PARAMS = ROOT / "params.yaml"  # the settings the pipeline runs with (augmentation, SMOTE neighbours)
 
 HAM_SHAPE = (10_015, 224, 224, 3)
 
@@ -38,7 +40,7 @@ def smote_child(workdir: Path) -> None:
     """Run in a fresh process: write a HAM-shaped prepared split, balance it with SMOTE, report."""
     import pandas as pd
 
-    from hdkd.config import AugmentConfig, BalanceConfig
+    from hdkd.config import load_params
     from hdkd.data.balance import balance_training_split
     from hdkd.data.formats import HAM_CLASSES, HAM_COUNTS
     from hdkd.data.packed import IMAGES, LABELS, MANIFEST, NpyWriter, write_labels_and_index
@@ -64,9 +66,10 @@ def smote_child(workdir: Path) -> None:
         {"classes": list(HAM_CLASSES), "dataset": "benchmark", "layout": "ham10000", "image_size": 224},
     )
 
+    params = load_params(PARAMS)
     start = time.perf_counter()
     manifest = balance_training_split(
-        BalanceConfig(method="smote"), AugmentConfig(), 0, prepared, workdir / "balanced"
+        params.balance.model_copy(update={"method": "smote"}), params.augment, 0, prepared, workdir / "balanced"
     )
     seconds = time.perf_counter() - start
     rows = int(np.load(workdir / "balanced/train" / LABELS).shape[0])
@@ -159,7 +162,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     import torch
     from PIL import Image
 
-    from hdkd.config import AugmentConfig
+    from hdkd.config import load_params
     from hdkd.data.augment import (
         augment_batch,
         eval_transform,
@@ -173,6 +176,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     from hdkd.io import write_json
 
     torch.set_num_threads(1)  # per core
+    augment = load_params(PARAMS).augment
     paths = make_tree(workdir / "tree", n_images)
 
     def official(transform):
@@ -193,7 +197,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     )
     write_json(packed / MANIFEST, {"classes": ["x"]})
     split = load_split(packed, "train")
-    packed_aug = PackedDataset(split, train_transform(AugmentConfig()), seed=0)
+    packed_aug = PackedDataset(split, train_transform(augment), seed=0)
     packed_plain = PackedDataset(split, eval_transform())
 
     r = {
@@ -213,7 +217,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     )
     generator = torch.Generator().manual_seed(0)
     r["batched_aug_cpu_img_s"] = len(batch) * rate(
-        lambda i: normalize(augment_batch(batch, AugmentConfig(), generator)), 1, seconds
+        lambda i: normalize(augment_batch(batch, augment, generator)), 1, seconds
     )
     r = {k: round(v, 1) for k, v in r.items()}
     r["loader_speedup"] = round(r["packed_aug_img_s"] / r["official_aug_img_s"], 2)

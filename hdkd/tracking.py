@@ -13,7 +13,7 @@ under a file lock, and calls that find the database locked are retried.
 Tracking never costs a result: any other MLflow failure is reported once and tracking switches off.
 
 The read side (:func:`find_runs`, :func:`find_artifact`, :func:`read_json_artifact`) serves
-:mod:`hdkd.regenerate` and :mod:`hdkd.ablations`, which find results bundles of earlier runs.
+:mod:`hdkd.report.revisions` and :mod:`hdkd.report.ablations`, which find results bundles of earlier runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compare fresh reports with the committed ones; exit 1 on a mismatch.
+"""Compare fresh reports with the committed ones; exit 1 on a mismatch (:mod:`hdkd.report.check`).
 
     dvc repro && python -m pipeline.check_reports            # reports/ vs reports/ at HEAD
     python -m pipeline.check_reports --committed old/ --fresh reports/ --rtol 1e-2
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hdkd.report_check import DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, main as check
+from hdkd.report.check import DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, check
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

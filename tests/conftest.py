@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -12,8 +11,9 @@ import pytest
 import torch
 
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle
-from hdkd.config import parse_params
 from hdkd.io import write_json
+from tests.params_fixtures import make_params
+
 # Whole scratch pipelines, run once per session for the end-to-end modules that share them.
 from tests.pipeline_fixtures import tracked_pipeline, unreachable_tracking_pipeline, untracked_pipeline  # noqa: F401
 
@@ -88,12 +88,9 @@ def hand_models(shift: float = 0.0) -> dict:
 
 
 def bundle_with(overrides: dict | None = None, shift: float = 0.0, **provenance) -> dict:
-    """A results bundle of the default params with ``overrides`` ({"distill": {"lambda": 1.0}})."""
-    raw = copy.deepcopy(parse_params({}).to_dict())
-    for section, values in (overrides or {}).items():
-        raw[section].update(values)
+    """A results bundle of params.yaml with ``overrides`` ({"distill": {"lambda": 1.0}})."""
     provenance = {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False} | provenance
-    return make_bundle(hand_models(shift), parse_params(raw), CLASSES, dataset="toy", **provenance)
+    return make_bundle(hand_models(shift), make_params(overrides), CLASSES, dataset="toy", **provenance)
 
 
 @pytest.fixture

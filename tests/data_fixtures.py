@@ -17,7 +17,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from hdkd.config import Params, parse_params
+from hdkd.config import Params
+from tests.params_fixtures import make_params
 
 
 @dataclass
@@ -122,7 +123,7 @@ def params(tmp_path: Path, **data) -> Params:
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    return parse_params({"data": raw})
+    return make_params({"data": raw})
 
 
 def dermamnist_npz(labels_shift: int = 0) -> bytes:

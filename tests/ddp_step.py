@@ -14,15 +14,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
-from hdkd.config import DistillConfig
 from hdkd.distributed import init_distributed, shutdown
 from hdkd.engine import FitSettings, Runtime, fit
 from hdkd.models import FrozenTeacher, create_model
 from hdkd.train import build_criterion
+from tests.params_fixtures import section
 
 # SGD: Adam would turn float-noise gradients (e.g. of pre-norm biases that a following BatchNorm
 # cancels) into full-size steps of arbitrary sign, hiding the comparison in noise.
-CFG = DistillConfig(epochs=1, optimizer="sgd", lr=0.05, weight_decay=0.05)
+CFG = section("distill", epochs=1, optimizer="sgd", lr=0.05, weight_decay=0.05, momentum=0.9, schedule="none")
 GLOBAL_BATCH = 8
 
 

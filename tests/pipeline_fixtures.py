@@ -9,7 +9,6 @@ first on PATH, as ``make run`` does.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ import yaml
 from hdkd.io import read_json
 from hdkd.provenance import git
 from tests.data_fixtures import refused_url
+from tests.params_fixtures import merged
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -37,14 +37,6 @@ SHRUNK = {
     "distill": {"epochs": 2},
     "evaluate": {"bootstrap": 20, "latency_batch_sizes": [1], "latency_iters": 1, "latency_warmup": 0},
 }
-
-
-def merged(base: dict, change: dict) -> dict:
-    """``base`` with ``change`` applied section by section (nested keys are replaced one by one)."""
-    out = copy.deepcopy(base)
-    for key, value in change.items():
-        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
 
 
 def declared_paths(stage: str, *sections: str) -> list[str]:

@@ -57,9 +57,9 @@ def test_model_names_in_report_order():
     assert names == ["teacher", "hdkd", "alpha", "zeta"]
 
 
-def test_the_report_command_imports_no_torch():
+def test_the_report_stage_imports_no_torch():
     # A fresh interpreter: other tests' imports would already have put torch into sys.modules.
-    code = "import sys, hdkd.report_command; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    code = "import sys, pipeline.report; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == "[]", "importing hdkd.report_command imported torch"
+    assert proc.stdout.strip() == "[]", "importing pipeline.report (the report stage) imported torch"

@@ -1,3 +1,5 @@
+"""params.yaml validation: the one home of the defaults, overlays on it, and errors that name the file and key."""
+
 import math
 import re
 import typing
@@ -7,28 +9,98 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from hdkd.config import ConfigError, Params, load_params, parse_params
+from hdkd.config import ConfigError, Params, apply_overlay, load_params, parse_params
+from pipeline.params import main as params_cli
+from tests.params_fixtures import PARAMS, PARAMS_YAML, make_params, params_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+OVERLAYS = sorted((ROOT / "params").glob("paper-*.yaml"))
 
 
-@pytest.mark.parametrize("path", ["params.yaml", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "params").glob("*.yaml"))])
-def test_shipped_params_files_are_valid(path):
-    params = load_params(ROOT / path)
+def test_params_yaml_is_valid():
+    params = load_params(PARAMS_YAML)
     assert params.flat()["distill.lambda"] == params.distill.lambda_
 
 
-def test_paper_files_hold_the_official_hyper_parameters():
-    for path in (ROOT / "params").glob("paper-*.yaml"):
-        p = load_params(path)
-        assert (p.model.size, p.data.image_size, p.train.batch_size) == ("paper", 224, 16)
-        assert (p.teacher.optimizer, p.teacher.lr, p.teacher.schedule, p.teacher.epochs) == ("adam", 1e-3, "none", 200)
-        for s in (p.student, p.distill):
-            assert (s.optimizer, s.lr, s.weight_decay, s.schedule, s.warmup_epochs, s.warmup_lr, s.min_lr, s.epochs) == (
-                "adamw", 5e-5, 0.05, "cosine", 5, 2e-5, 2e-5, 200)
-        assert (p.distill.type, p.distill.alpha, p.distill.tau, p.distill.lambda_, p.distill.beta) == (
-            "soft", 0.5, 1.0, 10.0, 1.0)
-        assert p.balance.method == "none"
+def test_the_code_carries_no_defaults():
+    # every setting comes from params.yaml: a model field with a default would be one nobody runs
+    def defaulted(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            key = prefix + (field.alias or name)
+            if not field.is_required():
+                out.append(key)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out += defaulted(field.annotation, key + ".")
+        return out
+
+    assert defaulted(Params) == []
+
+
+def overlaid(overlay: Path) -> Params:
+    return parse_params(yaml.safe_load(apply_overlay(PARAMS_YAML, overlay)))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_each_overlay_names_only_keys_of_params_yaml_with_other_values(overlay):
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    base = dict(leaves(PARAMS))
+    for key, value in leaves(yaml.safe_load(overlay.read_text())):
+        assert key in base, f"{overlay.name}: {key} is not in params.yaml"
+        assert value != base[key], f"{overlay.name}: {key} repeats params.yaml's value"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_paper_overlays_give_the_official_hyper_parameters(overlay):
+    p = overlaid(overlay)
+    assert p.data.dataset == overlay.stem.removeprefix("paper-").replace("-", "_")
+    assert (p.model.size, p.data.image_size, p.train.batch_size) == ("paper", 224, 16)
+    assert (p.teacher.optimizer, p.teacher.lr, p.teacher.schedule, p.teacher.epochs) == ("adam", 1e-3, "none", 200)
+    for s in (p.student, p.distill):
+        assert (s.optimizer, s.lr, s.weight_decay, s.schedule, s.warmup_epochs, s.warmup_lr, s.min_lr, s.epochs) == (
+            "adamw", 5e-5, 0.05, "cosine", 5, 2e-5, 2e-5, 200)
+    assert (p.distill.type, p.distill.alpha, p.distill.tau, p.distill.lambda_, p.distill.beta) == (
+        "soft", 0.5, 1.0, 10.0, 1.0)
+    assert p.balance.method == "none"
+
+
+def test_applying_an_overlay_rewrites_only_its_values_and_keeps_the_comments(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text(PARAMS_YAML.read_text())
+    overlay = OVERLAYS[0]
+    params_cli(["--apply", str(overlay), "--params", str(target)])
+    assert load_params(target) == overlaid(overlay)
+    before, after = PARAMS_YAML.read_text().splitlines(), target.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == len(list(_leaves_of(overlay)))
+    assert all(a.split(":")[0] == b.split(":")[0] for a, b in changed)  # same keys, same places
+    assert "# synthetic | imagefolder" in target.read_text() and "grad_clip: null" in target.read_text()
+
+
+def _leaves_of(overlay):
+    def walk(d):
+        for v in d.values():
+            yield from (walk(v) if isinstance(v, dict) else [v])
+    return walk(yaml.safe_load(overlay.read_text()))
+
+
+def test_an_overlay_key_params_yaml_lacks_is_refused_and_nothing_is_written(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text(PARAMS_YAML.read_text())
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text("distill:\n  lamda: 5\n")
+    with pytest.raises(ConfigError, match=rf"{overlay}: distill\.lamda is not a key"):
+        params_cli(["--apply", str(overlay), "--params", str(target)])
+    overlay.write_text("distill:\n  alpha: 2\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml:\n  distill\.alpha: Input should be less than or equal to 1"):
+        params_cli(["--apply", str(overlay), "--params", str(target)])
+    assert target.read_text() == PARAMS_YAML.read_text()
 
 
 @pytest.mark.parametrize("raw,key", [
@@ -47,25 +119,21 @@ def test_paper_files_hold_the_official_hyper_parameters():
     ({"data": {"imagesize": 64}}, "data.imagesize"),
 ])
 def test_invalid_values_name_the_key(raw, key):
-    base = {"distill": {"epochs": 2, "optimizer": "adamw", "lr": 1e-3}, "teacher": {"epochs": 2, "optimizer": "adam",
-                                                                                   "lr": 1e-3}}
-    for section, values in raw.items():
-        base[section] = {**base.get(section, {}), **values}
     with pytest.raises(ConfigError, match=rf"(?m)^  {key.replace('.', r'[.]')}(\.\S+)?: "):
-        parse_params(base)
+        make_params(raw)
 
 
 def test_image_size_must_fit_the_models():
     with pytest.raises(ConfigError, match="data.image_size .60. must be a multiple of 16"):
-        parse_params({"data": {"image_size": 60}})
+        make_params({"data": {"image_size": 60}})
     with pytest.raises(ConfigError, match="multiple of 32 for model.stem_stride=4"):
-        parse_params({"data": {"image_size": 48}, "model": {"stem_stride": 4}})
+        make_params({"data": {"image_size": 48}, "model": {"stem_stride": 4}})
 
 
 def test_schedule_must_fit_the_epochs():
     with pytest.raises(ConfigError, match="warmup_epochs .5. must be < epochs .5."):
-        parse_params({"student": {"epochs": 5, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine",
-                                  "warmup_epochs": 5}})
+        make_params({"student": {"epochs": 5, "optimizer": "adamw", "lr": 1e-3, "schedule": "cosine",
+                                 "warmup_epochs": 5}})
 
 
 def test_load_params_reports_file_problems(tmp_path):
@@ -79,10 +147,53 @@ def test_load_params_reports_file_problems(tmp_path):
         load_params(tmp_path / "list.yaml")
 
 
+def without(raw: dict, dotted: str) -> dict:
+    """``raw`` less the key ``dotted`` (a section or a key inside one)."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    del node[leaf]
+    return raw
+
+
+def params_text(tmp_path, text: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+# Each was accepted before params.yaml became the one home of the defaults: the code filled it in.
+def test_an_empty_params_file_is_an_error_naming_it(tmp_path):
+    path = params_text(tmp_path, "# nothing set\n")
+    with pytest.raises(ConfigError, match=rf"^{path} is empty"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("key", ["teacher", "report", "data.synthetic", "distill.lambda", "train.grad_clip",
+                                 "data.synthetic.num_images", "tracking.experiment"])
+def test_a_missing_section_or_key_is_an_error_naming_the_file_and_key(tmp_path, key):
+    path = params_text(tmp_path, yaml.safe_dump(without(params_dict(), key)))
+    with pytest.raises(ConfigError, match=rf"invalid params in {path}:\n  {key.replace('.', '[.]')}: missing") as e:
+        load_params(path)
+    assert str(e.value).count("\n") == 1  # that one key, nothing else
+
+
+def test_a_duplicated_key_is_an_error_naming_the_file_line_and_key(tmp_path):
+    lines = PARAMS_YAML.read_text().splitlines(keepends=True)
+    at = lines.index("distill:\n") + 1  # a second "epochs" right below distill's first
+    path = params_text(tmp_path, "".join(lines[:at] + ["  epochs: 200\n"] + lines[at:]))
+    with pytest.raises(ConfigError, match=rf"^{path}:{at + 2}: duplicate key distill\.epochs \(first set on line "):
+        load_params(path)
+    path = params_text(tmp_path, PARAMS_YAML.read_text() + "seed: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:\d+: duplicate key seed "):
+        load_params(path)
+
+
 def test_digest_ignores_formatting_but_not_values(tmp_path):
-    a = parse_params({"distill": {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "lambda": 10}})
-    b = parse_params({"distill": {"lambda": 10.0, "lr": 0.001, "optimizer": "adamw", "epochs": 2}})
-    c = parse_params({"distill": {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "lambda": 5}})
+    a = make_params({"distill": {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "lambda": 10}})
+    b = make_params({"distill": {"lambda": 10.0, "lr": 0.001, "optimizer": "adamw", "epochs": 2}})
+    c = make_params({"distill": {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "lambda": 5}})
     assert a.digest() == b.digest() != c.digest()
     assert a.to_dict()["distill"]["lambda"] == 10.0  # YAML key names, not Python ones
 

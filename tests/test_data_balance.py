@@ -12,11 +12,11 @@ import pytest
 from imblearn.over_sampling import SMOTE
 from sklearn.neighbors import NearestNeighbors
 
-from hdkd.config import AugmentConfig, BalanceConfig
 from hdkd.data.balance import balance_training_split, resolve_targets, smote_oversample
 from hdkd.data.errors import DataError
 from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, NpyWriter, load_split
 from hdkd.io import file_md5, read_json, write_json
+from tests.params_fixtures import section
 
 SHAPE = (5, 5, 3)
 
@@ -86,7 +86,7 @@ def test_smote_needs_more_samples_than_neighbours(tmp_path):
 def test_smote_errors_name_the_class(tmp_path, prepared):
     with pytest.raises(DataError, match="class 'z' has 7 training images.*k_neighbors=10"):
         balance_training_split(
-            BalanceConfig(method="smote", k_neighbors=10), AugmentConfig(), 0, prepared, tmp_path / "b"
+            section("balance", method="smote", k_neighbors=10), section("augment"), 0, prepared, tmp_path / "b"
         )
     assert not (tmp_path / "b").exists()
 
@@ -123,7 +123,7 @@ def prepared(tmp_path):
 
 
 def test_none_passes_the_split_through_unchanged(tmp_path, prepared):
-    manifest = balance_training_split(BalanceConfig(), AugmentConfig(), 0, prepared, tmp_path / "balanced")
+    manifest = balance_training_split(section("balance"), section("augment"), 0, prepared, tmp_path / "balanced")
     for name in (IMAGES, LABELS, INDEX):
         assert file_md5(tmp_path / "balanced/train" / name) == file_md5(prepared / "train" / name)
     assert manifest["counts_before"] == manifest["counts_after"] == {"x": 30, "y": 12, "z": 7}
@@ -133,8 +133,8 @@ def test_none_passes_the_split_through_unchanged(tmp_path, prepared):
 
 @pytest.mark.parametrize("method", ["smote", "augment"])
 def test_oversampling_raises_every_class_to_the_majority(tmp_path, prepared, method):
-    cfg = BalanceConfig(method=method, k_neighbors=3)
-    manifest = balance_training_split(cfg, AugmentConfig(), 0, prepared, tmp_path / "a")
+    cfg = section("balance", method=method, k_neighbors=3)
+    manifest = balance_training_split(cfg, section("augment"), 0, prepared, tmp_path / "a")
     split = load_split(tmp_path / "a", "train")
     assert split.class_counts() == manifest["counts_after"] == {"x": 30, "y": 30, "z": 30}
     assert (split.images[:49] == np.load(prepared / "train" / IMAGES)).all()  # the real images come first
@@ -142,14 +142,14 @@ def test_oversampling_raises_every_class_to_the_majority(tmp_path, prepared, met
     assert index["origin"].value_counts().to_dict() == {"real": 49, method: 41}
     added = index[index["origin"] == method]
     assert added["source"].str.startswith(f"{method}:i").all()
-    balance_training_split(cfg, AugmentConfig(), 0, prepared, tmp_path / "b")
+    balance_training_split(cfg, section("augment"), 0, prepared, tmp_path / "b")
     assert file_md5(tmp_path / "a/train" / IMAGES) == file_md5(tmp_path / "b/train" / IMAGES)  # deterministic
 
 
 def test_augmented_copies_are_transformed_real_images_of_their_class(tmp_path, prepared):
-    flips = AugmentConfig(rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0)
+    flips = section("augment", rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0)
     balance_training_split(
-        BalanceConfig(method="augment", targets={"z": 20}), flips, 0, prepared, tmp_path / "out"
+        section("balance", method="augment", targets={"z": 20}), flips, 0, prepared, tmp_path / "out"
     )
     split = load_split(tmp_path / "out", "train")
     index = pd.read_csv(tmp_path / "out/train/index.csv")

@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from hdkd.config import AugmentConfig
 from hdkd.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,6 +28,7 @@ from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST, load_split
 from hdkd.data.seeding import derive_seed
 from hdkd.io import write_json
+from tests.params_fixtures import section
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +73,14 @@ def test_eval_items_are_normalised_chw_float_and_int64_labels(packed):
 
 def test_augmentation_depends_on_seed_epoch_and_index_only(packed):
     split = load_split(packed, "train")
-    ds = PackedDataset(split, train_transform(AugmentConfig()), seed=5)
+    ds = PackedDataset(split, train_transform(section("augment")), seed=5)
     first = ds[7][0]
     torch.manual_seed(123)  # the global RNG state does not matter ...
     assert torch.equal(ds[7][0], first)
     state = torch.get_rng_state()
     ds[3]
     assert torch.equal(torch.get_rng_state(), state)  # ... and is left untouched
-    assert not torch.equal(PackedDataset(split, train_transform(AugmentConfig()), seed=6)[7][0], first)
+    assert not torch.equal(PackedDataset(split, train_transform(section("augment")), seed=6)[7][0], first)
     ds.set_epoch(1)
     assert not torch.equal(ds[7][0], first)
     ds.set_epoch(0)
@@ -93,7 +93,7 @@ def _epoch(ds, epoch, **loader_kwargs) -> torch.Tensor:
 
 
 def test_augmented_batches_do_not_depend_on_workers_or_batch_size(packed):
-    ds = PackedDataset(load_split(packed, "train"), train_transform(AugmentConfig()), seed=1)
+    ds = PackedDataset(load_split(packed, "train"), train_transform(section("augment")), seed=1)
     reference = _epoch(ds, 2, batch_size=4, num_workers=0)
     assert torch.equal(_epoch(ds, 2, batch_size=7, num_workers=2), reference)
     assert torch.equal(_epoch(ds, 2, batch_size=3, num_workers=2, persistent_workers=True), reference)
@@ -101,7 +101,7 @@ def test_augmented_batches_do_not_depend_on_workers_or_batch_size(packed):
 
 
 def test_persistent_workers_see_set_epoch(packed):
-    ds = PackedDataset(load_split(packed, "train"), train_transform(AugmentConfig()), seed=1)
+    ds = PackedDataset(load_split(packed, "train"), train_transform(section("augment")), seed=1)
     loader = DataLoader(ds, batch_size=5, num_workers=2, persistent_workers=True)
     epochs = []
     for epoch in range(2):
@@ -112,12 +112,12 @@ def test_persistent_workers_see_set_epoch(packed):
 
 def test_disabled_augmentation_is_plain_normalisation(packed):
     split = load_split(packed, "train")
-    a = PackedDataset(split, train_transform(AugmentConfig(enabled=False)))[2][0]
+    a = PackedDataset(split, train_transform(section("augment", enabled=False)))[2][0]
     assert torch.equal(a, PackedDataset(split, eval_transform())[2][0])
 
 
 def test_parameters_follow_torchvision_distributions():
-    p = sample_params(20_000, AugmentConfig(), torch.Generator().manual_seed(0))
+    p = sample_params(20_000, section("augment"), torch.Generator().manual_seed(0))
     assert -180 <= p["angle"].min() < -179 and 179 < p["angle"].max() <= 180
     assert 0.7 <= p["brightness"].min() < 0.71 and 1.29 < p["contrast"].max() <= 1.3
     assert 0.1 <= p["sigma"].min() < 0.11 and 1.99 < p["sigma"].max() <= 2.0
@@ -127,7 +127,7 @@ def test_parameters_follow_torchvision_distributions():
 
 def test_augment_image_is_torchvision_v2_with_the_drawn_parameters():
     x = _batch(1)[0]
-    cfg = AugmentConfig()
+    cfg = section("augment")
     p = {k: v.item() for k, v in sample_params(1, cfg, torch.Generator().manual_seed(9)).items()}
     y = TF.rotate(x, p["angle"])
     y = TF.horizontal_flip(y) if p["hflip"] else y
@@ -143,7 +143,7 @@ def test_augment_image_is_torchvision_v2_with_the_drawn_parameters():
 
 def test_switched_off_steps_are_skipped():
     x = _batch(1)[0]
-    flips = AugmentConfig(rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0, vflip=False)
+    flips = section("augment", rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0, vflip=False)
     seen = set()
     for seed in range(12):
         out = augment_image(x, flips, torch.Generator().manual_seed(seed))
@@ -151,7 +151,7 @@ def test_switched_off_steps_are_skipped():
         seen.add(torch.equal(out, x))
     assert seen == {True, False}
     with pytest.raises(ValueError, match="needs a torch.Generator"):
-        train_transform(AugmentConfig())(x)
+        train_transform(section("augment"))(x)
 
 
 # ------------------------------------------------------------------------------ batched form
@@ -162,7 +162,7 @@ def _batch(n=6, size=28) -> torch.Tensor:
 
 
 def test_augment_batch_equals_augment_image_per_image():
-    cfg = AugmentConfig()
+    cfg = section("augment")
     x = _batch(8)
     per_image = [sample_params(1, cfg, torch.Generator().manual_seed(i)) for i in range(8)]
     params = {k: torch.cat([p[k] for p in per_image]) for k in per_image[0]}
@@ -174,18 +174,18 @@ def test_augment_batch_equals_augment_image_per_image():
 
 
 def test_augment_batch_is_deterministic_per_generator_and_varies_per_image():
-    cfg = AugmentConfig()
+    cfg = section("augment")
     x = _batch(8)
     a = augment_batch(x, cfg, torch.Generator().manual_seed(3))
     assert torch.equal(a, augment_batch(x, cfg, torch.Generator().manual_seed(3)))
     assert not torch.equal(a, augment_batch(x, cfg, torch.Generator().manual_seed(4)))
     same = augment_batch(x[:1].expand(8, -1, -1, -1).contiguous(), cfg, torch.Generator().manual_seed(3))
     assert len({tuple(img.flatten().tolist()) for img in same}) == 8  # own parameters per image
-    assert torch.equal(augment_batch(x, AugmentConfig(enabled=False), torch.Generator()), x)
+    assert torch.equal(augment_batch(x, section("augment", enabled=False), torch.Generator()), x)
 
 
 def test_batch_augment_draws_depend_only_on_seed_rank_and_epoch():
-    cfg = AugmentConfig()
+    cfg = section("augment")
     x = _batch(4)
 
     def draw(seed=0, rank=0, epoch=0, skip=0):
@@ -205,7 +205,7 @@ def test_batch_augment_draws_depend_only_on_seed_rank_and_epoch():
 
 
 def test_augment_batch_flips_only():
-    cfg = AugmentConfig(rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0)
+    cfg = section("augment", rotation=0, brightness=0, contrast=0, sharpness=0, blur_kernel=0)
     x = _batch(16)
     out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
     kinds = set()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hdkd.config import ConfigError, SyntheticConfig
+from hdkd.config import ConfigError
 from hdkd.data.formats import BRAIN_CLASSES
 from hdkd.data.packed import load_split
 from hdkd.data.synthetic import generate
@@ -19,6 +19,7 @@ from hdkd.io import read_json
 from pipeline import balance as balance_stage
 from pipeline import download as download_stage
 from pipeline import prepare as prepare_stage
+from tests.params_fixtures import section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def _run_stages(tmp_path: Path, params: Path) -> None:
 
 def _imagefolder_tree(tmp_path: Path) -> Path:
     """The synthetic MRI set re-laid out as root/{train,test}/<class>/<image>."""
-    mri = generate(SyntheticConfig(layout="brain_tumor_mri", num_images=80, native_size=32), tmp_path / "mri")
+    mri = generate(section("data.synthetic", layout="brain_tumor_mri", num_images=80, native_size=32), tmp_path / "mri")
     tree = tmp_path / "tree"
     shutil.copytree(mri / "Training", tree / "train")
     shutil.copytree(mri / "Testing", tree / "test")

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hdkd.config import SyntheticConfig
 from hdkd.data.errors import ChecksumError, DataError
 from hdkd.data.formats import BRAIN_CLASSES, HAM_CLASSES, HAM_METADATA, HAM_PARTS, count_class_tree
 from hdkd.data.sources import (
@@ -26,13 +25,14 @@ from hdkd.data.sources import (
 from hdkd.data.synthetic import generate
 from hdkd.io import read_json
 from tests.data_fixtures import dermamnist_npz, md5, params, serve, write_image, zip_tree
+from tests.params_fixtures import section
 
 
 # ---------------------------------------------------------------------------------- HAM10000
 @pytest.fixture(scope="module")
 def ham_files(tmp_path_factory) -> dict[str, bytes]:
     """A tiny HAM10000 as Dataverse serves it: two zips of ISIC_*.jpg files and the metadata csv."""
-    tree = generate(SyntheticConfig(num_images=60, native_size=24), tmp_path_factory.mktemp("ham") / "tree")
+    tree = generate(section("data.synthetic", num_images=60, native_size=24), tmp_path_factory.mktemp("ham") / "tree")
     files = {f"{part}.zip": zip_tree(tree / part) for part in HAM_PARTS}
     files[HAM_METADATA] = (tree / HAM_METADATA).read_bytes()
     return files
@@ -88,7 +88,7 @@ def test_unknown_url_override_names_the_key(tmp_path):
 
 @pytest.fixture
 def ham_tree(tmp_path):
-    return generate(SyntheticConfig(num_images=60, native_size=24), tmp_path / "raw" / "synthetic_ham10000")
+    return generate(section("data.synthetic", num_images=60, native_size=24), tmp_path / "raw" / "synthetic_ham10000")
 
 
 def test_ham10000_missing_image_is_named(tmp_path, ham_tree):
@@ -117,7 +117,7 @@ def test_ham10000_empty_class_is_named(tmp_path, ham_tree):
 @pytest.fixture(scope="module")
 def brain_tree(tmp_path_factory):
     return generate(
-        SyntheticConfig(layout="brain_tumor_mri", num_images=60, native_size=24),
+        section("data.synthetic", layout="brain_tumor_mri", num_images=60, native_size=24),
         tmp_path_factory.mktemp("mri") / "t",
     )
 

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hdkd.config import SyntheticConfig
 from hdkd.data.formats import BRAIN_CLASSES, HAM_CLASSES, HAM_COLUMNS, HAM_COUNTS, HAM_METADATA, HAM_PARTS
 from hdkd.data.synthetic import apportion, generate, render_brain_image, render_ham_image
 from hdkd.io import dvc_md5
+from tests.params_fixtures import section
 
 
 def test_ham_layout_matches_the_real_format(tmp_path):
-    out = generate(SyntheticConfig(layout="ham10000", num_images=200, native_size=30), tmp_path / "ham")
+    out = generate(section("data.synthetic", layout="ham10000", num_images=200, native_size=30), tmp_path / "ham")
     meta = pd.read_csv(out / HAM_METADATA)
     assert tuple(meta.columns) == HAM_COLUMNS
     assert len(meta) == 200 and meta["image_id"].str.fullmatch(r"ISIC_\d{7}").all()
@@ -38,7 +38,7 @@ def test_ham_layout_matches_the_real_format(tmp_path):
 
 def test_brain_layout_matches_the_real_format(tmp_path):
     out = generate(
-        SyntheticConfig(layout="brain_tumor_mri", num_images=200, native_size=32), tmp_path / "mri"
+        section("data.synthetic", layout="brain_tumor_mri", num_images=200, native_size=32), tmp_path / "mri"
     )
     files = sorted(out.glob("*/*/*.jpg"))
     assert {f.parent.parent.name for f in files} == {"Training", "Testing"}
@@ -60,7 +60,7 @@ def test_brain_layout_matches_the_real_format(tmp_path):
 
 
 def test_generation_is_deterministic_and_skipped_when_present(tmp_path):
-    cfg = SyntheticConfig(num_images=60, native_size=24)
+    cfg = section("data.synthetic", num_images=60, native_size=24)
     a = generate(cfg, tmp_path / "a")
     b = generate(cfg, tmp_path / "b")
     assert dvc_md5(a) == dvc_md5(b)

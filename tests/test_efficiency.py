@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from hdkd.config import EvaluateConfig
 from hdkd.efficiency import count_macs, count_parameters, measure_efficiency, time_forward
+from tests.params_fixtures import section
 
-FAST = EvaluateConfig(latency_batch_sizes=(1, 4), latency_iters=3, latency_warmup=1)
+FAST = section("evaluate", latency_batch_sizes=[1, 4], latency_iters=3, latency_warmup=1)
 
 
 def tiny_net() -> nn.Module:
@@ -60,7 +60,7 @@ def test_measure_efficiency_on_cpu():
 
 def test_latency_batch_sizes_are_validated():
     with pytest.raises(ValueError, match="distinct positive"):
-        EvaluateConfig(latency_batch_sizes=(0, 32))
+        section("evaluate", latency_batch_sizes=[0, 32])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import CLASSES, hand_models
 from hdkd.checkpoint import save_model
-from hdkd.config import EvaluateConfig, Params, parse_params
 from hdkd.bundle import make_bundle
 from hdkd.evaluate import evaluate_model, evaluate_stage, model_files, run_evaluation, write_evaluation
 from hdkd.io import read_json
 from hdkd.models import create_model
-
-from conftest import CLASSES, hand_models
+from tests.params_fixtures import make_params, section
 
 
 class ChannelMeans(nn.Module):
@@ -47,7 +47,7 @@ def test_evaluate_model_runs_once_in_eval_mode():
     labels = [0, 0, 0, 1, 1, 2, 2, 2]
     pred = [0, 0, 1, 1, 1, 2, 2, 0]
     model = ChannelMeans()
-    cfg = EvaluateConfig(bootstrap=50)
+    cfg = section("evaluate", bootstrap=50)
     result = evaluate_model(model, loader_for(pred, labels), CLASSES, cfg, "cpu", seed=0)
     assert model.calls == 3  # 8 images, batches of 3: one pass
     assert model.training  # mode given back
@@ -67,9 +67,9 @@ def test_evaluate_model_rejects_non_logits():
             return x.mean(dim=(2, 3)), x.mean(dim=(2, 3))
 
     with pytest.raises(ValueError, match="must return logits"):
-        evaluate_model(Pair(), loader_for([0, 1], [0, 1]), CLASSES, EvaluateConfig())
+        evaluate_model(Pair(), loader_for([0, 1], [0, 1]), CLASSES, section("evaluate"))
     with pytest.raises(ValueError, match="class_names has 2"):
-        evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], EvaluateConfig())
+        evaluate_model(ChannelMeans(), loader_for([0, 1], [0, 1]), ["a", "b"], section("evaluate"))
 
 
 def test_write_evaluation_files(tmp_path, bundle):
@@ -107,7 +107,7 @@ def test_write_evaluation_files(tmp_path, bundle):
 def test_models_without_history_get_no_curves(tmp_path):
     models = hand_models()
     models["hdkd"]["history"] = []
-    b = make_bundle(models, Params(), CLASSES)
+    b = make_bundle(models, make_params(), CLASSES)
     paths = write_evaluation(b, tmp_path)
     assert (tmp_path / "plots" / "curves_teacher.csv") in paths
     assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()
@@ -116,7 +116,7 @@ def test_models_without_history_get_no_curves(tmp_path):
 def test_evaluate_stage_fails_on_cuda_without_a_gpu(tmp_path, monkeypatch):
     # As the training stages do: `train.device: cuda` is never run on the CPU in silence.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    params = parse_params({"train": {"device": "cuda"}})
+    params = make_params({"train": {"device": "cuda"}})
     with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
         evaluate_stage(params, tmp_path / "prepared", tmp_path / "models", tmp_path / "reports")
     assert list(tmp_path.iterdir()) == []  # before any work
@@ -134,6 +134,6 @@ def test_a_model_of_another_image_size_is_refused(tmp_path):
     save_model(path, create_model("teacher_tiny", 3, image_size=32), "teacher_tiny", list(CLASSES), 32, {})
     test_set = TensorDataset(torch.zeros(2, 3, 64, 64), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="trained on 32px images, data.image_size is 64"):
-        run_evaluation(parse_params({"data": {"image_size": 64}}), {"teacher": path}, test_set, CLASSES,
+        run_evaluation(make_params({"data": {"image_size": 64}}), {"teacher": path}, test_set, CLASSES,
                        tmp_path / "reports")
     assert not (tmp_path / "reports").exists()

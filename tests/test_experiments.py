@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from hdkd.ablations import ablation_labels, collect_ablations
-from hdkd.regenerate import git_ref
-from hdkd.report import build_report
+from hdkd.report.ablations import ablation_labels, collect_ablations
+from hdkd.report.build import build_report
+from hdkd.report.revisions import git_ref
 from pipeline.report import main as report_cli
+from tests.params_fixtures import PARAMS_YAML, section
 
 from conftest import GIT_ENV, bundle_with, commit_all, log_run, run_git
 
@@ -21,7 +22,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = "hdkd-synthetic"  # bundle_with() keeps the default params, so data.dataset = synthetic
+EXPERIMENT = "hdkd-synthetic"  # bundle_with() keeps params.yaml's data.dataset: synthetic
 
 
 def evaluate_tags(bundle, stage="evaluate"):
@@ -79,7 +80,7 @@ def test_collecting_from_an_empty_store_leaves_the_ablations_alone(tmp_path):
     kept.parent.mkdir()
     kept.write_text("{}\n")
     args = ["--collect-ablations", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--ablations-dir",
-            str(kept.parent), "--bundle", str(tmp_path / "bundle.json"), "--params", str(tmp_path / "absent.yaml")]
+            str(kept.parent), "--bundle", str(tmp_path / "bundle.json"), "--params", str(PARAMS_YAML)]
     (tmp_path / "bundle.json").write_text(json.dumps(bundle_with()))
     with pytest.raises(SystemExit, match="no evaluate run with a results bundle in MLflow experiment 'hdkd-synthetic'"):
         report_cli(args)
@@ -96,12 +97,12 @@ def test_labels_are_experiment_names_made_unique_by_hash():
 
 def test_report_uses_every_collected_ablation(tracked, tmp_path):
     uri, b = tracked
-    bundle_file, ablations_dir, absent = tmp_path / "bundle.json", tmp_path / "ablations", tmp_path / "absent.yaml"
+    bundle_file, ablations_dir = tmp_path / "bundle.json", tmp_path / "ablations"
     bundle_file.write_text(json.dumps(b["reference"]))
-    common = ["--bundle", str(bundle_file), "--ablations-dir", str(ablations_dir), "--params", str(absent)]
+    common = ["--bundle", str(bundle_file), "--ablations-dir", str(ablations_dir), "--params", str(PARAMS_YAML)]
     report_cli(["--collect-ablations", "--tracking-uri", uri, *common])
     report_cli(["--out", str(tmp_path / "cli"), *common])
-    build_report(b["reference"], tmp_path / "direct", [b[k] for k in ("lambda", "alpha_tau", "half", "block")])
+    build_report(b["reference"], tmp_path / "direct", section("report"), [b[k] for k in ("lambda", "alpha_tau", "half", "block")])
     tables = sorted(p.name for p in (tmp_path / "cli" / "tables").iterdir())
     assert [t for t in tables if t.startswith("ablation_")] == [
         f"ablation_{name}.{ext}" for name in ("alpha_tau", "block", "lambda", "train_fraction") for ext in ("csv", "md")]

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from hdkd.config import ConfigError
-from tests.pipeline_fixtures import DVC_YAML, ROOT, merged
+from tests.params_fixtures import PARAMS_YAML, merged
+from tests.pipeline_fixtures import DVC_YAML, ROOT
 
 STAGES = list(DVC_YAML["stages"])
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -50,6 +51,49 @@ def test_bad_params_fail_before_any_work(stage, case, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py", "--params", str(bad)])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        runpy.run_module(f"pipeline.{stage}", run_name="__main__")
+    assert files_under(tmp_path) == ["bad.yaml"]
+
+
+def deleted(dotted: str) -> str:
+    """params.yaml less one section or one key inside a section."""
+    raw = merged(PARAMS, {})
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    del node[leaf]
+    return yaml.safe_dump(raw)
+
+
+def duplicated_epochs() -> str:
+    """params.yaml with distill.epochs set twice: YAML alone would keep the last, 200, silently."""
+    text = PARAMS_YAML.read_text()
+    return text.replace("distill:\n  epochs: 12\n", "distill:\n  epochs: 12\n  epochs: 200\n")
+
+
+# (what the error must say after the file name, the params file's text). Each of these ran, before,
+# with the code's defaults (the paper's 200 epochs) or the last duplicate.
+INCOMPLETE_PARAMS = {
+    "empty file": (" is empty", lambda: "\n"),
+    "deleted section": (r":\n  teacher: missing", lambda: deleted("teacher")),
+    "deleted key": (r":\n  distill\.epochs: missing", lambda: deleted("distill.epochs")),
+    "duplicated key": (r":\d+: duplicate key distill\.epochs", duplicated_epochs),
+}
+
+
+@pytest.mark.parametrize("case", INCOMPLETE_PARAMS)
+@pytest.mark.parametrize("stage", [*STAGES, "params"])
+def test_incomplete_params_fail_naming_the_file_and_key(stage, case, tmp_path, monkeypatch):
+    message, text = INCOMPLETE_PARAMS[case]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overlay = ["--apply", str(ROOT / "params" / "paper-ham10000.yaml")] if stage == "params" else []
+    argv = ["--params", str(bad), *overlay]
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py", *argv])
+    with pytest.raises(ConfigError, match=rf"(in )?{bad}{message}"):
         runpy.run_module(f"pipeline.{stage}", run_name="__main__")
     assert files_under(tmp_path) == ["bad.yaml"]
 

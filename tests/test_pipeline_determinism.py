@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hdkd.io import load_torch
-from hdkd.report_check import Line, Tolerance, parse_lines
+from hdkd.report.check import Line, Tolerance, parse_lines
 from hdkd.roster import MODEL_NAMES
 from tests.pipeline_fixtures import ScratchRepo
 

@@ -4,21 +4,14 @@ import struct
 
 import pytest
 
-from hdkd.config import ReportConfig
+from conftest import bundle_with
 from hdkd.plots import EXTRA_COLORS, model_color
 from hdkd.roster import ROSTER
-from hdkd.report import (
-    ABLATIONS,
-    ablation_table,
-    build_report,
-    group_ablations,
-    main_table,
-    per_class_table,
-    table_csv,
-    table_markdown,
-)
+from hdkd.report.ablations import ABLATIONS, group_ablations
+from hdkd.report.build import ablation_table, build_report, main_table, per_class_table, table_csv, table_markdown
+from tests.params_fixtures import section
 
-from conftest import bundle_with
+REPORT = section("report")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -100,14 +93,14 @@ def test_runs_are_grouped_by_the_params_they_change(bundle):
 
 def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
     same = bundle_with({"tracking": {"enabled": False}})
-    written = build_report(bundle, tmp_path, [same])
+    written = build_report(bundle, tmp_path, REPORT, [same])
     assert not [p for p in written if "ablation" in p.name or p.name == "data_efficiency.png"]
     assert f"| `{same['params_hash']}` | nothing | not used |\n" in (tmp_path / "README.md").read_text(encoding="utf-8")
 
 
-def build_full(out, bundle, cfg=ReportConfig()):
+def build_full(out, bundle):
     halves = [bundle_with({"data": {"train_fraction": f}}, shift=-0.2 * (1 - f)) for f in (0.25, 0.5)]
-    return build_report(bundle, out, [*lambda_runs(), *halves], cfg)
+    return build_report(bundle, out, REPORT, [*lambda_runs(), *halves])
 
 
 def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
@@ -146,8 +139,8 @@ def test_report_is_byte_deterministic(tmp_path, bundle):
 
 
 def test_confusion_option_changes_the_figure(tmp_path, bundle):
-    build_report(bundle, tmp_path / "n", cfg=ReportConfig(confusion_normalize=True))
-    build_report(bundle, tmp_path / "c", cfg=ReportConfig(confusion_normalize=False))
+    build_report(bundle, tmp_path / "n", section("report", confusion_normalize=True))
+    build_report(bundle, tmp_path / "c", section("report", confusion_normalize=False))
     fig = "figures/confusion_teacher.png"
     assert (tmp_path / "n" / fig).read_bytes() != (tmp_path / "c" / fig).read_bytes()
 
@@ -158,7 +151,7 @@ def test_stale_report_files_are_removed(tmp_path, bundle):
     stale.write_text("from an older build")
     keep = tmp_path / "tables" / "notes.txt"  # not a report file type: left alone
     keep.write_text("mine")
-    build_report(bundle, tmp_path)
+    build_report(bundle, tmp_path, REPORT)
     assert not stale.exists() and keep.exists()
 
 

@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 
-from hdkd.evaluate import write_evaluation
-from hdkd.report import build_report
-from hdkd.report_check import DirTree, GitTree, Tolerance, check_reports, compare_trees, main
-from pipeline.check_reports import main as cli
-
 from conftest import bundle_with, commit_all
+from hdkd.evaluate import write_evaluation
+from hdkd.report.build import build_report
+from hdkd.report.check import DirTree, GitTree, Tolerance, check, check_reports, compare_trees
+from pipeline.check_reports import main as cli
+from tests.params_fixtures import section
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def committed(tmp_path_factory):
     out = tmp_path_factory.mktemp("committed") / "reports"
     bundle = bundle_with()
     write_evaluation(bundle, out)
-    build_report(bundle, out)
+    build_report(bundle, out, section("report"))
     return out
 
 
@@ -112,10 +112,10 @@ def test_timing_and_provenance_are_not_compared(committed, fresh):
 
 
 def test_exit_codes_from_main_and_cli(committed, fresh):
-    assert main(fresh, committed) == 0
+    assert check(fresh, committed, "HEAD", ".", "reports") == 0
     assert cli(["--committed", str(committed), "--fresh", str(fresh)]) == 0
     edit_json(fresh / "metrics.json", lambda m: m["hdkd"].update(f1_macro=0.5))
-    assert main(fresh, committed) == 1
+    assert check(fresh, committed, "HEAD", ".", "reports") == 1
     assert cli(["--committed", str(committed), "--fresh", str(fresh)]) == 1
     assert cli(["--committed", str(committed), "--fresh", str(fresh), "--ignore", "*f1_macro"]) == 0
 
@@ -125,7 +125,7 @@ def test_against_the_reports_of_a_git_revision(git_repo, committed):
     commit_all(git_repo, "reports")
     tree = GitTree(git_repo, "HEAD")
     assert tree.files() == DirTree(reports).files()
-    assert main(reports, rev="HEAD", repo_root=git_repo) == 0
+    assert check(reports, None, "HEAD", git_repo, "reports") == 0
     edit(reports / "tables" / "main.csv", "Teacher,3.949,5812.3,90.00", "Teacher,3.949,5812.3,95.00")
-    assert main(reports, rev="HEAD", repo_root=git_repo) == 1
+    assert check(reports, None, "HEAD", git_repo, "reports") == 1
     assert cli(["--fresh", str(reports), "--repo", str(git_repo)]) == 1

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from hdkd.checkpoint import load_model
-from hdkd.config import parse_params
 from hdkd.data.augment import eval_transform
 from hdkd.data.balance import balance_training_split
 from hdkd.data.loader import PackedDataset
@@ -14,6 +13,7 @@ from hdkd.data.prepare import prepare_dataset
 from hdkd.data.sources import fetch_dataset
 from hdkd.evaluate import run_evaluation
 from pipeline._train import main as train_main
+from tests.params_fixtures import make_params, params_dict
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def workspace(tmp_path_factory):
         "evaluate": {"bootstrap": 50, "latency_iters": 1, "latency_warmup": 0, "latency_batch_sizes": [4]},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
     }
-    (root / "params.yaml").write_text(json.dumps(raw))  # JSON is YAML
-    params = parse_params(raw)
+    (root / "params.yaml").write_text(json.dumps(params_dict(raw)))  # JSON is YAML
+    params = make_params(raw)
     fetch_dataset(params.data, root / "raw")
     prepare_dataset(params.data, params.seed, root / "prepared", root / "raw" / "source.json")
     balance_training_split(params.balance, params.augment, params.seed, root / "prepared", root / "balanced")

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from hdkd.config import parse_params
 from hdkd.provenance import repo_root
 from hdkd.tracking import Tracker, resolve_tracking_uri, retry_transient
 from tests.data_fixtures import refused_url
+from tests.params_fixtures import make_params
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -20,7 +20,7 @@ def store(tmp_path_factory):
 
 
 def params(store, **tracking):
-    return parse_params({"tracking": {"uri": store, **tracking}})
+    return make_params({"tracking": {"uri": store, **tracking}})
 
 
 def test_stage_run_carries_params_tags_metrics_and_artifacts(store, tmp_path, monkeypatch):
@@ -63,7 +63,7 @@ def test_stages_of_one_pipeline_share_a_parent(store, monkeypatch):
         pass
     with Tracker(p.tracking, p, "train_student") as b:
         pass
-    other = parse_params({"tracking": {"uri": store, "experiment": "shared-parent"}, "distill": {
+    other = make_params({"tracking": {"uri": store, "experiment": "shared-parent"}, "distill": {
         "epochs": 3, "optimizer": "adamw", "lr": 1e-3, "alpha": 0.9}})
     with Tracker(other.tracking, other, "train_hdkd") as c:
         pass

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from hdkd.config import DistillConfig, OptimConfig, parse_params
 from hdkd.checkpoint import save_model
 from hdkd.io import read_json
 from hdkd.models import create_model
 from hdkd.engine import FitSettings, Runtime, build_optimizer, fit, is_better, lr_at, validate
 from hdkd.tracking import Tracker
 from hdkd.train import StagePaths, build_criterion, input_fingerprint, load_teacher, run_training
+from tests.params_fixtures import make_params, section
 
 CPU = Runtime(torch.device("cpu"), progress=False)
 
@@ -27,23 +27,23 @@ def toy_split(n, classes=3, size=32, seed=0):
 
 
 def teacher_cfg(epochs=3, **kw):
-    return OptimConfig(epochs=epochs, optimizer="adam", lr=3e-3, **kw)
+    return section("teacher", epochs=epochs, optimizer="adam", lr=3e-3, **kw)
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    cfg = OptimConfig(epochs=10, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=2, warmup_lr=1e-4,
-                      min_lr=1e-5)
+    cfg = section("student", epochs=10, optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=2, warmup_lr=1e-4,
+                  min_lr=1e-5)
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 1) == pytest.approx(5.5e-4)
     assert lr_at(cfg, 2) == pytest.approx(1e-3)
     assert lr_at(cfg, 6) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
     assert lr_at(cfg, 10) == pytest.approx(1e-5)
-    assert lr_at(OptimConfig(epochs=3, optimizer="adam", lr=1e-3), 2.5) == 1e-3
+    assert lr_at(section("teacher", epochs=3, optimizer="adam", lr=1e-3, schedule="none"), 2.5) == 1e-3
 
 
 def test_weight_decay_skips_biases_and_norms():
     model = create_model("student_tiny", 3, image_size=32)
-    opt = build_optimizer(model, OptimConfig(epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.05))
+    opt = build_optimizer(model, section("student", optimizer="adamw", lr=1e-3, weight_decay=0.05))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
@@ -77,8 +77,8 @@ def test_teacher_learns_and_is_deterministic():
 
 def test_an_interrupted_fit_resumes_and_ends_identically(tmp_path, caplog):
     train, val = toy_split(64), toy_split(32, seed=1)
-    cfg = OptimConfig(epochs=4, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=1,
-                      warmup_lr=1e-4, min_lr=1e-5)
+    cfg = section("student", epochs=4, optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
+                  warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5)
 
     def run(resume_dir, stop_after=None):
         torch.manual_seed(0)
@@ -122,7 +122,8 @@ def test_hdkd_fit_logs_every_loss_part(tmp_path):
     teacher_path = tmp_path / "teacher.pt"
     save_model(teacher_path, create_model("teacher_tiny", 3, image_size=32), "teacher_tiny", ["a", "b", "c"], 32, {})
     student = create_model("hdkd_tiny", 3, image_size=32)
-    cfg = DistillConfig(epochs=1, optimizer="adamw", lr=1e-3)
+    cfg = section("distill", epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.0, schedule="none", alpha=0.5,
+                  **{"lambda": 10.0})
     teacher = load_teacher(teacher_path, ["a", "b", "c"], student, cfg.stages, "cpu")
     rows = []
     fit(student, build_criterion("hdkd", cfg), train, val, CPU, FitSettings(cfg, seed=0, batch_size=16),
@@ -158,8 +159,8 @@ def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume
     monkeypatch.chdir(tmp_path)  # the run's repository root: no dvc.yaml, no git
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = parse_params({"data": {"image_size": 32}, "tracking": {"uri": store},
-                           "teacher": {"epochs": 3, "optimizer": "adam", "lr": 3e-3}})
+    params = make_params({"data": {"image_size": 32}, "tracking": {"uri": store},
+                          "teacher": {"epochs": 3, "optimizer": "adam", "lr": 3e-3}})
     for split in ("train", "val"):  # the fingerprinted inputs
         (tmp_path / split).mkdir()
     paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "metrics.json",
@@ -206,7 +207,7 @@ def test_resume_fingerprint_ignores_exactly_the_params_that_never_change_a_resul
     paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "m.json", tmp_path / "ck")
 
     def fingerprint(**sections):
-        return input_fingerprint("teacher", parse_params(sections), paths)
+        return input_fingerprint("teacher", make_params(sections), paths)
 
     base = fingerprint()
     assert fingerprint(train={"num_workers": 4, "log_every": 5}, tracking={"enabled": False}) == base

@@ -1,6 +1,6 @@
 """Paper tables and figures, built from results bundles alone (see :mod:`hdkd.bundle`).
 
-:func:`build_report` writes under ``out_dir`` (default ``reports/``)::
+:func:`build_report` writes under ``out_dir`` (the report stage's: ``reports/``)::
 
     tables/main.{md,csv}              model, params, MACs, accuracy, macro P/R/F1, CIs
     tables/metrics.{md,csv}           balanced accuracy, weighted F1, macro ROC-AUC, ECE
@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -36,6 +37,7 @@ from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten, is_result_param
 from hdkd.io import csv_text, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
+from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
 from hdkd.roster import ROSTER
 
 MODELS_NOTE = "; ".join(f"{m.label}: {m.description}" for m in ROSTER) + "."
@@ -50,27 +52,6 @@ class Table:
     columns: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     note: str = ""  # Markdown only
-
-
-@dataclass(frozen=True)
-class Ablation:
-    name: str
-    title: str
-    keys: tuple[str, ...]  # dotted params keys; a run belongs here if it differs in a subset of them
-    headers: tuple[str, ...]  # one column header per key
-    models: tuple[str, ...] | None  # models the ablation changes; None = all
-    show_macs: bool = False
-
-
-ABLATIONS = (
-    Ablation("lambda", "feature distillation weight λ", ("distill.lambda",), ("λ",), ("hdkd",)),
-    Ablation("alpha_tau", "logit distillation α and τ", ("distill.alpha", "distill.tau"), ("α", "τ"), ("hdkd",)),
-    Ablation("stages", "distilled feature stages", ("distill.stages",), ("Stages",), ("hdkd",)),
-    Ablation("block", "MBCSA vs MBConv blocks", ("model.block",), ("Block",), None, show_macs=True),
-    Ablation("stem_stride", "stem stride", ("model.stem_stride",), ("Stem stride",), None, show_macs=True),
-    Ablation("train_fraction", "fraction of training data", ("data.train_fraction",), ("Train fraction",), None),
-)
-AblationGroups = Mapping[str, Sequence[Mapping[str, Any]]]  # ablation name -> its runs
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -209,36 +190,6 @@ def efficiency_table(bundle: Mapping[str, Any]) -> Table | None:
 
 
 # ------------------------------------------------------------------------------------- ablations
-def run_label(bundle: Mapping[str, Any]) -> str:
-    """How to name a run on the command line: its DVC experiment, else its commit, else its params hash."""
-    return bundle.get("dvc_exp_name") or (bundle.get("git_commit") or "")[:12] or bundle["params_hash"]
-
-
-def differing_params(reference: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
-    """Dotted params keys whose values differ, ignoring :data:`hdkd.config.NON_RESULT_PARAMS`."""
-    a, b = flatten(reference["params"]), flatten(other["params"])
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and is_result_param(k)]
-
-
-def group_ablations(
-    reference: Mapping[str, Any], others: Iterable[Mapping[str, Any]]
-) -> tuple[dict[str, list[Mapping[str, Any]]], list[tuple[Mapping[str, Any], list[str]]]]:
-    """Runs per ablation name (a run differing in a non-empty subset of its keys), and the unused runs
-    with their differing keys. Runs with one params hash count once (the first in sorted order)."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    unused, seen = [], {reference["params_hash"]}
-    for run in sorted(others, key=lambda b: (b["params_hash"], run_label(b))):
-        diff = differing_params(reference, run)
-        ablation = next((a for a in ABLATIONS if diff and set(diff) <= set(a.keys)), None)
-        if ablation is None or run["params_hash"] in seen:
-            unused.append((run, diff))
-            continue
-        seen.add(run["params_hash"])
-        groups.setdefault(ablation.name, []).append(run)
-    return groups, unused
-
-
 def _ablation_values(ablation: Ablation, bundle: Mapping[str, Any]) -> list[Any]:
     flat = flatten(bundle["params"])
     return [flat.get(k) for k in ablation.keys]
@@ -354,10 +305,9 @@ def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | N
 
 
 def report_figures(
-    bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None, cfg: ReportConfig = ReportConfig()
+    bundle: Mapping[str, Any], ablation_groups: AblationGroups, cfg: ReportConfig
 ) -> dict[str, Callable[[], Figure | None]]:
     """File name -> figure builder (lazy: a figure is drawn only when written)."""
-    ablation_groups = ablation_groups or {}
     figures: dict[str, Callable[[], Figure | None]] = {
         f"confusion_{m}.png": (lambda m=m: confusion_figure(bundle, m, cfg.confusion_normalize))
         for m in model_names(bundle)
@@ -371,9 +321,9 @@ def report_figures(
 
 def build_report(
     bundle: Mapping[str, Any],
-    out_dir: str | os.PathLike = "reports",
+    out_dir: str | os.PathLike,
+    cfg: ReportConfig,
     ablations: Iterable[Mapping[str, Any]] = (),
-    cfg: ReportConfig = ReportConfig(),
 ) -> list[Path]:
     """Write the tables, figures and README of one run (plus ablations of other runs); return the paths."""
     bundle = validate_bundle(bundle)

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import bundle_with, commit_all, log_run, run_git
 from hdkd.io import write_json
 from hdkd.provenance import git_state
-from hdkd.regenerate import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
-from hdkd.report import build_report
+from hdkd.report.build import build_report
+from hdkd.report.revisions import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
 from pipeline.report import main as report_cli
+from tests.params_fixtures import PARAMS_YAML, section
 
-from conftest import bundle_with, commit_all, log_run, run_git
+REPORT = section("report")
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +108,16 @@ def table_bytes(out):
 
 def test_rebuild_from_a_revision_is_byte_identical(store, tmp_path):
     ablation = store["bundle_exp"]
-    build_report(store["bundle_b"], tmp_path / "direct", [ablation])
+    build_report(store["bundle_b"], tmp_path / "direct", REPORT, [ablation])
     regenerated = bundle_for_revision(store["B"][:10], store["uri"], store["repo"])
-    build_report(regenerated, tmp_path / "regenerated", [ablation])
+    build_report(regenerated, tmp_path / "regenerated", REPORT, [ablation])
     direct = table_bytes(tmp_path / "direct")
     assert "ablation_lambda.md" in direct
     assert table_bytes(tmp_path / "regenerated") == direct
 
     report_cli(["--rev", store["B"][:10], "--ablation", "exp-lambda-1", "--out", str(tmp_path / "cli"),
                 "--tracking-uri", store["uri"], "--repo", str(store["repo"]),
-                "--params", str(tmp_path / "absent.yaml")])
+                "--params", str(PARAMS_YAML)])
     assert table_bytes(tmp_path / "cli") == direct
     assert (tmp_path / "cli" / "README.md").read_bytes() == (tmp_path / "direct" / "README.md").read_bytes()
 
@@ -123,8 +125,8 @@ def test_rebuild_from_a_revision_is_byte_identical(store, tmp_path):
 def test_report_cli_from_a_bundle_file(store, tmp_path):
     path = tmp_path / "bundle.json"
     path.write_text(json.dumps(store["bundle_a"]))
-    report_cli(["--bundle", str(path), "--out", str(tmp_path / "out"), "--params", str(tmp_path / "absent.yaml")])
-    build_report(store["bundle_a"], tmp_path / "direct")
+    report_cli(["--bundle", str(path), "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML)])
+    build_report(store["bundle_a"], tmp_path / "direct", REPORT)
     assert table_bytes(tmp_path / "out") == table_bytes(tmp_path / "direct")
 
 
@@ -156,7 +158,7 @@ def pipeline_repo(tmp_path_factory):
     bundles can only come from their evaluate runs in MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from hdkd.ablations import ablation_labels, write_ablations
+    from hdkd.report.ablations import ablation_labels, write_ablations
 
     tmp = tmp_path_factory.mktemp("pipeline")
     repo = tmp / "repo"
@@ -166,10 +168,10 @@ def pipeline_repo(tmp_path_factory):
                  bundle_with({"data": {"train_fraction": 0.5}}, shift=-0.2)]
     write_ablations(ablation_labels(ablations), repo / "reports" / "ablations")
     plain = bundle_with(shift=0.01)
-    build_report(plain, repo / "reports", ablations)
+    build_report(plain, repo / "reports", REPORT, ablations)
     commit = commit_all(repo, "Reports with ablations")
     exp = bundle_with(shift=0.02, git_commit=commit, dvc_exp_name="exp-again")  # `dvc exp run` of the same params
-    build_report(exp, repo / "reports", ablations)
+    build_report(exp, repo / "reports", REPORT, ablations)
     exp_commit = commit_all(repo, "exp-again")
     run_git(repo, "update-ref", f"refs/exps/{commit[:2]}/{commit[2:]}/exp-again", exp_commit)
     run_git(repo, "reset", "-q", "--hard", commit)
@@ -198,7 +200,7 @@ def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, 
     rev = pipeline_repo["commit"][:9] if rev == "commit" else rev
     monkeypatch.chdir(tmp_path)
     report_cli(["--rev", rev, "--tracking-uri", pipeline_repo["uri"], "--repo", str(repo),
-                "--params", str(tmp_path / "absent.yaml")])
+                "--params", str(PARAMS_YAML)])
     committed = committed_report(repo, pipeline_repo[source])
     assert {"ablation_lambda.md", "ablation_train_fraction.csv"} <= set(committed)
     assert rebuilt_report(tmp_path / "runs" / rev) == committed  # default --out: runs/<rev>, not reports/
@@ -208,7 +210,7 @@ def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, 
 def test_unknown_revision_is_a_clear_error_listing_the_available_ones(pipeline_repo, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         report_cli(["--rev", "exp-nope", "--tracking-uri", pipeline_repo["uri"], "--repo", str(pipeline_repo["repo"]),
-                    "--out", str(tmp_path / "out"), "--params", str(tmp_path / "absent.yaml")])
+                    "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML)])
     message = str(exit_info.value.code)
     assert message.startswith("error: no results bundle found for revision 'exp-nope'. Available:")
     commit = pipeline_repo["commit"]

@@ -29,10 +29,11 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from hdkd.provenance import git, git_show
 
@@ -261,12 +262,12 @@ def check_reports(
     return differences
 
 
-def main(
-    fresh: str | os.PathLike = "reports",
-    committed: str | os.PathLike | None = None,
-    rev: str = "HEAD",
-    repo_root: str | os.PathLike = ".",
-    prefix: str = "reports",
+def check(
+    fresh: str | os.PathLike,
+    committed: str | os.PathLike | None,
+    rev: str,
+    repo_root: str | os.PathLike,
+    prefix: str,
     tol: Tolerance = Tolerance(),
 ) -> int:
     """Exit code of the check: 0 when the reports match, 1 otherwise.

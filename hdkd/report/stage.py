@@ -1,0 +1,57 @@
+"""The report stage as plain functions; its command line is ``pipeline/report.py``.
+
+Tables and figures come from results bundles, without retraining: the working tree's bundle and
+collected ablations, or a revision's (:mod:`hdkd.report.revisions`), plus any other runs named.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hdkd.bundle import load_bundle
+from hdkd.config import ReportConfig, TrackingConfig
+from hdkd.report.ablations import collect_ablations, summary
+from hdkd.report.revisions import ablations_for_revision, bundle_for_revision
+from hdkd.tracking import experiment_name
+
+
+def collect(reference_path: str | os.PathLike, ablations_dir: str | os.PathLike, tracking: TrackingConfig,
+            uri: str) -> str:
+    """Fill ``ablations_dir`` with the ablation runs of the bundle at ``reference_path``; the summary."""
+    reference = load_bundle(reference_path)
+    experiment = experiment_name(tracking, reference["params"]["data"]["dataset"])
+    return summary(collect_ablations(reference, uri, experiment, ablations_dir), reference)
+
+
+def working_tree_inputs(bundle_path: str | os.PathLike, ablations_dir: str | os.PathLike
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The bundle at ``bundle_path`` and every ``*.json`` of ``ablations_dir`` (by file name)."""
+    return load_bundle(bundle_path), [load_bundle(p) for p in sorted(Path(ablations_dir).glob("*.json"))]
+
+
+def revision_inputs(rev: str, uri: str, repo: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The bundle of ``rev`` and the ablation bundles committed at that revision."""
+    bundle = bundle_for_revision(rev, uri, repo)
+    ablations = ablations_for_revision(rev, repo)
+    if ablations is None:
+        print(f"note: git knows no commit or experiment {rev!r}, so not its ablation bundles "
+              "(add them with --ablation)", file=sys.stderr)
+    return bundle, ablations or []
+
+
+def revision_report_config(bundle: dict[str, Any], fallback: ReportConfig) -> ReportConfig:
+    """The figure settings the revision ran with (its bundle's params), else ``fallback``."""
+    try:
+        return ReportConfig.model_validate(bundle["params"]["report"])
+    except (KeyError, ValueError):  # a bundle of an older params schema
+        return fallback
+
+
+def other_runs(paths_or_revs: Iterable[str], uri: str, repo: str | os.PathLike) -> list[dict[str, Any]]:
+    """A bundle per entry: the file it names, else the revision's bundle."""
+    return [load_bundle(a) if Path(a).is_file() else bundle_for_revision(a, uri, repo) for a in paths_or_revs]
+

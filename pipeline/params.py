@@ -1,0 +1,32 @@
+"""Apply a params overlay: set the values of ``params/paper-*.yaml`` in params.yaml, comments kept.
+
+    python -m pipeline.params --apply params/paper-ham10000.yaml     # then `dvc exp run -n paper-ham10000`
+    python -m pipeline.params --apply params/paper-ham10000.yaml --out /tmp/params.yaml
+
+params.yaml is the one source of defaults; an overlay holds only the values that differ, and each of
+its keys must exist in params.yaml. The merged params are validated before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hdkd.config import apply_overlay
+from hdkd.io import write_text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--apply", type=Path, required=True, metavar="OVERLAY", help="overlay file (params/paper-*.yaml)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file it overlays")
+    p.add_argument("--out", type=Path, help="where to write the merged params (default: --params, in place)")
+    args = p.parse_args(argv)
+    out = args.out or args.params
+    write_text(out, apply_overlay(args.params, args.apply))
+    print(f"{out}: {args.params} with the values of {args.apply}")
+
+
+if __name__ == "__main__":
+    main()
