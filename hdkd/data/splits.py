@@ -6,6 +6,8 @@ of every class, exactly up to group granularity, so ``test_fraction: 0.15`` mean
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -90,3 +92,36 @@ def assign_splits(
     if train_fraction < 1:  # drop the rest; what is kept keeps every class
         split[carve_from(split == "train", 1 - train_fraction, 2, at_least_one=False)] = UNUSED
     return split.astype(str)
+
+
+def nested_subsets(labels: np.ndarray, groups: np.ndarray, fractions: Sequence[float], seed: int) -> dict[float, np.ndarray]:
+    """Stratified, group-whole, **nested** training subsets: ``{fraction: sorted sample indices}``.
+
+    Per class (a group's majority label), the groups are put in one random order drawn from
+    ``seed``; the subset for fraction ``f`` is the shortest prefix of that order whose size is
+    closest to ``f`` × the class size (at least one group, so every class stays present). A larger
+    fraction takes a longer prefix of the same order, so the 10 % subset lies inside the 25 % one,
+    and the subsets depend on ``(labels, groups, seed)`` alone: every model trained at a seed sees the
+    same images. Fraction 1 is the whole split.
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"training fractions must lie in (0, 1]; got {bad}")
+    group_names, group_of = np.unique(groups, return_inverse=True)
+    size = np.bincount(group_of, minlength=len(group_names))
+    counts = np.zeros((len(group_names), labels.max() + 1), dtype=np.int64)
+    np.add.at(counts, (group_of, labels), 1)
+    group_label = counts.argmax(axis=1)
+    rng = np.random.default_rng([seed, 3])  # stream 3: streams 0-2 carve test, val and data.train_fraction
+    orders = {c: rng.permutation(np.flatnonzero(group_label == c)) for c in np.unique(group_label)}
+    subsets = {}
+    for f in sorted(set(fractions)):
+        chosen = np.zeros(len(group_names), dtype=bool)
+        for members in orders.values():
+            cumulative = np.cumsum(size[members])
+            target = f * cumulative[-1]
+            k = int(np.argmin(np.abs(cumulative - target)))  # first of equally close prefixes
+            chosen[members[: k + 1]] = True
+        subsets[f] = np.flatnonzero(chosen[group_of])
+    return subsets
