@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +151,25 @@ class DistillConfig(OptimConfig):
         return tuple(sorted(v))
 
 
+class BaselineConfig(Section):
+    """A standard timm architecture trained from scratch like the plain student (cross-entropy only).
+
+    ``optim`` holds the student section's values, with those given here replacing them: the same
+    protocol unless a baseline says otherwise. The name and kwargs are checked against timm by
+    :func:`parse_params` (:func:`hdkd.models.baselines.check_baseline`).
+    """
+
+    timm: str  # architecture name, as in timm.list_models()
+    kwargs: dict[str, Any]  # constructor arguments; num_classes (and img_size) come from the data
+    optim: OptimConfig
+
+
+# Names of the paper's models: a baseline may not take one (its outputs would overwrite theirs).
+PAPER_MODELS = ("teacher", "student", "hdkd")
+# A baseline's name becomes a path component, a DVC stage suffix and an MLflow run name.
+BASELINE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
 # ----------------------------------------------------------------------- evaluation, tracking
 class EvaluateConfig(Section):
     bootstrap: int = Field(1000, ge=0)  # resamples for the 95% CIs; 0 = off
@@ -195,9 +215,38 @@ class Params(Section):
     distill: DistillConfig = DistillConfig(
         epochs=200, optimizer="adamw", lr=5e-5, weight_decay=0.05, schedule="cosine", warmup_epochs=5
     )
+    baselines: dict[str, BaselineConfig] = Field(default_factory=dict)
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baselines_inherit_student_optim(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("baselines"), dict):
+            return raw
+        student = raw.get("student")
+
+        def inherit(spec: Any) -> Any:
+            optim = spec.get("optim", {}) if isinstance(spec, dict) else None
+            if not (isinstance(student, dict) and isinstance(optim, dict)):
+                return spec  # nothing to merge, or a type error that validation reports by key
+            return {**spec, "optim": {**student, **optim}}
+
+        return {**raw, "baselines": {name: inherit(spec) for name, spec in raw["baselines"].items()}}
+
+    @field_validator("baselines")
+    @classmethod
+    def _baseline_names(cls, v: dict[str, BaselineConfig]) -> dict[str, BaselineConfig]:
+        taken = [name for name in v if name in PAPER_MODELS]
+        if taken:
+            raise ValueError(f"{', '.join(map(repr, taken))}: the paper's models' names ({', '.join(PAPER_MODELS)}); "
+                             "rename the baseline")
+        bad = [name for name in v if not BASELINE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a valid baseline name (lower-case letters, digits "
+                             "and _, starting with a letter, at most 32 characters)")
+        return v
 
     @model_validator(mode="after")
     def _image_size_fits_models(self) -> "Params":
@@ -225,9 +274,13 @@ class Params(Section):
 
 
 def parse_params(raw: dict[str, Any] | None) -> Params:
-    """Validate a raw mapping; raise :class:`ConfigError` naming every bad key."""
+    """Validate a raw mapping; raise :class:`ConfigError` naming every bad key.
+
+    Baselines are then checked against timm: a known architecture whose constructor accepts the
+    kwargs (built on the meta device, so no weights are allocated).
+    """
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -237,6 +290,14 @@ def parse_params(raw: dict[str, Any] | None) -> Params:
                 msg = "unknown key (check the spelling against params.yaml's documented keys)"
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
+    if params.baselines:
+        from hdkd.models.baselines import check_baseline  # timm takes seconds to import: only when needed
+
+        problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
+                    if (p := check_baseline(spec, params.data.image_size))]
+        if problems:
+            raise ConfigError("invalid params:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
