@@ -156,7 +156,7 @@ class BaselineConfig(Section):
 
     ``optim`` holds the student section's values, with those given here replacing them: the same
     protocol unless a baseline says otherwise. The name and kwargs are checked against timm by
-    :func:`parse_params` (:func:`hdkd.models.baselines.check_baseline`).
+    :func:`parse_params` (:func:`baseline_problem`).
     """
 
     timm: str  # architecture name, as in timm.list_models()
@@ -168,6 +168,80 @@ class BaselineConfig(Section):
 PAPER_MODELS = ("teacher", "student", "hdkd")
 # A baseline's name becomes a path component, a DVC stage suffix and an MLflow run name.
 BASELINE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# Set by the pipeline (classes and input from the data; weights never downloaded), or changing what
+# the model returns: not for params.yaml.
+RESERVED_KWARGS = ("num_classes", "img_size", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                   "checkpoint_path", "cache_dir", "features_only")
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+# The timm helpers below live here, not in hdkd.models, so that validating params.yaml imports no
+# project module beyond this one; timm itself is imported only when a baseline is checked or built.
+
+
+def build_timm(arch: str, num_classes: int, image_size: int, kwargs: dict[str, Any]):
+    """``timm.create_model`` from scratch (never pretrained), with ``img_size`` where the architecture takes it."""
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=image_size, **kwargs)
+    except TypeError as e:
+        # timm's entry points pass keywords through to the model class, which names the one it lacks;
+        # classes without an input size (ResNet, EfficientNet) reject img_size, and are built without.
+        if _unexpected_keyword(e) != "img_size":
+            raise
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _unexpected_keyword(error: TypeError) -> str | None:
+    match = _UNEXPECTED.search(str(error))
+    return match.group(1) if match else None
+
+
+def timm_spec_problem(arch: str, kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """``(key, message)`` if ``arch`` is not a bare timm architecture or ``kwargs`` holds a reserved key."""
+    import difflib
+
+    import timm
+
+    known = timm.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else " (see timm.list_models())"
+        return "timm", f"unknown timm architecture {arch!r} (a bare name, no pretrained tag or hub prefix){hint}"
+    for key in kwargs:
+        if key in RESERVED_KWARGS:
+            return f"kwargs.{key}", ("set by the pipeline (classes and input size come from the data; weights are "
+                                     "never downloaded), not in params.yaml")
+    return None
+
+
+def baseline_problem(spec: BaselineConfig, image_size: int) -> tuple[str, str] | None:
+    """``(key, message)`` for the first problem with a baseline, the key relative to it; ``None`` if it builds.
+
+    The model is built on the meta device (no memory, no initialisation); a constructor that needs
+    real values (``.item()``) fails there, so a failure is confirmed by a CPU build before it is reported.
+    """
+    import torch
+
+    problem = timm_spec_problem(spec.timm, spec.kwargs)
+    if problem:
+        return problem
+    try:
+        with torch.device("meta"):
+            build_timm(spec.timm, 2, image_size, spec.kwargs)
+        return None
+    except Exception:  # noqa: BLE001 - any constructor error is confirmed (and reported) below
+        pass
+    try:
+        build_timm(spec.timm, 2, image_size, spec.kwargs)
+    except TypeError as e:
+        name = _unexpected_keyword(e)
+        if name in spec.kwargs:
+            return f"kwargs.{name}", f"{spec.timm} takes no argument {name!r}"
+        return "kwargs", f"timm rejects these kwargs for {spec.timm}: {e}"
+    except Exception as e:  # noqa: BLE001 - timm validates with asserts, ValueErrors, RuntimeErrors...
+        return "kwargs", (f"timm rejects these kwargs for {spec.timm} at image size {image_size}: "
+                          f"{type(e).__name__}: {e}")
+    return None
 
 
 # ----------------------------------------------------------------------- evaluation, tracking
@@ -291,10 +365,8 @@ def parse_params(raw: dict[str, Any] | None) -> Params:
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid params:\n" + "\n".join(lines)) from None
     if params.baselines:
-        from hdkd.models.baselines import check_baseline  # timm takes seconds to import: only when needed
-
         problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
-                    if (p := check_baseline(spec, params.data.image_size))]
+                    if (p := baseline_problem(spec, params.data.image_size))]
         if problems:
             raise ConfigError("invalid params:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))
     return params
