@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ruamel.yaml import YAML
 
 from hdkd.geometry import PATCH_SIZE, image_size_step
+from hdkd.roster import MODEL_NAMES
 
 DATASETS = ("synthetic", "imagefolder", "ham10000", "brain_tumor_mri", "dermamnist")
 
@@ -169,6 +171,98 @@ class DistillConfig(OptimConfig):
         return tuple(sorted(v))
 
 
+class BaselineConfig(Section):
+    """A standard timm architecture trained from scratch like the plain student (cross-entropy only).
+
+    ``optim`` holds the student section's values, with those given here replacing them: the same
+    protocol unless a baseline says otherwise. The name and kwargs are checked against timm by
+    :func:`parse_params` (:func:`baseline_problem`).
+    """
+
+    timm: str  # architecture name, as in timm.list_models()
+    kwargs: dict[str, Any]  # constructor arguments; num_classes (and img_size) come from the data
+    optim: OptimConfig
+
+
+# Names of the paper's models: a baseline may not take one (its outputs would overwrite theirs).
+# A baseline's name becomes a path component, a DVC stage suffix and an MLflow run name.
+BASELINE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# Set by the pipeline (classes and input from the data; weights never downloaded), or changing what
+# the model returns: not for params.yaml.
+RESERVED_KWARGS = ("num_classes", "img_size", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                   "checkpoint_path", "cache_dir", "features_only")
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+# The timm helpers below live here, not in hdkd.models, so that validating params.yaml imports no
+# project module beyond this one; timm itself is imported only when a baseline is checked or built.
+
+
+def build_timm(arch: str, num_classes: int, image_size: int, kwargs: dict[str, Any]):
+    """``timm.create_model`` from scratch (never pretrained), with ``img_size`` where the architecture takes it."""
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=image_size, **kwargs)
+    except TypeError as e:
+        # timm's entry points pass keywords through to the model class, which names the one it lacks;
+        # classes without an input size (ResNet, EfficientNet) reject img_size, and are built without.
+        if _unexpected_keyword(e) != "img_size":
+            raise
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _unexpected_keyword(error: TypeError) -> str | None:
+    match = _UNEXPECTED.search(str(error))
+    return match.group(1) if match else None
+
+
+def timm_spec_problem(arch: str, kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """``(key, message)`` if ``arch`` is not a bare timm architecture or ``kwargs`` holds a reserved key."""
+    import difflib
+
+    import timm
+
+    known = timm.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else " (see timm.list_models())"
+        return "timm", f"unknown timm architecture {arch!r} (a bare name, no pretrained tag or hub prefix){hint}"
+    for key in kwargs:
+        if key in RESERVED_KWARGS:
+            return f"kwargs.{key}", ("set by the pipeline (classes and input size come from the data; weights are "
+                                     "never downloaded), not in params.yaml")
+    return None
+
+
+def baseline_problem(spec: BaselineConfig, image_size: int) -> tuple[str, str] | None:
+    """``(key, message)`` for the first problem with a baseline, the key relative to it; ``None`` if it builds.
+
+    The model is built on the meta device (no memory, no initialisation); a constructor that needs
+    real values (``.item()``) fails there, so a failure is confirmed by a CPU build before it is reported.
+    """
+    import torch
+
+    problem = timm_spec_problem(spec.timm, spec.kwargs)
+    if problem:
+        return problem
+    try:
+        with torch.device("meta"):
+            build_timm(spec.timm, 2, image_size, spec.kwargs)
+        return None
+    except Exception:  # noqa: BLE001 - any constructor error is confirmed (and reported) below
+        pass
+    try:
+        build_timm(spec.timm, 2, image_size, spec.kwargs)
+    except TypeError as e:
+        name = _unexpected_keyword(e)
+        if name in spec.kwargs:
+            return f"kwargs.{name}", f"{spec.timm} takes no argument {name!r}"
+        return "kwargs", f"timm rejects these kwargs for {spec.timm}: {e}"
+    except Exception as e:  # noqa: BLE001 - timm validates with asserts, ValueErrors, RuntimeErrors...
+        return "kwargs", (f"timm rejects these kwargs for {spec.timm} at image size {image_size}: "
+                          f"{type(e).__name__}: {e}")
+    return None
+
+
 # ----------------------------------------------------------------------- evaluation, tracking
 class EvaluateConfig(Section):
     bootstrap: int = Field(ge=0)  # resamples for the 95% CIs; 0 = off
@@ -201,7 +295,6 @@ class TrackingConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(ge=0)
     data: DataConfig
     balance: BalanceConfig
     augment: AugmentConfig
@@ -210,9 +303,38 @@ class Params(Section):
     teacher: OptimConfig
     student: OptimConfig
     distill: DistillConfig
+    baselines: dict[str, BaselineConfig]
     evaluate: EvaluateConfig
     report: ReportConfig
     tracking: TrackingConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baselines_inherit_student_optim(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("baselines"), dict):
+            return raw
+        student = raw.get("student")
+
+        def inherit(spec: Any) -> Any:
+            optim = spec.get("optim", {}) if isinstance(spec, dict) else None
+            if not (isinstance(student, dict) and isinstance(optim, dict)):
+                return spec  # nothing to merge, or a type error that validation reports by key
+            return {**spec, "optim": {**student, **optim}}
+
+        return {**raw, "baselines": {name: inherit(spec) for name, spec in raw["baselines"].items()}}
+
+    @field_validator("baselines")
+    @classmethod
+    def _baseline_names(cls, v: dict[str, BaselineConfig]) -> dict[str, BaselineConfig]:
+        taken = [name for name in v if name in MODEL_NAMES]
+        if taken:
+            raise ValueError(f"{', '.join(map(repr, taken))}: the paper's models' names ({', '.join(MODEL_NAMES)}); "
+                             "rename the baseline")
+        bad = [name for name in v if not BASELINE_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a valid baseline name (lower-case letters, digits "
+                             "and _, starting with a letter, at most 32 characters)")
+        return v
 
     @model_validator(mode="after")
     def _image_size_fits_models(self) -> Params:
@@ -241,9 +363,11 @@ class Params(Section):
 def parse_params(raw: dict[str, Any] | None, source: str | os.PathLike | None = None) -> Params:
     """Validate a raw mapping; raise :class:`ConfigError` naming ``source`` (the file) and every bad key.
 
-    Every section and key is required: params.yaml is the one home of the defaults."""
+    Every section and key is required: params.yaml is the one home of the defaults. Baselines are then
+    checked against timm: a known architecture whose constructor accepts the kwargs (built on the meta
+    device, so no weights are allocated)."""
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -256,6 +380,13 @@ def parse_params(raw: dict[str, Any] | None, source: str | os.PathLike | None = 
             lines.append(f"  {key}: {msg}")
         where = f" in {source}" if source else ""
         raise ConfigError(f"invalid params{where}:\n" + "\n".join(lines)) from None
+    if params.baselines:
+        problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
+                    if (p := baseline_problem(spec, params.data.image_size))]
+        if problems:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"invalid params{where}:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))
+    return params
 
 
 def load_params(path: str | os.PathLike) -> Params:
@@ -313,14 +444,15 @@ def merge_overlay(
 ) -> dict[str, Any]:
     """``base`` with the values of ``overlay`` set key by key; a key ``base`` lacks fails, naming it and ``source``.
 
-    Sections merge key by key; any other value (a list, an empty mapping such as ``data.urls``) is replaced."""
+    Sections merge key by key; any other value (a list, an empty mapping such as ``data.urls``, a
+    named collection such as ``baselines``) is replaced."""
     out = dict(base)
     for key, value in overlay.items():
         dotted = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(f"{source}: {dotted} is not a key of the params it overlays "
                               "(an overlay only changes values that params.yaml sets)")
-        if isinstance(value, dict) and isinstance(base[key], dict) and base[key]:
+        if _merges(dotted, value, base[key]):
             out[key] = merge_overlay(base[key], value, source, dotted + ".")
         else:
             out[key] = value
@@ -345,10 +477,17 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     return out.getvalue()
 
 
-def _set_values(document: Any, overlay: Any) -> None:
+REPLACED_WHOLE = ("baselines",)  # named collections: an overlay sets the whole set, not entries of it
+
+
+def _merges(dotted: str, value: Any, base: Any) -> bool:
+    return isinstance(value, dict) and isinstance(base, dict) and bool(base) and dotted not in REPLACED_WHOLE
+
+
+def _set_values(document: Any, overlay: Any, prefix: str = "") -> None:
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(document[key], dict) and document[key]:
-            _set_values(document[key], value)
+        if _merges(f"{prefix}{key}", value, document[key]):
+            _set_values(document[key], value, f"{prefix}{key}.")
         else:
             document[key] = value
 

@@ -3,6 +3,7 @@
 - MACs come from PyTorch's own ``FlopCounterMode`` for one image (batch 1) at the configured
   input size, MACs = FLOPs / 2. It counts the matmul-like ops (convolutions, linear, matmul,
   attention), not bias adds, normalisation or activations — the usual convention (thop, fvcore).
+  Fused attention (``scaled_dot_product_attention``) counts on the CPU as on CUDA.
 - Timing runs under ``torch.inference_mode()`` in eval mode, ``warmup`` untimed passes then
   ``iters`` timed ones; the median batch time is reported. CPU timings depend on the machine and
   on ``torch.get_num_threads()`` (recorded); they are never compared between runs.
@@ -20,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from hdkd.config import EvaluateConfig
 
@@ -43,12 +44,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# PyTorch counts its CUDA attention kernels but not the CPU one that ``scaled_dot_product_attention``
+# dispatches to there, so attention would vanish from the count on a CPU.
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass on a single ``input_shape`` (C, H, W) image."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros(1, *input_shape, device=device)
-    with eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         model(x)
     return counter.get_total_flops() // 2
 

@@ -31,6 +31,18 @@ def test_macs_match_a_hand_count():
     assert net.training  # the count ran in eval mode and gave the mode back
 
 
+class Attention(nn.Module):
+    """Fused self-attention, no projections: the input (B, heads, tokens, head width) is q, k and v."""
+
+    def forward(self, x):
+        return nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_fused_attention_counts_on_the_cpu():
+    # q·kᵀ: 2 heads x 16 x 16 scores x 8 wide; scores·v: the same again. (CUDA kernels are counted by PyTorch.)
+    assert count_macs(Attention(), (2, 16, 8)) == 2 * (2 * 16 * 16 * 8) == 8192
+
+
 def test_parameters_total_and_trainable():
     net = tiny_net()
     conv, dw, bn, linear = 3 * 4 * 9 + 4, 4 * 9 + 4, 2 * 4, 256 * 5 + 5

@@ -3,10 +3,10 @@
 from hdkd.models.blocks import CBAM, InvertedResidual, SqueezeExcite, StemBlock, make_stage
 from hdkd.models.frozen import FrozenTeacher
 from hdkd.models.networks import HybridStudent, StagedNetwork, TeacherCNN
-from hdkd.models.registry import create_model, list_models, model_name
+from hdkd.models.registry import TIMM_PREFIX, create_model, list_models, model_name
 from hdkd.models.transformer import DFLT
 
 __all__ = [
     "CBAM", "DFLT", "FrozenTeacher", "HybridStudent", "InvertedResidual", "SqueezeExcite", "StagedNetwork", "StemBlock",
-    "TeacherCNN", "create_model", "list_models", "make_stage", "model_name",
+    "TIMM_PREFIX", "TeacherCNN", "create_model", "list_models", "make_stage", "model_name",
 ]

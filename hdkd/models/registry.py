@@ -3,6 +3,8 @@
 ``teacher``/``student``/``hdkd`` are the paper's networks (224², SPEC §2); the ``*_tiny`` variants
 (the official reference fixture's sizes) train in seconds on a CPU. Keyword overrides reach the
 constructor, so ablations are ``create_model("hdkd", 7, block="mbconv", stem_stride=4)``.
+``timm:<architecture>`` names a comparison baseline (:mod:`hdkd.models.baselines`); its overrides
+are the timm constructor's keyword arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from hdkd.models.networks import HybridStudent, TeacherCNN
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+TIMM_PREFIX = "timm:"
 
 PAPER_TRUNK = dict(depths=(6, 6, 9), widths=(64, 96, 192))
 PAPER_STUDENT = dict(depths=(2, 2, 3), widths=(64, 96, 192), dim=256, depth=3, heads=8, dim_head=32)
@@ -49,7 +52,11 @@ def model_name(prefix: str, size: str) -> str:
 
 
 def create_model(name: str, num_classes: int, image_size: int = 224, **overrides) -> nn.Module:
-    """Build a registered model; ``overrides`` replace any constructor argument."""
+    """Build a registered model (or a ``timm:`` baseline); ``overrides`` replace any constructor argument."""
+    if name.startswith(TIMM_PREFIX):
+        from hdkd.models.baselines import create_baseline  # timm takes seconds to import: only when used
+
+        return create_baseline(name.removeprefix(TIMM_PREFIX), num_classes, image_size, **overrides)
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes, image_size=image_size, **overrides)

@@ -1,0 +1,149 @@
+"""Comparison baselines: timm specs validated by key, built from scratch offline, trained, resumed and reloaded."""
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hdkd.checkpoint import load_model, save_model
+from hdkd.config import ConfigError, EvaluateConfig, OptimConfig, parse_params
+from hdkd.efficiency import count_parameters, measure_efficiency
+from hdkd.models import TIMM_PREFIX, create_model
+from hdkd.train import Runtime, build_criterion, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = Runtime(torch.device("cpu"), progress=False)
+VIT = {"timm": "vit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
+RESNET = {"timm": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any attempt to open a connection fails the test: baselines never download anything."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def params_with(baselines, **sections):
+    """The shipped params.yaml at 32² with these baselines (and sections replaced)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **sections, "baselines": baselines})
+
+
+def toy_split(n, classes=3, size=32, seed=0):
+    """Images whose class is their dominant colour channel: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = torch.randn(n, 3, size, size, generator=g) * 0.5
+    images[torch.arange(n), labels] += 1.5
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+@pytest.mark.parametrize("spec, key, message", [
+    ({**VIT, "timm": "vit_tiny_patch16"}, "vit.timm", "unknown timm architecture .* close matches: vit_tiny_patch16_"),
+    ({**VIT, "timm": "resnet18.a1_in1k"}, "vit.timm", "no pretrained tag"),
+    ({**VIT, "kwargs": {"depthh": 2}}, "vit.kwargs.depthh", "takes no argument 'depthh'"),
+    ({**RESNET, "kwargs": {"depthh": 2}}, "vit.kwargs.depthh", "takes no argument 'depthh'"),  # no img_size either
+    ({**VIT, "kwargs": {"embed_dim": 30, "num_heads": 4}}, "vit.kwargs", "at image size 32: AssertionError"),
+    ({**VIT, "kwargs": {"pretrained": True}}, "vit.kwargs.pretrained", "never downloaded"),
+    ({**VIT, "kwargs": {"img_size": 224}}, "vit.kwargs.img_size", "set by the pipeline"),
+    ({**VIT, "optim": {"lr": -1}}, "vit.optim.lr", "greater than 0"),
+    ({"timm": "resnet18"}, "vit.kwargs", "Field required"),
+])
+def test_bad_baselines_fail_validation_naming_the_key(spec, key, message):
+    with pytest.raises(ConfigError, match=rf"(?m)^  baselines[.]{key.replace('.', '[.]')}: .*{message}"):
+        params_with({"vit": spec})
+
+
+@pytest.mark.parametrize("name, message", [("teacher", "the paper's models' names"),
+                                           ("ViT", "not a valid baseline name"), ("a/b", "not a valid baseline name")])
+def test_baseline_names_are_safe_and_distinct_from_the_papers_models(name, message):
+    with pytest.raises(ConfigError, match=rf"(?m)^  baselines: .*{message}"):
+        params_with({name: VIT})
+
+
+def test_the_shipped_params_validate_their_baselines():
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "params").glob("paper-*.yaml"))]:
+        params = parse_params(yaml.safe_load(path.read_text()))
+        assert len(params.baselines) >= 2, path
+
+
+def test_a_baseline_trains_like_the_student_unless_its_optim_says_otherwise():
+    student = {"epochs": 7, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine",
+               "warmup_epochs": 1}
+    params = params_with({"vit": VIT, "cnn": {**RESNET, "optim": {"lr": 5e-4, "optimizer": "sgd"}}}, student=student)
+    assert params.baselines["vit"].optim == params.student
+    assert params.baselines["cnn"].optim == params.student.model_copy(update={"lr": 5e-4, "optimizer": "sgd"})
+    assert parse_params(params.to_dict()) == params  # the resolved view reads back unchanged
+
+
+def test_img_size_reaches_transformers_only():
+    vit = create_model(TIMM_PREFIX + VIT["timm"], 3, 32, **VIT["kwargs"])
+    assert vit.net.patch_embed.img_size == (32, 32) and vit.net.pos_embed.shape[1] == 1 + (32 // 8) ** 2
+    resnet = create_model(TIMM_PREFIX + RESNET["timm"], 3, 32, **RESNET["kwargs"])  # ResNet takes no img_size
+    for model in (vit, resnet):
+        logits, feats = model(torch.zeros(2, 3, 32, 32), return_features=True)
+        assert logits.shape == (2, 3) and feats == []
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_creating_a_baseline_refuses_pretrained_weights():
+    with pytest.raises(ValueError, match="kwargs.pretrained"):
+        create_model(TIMM_PREFIX + "resnet18", 3, 32, pretrained=True)
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        create_model(TIMM_PREFIX + "hf-hub:timm/resnet18.a1_in1k", 3, 32)
+
+
+@pytest.mark.parametrize("spec", [VIT, RESNET], ids=["vit", "resnet"])
+def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
+    train, val = toy_split(64), toy_split(32, seed=1)
+    cfg = OptimConfig(epochs=3, optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=1,
+                      warmup_lr=1e-4, min_lr=1e-5)
+    name = TIMM_PREFIX + spec["timm"]
+
+    def run(resume_dir, stop_after=None):
+        torch.manual_seed(0)
+        model = create_model(name, 3, 32, **spec["kwargs"])
+
+        def stop(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        return fit(model, build_criterion("student", cfg), cfg, train, val, CPU, seed=1, batch_size=16,
+                   resume_dir=resume_dir, fingerprint="f", on_epoch=stop), model
+
+    straight, model = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resume", stop_after=1)
+    resumed, _ = run(tmp_path / "resume")
+    assert resumed.resumed_from == 1
+    timing = ("epoch_time_s", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in straight.history]
+    assert straight.history[-1]["train_loss"] < straight.history[0]["train_loss"]
+
+    path = tmp_path / "model.pt"
+    save_model(path, model, name, ["a", "b", "c"], 32, spec["kwargs"])
+    loaded, meta = load_model(path)  # weights_only=True
+    assert meta["model_name"] == name and meta["overrides"] == spec["kwargs"]
+    images = val.tensors[0][:8]
+    model.eval(), loaded.eval()
+    with torch.inference_mode():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_efficiency_measures_a_baseline():
+    model = create_model(TIMM_PREFIX + VIT["timm"], 3, 32, **VIT["kwargs"])
+    eff = measure_efficiency(model, 32, EvaluateConfig(latency_batch_sizes=(1,), latency_iters=2, latency_warmup=0))
+    # Patch embedding (16 patches of 8x8x3 -> 32) and the block: qkv, attention (2 heads of width 16
+    # over 17 tokens, q·kᵀ and ·v), projection, MLP (32 -> 128 -> 32); the head reads the class token.
+    tokens, d = 17, 32
+    block = tokens * d * 3 * d + 2 * (2 * tokens * tokens * 16) + tokens * d * d + 2 * tokens * d * 4 * d
+    assert eff["macs"] == 16 * 192 * d + block + d * 3
+    assert eff["params"] == count_parameters(model) and eff["timing"][0]["ms_per_image"] > 0
