@@ -34,6 +34,7 @@ class SyntheticConfig(Section):
     num_images: int = Field(1500, ge=50, le=200_000)
     native_size: int = Field(96, ge=16, le=1024)  # height of the generated files on disk
     seed: int = Field(0, ge=0)  # the dataset's own seed: params.seed varies training, not the data
+    ambiguity: float = Field(0.0, ge=0, le=1)  # largest share of a lesion's signature from a look-alike class
 
 
 class DataConfig(Section):
