@@ -55,6 +55,7 @@ class SyntheticConfig(Section):
     num_images: int = Field(ge=50, le=200_000)
     native_size: int = Field(ge=16, le=1024)  # height of the generated files on disk
     seed: int = Field(ge=0)  # the dataset's own seed: params.seed varies training, not the data
+    ambiguity: float = Field(ge=0, le=1)  # largest share of a lesion's signature from a look-alike class
 
 
 class DataConfig(Section):

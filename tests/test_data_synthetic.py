@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from hdkd.data.formats import BRAIN_CLASSES, HAM_CLASSES, HAM_COLUMNS, HAM_COUNTS, HAM_METADATA, HAM_PARTS
-from hdkd.data.synthetic import apportion, generate, render_brain_image, render_ham_image
+from hdkd.data.synthetic import HAM_STYLES, apportion, generate, lesion_style, render_brain_image, render_ham_image
 from hdkd.io import dvc_md5
 from tests.params_fixtures import section
 
@@ -70,6 +70,34 @@ def test_generation_is_deterministic_and_skipped_when_present(tmp_path):
     assert (a / HAM_METADATA).stat().st_mtime_ns == mtime
     generate(cfg.model_copy(update={"num_images": 61}), a)  # other settings: regenerated in place
     assert len(pd.read_csv(a / HAM_METADATA)) == 61
+
+
+def test_ambiguity_takes_a_share_of_the_signature_from_a_look_alike():
+    def styles(ambiguity):
+        return [lesion_style("nv", np.random.default_rng(k), ambiguity) for k in range(4000)]
+
+    assert all(s == HAM_STYLES["nv"] for s in styles(0.0))  # no ambiguity: the class's own signature
+    mixed = styles(0.6)
+    others = [c for c in HAM_CLASSES if c != "nv"]
+    # texture from the look-alike with probability s ~ U(0, 0.6): 30 % of lesions, spread over the others
+    borrowed = Counter(s.texture for s in mixed if s.texture != "smooth")
+    assert abs(sum(borrowed.values()) / len(mixed) - 0.3) < 0.03
+    assert set(borrowed) == {HAM_STYLES[c].texture for c in others}
+    # colour: on average a share E[s] = 0.3 of the way from nv's to the mean look-alike's
+    own, alike = np.array(HAM_STYLES["nv"].colour), np.mean([HAM_STYLES[c].colour for c in others], axis=0)
+    np.testing.assert_allclose(np.mean([s.colour for s in mixed], axis=0), own + 0.3 * (alike - own), atol=2.0)
+    assert max(np.abs(np.array(s.colour) - own).max() for s in mixed) > 0
+
+
+def test_ambiguity_zero_renders_the_unmixed_images_and_more_mixes_in_a_look_alike():
+    for dx in ("nv", "mel"):
+        assert np.array_equal(render_ham_image(dx, 5, 6, 24, 32), render_ham_image(dx, 5, 6, 24, 32, 0.0))
+    # MRI: a slice without a tumour shows its look-alike's tumour at a share s ~ U(0, ambiguity)
+    plain = [render_brain_image("notumor", k, 32, 32) for k in range(20)]
+    assert all(np.array_equal(p, render_brain_image("notumor", k, 32, 32, 0.0)) for k, p in enumerate(plain))
+    faint, strong = ([np.abs(render_brain_image("notumor", k, 32, 32, a).astype(int) - p).mean()
+                      for k, p in enumerate(plain)] for a in (0.3, 0.9))
+    assert min(strong) > 0 and np.mean(strong) > 2 * np.mean(faint)
 
 
 def test_apportion_keeps_proportions_and_minimum():

@@ -11,6 +11,15 @@ Each class has its own visual signature (shape, colour, texture, location) under
 variation (rotation, position, scale, brightness, noise, hairs), so that a small CNN learns it
 clearly above chance, but not from one pixel. Images of one lesion share their appearance.
 Every image is drawn from its own seed, so the output depends only on ``data.synthetic``.
+
+``ambiguity`` (``data.synthetic.ambiguity``, in [0, 1]) makes a share of the cases genuinely
+ambiguous, as in real dermoscopy, where a nevus can look like a melanoma: per lesion (per slice in
+the MRI layout) a look-alike class is drawn uniformly among the others, and a share
+``s ~ U(0, ambiguity)`` of the signature (colour, size, outline irregularity; placement in MRI) is
+taken from it, with probability ``s`` its texture (MRI: tumour appearance) too. Cases with a large
+share look more like the other class than their own, so no model can reach 100 %: the benchmark
+does not saturate and differences between models remain measurable. ``0`` gives the unmixed
+signatures (the same images as before the knob existed).
 """
 
 from __future__ import annotations
@@ -174,14 +183,39 @@ def _wobble(rng: np.random.Generator, phi: np.ndarray, irregular: float) -> np.n
     return 1 + sum(a * np.cos(ki * phi + p) for a, ki, p in zip(amps, k, phases))
 
 
-def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, width: int) -> np.ndarray:
-    """One dermatoscopy-like RGB image of class ``dx``; images with one ``lesion_seed`` show one lesion."""
-    style = HAM_STYLES[dx]
+def lesion_style(dx: str, rng: np.random.Generator, ambiguity: float) -> _Style:
+    """The signature one lesion of class ``dx`` shows: its class's, partly a look-alike's.
+
+    A look-alike class is drawn uniformly among the others and a share ``s ~ U(0, ambiguity)``
+    of colour, size range and outline irregularity is taken from it; with probability ``s`` its
+    texture too. Lesions with a large share look more like the other class than their own.
+    """
+    own = HAM_STYLES[dx]
+    other = HAM_STYLES[rng.choice([c for c in HAM_CLASSES if c != dx])]
+    share = rng.uniform(0, ambiguity)
+    texture = other.texture if rng.random() < share else own.texture
+
+    def mix(a, b):
+        return tuple((1 - share) * np.asarray(a, dtype=np.float64) + share * np.asarray(b, dtype=np.float64))
+
+    return _Style(mix(own.colour, other.colour), mix(own.radius, other.radius),
+                  float(mix([own.irregular], [other.irregular])[0]), texture)
+
+
+def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, width: int,
+                     ambiguity: float = 0.0) -> np.ndarray:
+    """One dermatoscopy-like RGB image of class ``dx``; images with one ``lesion_seed`` show one lesion.
+
+    ``ambiguity`` in [0, 1]: the largest share of the lesion's signature taken from a look-alike
+    class (:func:`lesion_style`).
+    """
     lesion = np.random.default_rng(lesion_seed)
+    # The third stream draws the look-alike: the first two, and so the unmixed images, stay as they were.
+    outline_rng, texture_rng, look_alike_rng = lesion.spawn(3)
+    style = lesion_style(dx, look_alike_rng, ambiguity)
     skin = np.array([224.0, 186.0, 162.0]) * lesion.uniform(0.78, 1.04) + lesion.normal(0, 6, 3)
     colour = np.array(style.colour, dtype=np.float64) * lesion.uniform(0.85, 1.15) + lesion.normal(0, 8, 3)
     radius = lesion.uniform(*style.radius)
-    outline_rng, texture_rng = lesion.spawn(2)
 
     shot = np.random.default_rng(image_seed)  # this image's view of the lesion
     u, v = _grid(height, width)
@@ -266,7 +300,7 @@ def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
         li, dx = images[i]
         image_id = f"ISIC_{24306 + n:07d}"
         pixels = render_ham_image(
-            dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width
+            dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width, cfg.ambiguity
         )
         path = out / HAM_PARTS[0 if n < part_1 else 1] / f"{image_id}.jpg"
         Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
@@ -289,9 +323,19 @@ def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------- Brain Tumor MRI layout
-def render_brain_image(tumour: str, seed: int, height: int, width: int) -> np.ndarray:
-    """One axial MRI-like grayscale slice with a tumour of class ``tumour`` (or none)."""
+def render_brain_image(tumour: str, seed: int, height: int, width: int, ambiguity: float = 0.0) -> np.ndarray:
+    """One axial MRI-like grayscale slice with a tumour of class ``tumour`` (or none).
+
+    ``ambiguity`` in [0, 1], as for the HAM layout: a look-alike class is drawn among the others
+    and a share ``s ~ U(0, ambiguity)`` of the tumour's placement and size is taken from it, with
+    probability ``s`` its appearance too; a tumour that looks like "notumor" fades to ``1 - s``, and
+    a slice without a tumour shows the look-alike's at ``s``.
+    """
     rng = np.random.default_rng(seed)
+    # A separate stream for the look-alike: with ambiguity 0 the slices are the unmixed ones.
+    look_alike = rng.spawn(1)[0]
+    other = str(look_alike.choice([c for c in BRAIN_CLASSES if c != tumour]))
+    share = look_alike.uniform(0, ambiguity)
     u, v = _grid(height, width)
     t = rng.uniform(-0.3, 0.3)
     s = rng.uniform(0.9, 1.08)
@@ -308,30 +352,44 @@ def render_brain_image(tumour: str, seed: int, height: int, width: int) -> np.nd
         vx, vy = (x - side * 0.11) / 0.06, (y + 0.04) / 0.17
         img = np.where(np.hypot(vx, vy) < 1, 38.0, img)
 
-    if tumour != "notumor":
-        if tumour == "glioma":  # irregular, ring-enhancing, necrotic core, oedema, inside the brain
-            ang, dist, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.45), rng.uniform(0.14, 0.24)
-        elif tumour == "meningioma":  # round, homogeneous, bright, against the skull
-            ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.12, 0.2)
-            dist = 0.9 * min(a, b) - rad * 0.8
-        else:  # pituitary: small bright mass low in the midline (sella)
-            ang, dist, rad = (
-                np.pi / 2 + rng.uniform(-0.1, 0.1),
-                rng.uniform(0.42, 0.52) * b,
-                rng.uniform(0.06, 0.09),
-            )
-        tx, ty = dist * np.cos(ang), dist * np.sin(ang)
-        d = np.hypot(x - tx, y - ty)
-        if tumour == "glioma":
-            q = d / (rad * _wobble(rng, np.arctan2(y - ty, x - tx), 0.25))
-            img = np.where((q < 1.6) & (r < 0.9), img + 28 * np.clip(1.6 - q, 0, 0.6), img)
-            img = np.where(q < 1.0, 178.0, img)
-            img = np.where(q < 0.7, 62.0 + 10 * gyri, img)
-        else:
-            img = np.where(d < rad, (205.0 if tumour == "meningioma" else 188.0) + 6 * gyri, img)
+    own, other_shown = tumour != "notumor", other != "notumor" and share > 0
+    if own or other_shown:
+        place = _tumour_place(tumour, rng, a, b) if own else None
+        if other != "notumor":
+            alt = _tumour_place(other, look_alike, a, b)
+            place = alt if place is None else tuple((1 - share) * p + share * q for p, q in zip(place, alt))
+        kind = other if not own or (other != "notumor" and look_alike.random() < share) else tumour
+        visible = 1 - share if other == "notumor" else (1.0 if own else share)
+        outline_rng = rng if kind == tumour else look_alike  # the main stream's draws stay those of ambiguity 0
+        img = (1 - visible) * img + visible * _draw_tumour(img, kind, place, x, y, r, gyri, outline_rng)
 
     img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 6, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _tumour_place(tumour: str, rng: np.random.Generator, a: float, b: float) -> tuple[float, float, float]:
+    """Centre and radius of a tumour of class ``tumour`` in a brain of half-axes ``a``, ``b``."""
+    if tumour == "glioma":  # inside the brain
+        ang, dist, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 0.45), rng.uniform(0.14, 0.24)
+    elif tumour == "meningioma":  # against the skull
+        ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.12, 0.2)
+        dist = 0.9 * min(a, b) - rad * 0.8
+    else:  # pituitary: small, low in the midline (sella)
+        ang, dist, rad = np.pi / 2 + rng.uniform(-0.1, 0.1), rng.uniform(0.42, 0.52) * b, rng.uniform(0.06, 0.09)
+    return dist * np.cos(ang), dist * np.sin(ang), rad
+
+
+def _draw_tumour(img, kind, place, x, y, r, gyri, rng):
+    """``img`` with a tumour of appearance ``kind`` at ``place`` (centre x, centre y, radius)."""
+    tx, ty, rad = place
+    d = np.hypot(x - tx, y - ty)
+    if kind == "glioma":  # irregular, ring-enhancing, necrotic core, oedema
+        q = d / (rad * _wobble(rng, np.arctan2(y - ty, x - tx), 0.25))
+        img = np.where((q < 1.6) & (r < 0.9), img + 28 * np.clip(1.6 - q, 0, 0.6), img)
+        img = np.where(q < 1.0, 178.0, img)
+        return np.where(q < 0.7, 62.0 + 10 * gyri, img)
+    # meningioma: round, homogeneous, bright; pituitary: a little less bright
+    return np.where(d < rad, (205.0 if kind == "meningioma" else 188.0) + 6 * gyri, img)
 
 
 def _write_brain_tree(cfg: SyntheticConfig, out: Path) -> None:
@@ -349,7 +407,9 @@ def _write_brain_tree(cfg: SyntheticConfig, out: Path) -> None:
         copies = math.ceil(0.02 * count) if split == "Testing" else 0
         for j in range(count - copies):
             shape = rng.uniform(0.85, 1.15, 2) * cfg.native_size
-            pixels = render_brain_image(cls, derive_seed(cfg.seed, 4, n), int(shape[0]), int(shape[1]))
+            pixels = render_brain_image(
+                cls, derive_seed(cfg.seed, 4, n), int(shape[0]), int(shape[1]), cfg.ambiguity
+            )
             img = Image.fromarray(pixels, "L")
             path = folder / f"{prefix}_{j:04d}.jpg"
             (img.convert("RGB") if rng.random() < 0.2 else img).save(path, quality=JPEG_QUALITY)
