@@ -27,6 +27,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy.stats import spearmanr
@@ -162,21 +164,27 @@ def correlation_summary(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- figures
-def show_map(ax, image: np.ndarray, cam: np.ndarray | None):
-    """``image`` (H, W, 3 uint8) with ``cam`` over it in the colour map; returns the map's artist."""
+def show_map(ax, image: np.ndarray, cam: np.ndarray | None) -> None:
+    """``image`` (H, W, 3 uint8), with ``cam`` over it, half transparent, in the colour map."""
     ax.imshow(image, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    if cam is None:
-        return None
-    return ax.imshow(cam, cmap=CMAP, vmin=0.0, vmax=1.0, alpha=0.5, interpolation="bilinear")
+    if cam is not None:
+        ax.imshow(cam, cmap=CMAP, vmin=0.0, vmax=1.0, alpha=0.5, interpolation="bilinear")
+
+
+def add_colour_bar(fig: Figure, axes, **kwargs) -> None:
+    """The maps' colour bar, opaque (an overlay's own artist would draw it half transparent)."""
+    mappable = ScalarMappable(Normalize(0.0, 1.0), CMAP)
+    fig.colorbar(mappable, ax=axes, label="Relevance (scaled per image)", **kwargs)
 
 
 def overlay_figure(image: np.ndarray, cam: np.ndarray, title: str) -> Figure:
     """One image with its map, a colour bar and a title (the command line's output)."""
     fig = Figure(figsize=(4.6, 4), layout="constrained")
     ax = fig.subplots()
-    fig.colorbar(show_map(ax, image, cam), ax=ax, label="Relevance (scaled per image)")
+    show_map(ax, image, cam)
+    add_colour_bar(fig, ax)
     ax.set_title(title, fontsize=10)
     return fig
 
@@ -189,16 +197,15 @@ def explanations_figure(images: np.ndarray, columns: Mapping[str, np.ndarray], r
     n, ncols = len(images), len(columns) + 1
     fig = Figure(figsize=(2.0 * ncols + 1.0, 2.0 * n + 0.8), layout="constrained")
     axes = np.asarray(fig.subplots(n, ncols, squeeze=False))
-    artist = None
     for i in range(n):
         show_map(axes[i, 0], images[i], None)
         axes[i, 0].set_ylabel(row_labels[i], fontsize=9)
         for j, (header, maps) in enumerate(columns.items(), start=1):
-            artist = show_map(axes[i, j], images[i], maps[i])
+            show_map(axes[i, j], images[i], maps[i])
             axes[i, j].set_xlabel(cell_labels[header][i], fontsize=8)
-    for j, header in enumerate(["Image", *columns]):
+    for j, header in enumerate(["Test\nimage", *columns]):
         axes[0, j].set_title(header, fontsize=10)
-    fig.colorbar(artist, ax=axes, location="right", shrink=min(1.0, 4 / n), label="Relevance (scaled per image)")
+    add_colour_bar(fig, axes, location="right", shrink=min(1.0, 4 / n))
     fig.suptitle(title, fontsize=11)
     return fig
 
@@ -246,8 +253,9 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
     def caption(model: str) -> list[str]:
         return [f"pred {classes[int(p.argmax())]} ({p.max():.0%})" for p in preds[model]]
 
-    headers = {"teacher_gradcam": f"{model_label('teacher')} Grad-CAM", "hdkd_gradcam": f"{model_label('hdkd')} Grad-CAM",
-               "hdkd_rollout_cls": "HDKD rollout (class token)", "hdkd_rollout_dist": "HDKD rollout (dist. token)"}
+    hdkd = model_label("hdkd")
+    headers = {"teacher_gradcam": f"{model_label('teacher')}\nGrad-CAM", "hdkd_gradcam": f"{hdkd}\nGrad-CAM",
+               "hdkd_rollout_cls": f"{hdkd} rollout\n(class token)", "hdkd_rollout_dist": f"{hdkd} rollout\n(dist. token)"}
     captions = {"teacher_gradcam": caption("teacher"), **dict.fromkeys(list(headers)[1:], caption("hdkd"))}
     fig = explanations_figure(raw, {headers[k]: trained[k].numpy() for k in headers},
                               [f"true: {classes[int(y)]}" for y in labels], {headers[k]: captions[k] for k in headers},
