@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     what = "Grad-CAM" if args.method == "gradcam" else f"attention rollout ({args.token} token)"
     written = []
     for path, image, cam, p in zip(args.inputs, raw, maps.numpy(), probs):
-        title = f"{path.name}: {meta['classes'][int(p.argmax())]} ({p.max():.0%})\n{what}"
+        title = f"{path.name}: predicted {meta['classes'][int(p.argmax())]} ({p.max():.0%})\n{what}"
         written.append(Path(args.out) / f"{path.stem}_{args.method}.png")
         write_bytes(written[-1], figure_png(overlay_figure(image, cam, title)))
         log.info("wrote %s", written[-1])
