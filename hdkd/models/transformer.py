@@ -40,9 +40,20 @@ class Attention(nn.Module):
         project = not (heads == 1 and dim_head == dim)
         self.proj = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if project else nn.Identity()
 
+    def heads_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values per head: ``(3, B, heads, N, dim_head)``."""
+        b, n, _ = x.shape
+        return self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax attention ``(B, heads, N, N)`` that :meth:`forward` applies (for explanations:
+        the fused kernel in ``forward`` never materialises it)."""
+        q, k, _ = self.heads_qkv(x)
+        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads_qkv(x)
         # SDPA's default scale is dim_head ** -0.5, the official one.
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
