@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, entry in report["models"].items():
         log.info("%s: %s, max |Δp| %.2g, top-1 agreement %.4f, ONNX Runtime / PyTorch latency %s", name,
                  entry["onnx"], entry["parity"]["max_abs_diff_probability"], entry["parity"]["top1_agreement"],
-                 ", ".join(f"{k} {v['onnxruntime_over_pytorch']:.2f}" for k, v in entry["latency_cpu"].items()))
+                 ", ".join(f"{k} {v['onnxruntime_over_pytorch']:.2f}" for k, v in entry["timing_cpu"].items()))
     return report
 
 

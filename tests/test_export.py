@@ -24,6 +24,7 @@ from hdkd.evaluate import predict_proba
 from hdkd.export import ParityError, export_models
 from hdkd.inference import ONNX_METADATA, OnnxClassifier, read_image
 from hdkd.models import create_model
+from hdkd.report_check import Tolerance, compare_json
 from pipeline.export import main as export_stage
 
 SIZE = 32
@@ -34,7 +35,7 @@ def workspace(tmp_path_factory):
     """A prepared synthetic split at 32 px, a random-init tiny model per role, and the export stage run on them."""
     root = tmp_path_factory.mktemp("export")
     raw = {"data": {"root": str(root / "raw"), "image_size": SIZE, "synthetic": {"num_images": 120, "native_size": 40}},
-           "evaluate": {"latency_batch_sizes": [1, 32], "latency_iters": 2, "latency_warmup": 1}}
+           "evaluate": {"latency_batch_sizes": [1, 2], "latency_iters": 1, "latency_warmup": 0}}
     (root / "params.yaml").write_text(json.dumps(raw))  # JSON is YAML
     params = parse_params(raw)
     fetch_dataset(params.data, root / "raw")
@@ -60,12 +61,25 @@ def test_stage_report(workspace):
         assert entry["parity"]["n_images"] == n_test
         assert entry["parity"]["max_abs_diff_probability"] <= 1e-4
         assert entry["parity"]["top1_agreement"] == 1.0 and entry["parity"]["top1_mismatches"] == 0
-        assert sorted(entry["latency_cpu"]) == ["bs1", "bs32"]
-        for key, t in entry["latency_cpu"].items():
+        assert sorted(entry["timing_cpu"]) == ["bs1", "bs2"]
+        for key, t in entry["timing_cpu"].items():
             assert t["batch_size"] == int(key[2:])
             assert t["onnxruntime_over_pytorch"] == pytest.approx(t["onnxruntime_ms_per_image"] / t["pytorch_ms_per_image"])
             assert t["pytorch_images_per_s"] == pytest.approx(1e3 / t["pytorch_ms_per_image"])
-    assert report["threads"] == torch.get_num_threads() and report["tolerance"] == 1e-4
+    assert report["timing_environment"]["threads"] == torch.get_num_threads() and report["tolerance"] == 1e-4
+
+
+def test_the_reports_check_skips_only_the_timings(workspace):
+    # A rerun on another machine differs in timings only: the committed export.json must still pass.
+    _, report = workspace
+    rerun = json.loads(json.dumps(report))
+    rerun["timing_environment"] |= {"threads": 64, "onnxruntime": "9.9"}
+    for entry in rerun["models"].values():
+        for t in entry["timing_cpu"].values():
+            t["pytorch_ms_per_image"] *= 3
+    assert compare_json("export.json", report, rerun, Tolerance()) == []
+    rerun["models"]["hdkd"]["parity"]["top1_agreement"] = 0.99
+    assert compare_json("export.json", report, rerun, Tolerance())
 
 
 @pytest.mark.parametrize("role", MODEL_ORDER)
