@@ -168,6 +168,7 @@ def test_mlflow_model_uri(capsys, model_file, folder, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.create_experiment("predict", artifact_location=(tmp_path / "artifacts").as_uri())  # not ./mlruns
     mlflow.set_experiment("predict")
     model, meta = load_model(model_file)
     metadata = {k: meta[k] for k in CHECKPOINT_KEYS}
