@@ -1,31 +1,42 @@
-"""The ``hdkd`` command: one subcommand per use of a trained model.
+"""The ``hdkd`` command: ``hdkd <command> ...`` (``[project.scripts]`` in pyproject.toml).
 
-A subcommand is one line of :data:`COMMANDS`: its name -> ``(add_arguments(parser), run(args))``;
-``add_arguments``'s docstring is the subcommand's one-line help.
+A command is a module with ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> exit
+status``; it is registered by one line in :data:`COMMANDS`. An error that stops a command (``OSError``,
+``ValueError``, ``RuntimeError``) is printed as one line, with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from typing import Any, Callable
+import importlib
+import sys
 
-from hdkd import explain
-
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]]] = {
-    "explain": (explain.add_arguments, explain.run),
+COMMANDS = {
+    "predict": "hdkd.predict",
+    "explain": "hdkd.explain",
 }
 
 
-def main(argv: list[str] | None = None) -> Any:
-    parser = argparse.ArgumentParser(prog="hdkd", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (add_arguments, _) in COMMANDS.items():
-        add_arguments(commands.add_parser(name, help=add_arguments.__doc__))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hdkd", description="Use the trained HDKD models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return COMMANDS[args.command][1](args)
+    try:
+        return args.run(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"hdkd {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

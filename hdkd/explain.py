@@ -279,8 +279,11 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
 
 
 # ---------------------------------------------------------------------------------- command line
+HELP = "Where a model looks: overlay PNGs of Grad-CAM or attention rollout, one per image."
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where a model looks: overlay PNGs of Grad-CAM or attention rollout, one per image."""
+    """The command line of ``hdkd explain``."""
     parser.add_argument("--model", type=Path, default=Path("models/hdkd/model.pt"), help="an hdkd model file")
     parser.add_argument("--method", choices=METHODS, default="gradcam",
                         help="gradcam (any model), or rollout (a hybrid student's DFLT)")
@@ -299,8 +302,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return pixels
 
 
-def run(args: argparse.Namespace) -> list[Path]:
-    """``hdkd explain``: one overlay PNG per input, ``<out>/<stem>_<method>.png``; returns their paths."""
+def run(args: argparse.Namespace) -> int:
+    """``hdkd explain``: one overlay PNG per input, ``<out>/<stem>_<method>.png``; exit status 0."""
     stems = [p.stem for p in args.inputs]
     if len(set(stems)) != len(stems):
         raise ValueError(f"inputs share a file name stem, their PNGs would overwrite each other: {stems}")
@@ -318,5 +321,5 @@ def run(args: argparse.Namespace) -> list[Path]:
         title = f"{path.name}: predicted {meta['classes'][int(p.argmax())]} ({p.max():.0%})\n{what}"
         written.append(Path(args.out) / f"{path.stem}_{args.method}.png")
         write_bytes(written[-1], figure_png(overlay_figure(image, cam, title)))
-        log.info("wrote %s", written[-1])
-    return written
+        print(written[-1])
+    return 0
