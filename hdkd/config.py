@@ -106,6 +106,7 @@ class TrainConfig(Section):
     amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    reproducible: bool = True  # CPU only: bit-identical results on any x86-64 CPU with AVX2 (hdkd.numerics)
     grad_clip: float | None = Field(None, gt=0)
     log_every: int = Field(0, ge=0)  # steps between log lines inside an epoch; 0 = per epoch only
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hdkd import numerics
 from hdkd.bundle import BUNDLE_ARTIFACT, MODEL_ORDER, make_bundle, model_names, validate_bundle
 from hdkd.checkpoint import load_model
 from hdkd.config import EvaluateConfig, Params
@@ -147,6 +148,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
     ``models`` maps a report name (``teacher``, ``student``, ``hdkd``) to a model file written by the
     training stages; each file also carries the model's per-epoch training history.
     """
+    numerics.apply_runtime(params.train.reproducible and torch.device(device).type == "cpu")
     loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
     results = {}

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from hdkd import numerics
 from hdkd.checkpoint import load_model, load_resume_state, save_model, unwrap
 from hdkd.config import DistillConfig, OptimConfig, Params, load_params
 from hdkd.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, device_type, init_distributed,
@@ -136,6 +137,7 @@ def make_runtime(params: Params, device: torch.device, dist: DistInfo) -> Runtim
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    numerics.apply_runtime(params.train.reproducible and device.type == "cpu")
     return Runtime(device, dist, amp_dtype, params.train.channels_last and device.type == "cuda", dist.is_main)
 
 

@@ -9,7 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
+
+from hdkd import numerics
+
+# In-process stage runs (train.reproducible is on by default) need the mode's environment before
+# torch loads, as `python -m pipeline.<stage>` has it.
+numerics.apply_env()
+
+import torch  # noqa: E402
 
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle
 from hdkd.config import parse_params
