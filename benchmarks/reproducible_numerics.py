@@ -30,11 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from hdkd import numerics  # noqa: E402 - torch-free; must act before torch loads
+from hdkd import numerics  # torch-free; must act before torch loads
 
 CONFIGS = {  # model size, image side, batch, steps timed per process (the first, untimed warm-up step comes on top)
-    "tiny": dict(size="tiny", image_size=64, batch=16, steps=10),
-    "paper": dict(size="paper", image_size=224, batch=16, steps=2),
+    "tiny": {"size": "tiny", "image_size": 64, "batch": 16, "steps": 10},
+    "paper": {"size": "paper", "image_size": 224, "batch": 16, "steps": 2},
 }
 VARIANTS = {"off": ("off", 0), "off-1t": ("off", 1), "on": ("on", 0)}  # name -> (mode, threads; 0 = default)
 
@@ -96,7 +96,7 @@ def run_worker(mode: str, threads: int = 0, steps: int = 3, size: str = "tiny", 
     """One worker process under ``env`` (added to this process's environment) -> its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--threads", str(threads),
            "--steps", str(steps), "--size", size, "--image-size", str(image_size), "--batch", str(batch)]
-    proc = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

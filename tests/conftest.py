@@ -16,7 +16,7 @@ from hdkd import numerics
 # torch loads, as `python -m pipeline.<stage>` has it.
 numerics.apply_env()
 
-import torch  # noqa: E402
+import torch
 
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle
 from hdkd.config import parse_params
