@@ -1,18 +1,17 @@
 # Two entry points for a fresh machine: `make run` (the whole pipeline) and `make test`.
-# Both create .venv and install what they need first.
+# Both create .venv and install what they need first: the exact versions of requirements.lock.
 VENV   ?= .venv
 PYTHON ?= python3
-TORCH  ?= torch==2.14.1 torchvision==0.29.1
+LOCK   := requirements.lock
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-all lint bench clean-venv
+.PHONY: install run test test-all lint bench lock clean-venv
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .  # built with the locked setuptools
 	touch $@
 
 install: $(BIN)/.installed
@@ -32,6 +31,16 @@ lint: install         ## ruff: pyflakes, pycodestyle, bugbear, pyupgrade, import
 bench: install        ## speed and memory benchmarks (figures in the README)
 	python benchmarks/distill_step.py
 	python benchmarks/data_pipeline.py
+	python benchmarks/reproducible_numerics.py
+
+lock:                 ## regenerate requirements.lock: pyproject.toml's dependencies, resolved afresh and frozen
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip setuptools
+	.lock-venv/bin/python -m pip install --quiet '.[dev]'
+	{ grep '^#' $(LOCK); .lock-venv/bin/python -m pip freeze --all --exclude hdkd; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 clean-venv:
 	rm -rf $(VENV)

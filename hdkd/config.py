@@ -128,6 +128,7 @@ class TrainConfig(Section):
     amp: bool  # CUDA only: bf16 where supported, else fp16 with a grad scaler
     channels_last: bool  # CUDA only
     compile: bool
+    reproducible: bool  # CPU only: bit-identical results on any x86-64 CPU with AVX2 (hdkd.numerics)
     grad_clip: float | None = Field(gt=0)
     log_every: int = Field(ge=0)  # steps between log lines inside an epoch; 0 = per epoch only
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hdkd import numerics
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle, model_names, validate_bundle
 from hdkd.checkpoint import load_model
 from hdkd.config import EvaluateConfig, Params
@@ -151,6 +152,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
     ``models`` maps a model's name (:mod:`hdkd.roster`) to the file its training stage wrote; each
     file also carries the model's per-epoch training history, and must be of ``data.image_size``.
     """
+    numerics.apply_runtime(params.train.reproducible and torch.device(device).type == "cpu")
     loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
     results = {}

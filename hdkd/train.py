@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
+from hdkd import numerics
 from hdkd.checkpoint import load_model, save_model
 from hdkd.config import DistillConfig, OptimConfig, Params, result_params
 from hdkd.data.augment import BatchAugment, eval_transform, train_transform
@@ -55,6 +56,7 @@ def make_runtime(params: Params, device: torch.device, dist: DistInfo) -> Runtim
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    numerics.apply_runtime(params.train.reproducible and device.type == "cpu")
     return Runtime(device, dist, amp_dtype, params.train.channels_last and device.type == "cuda", dist.is_main)
 
 

@@ -8,6 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from hdkd import numerics
+
+# In-process stage runs (train.reproducible is on by default) need the mode's environment before
+# torch loads, as `python -m pipeline.<stage>` has it.
+numerics.apply_env()
+
 import torch
 
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle

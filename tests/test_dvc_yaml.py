@@ -62,7 +62,7 @@ def with_parent_packages(name: str) -> set[str]:
 def import_closure(module: str) -> set[Path]:
     """Source files of every project module that running ``python -m <module>`` can import."""
     seen: set[str] = set()
-    todo = [module]
+    todo = list(with_parent_packages(module))  # `python -m pipeline.x` runs pipeline/__init__.py first
     while todo:
         name = todo.pop()
         if name in seen or module_file(name) is None:
