@@ -105,8 +105,8 @@ def run(args, work: Path) -> dict:
 
     from hdkd.data import PackedDataset, eval_transform, fetch_dataset, load_split, prepare_dataset, train_transform
     from hdkd.data.splits import nested_subsets
-    from hdkd.train import StagePaths, make_runtime, run_training
     from hdkd.distributed import DistInfo
+    from hdkd.train import StagePaths, make_runtime, run_training
 
     params = params_with(args.set + [f"data.root={work / 'raw'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -159,7 +159,8 @@ def run(args, work: Path) -> dict:
     mean_slope = np.mean([v["per_full_s"] for v in per_full.values()])
     mean_fixed = np.mean([v["fixed_s"] for v in per_full.values()])
     runs = args.pipeline_seeds * len(args.pipeline_fractions) * args.pipeline_models
-    estimate = args.pipeline_seeds * args.pipeline_models * sum(args.pipeline_fractions) * mean_slope + runs * mean_fixed
+    trainings = args.pipeline_seeds * args.pipeline_models * sum(args.pipeline_fractions)
+    estimate = trainings * mean_slope + runs * mean_fixed
     print(f"\nper role (uncontended, CPU s / {args.cores}): "
           + ", ".join(f"{r}: {v['per_full_s']:.1f} s per full-data training + {v['fixed_s']:.1f} s fixed"
                       for r, v in per_full.items()))

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from hdkd import numerics  # torch-free; must act before torch loads
+from hdkd import numerics  # noqa: E402 (torch-free; must act before torch loads)
 
 CONFIGS = {  # model size, image side, batch, steps timed per process (the first, untimed warm-up step comes on top)
     "tiny": {"size": "tiny", "image_size": 64, "batch": 16, "steps": 10},

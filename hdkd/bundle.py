@@ -29,7 +29,8 @@ and read by the report stage. This module imports no torch, so reading a bundle 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from hdkd.config import Params
 from hdkd.io import read_json

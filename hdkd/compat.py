@@ -72,7 +72,8 @@ def load_official_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -
         lines = [f"checkpoint does not fit {type(model).__name__}:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
         raise CheckpointMismatchError("\n".join(lines))
     model.load_state_dict({names[k]: v for k, v in state.items()})
     return model

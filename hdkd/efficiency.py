@@ -17,7 +17,8 @@ import contextlib
 import platform
 import statistics
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,8 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros(1, *input_shape, device=device)
-    with eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    with eval_mode(model), torch.inference_mode(), counter:
         model(x)
     return counter.get_total_flops() // 2
 

@@ -19,8 +19,9 @@ over ``confusion_<model>.csv``, and validation accuracy and training loss per ep
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

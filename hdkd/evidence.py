@@ -7,7 +7,8 @@ and per-image ``predictions``; ``bundle["test_labels"]`` holds the test labels i
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -255,7 +256,8 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
 
     hdkd = model_label("hdkd")
     headers = {"teacher_gradcam": f"{model_label('teacher')}\nGrad-CAM", "hdkd_gradcam": f"{hdkd}\nGrad-CAM",
-               "hdkd_rollout_cls": f"{hdkd} rollout\n(class token)", "hdkd_rollout_dist": f"{hdkd} rollout\n(dist. token)"}
+               "hdkd_rollout_cls": f"{hdkd} rollout\n(class token)",
+               "hdkd_rollout_dist": f"{hdkd} rollout\n(dist. token)"}
     captions = {"teacher_gradcam": caption("teacher"), **dict.fromkeys(list(headers)[1:], caption("hdkd"))}
     fig = explanations_figure(raw, {headers[k]: trained[k].numpy() for k in headers},
                               [f"true: {classes[int(y)]}" for y in labels], {headers[k]: captions[k] for k in headers},

@@ -6,7 +6,8 @@ stage maps from that single pass (the official code re-runs stage prefixes once 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F

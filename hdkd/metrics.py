@@ -17,7 +17,8 @@ Policies (stated once, relied on by the report):
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -45,7 +46,7 @@ def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]])
         history = histories[m]
         color = model_color(m, list(histories))  # as in the report's other figures
 
-        def series(key: str) -> tuple[list, list]:
+        def series(key: str, history=history) -> tuple[list, list]:
             points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
             return [p[0] for p in points], [p[1] for p in points]
 

@@ -29,9 +29,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ GLOB_CHARACTERS = "*?["
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="models/<role>/model.pt, an exported model.onnx, or an MLflow model URI (models:/..., runs:/...)")
+                        help="models/<role>/model.pt, an exported model.onnx, "
+                             "or an MLflow model URI (models:/..., runs:/...)")
     parser.add_argument("--out", type=Path, help="output file (default: stdout)")
     parser.add_argument("--format", choices=("csv", "json"), help="default: json if --out ends in .json, else csv")
     parser.add_argument("--top-k", type=_positive, default=3, help="classes listed per image (default 3)")
@@ -128,7 +130,8 @@ def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int
                        for path, image in zip(batch, decoded) if isinstance(image, UnreadableImage)]
             if good:
                 probs = classifier.predict_proba(to_batch([image for _, image in good]))
-                predictions += [prediction(str(path), p, classifier.classes, top_k) for (path, _), p in zip(good, probs)]
+                predictions += [prediction(str(path), p, classifier.classes, top_k)
+                                for (path, _), p in zip(good, probs)]
             bar.update(len(batch))
     return predictions, errors
 

@@ -22,8 +22,8 @@ Policies (stated once, relied on by the report):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as sps

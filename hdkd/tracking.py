@@ -27,9 +27,10 @@ import random
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from hdkd.config import Params, TrackingConfig
@@ -242,7 +243,7 @@ class Tracker:
         self.uri = resolve_tracking_uri(cfg.uri, self.root)
 
     # -- lifecycle
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         self._guard(self._start)
         return self
 

@@ -8,11 +8,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from hdkd.roster import MODEL_NAMES
 from hdkd.config import load_params
 from hdkd.data import PackedDataset, eval_transform, load_split
 from hdkd.export import export_models
 from hdkd.io import write_json
+from hdkd.roster import MODEL_NAMES
 
 log = logging.getLogger("pipeline.export")
 

@@ -16,11 +16,11 @@ import subprocess
 from pathlib import Path
 
 from hdkd.config import load_params
+from hdkd.provenance import repo_root
 from hdkd.report.ablations import ABLATIONS, NoTrackedRuns, UnknownAblation, queue_commands
 from hdkd.report.build import build_report
 from hdkd.report.revisions import RevisionNotFound
 from hdkd.report.stage import collect, other_runs, revision_inputs, revision_report_config, working_tree_inputs
-from hdkd.provenance import repo_root
 from hdkd.tracking import resolve_tracking_uri
 
 REPORTS_DIR = Path("reports")

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
+from conftest import CLASSES, bundle_with
 from hdkd.bundle import load_bundle, model_names, validate_bundle
 from hdkd.io import write_json
-
-from conftest import CLASSES, bundle_with
 from tests.pipeline_fixtures import ROOT
 
 

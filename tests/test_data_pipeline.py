@@ -16,9 +16,7 @@ from hdkd.data.formats import BRAIN_CLASSES
 from hdkd.data.packed import load_split
 from hdkd.data.synthetic import generate
 from hdkd.io import read_json
-from pipeline import balance as balance_stage
-from pipeline import download as download_stage
-from pipeline import prepare as prepare_stage
+from pipeline import balance as balance_stage, download as download_stage, prepare as prepare_stage
 from tests.params_fixtures import section
 
 ROOT = Path(__file__).resolve().parents[1]

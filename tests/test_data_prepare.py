@@ -100,7 +100,7 @@ def _odd_images(directory):
     base.save(directory / "rotated.jpg", exif=exif, quality=98)
     gray = base.convert("L")
     gray.save(directory / "gray.png")
-    Image.fromarray((np.asarray(gray, np.uint16) * 257)).save(directory / "wide.png")
+    Image.fromarray(np.asarray(gray, np.uint16) * 257).save(directory / "wide.png")
     return colour, int(np.asarray(gray)[0, 0])
 
 

@@ -156,7 +156,7 @@ def test_brain_classes_are_learnable_by_a_small_cnn():
 
 @pytest.mark.parametrize("damage", ["delete", "edit", "add"])
 def test_a_damaged_tree_is_regenerated(tmp_path, caplog, damage):
-    cfg = SyntheticConfig(num_images=60, native_size=24)
+    cfg = section("data.synthetic", num_images=60, native_size=24)
     tree = generate(cfg, tmp_path / "raw/synthetic_ham10000")
     clean = dvc_md5(tree)
     victim = sorted((tree / HAM_PARTS[1]).glob("*.jpg"))[3]

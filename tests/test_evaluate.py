@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CLASSES, hand_models
-from hdkd.checkpoint import save_model
 from hdkd.bundle import make_bundle
+from hdkd.checkpoint import save_model
 from hdkd.evaluate import evaluate_model, evaluate_stage, model_files, run_evaluation, write_evaluation
 from hdkd.io import read_json
 from hdkd.models import create_model

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import GIT_ENV, bundle_with, commit_all, log_run, run_git
 from hdkd.report.ablations import ablation_labels, collect_ablations
 from hdkd.report.build import build_report
 from hdkd.report.revisions import git_ref
 from pipeline.report import main as report_cli
 from tests.params_fixtures import PARAMS_YAML, section
-
-from conftest import GIT_ENV, bundle_with, commit_all, log_run, run_git
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

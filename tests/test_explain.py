@@ -9,8 +9,7 @@ from PIL import Image
 from hdkd.checkpoint import save_model
 from hdkd.cli import main as cli_main
 from hdkd.data.packed import IMAGES, INDEX, LABELS, MANIFEST
-from hdkd.explain import (attention_rollout, grad_cam, random_init, rank_correlations, rollout_matrix,
-                          unit_range)
+from hdkd.explain import attention_rollout, grad_cam, random_init, rank_correlations, rollout_matrix, unit_range
 from hdkd.io import read_json, write_json
 from hdkd.models import create_model
 from pipeline.explain import main as stage_main

@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hdkd.roster import MODEL_NAMES
 from hdkd.checkpoint import load_model, save_model
 from hdkd.cli import main as cli
 from hdkd.config import parse_params
@@ -25,6 +24,7 @@ from hdkd.export import ParityError, export_models
 from hdkd.inference import ONNX_METADATA, OnnxClassifier, read_image
 from hdkd.models import create_model
 from hdkd.report_check import Tolerance, compare_json
+from hdkd.roster import MODEL_NAMES
 from pipeline.export import main as export_stage
 
 SIZE = 32

@@ -9,12 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from hdkd.checkpoint import save_model

@@ -7,11 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from hdkd.compat import (CheckpointMismatchError, load_official_checkpoint, load_official_state_dict,
-                         save_official_checkpoint, to_official)
+from hdkd.compat import (
+    CheckpointMismatchError,
+    load_official_checkpoint,
+    load_official_state_dict,
+    save_official_checkpoint,
+    to_official,
+)
+from hdkd.engine import forward_loss
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, HybridStudent, InvertedResidual, TeacherCNN
-from hdkd.engine import forward_loss
 
 
 def construct(reference, role):

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import bundle_with
 from hdkd.plots import EXTRA_COLORS, model_color
-from hdkd.roster import ROSTER
 from hdkd.report.ablations import ABLATIONS, group_ablations
 from hdkd.report.build import ablation_table, build_report, main_table, per_class_table, table_csv, table_markdown
+from hdkd.roster import ROSTER
 from tests.params_fixtures import section
 
 REPORT = section("report")

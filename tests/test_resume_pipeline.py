@@ -18,8 +18,14 @@ import torch
 import yaml
 
 from hdkd.io import load_torch
-from tests.pipeline_fixtures import (ScratchRepo, kill_group, make_scratch_repo, metric_history, runs_by_stage,
-                                     stage_outputs)
+from tests.pipeline_fixtures import (
+    ScratchRepo,
+    kill_group,
+    make_scratch_repo,
+    metric_history,
+    runs_by_stage,
+    stage_outputs,
+)
 
 pytestmark = pytest.mark.slow
 

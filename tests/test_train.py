@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from hdkd.checkpoint import save_model
+from hdkd.engine import FitSettings, Runtime, build_optimizer, fit, is_better, lr_at, validate
 from hdkd.io import read_json
 from hdkd.models import create_model
-from hdkd.engine import FitSettings, Runtime, build_optimizer, fit, is_better, lr_at, validate
 from hdkd.tracking import Tracker
 from hdkd.train import StagePaths, build_criterion, input_fingerprint, load_teacher, run_training
 from tests.params_fixtures import make_params, section

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)

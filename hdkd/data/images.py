@@ -9,7 +9,7 @@ that a label never depends on how a file happened to be saved. Files that cannot
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps

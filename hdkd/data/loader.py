@@ -36,7 +36,7 @@ With ``augment.on_gpu`` (CUDA), augment whole batches on the device instead::
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset

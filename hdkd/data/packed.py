@@ -159,7 +159,7 @@ class NpyWriter:
         finally:
             self._f.close()
 
-    def __enter__(self) -> "NpyWriter":
+    def __enter__(self) -> NpyWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -6,7 +6,7 @@ of every class, exactly up to group granularity, so ``test_fraction: 0.15`` mean
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -94,7 +94,9 @@ def assign_splits(
     return split.astype(str)
 
 
-def nested_subsets(labels: np.ndarray, groups: np.ndarray, fractions: Sequence[float], seed: int) -> dict[float, np.ndarray]:
+def nested_subsets(
+    labels: np.ndarray, groups: np.ndarray, fractions: Sequence[float], seed: int
+) -> dict[float, np.ndarray]:
     """Stratified, group-whole, **nested** training subsets: ``{fraction: sorted sample indices}``.
 
     Per class (a group's majority label), the groups are put in one random order drawn from

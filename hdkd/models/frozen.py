@@ -17,7 +17,7 @@ class FrozenTeacher(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         return self
 
     @torch.no_grad()

@@ -7,7 +7,8 @@ return_features=True)`` returns the logits *and* the three stage maps of that sa
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ are the timm constructor's keyword arguments.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

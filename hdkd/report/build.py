@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names, validate_bundle
-from hdkd.config import ReportConfig, flatten, is_result_param
+from hdkd.config import ReportConfig, flatten
 from hdkd.io import csv_text, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
