@@ -61,7 +61,8 @@ def test_scores(model_path: Path, test) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
     from hdkd.checkpoint import load_model
-    from hdkd.data import PackedDataset, eval_transform
+    from hdkd.data.augment import eval_transform
+    from hdkd.data.loader import PackedDataset
 
     model, _ = load_model(model_path, torch.device("cpu"))
     model.eval()
@@ -103,7 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args, work: Path) -> dict:
     import torch
 
-    from hdkd.data import PackedDataset, eval_transform, fetch_dataset, load_split, prepare_dataset, train_transform
+    from hdkd.data.augment import eval_transform, train_transform
+    from hdkd.data.loader import PackedDataset
+    from hdkd.data.packed import load_split
+    from hdkd.data.prepare import prepare_dataset
+    from hdkd.data.sources import fetch_dataset
     from hdkd.data.splits import nested_subsets
     from hdkd.distributed import DistInfo
     from hdkd.train import StagePaths, make_runtime, run_training

@@ -40,7 +40,7 @@ from hdkd.efficiency import eval_mode, measure_efficiency
 from hdkd.io import write_csv, write_json
 from hdkd.metrics import classification_metrics
 from hdkd.provenance import dvc_exp_name, git_state
-from hdkd.roster import ROSTER
+from hdkd.roster import model_files
 from hdkd.tracking import Tracker
 
 
@@ -180,16 +180,6 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
             tracker.log_metrics({f"{name}.{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
         tracker.log_dict(bundle, BUNDLE_ARTIFACT)
     return bundle
-
-
-def model_files(models_dir: str | os.PathLike) -> dict[str, Path]:
-    """``<models_dir>/<name>/model.pt`` of every model in the roster; all must exist."""
-    files = {m.name: Path(models_dir) / m.name / "model.pt" for m in ROSTER}
-    missing = [m for m in ROSTER if not files[m.name].is_file()]
-    if missing:
-        raise FileNotFoundError(f"trained models missing: {[str(files[m.name]) for m in missing]}; run "
-                                f"`dvc repro {' '.join(m.stage for m in missing)}` first")
-    return files
 
 
 def evaluate_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | os.PathLike,

@@ -29,6 +29,8 @@ Everything machine-dependent sits under a ``timing*`` key, which the reports che
 from __future__ import annotations
 
 import json
+import logging
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,8 +43,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hdkd.checkpoint import load_model
+from hdkd.config import Params
+from hdkd.data.augment import eval_transform
+from hdkd.data.loader import PackedDataset
+from hdkd.data.packed import load_split
 from hdkd.inference import ONNX_INPUT, ONNX_METADATA, ONNX_OUTPUT, Classifier, OnnxClassifier, TorchClassifier
-from hdkd.io import write_bytes
+from hdkd.io import write_bytes, write_json
+from hdkd.roster import model_files
+
+log = logging.getLogger(__name__)
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
 TOLERANCE = 1e-4  # max |Δ probability| allowed between ONNX Runtime and PyTorch
@@ -150,4 +159,21 @@ def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_nam
         }
     if failures:
         raise ParityError("ONNX export disagrees with PyTorch: " + "; ".join(failures))
+    return report
+
+
+def export_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
+                 out: str | os.PathLike) -> dict[str, Any]:
+    """The export stage: every trained model of the roster -> ONNX, checked and timed on the test split -> ``out``."""
+    models = model_files(models_dir)
+    test = load_split(data_dir, "test", image_size=params.data.image_size)
+    ev = params.evaluate
+    report = export_models(models, PackedDataset(test, eval_transform()), list(test.classes),
+                           batch_size=params.train.eval_batch_size, latency_batch_sizes=ev.latency_batch_sizes,
+                           warmup=ev.latency_warmup, iters=ev.latency_iters)
+    write_json(out, report)
+    for name, entry in report["models"].items():
+        log.info("%s: %s, max |Δp| %.2g, top-1 agreement %.4f, ONNX Runtime / PyTorch latency %s", name,
+                 entry["onnx"], entry["parity"]["max_abs_diff_probability"], entry["parity"]["top1_agreement"],
+                 ", ".join(f"{k} {v['onnxruntime_over_pytorch']:.2f}" for k, v in entry["timing_cpu"].items()))
     return report

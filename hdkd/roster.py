@@ -11,7 +11,9 @@ Torch-free: the report stage reads it too.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,13 @@ def roster_entry(name: str) -> ModelEntry:
         if entry.name == name:
             return entry
     raise KeyError(f"no model {name!r} in the roster; known: {', '.join(MODEL_NAMES)}")
+
+
+def model_files(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """``<models_dir>/<name>/model.pt`` of every model in the roster; all must exist (else: which stages to run)."""
+    files = {m.name: Path(models_dir) / m.name / "model.pt" for m in ROSTER}
+    missing = [m for m in ROSTER if not files[m.name].is_file()]
+    if missing:
+        raise FileNotFoundError(f"trained models missing: {[str(files[m.name]) for m in missing]}; run "
+                                f"`dvc repro {' '.join(m.stage for m in missing)}` first")
+    return files

@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import CLASSES, hand_models
 from hdkd.bundle import make_bundle
 from hdkd.checkpoint import save_model
-from hdkd.evaluate import evaluate_model, evaluate_stage, model_files, run_evaluation, write_evaluation
+from hdkd.evaluate import evaluate_model, evaluate_stage, run_evaluation, write_evaluation
 from hdkd.io import read_json
 from hdkd.models import create_model
+from hdkd.roster import model_files
 from tests.params_fixtures import make_params, section
 
 

@@ -18,7 +18,11 @@ from torch.utils.data import DataLoader
 from hdkd.checkpoint import load_model, save_model
 from hdkd.cli import main as cli
 from hdkd.config import parse_params
-from hdkd.data import PackedDataset, eval_transform, fetch_dataset, load_split, prepare_dataset
+from hdkd.data.augment import eval_transform
+from hdkd.data.loader import PackedDataset
+from hdkd.data.packed import load_split
+from hdkd.data.prepare import prepare_dataset
+from hdkd.data.sources import fetch_dataset
 from hdkd.evaluate import predict_proba
 from hdkd.export import ParityError, export_models
 from hdkd.inference import ONNX_METADATA, OnnxClassifier, read_image
