@@ -44,8 +44,10 @@ def train_and_hash(size: str, image_size: int, batch: int, steps: int) -> dict:
     import torch
 
     from hdkd.config import load_params
+    from hdkd.engine import build_optimizer, forward_loss
     from hdkd.models import FrozenTeacher, create_model, model_name
-    from hdkd.train import build_criterion, build_optimizer, forward_loss, stage_config
+    from hdkd.roster import roster_entry
+    from hdkd.train import build_criterion, recipe
 
     params = load_params(ROOT / "params.yaml")  # the default pipeline's losses and optimisers
     g = torch.Generator().manual_seed(0)
@@ -56,7 +58,7 @@ def train_and_hash(size: str, image_size: int, batch: int, steps: int) -> dict:
     for role in ("teacher", "student", "hdkd"):
         torch.manual_seed(0)
         model = create_model(model_name(role, size), 7, image_size).train()
-        cfg = stage_config(params, role)
+        cfg = recipe(params, roster_entry(role))
         criterion, optimizer = build_criterion(role, cfg), build_optimizer(model, cfg)
         teacher = FrozenTeacher(trained["teacher"]) if role == "hdkd" else None
         times = []

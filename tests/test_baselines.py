@@ -8,10 +8,12 @@ import torch
 import yaml
 
 from hdkd.checkpoint import load_model, save_model
-from hdkd.config import ConfigError, EvaluateConfig, OptimConfig, parse_params
+from hdkd.config import ConfigError, apply_overlay, parse_params
 from hdkd.efficiency import count_parameters, measure_efficiency
+from hdkd.engine import FitSettings, Runtime, fit
 from hdkd.models import TIMM_PREFIX, create_model
-from hdkd.train import Runtime, build_criterion, fit
+from hdkd.train import build_criterion
+from tests.params_fixtures import section
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"), progress=False)
@@ -54,7 +56,7 @@ def toy_split(n, classes=3, size=32, seed=0):
     ({**VIT, "kwargs": {"pretrained": True}}, "vit.kwargs.pretrained", "never downloaded"),
     ({**VIT, "kwargs": {"img_size": 224}}, "vit.kwargs.img_size", "set by the pipeline"),
     ({**VIT, "optim": {"lr": -1}}, "vit.optim.lr", "greater than 0"),
-    ({"timm": "resnet18"}, "vit.kwargs", "Field required"),
+    ({"timm": "resnet18"}, "vit.kwargs", "missing"),
 ])
 def test_bad_baselines_fail_validation_naming_the_key(spec, key, message):
     with pytest.raises(ConfigError, match=rf"(?m)^  baselines[.]{key.replace('.', '[.]')}: .*{message}"):
@@ -69,14 +71,15 @@ def test_baseline_names_are_safe_and_distinct_from_the_papers_models(name, messa
 
 
 def test_the_shipped_params_validate_their_baselines():
-    for path in [ROOT / "params.yaml", *sorted((ROOT / "params").glob("paper-*.yaml"))]:
-        params = parse_params(yaml.safe_load(path.read_text()))
-        assert len(params.baselines) >= 2, path
+    shipped = [yaml.safe_load((ROOT / "params.yaml").read_text())]
+    shipped += [yaml.safe_load(apply_overlay(ROOT / "params.yaml", p)) for p in sorted((ROOT / "params").glob("paper-*.yaml"))]
+    for raw in shipped:
+        assert len(parse_params(raw).baselines) >= 2
 
 
 def test_a_baseline_trains_like_the_student_unless_its_optim_says_otherwise():
-    student = {"epochs": 7, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine",
-               "warmup_epochs": 1}
+    student = {**yaml.safe_load((ROOT / "params.yaml").read_text())["student"], "epochs": 7, "optimizer": "adamw",
+               "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1}
     params = params_with({"vit": VIT, "cnn": {**RESNET, "optim": {"lr": 5e-4, "optimizer": "sgd"}}}, student=student)
     assert params.baselines["vit"].optim == params.student
     assert params.baselines["cnn"].optim == params.student.model_copy(update={"lr": 5e-4, "optimizer": "sgd"})
@@ -103,8 +106,8 @@ def test_creating_a_baseline_refuses_pretrained_weights():
 @pytest.mark.parametrize("spec", [VIT, RESNET], ids=["vit", "resnet"])
 def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
     train, val = toy_split(64), toy_split(32, seed=1)
-    cfg = OptimConfig(epochs=3, optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=1,
-                      warmup_lr=1e-4, min_lr=1e-5)
+    cfg = section("student", epochs=3, optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine",
+                  warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5)
     name = TIMM_PREFIX + spec["timm"]
 
     def run(resume_dir, stop_after=None):
@@ -115,8 +118,8 @@ def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
             if row["epoch"] == stop_after:
                 raise KeyboardInterrupt
 
-        return fit(model, build_criterion("student", cfg), cfg, train, val, CPU, seed=1, batch_size=16,
-                   resume_dir=resume_dir, fingerprint="f", on_epoch=stop), model
+        settings = FitSettings(cfg, seed=1, batch_size=16, resume_dir=resume_dir, fingerprint="f")
+        return fit(model, build_criterion("student", cfg), train, val, CPU, settings, on_epoch=stop), model
 
     straight, model = run(None)
     with pytest.raises(KeyboardInterrupt):
@@ -140,7 +143,7 @@ def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
 
 def test_efficiency_measures_a_baseline():
     model = create_model(TIMM_PREFIX + VIT["timm"], 3, 32, **VIT["kwargs"])
-    eff = measure_efficiency(model, 32, EvaluateConfig(latency_batch_sizes=(1,), latency_iters=2, latency_warmup=0))
+    eff = measure_efficiency(model, 32, section("evaluate", latency_batch_sizes=[1], latency_iters=2, latency_warmup=0))
     # Patch embedding (16 patches of 8x8x3 -> 32) and the block: qkv, attention (2 heads of width 16
     # over 17 tokens, q·kᵀ and ·v), projection, MLP (32 -> 128 -> 32); the head reads the class token.
     tokens, d = 17, 32

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from hdkd.config import ConfigError, Params, apply_overlay, load_params, parse_params
+from hdkd.config import REPLACED_WHOLE, ConfigError, Params, apply_overlay, load_params, parse_params
 from pipeline.params import main as params_cli
 from tests.params_fixtures import PARAMS, PARAMS_YAML, make_params, params_dict
 
@@ -45,7 +45,7 @@ def overlaid(overlay: Path) -> Params:
 def test_each_overlay_names_only_keys_of_params_yaml_with_other_values(overlay):
     def leaves(d, prefix=""):
         for k, v in d.items():
-            if isinstance(v, dict) and v:
+            if isinstance(v, dict) and v and f"{prefix}{k}" not in REPLACED_WHOLE:
                 yield from leaves(v, f"{prefix}{k}.")
             else:
                 yield f"{prefix}{k}", v
@@ -73,7 +73,9 @@ def test_paper_overlays_give_the_official_hyper_parameters(overlay):
 def test_applying_an_overlay_rewrites_only_its_values_and_keeps_the_comments(tmp_path):
     target = tmp_path / "params.yaml"
     target.write_text(PARAMS_YAML.read_text())
-    overlay = OVERLAYS[0]
+    overlay = tmp_path / "overlay.yaml"  # the first paper overlay but its baselines set, which replaces whole
+    overlay.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(OVERLAYS[0].read_text()).items()
+                                       if k not in REPLACED_WHOLE}))
     params_cli(["--apply", str(overlay), "--params", str(target)])
     assert load_params(target) == overlaid(overlay)
     before, after = PARAMS_YAML.read_text().splitlines(), target.read_text().splitlines()
@@ -204,6 +206,14 @@ def _float_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         kinds = typing.get_args(field.annotation) or (field.annotation,)
+        if typing.get_origin(field.annotation) is dict:  # a named collection: walk the entry params.yaml names first
+            kinds = typing.get_args(field.annotation)[1:]
+            if not (isinstance(kinds[0], type) and issubclass(kinds[0], BaseModel)):
+                continue
+            node = PARAMS
+            for part in key.split("."):
+                node = node[part]
+            key += "." + next(iter(node))
         if float in kinds:
             keys.append(key)
         keys += [k for t in kinds if isinstance(t, type) and issubclass(t, BaseModel) for k in _float_keys(t, key + ".")]
@@ -228,3 +238,9 @@ def test_non_finite_floats_are_refused_naming_the_key(key, value):
     node[leaf] = value
     with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}: Input should be a finite number"):
         parse_params(raw)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_an_overlay_replaces_the_baselines_set_whole(overlay):
+    named = yaml.safe_load(overlay.read_text())["baselines"]
+    assert set(overlaid(overlay).baselines) == set(named) and not set(named) & set(PARAMS["baselines"])

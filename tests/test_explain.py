@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from hdkd.checkpoint import save_model
@@ -13,6 +14,7 @@ from hdkd.explain import attention_rollout, grad_cam, random_init, rank_correlat
 from hdkd.io import read_json, write_json
 from hdkd.models import create_model
 from pipeline.explain import main as stage_main
+from tests.params_fixtures import params_dict
 
 SIDE = 32
 CLASSES = ["red", "blue"]
@@ -141,7 +143,7 @@ def test_stage_writes_the_figure_and_the_sanity_check_deterministically(tmp_path
     write_json(tmp_path / "prepared" / MANIFEST, {"classes": CLASSES})
     save_model(tmp_path / "teacher.pt", teacher, "teacher_tiny", CLASSES, SIDE, {})
     save_model(tmp_path / "hdkd.pt", hdkd_model, "hdkd_tiny", CLASSES, SIDE, {})
-    (tmp_path / "params.yaml").write_text("seed: 3\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict({"seed": 3})))
     argv = ["--params", str(tmp_path / "params.yaml"), "--teacher", str(tmp_path / "teacher.pt"),
             "--hdkd", str(tmp_path / "hdkd.pt"), "--data", str(tmp_path / "prepared"), "--per-class", "2"]
     first = stage_main([*argv, "--out", str(tmp_path / "a")])

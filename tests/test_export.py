@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from hdkd.checkpoint import load_model, save_model
 from hdkd.cli import main as cli
-from hdkd.config import parse_params
 from hdkd.data.augment import eval_transform
 from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
@@ -27,9 +26,10 @@ from hdkd.evaluate import predict_proba
 from hdkd.export import ParityError, export_models
 from hdkd.inference import ONNX_METADATA, OnnxClassifier, read_image
 from hdkd.models import create_model
-from hdkd.report_check import Tolerance, compare_json
+from hdkd.report.check import Tolerance, compare_json
 from hdkd.roster import MODEL_NAMES
 from pipeline.export import main as export_stage
+from tests.params_fixtures import make_params, params_dict
 
 SIZE = 32
 
@@ -40,8 +40,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     raw = {"data": {"root": str(root / "raw"), "image_size": SIZE, "synthetic": {"num_images": 120, "native_size": 40}},
            "evaluate": {"latency_batch_sizes": [1, 2], "latency_iters": 1, "latency_warmup": 0}}
-    (root / "params.yaml").write_text(json.dumps(raw))  # JSON is YAML
-    params = parse_params(raw)
+    (root / "params.yaml").write_text(json.dumps(params_dict(raw)))  # JSON is YAML
+    params = make_params(raw)
     fetch_dataset(params.data, root / "raw")
     prepare_dataset(params.data, params.seed, root / "prepared", root / "raw" / "source.json")
     classes = list(load_split(root / "prepared", "test").classes)

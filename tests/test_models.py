@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hdkd.config import parse_params
 from hdkd.geometry import PATCH_SIZE, image_size_step
 from hdkd.models import FrozenTeacher, HybridStudent, create_model, list_models, model_name
+from tests.params_fixtures import make_params
 
 PAPER_PARAMS = {  # SPEC §2: the official implementation's counts
     ("teacher", 7): 3_948_677, ("student", 7): 3_724_977, ("hdkd", 7): 3_727_288,
@@ -128,7 +128,7 @@ def test_frozen_teacher_stays_in_eval_mode_without_grads():
 def test_params_accept_exactly_the_image_sizes_every_network_takes(stem_stride):
     step = image_size_step(stem_stride, PATCH_SIZE)
     for size in (step, 2 * step):  # accepted by params, built by every network
-        parse_params({"data": {"image_size": size}, "model": {"stem_stride": stem_stride}})
+        make_params({"data": {"image_size": size}, "model": {"stem_stride": stem_stride}})
         for name in ("teacher_tiny", "student_tiny", "hdkd_tiny"):
             create_model(name, 3, image_size=size, stem_stride=stem_stride)
     with pytest.raises(ValueError, match="not divisible by the patch size"):  # refused by params, and the student

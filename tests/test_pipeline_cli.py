@@ -4,6 +4,7 @@ and nothing is written (no outputs, no resume states, no MLflow store)."""
 from __future__ import annotations
 
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def deleted(dotted: str) -> str:
 def duplicated_epochs() -> str:
     """params.yaml with distill.epochs set twice: YAML alone would keep the last, 200, silently."""
     text = PARAMS_YAML.read_text()
-    return text.replace("distill:\n  epochs: 12\n", "distill:\n  epochs: 12\n  epochs: 200\n")
+    twice, n = re.subn(r"(distill:\n  epochs: \d+\n)", r"\1  epochs: 200\n", text)
+    assert n == 1
+    return twice
 
 
 # (what the error must say after the file name, the params file's text). Each of these ran, before,
