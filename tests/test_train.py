@@ -117,6 +117,22 @@ def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
     assert result.resumed_from == 0 and "starting afresh" in caplog.text
 
 
+def test_a_corrupt_best_checkpoint_is_discarded_with_the_rest_of_the_resume_state(tmp_path, caplog):
+    train, val = toy_split(32), toy_split(16, seed=1)
+
+    def run(epochs):
+        cfg = teacher_cfg(epochs=epochs)
+        return fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val, CPU,
+                   FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="f"))
+
+    run(2)
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="hdkd"):
+        result = run(3)
+    assert result.resumed_from == 0 and len(result.history) == 3
+    assert "best.pt" in caplog.text and "starting afresh" in caplog.text
+
+
 def test_hdkd_fit_logs_every_loss_part(tmp_path):
     train, val = toy_split(48), toy_split(16, seed=1)
     teacher_path = tmp_path / "teacher.pt"
