@@ -60,17 +60,23 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model, meta
 
 
-def load_resume_state(path: str | Path, fingerprint: str) -> dict[str, Any] | None:
-    """The saved state if it exists and belongs to the same inputs; ``None`` otherwise (says why)."""
-    path = Path(path)
-    if not path.is_file():
+def load_resume_state(resume_dir: str | Path, fingerprint: str,
+                      map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The resume state in ``resume_dir`` (``last.pt``, with the best-so-far weights of ``best.pt``
+    under ``"best_state"``) if it exists, every file reads and it belongs to the same inputs;
+    ``None`` otherwise (says why). A partly unreadable state is discarded whole: resuming without
+    the best weights would lose the epoch selection made before the interruption."""
+    last_path, best_path = Path(resume_dir) / "last.pt", Path(resume_dir) / "best.pt"
+    if not last_path.is_file():
         return None
     try:
-        state = load_torch(path)
-    except ValueError as e:
-        log.warning("ignoring unreadable resume state %s (%s); starting afresh", path, e)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.info("resume state %s belongs to other params or data; starting afresh", path)
+        state = load_torch(last_path)
+        if state.get("fingerprint") != fingerprint:
+            log.info("resume state %s belongs to other params or data; starting afresh", last_path)
+            return None
+        # best.pt is written before last.pt, so it exists whenever last.pt does (unless removed).
+        state["best_state"] = load_torch(best_path, map_location)
+    except (ValueError, FileNotFoundError) as e:
+        log.warning("ignoring unreadable resume state in %s (%s); starting afresh", resume_dir, e)
         return None
     return state

@@ -30,7 +30,7 @@ from hdkd.checkpoint import load_resume_state, unwrap
 from hdkd.config import OptimConfig
 from hdkd.data.seeding import derive_seed
 from hdkd.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, same_on_all_ranks
-from hdkd.io import load_torch, save_torch
+from hdkd.io import save_torch
 from hdkd.losses import HDKDLoss, LossParts
 
 log = logging.getLogger(__name__)
@@ -257,14 +257,14 @@ def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Data
     last_path = best_path = None
     if resume_dir is not None:
         last_path, best_path = Path(resume_dir) / "last.pt", Path(resume_dir) / "best.pt"
-        state = load_resume_state(last_path, settings.fingerprint)
+        state = load_resume_state(resume_dir, settings.fingerprint, rt.device)
         if state is not None:
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             history, best, start_epoch = state["history"], state["best"], state["epoch"]
-            best_state = load_torch(best_path, rt.device)
+            best_state = state["best_state"]
             if rt.dist.is_main:
                 log.info("resuming from epoch %d of %d (%s)", start_epoch, cfg.epochs, last_path)
         # Only rank 0 writes resume states: on nodes that do not share the directory, the other

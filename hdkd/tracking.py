@@ -113,11 +113,13 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
 
 
 def is_transient(error: Exception) -> bool:
-    """A store error worth retrying: SQLite busy or locked while another process writes."""
-    if getattr(error, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MLflow's wrap of OperationalError
-        return True
+    """A store error worth retrying: SQLite busy or locked while another process writes.
+
+    Told by the message, not MLflow's error code: MLflow wraps *every* SQLAlchemy OperationalError
+    as TEMPORARILY_UNAVAILABLE, also a read-only, full or corrupt database, which no wait mends.
+    """
     text = str(error).lower()
-    return "database is locked" in text or "database table is locked" in text
+    return any(s in text for s in ("database is locked", "database table is locked", "database is busy"))
 
 
 def retry_transient(fn: Callable, *args, attempts: int = RETRY_ATTEMPTS, delay: float = RETRY_DELAY_S, **kwargs):

@@ -76,6 +76,21 @@ def test_changed_table_number(committed, fresh):
     assert printed.rstrip().endswith("1 difference(s)")
 
 
+def test_every_number_of_a_table_cell_is_compared(committed, fresh):
+    edit(fresh / "tables" / "main.md", "| 85.00 | [80.00, 90.00] |", "| 85.00 | [80.00, 99.00] |")
+    diffs = differences(committed, fresh)
+    assert len(diffs) == 1 and "committed 90.00 vs fresh 99.00" in diffs[0], diffs
+
+
+def test_nan_matches_only_nan(committed, fresh, tmp_path):
+    nan_committed = shutil.copytree(committed, tmp_path / "nan_committed")
+    edit_json(nan_committed / "metrics.json", lambda m: m["teacher"].update(accuracy=float("nan")))
+    edit_json(fresh / "metrics.json", lambda m: m["teacher"].update(accuracy=float("nan")))
+    assert differences(nan_committed, fresh) == []
+    assert len(differences(committed, fresh, rtol=1.0, atol=1e9)) == 1  # a number committed, NaN fresh
+    assert len(differences(nan_committed, committed, rtol=1.0, atol=1e9)) == 1  # NaN committed, a number fresh
+
+
 @pytest.mark.parametrize(
     "file, old, new, expected",
     [

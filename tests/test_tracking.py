@@ -161,6 +161,67 @@ def test_locked_store_calls_are_retried():
     assert len(calls) == 2
 
 
+def store_error(sqlite_message):
+    """What MLflow's SQLAlchemy store raises for an SQLite error (mlflow.store.db.utils wraps every
+    OperationalError, whatever its cause, as TEMPORARILY_UNAVAILABLE)."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    cause = sqlalchemy.exc.OperationalError("INSERT INTO metrics ...", {}, sqlite3.OperationalError(sqlite_message))
+    return MlflowException(message=cause, error_code=TEMPORARILY_UNAVAILABLE)
+
+
+@pytest.mark.parametrize("sqlite_message", ["attempt to write a readonly database", "database or disk is full",
+                                            "file is not a database", "database disk image is malformed",
+                                            "unable to open database file"])
+def test_a_permanent_store_error_is_not_retried(sqlite_message):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise store_error(sqlite_message)
+
+    with pytest.raises(Exception, match=sqlite_message):
+        retry_transient(broken, delay=0.5)
+    assert len(calls) == 1
+
+
+def test_a_locked_store_error_is_retried():
+    calls = []
+
+    def locked_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise store_error("database is locked")
+        return "done"
+
+    assert retry_transient(locked_once, delay=0.001) == "done" and len(calls) == 2
+
+
+def test_a_read_only_store_switches_tracking_off_at_once_with_one_line(store, monkeypatch, caplog):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = params(store)
+    calls = []
+
+    def read_only(*args, **kwargs):
+        calls.append(1)
+        raise store_error("attempt to write a readonly database")
+
+    with Tracker(p.tracking, p, "train_teacher") as tracker:
+        monkeypatch.setattr(MlflowClient, "log_batch", read_only)
+        start = time.perf_counter()
+        with caplog.at_level(logging.DEBUG, logger="hdkd"):
+            tracker.log_metrics({"val_accuracy": 0.5}, step=1)
+            tracker.log_metrics({"val_accuracy": 0.6}, step=2)
+        elapsed = time.perf_counter() - start
+    assert len(calls) == 1 and elapsed < 1 and not tracker.enabled
+    (record,) = [r for r in caplog.records if r.name.startswith("hdkd")]
+    assert "readonly database" in record.getMessage()
+
+
 def _stage_of_one_experiment(uri, exp_name, barrier, results):
     import os
 

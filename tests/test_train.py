@@ -105,6 +105,32 @@ def test_an_interrupted_fit_resumes_and_ends_identically(tmp_path, caplog):
     assert resumed.best == straight.best
 
 
+def test_a_resumed_fit_keeps_the_best_epoch_from_before_the_interruption(tmp_path):
+    train, val = toy_split(32), toy_split(16, seed=1)
+    val.tensors[1].add_(1).remainder_(3)  # wrong labels: the more it learns, the worse it validates
+    cfg = teacher_cfg(epochs=4)
+
+    def run(resume_dir, stop_after=None):
+        torch.manual_seed(0)
+        model = create_model("teacher_tiny", 3, image_size=32)
+
+        def stop(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        settings = FitSettings(cfg, seed=0, batch_size=16, resume_dir=resume_dir, fingerprint="f")
+        return fit(model, build_criterion("teacher", cfg), train, val, CPU, settings, on_epoch=stop), model
+
+    straight, straight_model = run(None)
+    assert straight.best_epoch <= 2  # else the test would not test the selection made before the interruption
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, stop_after=2)
+    resumed, resumed_model = run(tmp_path)
+    assert resumed.resumed_from == 2 and resumed.best_epoch == straight.best_epoch
+    straight_weights, resumed_weights = straight_model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)
+
+
 def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
     train, val = toy_split(32), toy_split(16, seed=1)
     cfg = teacher_cfg(epochs=1)
@@ -115,6 +141,22 @@ def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
         result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val,
                      CPU, FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="new"))
     assert result.resumed_from == 0 and "starting afresh" in caplog.text
+
+
+def test_a_corrupt_best_checkpoint_is_discarded_with_the_rest_of_the_resume_state(tmp_path, caplog):
+    train, val = toy_split(32), toy_split(16, seed=1)
+
+    def run(epochs):
+        cfg = teacher_cfg(epochs=epochs)
+        return fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val, CPU,
+                   FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="f"))
+
+    run(2)
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="hdkd"):
+        result = run(3)
+    assert result.resumed_from == 0 and len(result.history) == 3
+    assert "best.pt" in caplog.text and "starting afresh" in caplog.text
 
 
 def test_hdkd_fit_logs_every_loss_part(tmp_path):
