@@ -38,7 +38,7 @@ from hdkd.efficiency import eval_mode, measure_efficiency
 from hdkd.io import write_csv, write_json
 from hdkd.metrics import classification_metrics
 from hdkd.provenance import dvc_exp_name, git_state
-from hdkd.roster import ROSTER
+from hdkd.roster import roster
 from hdkd.tracking import Tracker
 
 
@@ -179,10 +179,12 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
     return bundle
 
 
-def model_files(models_dir: str | os.PathLike) -> dict[str, Path]:
-    """``<models_dir>/<name>/model.pt`` of every model in the roster; all must exist."""
-    files = {m.name: Path(models_dir) / m.name / "model.pt" for m in ROSTER}
-    missing = [m for m in ROSTER if not files[m.name].is_file()]
+def model_files(models_dir: str | os.PathLike, params: Params | None = None) -> dict[str, Path]:
+    """``<models_dir>/<name>/model.pt`` of every model of the run (:func:`hdkd.roster.roster`: the paper's
+    models and ``params``' baselines), in report order; all must exist."""
+    models = roster(params)
+    files = {m.name: Path(models_dir) / m.name / "model.pt" for m in models}
+    missing = [m for m in models if not files[m.name].is_file()]
     if missing:
         raise FileNotFoundError(f"trained models missing: {[str(files[m.name]) for m in missing]}; run "
                                 f"`dvc repro {' '.join(m.stage for m in missing)}` first")
@@ -191,8 +193,8 @@ def model_files(models_dir: str | os.PathLike) -> dict[str, Path]:
 
 def evaluate_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
                    out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The evaluate stage: the roster's trained models under ``models_dir`` on the test split of ``data_dir``."""
+    """The evaluate stage: the run's trained models under ``models_dir`` on the test split of ``data_dir``."""
     device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
     test = load_split(data_dir, "test", image_size=params.data.image_size)
-    models = model_files(models_dir)
+    models = model_files(models_dir, params)
     return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), out_dir, device)
