@@ -296,6 +296,7 @@ class TrackingConfig(Section):
 
 
 class Params(Section):
+    seed: int = Field(ge=0)
     data: DataConfig
     balance: BalanceConfig
     augment: AugmentConfig
