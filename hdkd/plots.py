@@ -38,12 +38,12 @@ def training_curves_figure(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     """Loss (log scale: the distillation loss dwarfs cross-entropy) and validation accuracy per
     epoch; ``histories`` maps a model name to its per-epoch rows (the training stages log this too),
     ``models`` names and colours them."""
-    models = [m for m, h in histories.items() if h]
-    if not models:
+    shown = [m for m, h in histories.items() if h]
+    if not shown:
         return None
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for m in models:
+    for m in shown:
         history = histories[m]
         color = model_color(m, list(histories), models)  # as in the report's other figures
 

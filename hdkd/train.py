@@ -110,7 +110,7 @@ def input_fingerprint(name: str, params: Params, paths: StagePaths) -> str:
     baseline leaves every other model's resume state valid."""
     files = [paths.train, paths.val] + ([paths.teacher] if paths.teacher else [])
     own = {k: v for k, v in result_params(params).items()
-           if not k.startswith("baselines.") or k.startswith(f"baselines.{name}.")}
+           if k.partition(".")[0] != "baselines" or k.startswith(f"baselines.{name}.")}
     blob = json.dumps({"role": name, "params": own, "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

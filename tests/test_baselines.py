@@ -8,10 +8,16 @@ import torch
 import yaml
 
 from hdkd.checkpoint import load_model, save_model
-from hdkd.config import ConfigError, EvaluateConfig, OptimConfig, parse_params
+from hdkd.config import ConfigError, merge_overlay, parse_params
 from hdkd.efficiency import count_parameters, measure_efficiency
+from hdkd.engine import FitSettings
+from hdkd.io import read_json
 from hdkd.models import TIMM_PREFIX, create_model
-from hdkd.train import Runtime, build_criterion, fit
+from hdkd.roster import roster_entry
+from hdkd.tracking import Tracker
+from hdkd.train import Runtime, StagePaths, build_criterion, fit, input_fingerprint, run_training
+from pipeline._train import main as train_baseline_main
+from tests.params_fixtures import section
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"), progress=False)
@@ -33,7 +39,8 @@ def offline(monkeypatch):
 def params_with(baselines, **sections):
     """The shipped params.yaml at 32² with these baselines (and sections replaced)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **sections, "baselines": baselines})
+    merged = {name: {**raw[name], **values} for name, values in sections.items()}
+    return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **merged, "baselines": baselines})
 
 
 def toy_split(n, classes=3, size=32, seed=0):
@@ -54,7 +61,7 @@ def toy_split(n, classes=3, size=32, seed=0):
     ({**VIT, "kwargs": {"pretrained": True}}, "vit.kwargs.pretrained", "never downloaded"),
     ({**VIT, "kwargs": {"img_size": 224}}, "vit.kwargs.img_size", "set by the pipeline"),
     ({**VIT, "optim": {"lr": -1}}, "vit.optim.lr", "greater than 0"),
-    ({"timm": "resnet18"}, "vit.kwargs", "Field required"),
+    ({"timm": "resnet18"}, "vit.kwargs", "missing"),
 ])
 def test_bad_baselines_fail_validation_naming_the_key(spec, key, message):
     with pytest.raises(ConfigError, match=rf"(?m)^  baselines[.]{key.replace('.', '[.]')}: .*{message}"):
@@ -69,8 +76,9 @@ def test_baseline_names_are_safe_and_distinct_from_the_papers_models(name, messa
 
 
 def test_the_shipped_params_validate_their_baselines():
-    for path in [ROOT / "params.yaml", *sorted((ROOT / "params").glob("paper-*.yaml"))]:
-        params = parse_params(yaml.safe_load(path.read_text()))
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "params").glob("paper-*.yaml"))]:  # overlays of params.yaml
+        params = parse_params(merge_overlay(base, yaml.safe_load(path.read_text()), path))
         assert len(params.baselines) >= 2, path
 
 
@@ -103,8 +111,8 @@ def test_creating_a_baseline_refuses_pretrained_weights():
 @pytest.mark.parametrize("spec", [VIT, RESNET], ids=["vit", "resnet"])
 def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
     train, val = toy_split(64), toy_split(32, seed=1)
-    cfg = OptimConfig(epochs=3, optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine", warmup_epochs=1,
-                      warmup_lr=1e-4, min_lr=1e-5)
+    cfg = section("student", epochs=3, optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine",
+                  warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5)
     name = TIMM_PREFIX + spec["timm"]
 
     def run(resume_dir, stop_after=None):
@@ -115,8 +123,8 @@ def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
             if row["epoch"] == stop_after:
                 raise KeyboardInterrupt
 
-        return fit(model, build_criterion("student", cfg), cfg, train, val, CPU, seed=1, batch_size=16,
-                   resume_dir=resume_dir, fingerprint="f", on_epoch=stop), model
+        settings = FitSettings(cfg, seed=1, batch_size=16, resume_dir=resume_dir, fingerprint="f")
+        return fit(model, build_criterion("student", cfg), train, val, CPU, settings, on_epoch=stop), model
 
     straight, model = run(None)
     with pytest.raises(KeyboardInterrupt):
@@ -140,10 +148,86 @@ def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
 
 def test_efficiency_measures_a_baseline():
     model = create_model(TIMM_PREFIX + VIT["timm"], 3, 32, **VIT["kwargs"])
-    eff = measure_efficiency(model, 32, EvaluateConfig(latency_batch_sizes=(1,), latency_iters=2, latency_warmup=0))
+    cfg = section("evaluate", latency_batch_sizes=(1,), latency_iters=2, latency_warmup=0)
+    eff = measure_efficiency(model, 32, cfg)
     # Patch embedding (16 patches of 8x8x3 -> 32) and the block: qkv, attention (2 heads of width 16
     # over 17 tokens, q·kᵀ and ·v), projection, MLP (32 -> 128 -> 32); the head reads the class token.
     tokens, d = 17, 32
     block = tokens * d * 3 * d + 2 * (2 * tokens * tokens * 16) + tokens * d * d + 2 * tokens * d * 4 * d
     assert eff["macs"] == 16 * 192 * d + block + d * 3
     assert eff["params"] == count_parameters(model) and eff["timing"][0]["ms_per_image"] > 0
+
+
+# ------------------------------------------------------------------------------- the stage
+def stage_params(tmp_path, tracked=False):
+    """The shipped params at 32² with one shallow two-epoch baseline ``vit`` (and ``resnet`` beside it)."""
+    tracking = {"enabled": tracked, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": None}
+    return params_with({"vit": {**VIT, "optim": {"epochs": 2, "lr": 3e-3}}, "resnet": RESNET}, tracking=tracking)
+
+
+def stage_paths(tmp_path, run):
+    for split in ("train", "val"):  # the fingerprinted inputs
+        (tmp_path / split).mkdir(exist_ok=True)
+    return StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / run / "models" / "vit",
+                      tmp_path / run / "reports" / "vit.json", tmp_path / run / "checkpoints" / "vit")
+
+
+def test_a_baseline_stage_trains_its_own_recipe_resumes_to_the_same_bytes_and_is_tagged(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # the run's repository root: no dvc.yaml, no git
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    datasets = (toy_split(48), toy_split(16, seed=1), ["a", "b", "c"])
+    straight = stage_paths(tmp_path, "straight")
+    run_training("vit", stage_params(tmp_path, tracked=True), straight, datasets, CPU)
+
+    resumed = stage_paths(tmp_path, "resumed")
+    log_metrics = Tracker.log_metrics
+
+    def killed_after_epoch_1(tracker, metrics, step=None):
+        log_metrics(tracker, metrics, step)
+        if step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "log_metrics", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("vit", stage_params(tmp_path), resumed, datasets, CPU)
+    monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
+    assert run_training("vit", stage_params(tmp_path), resumed, datasets, CPU)["resumed_from"] == 1
+    assert (resumed.out_dir / "model.pt").read_bytes() == (straight.out_dir / "model.pt").read_bytes()
+
+    model, meta = load_model(straight.out_dir / "model.pt")
+    assert (meta["model_name"], meta["overrides"]) == (TIMM_PREFIX + VIT["timm"], VIT["kwargs"])
+    assert [row["epoch"] for row in meta["history"]] == [1, 2]  # its optim's epochs, not the student's
+    assert read_json(straight.metrics)["epochs"] == 2 and not straight.resume_dir.exists()
+    run = read_json(straight.out_dir / "run.json")
+    assert run["model"] == TIMM_PREFIX + VIT["timm"]
+    tags = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["run_id"]).data.tags
+    assert (tags["hdkd.model"], tags["hdkd.stage"]) == (TIMM_PREFIX + VIT["timm"], "train_baseline@vit")
+
+
+def test_a_baseline_trains_on_cross_entropy_alone():
+    criterion = build_criterion(roster_entry("vit", {"baselines": {"vit": VIT}}), section("student"))
+    assert criterion.feature is None and criterion.logit.kind == "none"
+
+
+def test_a_baseline_resume_state_depends_on_its_own_entry_only(tmp_path):
+    paths = stage_paths(tmp_path, "run")
+    params = stage_params(tmp_path)
+
+    def fingerprint(name, baselines):
+        return input_fingerprint(name, params.model_copy(update={"baselines": baselines}), paths)
+
+    vit, other = params.baselines["vit"], params.baselines["resnet"]
+    wider = other.model_copy(update={"kwargs": {**other.kwargs, "stem_width": 16}})
+    assert fingerprint("vit", {"vit": vit, "resnet": wider}) == fingerprint("vit", {"vit": vit, "resnet": other})
+    assert fingerprint("vit", {"vit": vit.model_copy(update={"optim": params.student})}) != \
+        fingerprint("vit", {"vit": vit})
+    for model in ("teacher", "student", "hdkd"):  # the paper's models do not depend on the baselines at all
+        assert fingerprint(model, {}) == fingerprint(model, {"vit": vit, "resnet": wider})
+
+
+def test_the_command_line_names_an_unknown_baseline(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(stage_params(tmp_path).to_dict()))
+    with pytest.raises(SystemExit):
+        train_baseline_main(None, ["cnn", "--params", str(tmp_path / "params.yaml")])
+    assert "no baseline 'cnn'" in capsys.readouterr().err

@@ -44,8 +44,8 @@ NA = "n/a"
 
 
 def models_note(bundle: Mapping[str, Any]) -> str:
-    """One phrase per model of the run: what it is."""
-    return "; ".join(f"{m.label}: {m.description}" for m in roster(bundle["params"])) + "."
+    """One phrase per model of the bundle: what it is."""
+    return "; ".join(f"{m.label}: {m.description}" for m in roster(bundle["params"]) if m.name in bundle["models"]) + "."
 
 
 
