@@ -55,11 +55,10 @@ SHRUNK = {
     "teacher": {"epochs": 3},
     "student": {"epochs": 2},
     "distill": {"epochs": 2},
-    "baselines": {  # shallow, one epoch: the end-to-end tests cover their stages, not what they learn
+    "baselines": {  # shallow (the student's 2 epochs): the end-to-end tests cover their stages, not what they learn
         "vit": {"timm": "deit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1,
-                                                           "num_heads": 2}, "optim": {"epochs": 1}},
-        "resnet": {"timm": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8},
-                   "optim": {"epochs": 1}},
+                                                           "num_heads": 2}},
+        "resnet": {"timm": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
     },
     "evaluate": {"bootstrap": 20, "latency_batch_sizes": [1], "latency_iters": 1, "latency_warmup": 0},
 }
