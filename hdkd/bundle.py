@@ -14,7 +14,7 @@ and read by the report stage. This module imports no torch, so reading a bundle 
       "git_commit": "<40 hex>" | null,        # HEAD when the evaluation ran
       "git_dirty": false | null,              # tracked code modified at that time
       "dvc_exp_name": "exp-lambda-1" | null,  # set under `dvc exp run`
-      "models": {                             # keys: hdkd.roster's names (others allowed)
+      "models": {                             # keys: hdkd.roster.roster(params)'s names (others allowed)
         "<model>": {
           "evaluation": {...},                # evaluate.evaluate_model(): metrics.classification_metrics()
                                               #   + "predictions": {true_counts, predicted_counts,
@@ -34,7 +34,7 @@ from typing import Any
 
 from hdkd.config import Params
 from hdkd.io import read_json
-from hdkd.roster import MODEL_NAMES
+from hdkd.roster import roster
 
 SCHEMA_VERSION = 1
 BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
@@ -96,6 +96,6 @@ def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_names(bundle: Mapping[str, Any]) -> list[str]:
-    """Models in report order: the roster's, then any other by name."""
-    names = bundle["models"]
-    return [m for m in MODEL_NAMES if m in names] + sorted(set(names) - set(MODEL_NAMES))
+    """Models in report order: the run's roster (its params' baselines included), then any other by name."""
+    names, known = bundle["models"], [m.name for m in roster(bundle["params"])]
+    return [m for m in known if m in names] + sorted(set(names) - set(known))

@@ -184,8 +184,8 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
 
 def evaluate_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
                    out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The evaluate stage: the roster's trained models under ``models_dir`` on the test split of ``data_dir``."""
+    """The evaluate stage: the run's trained models under ``models_dir`` on the test split of ``data_dir``."""
     device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
     test = load_split(data_dir, "test", image_size=params.data.image_size)
-    models = model_files(models_dir)
+    models = model_files(models_dir, params)
     return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), out_dir, device)

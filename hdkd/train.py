@@ -37,13 +37,23 @@ from hdkd.tracking import Tracker
 
 
 def recipe(params: Params, entry: ModelEntry) -> OptimConfig:
-    """The model's training recipe: its params section."""
-    return getattr(params, entry.section)
+    """The model's training recipe: its params section (a baseline's: that section's ``optim``)."""
+    return params.baselines[entry.name].optim if entry.baseline else getattr(params, entry.section)
 
 
-def build_criterion(name: str, cfg: OptimConfig) -> HDKDLoss:
-    """Cross-entropy for a model trained alone; the HDKD loss for one distilled from a teacher."""
-    if not roster_entry(name).distills:
+def network_spec(params: Params, entry: ModelEntry) -> tuple[str, dict[str, Any]]:
+    """The model's registry name and constructor overrides (both saved in its model file)."""
+    if entry.baseline:
+        return entry.registry, dict(params.baselines[entry.name].kwargs)
+    return model_name(entry.registry, params.model.size), {
+        "block": params.model.block, "stem_stride": params.model.stem_stride, "dropout": params.model.dropout}
+
+
+def build_criterion(model: str | ModelEntry, cfg: OptimConfig) -> HDKDLoss:
+    """Cross-entropy for a model trained alone (a baseline too); the HDKD loss for one distilled from a
+    teacher. ``model``: a roster entry, or the name of one of the paper's models."""
+    entry = model if isinstance(model, ModelEntry) else roster_entry(model)
+    if not entry.distills:
         return HDKDLoss(LogitDistillationLoss("none"), None, 0.0)
     assert isinstance(cfg, DistillConfig)
     return HDKDLoss(LogitDistillationLoss(cfg.type, cfg.alpha, cfg.tau, cfg.kl_reduction),
@@ -97,16 +107,20 @@ def load_teacher(path: Path | None, classes: list[str], student: nn.Module, stag
 
 
 def input_fingerprint(name: str, params: Params, paths: StagePaths) -> str:
-    """What a resume state is valid for: the params that can change a result and the exact input files."""
+    """What a resume state is valid for: the params that can change a result and the exact input files.
+
+    Of the baselines only the model's own entry counts (none for the paper's models): editing one
+    baseline leaves every other model's resume state valid."""
     files = [paths.train, paths.val] + ([paths.teacher] if paths.teacher else [])
-    blob = json.dumps({"role": name, "params": result_params(params), "inputs": [dvc_md5(p) for p in files]},
-                      sort_keys=True)
+    own = {k: v for k, v in result_params(params).items()
+           if k.partition(".")[0] != "baselines" or k.startswith(f"baselines.{name}.")}
+    blob = json.dumps({"role": name, "params": own, "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[Dataset, Dataset, list[str]],
                  rt: Runtime, batch_hook: Callable | None = None) -> dict[str, Any]:
-    """Train the roster's model ``name`` end to end and write the stage's outputs.
+    """Train the run's model ``name`` (:func:`hdkd.roster.roster`) end to end and write the stage's outputs.
 
     ``datasets`` is ``(train_set, val_set, class_names)``. Rank 0 writes ``model.pt`` (best weights
     and the per-epoch history), ``run.json`` and the metrics JSON, and logs to MLflow; other ranks
@@ -114,13 +128,11 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
     """
     from hdkd.plots import figure_png, training_curves_figure  # matplotlib only where figures are drawn
 
-    entry = roster_entry(name)
+    entry = roster_entry(name, params)
     cfg = recipe(params, entry)
     train_set, val_set, classes = datasets
     seed_everything(params.seed)  # identical initial weights on every rank
-    network = model_name(entry.registry, params.model.size)
-    overrides = {"block": params.model.block, "stem_stride": params.model.stem_stride,
-                 "dropout": params.model.dropout}
+    network, overrides = network_spec(params, entry)
     model = create_model(network, len(classes), params.data.image_size, **overrides).to(rt.device)
     teacher = None
     if entry.distills:
@@ -145,7 +157,7 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
     with Tracker(tracking, params, entry.stage, extra_tags=extra, resume_run_id=resume_run) as tracker:
         if rt.dist.is_main and tracker.run_id:
             write_json(run_file, {"fingerprint": fingerprint, "run_id": tracker.run_id})
-        result = fit(train_model, build_criterion(name, cfg), train_set, val_set, rt, settings, teacher, batch_hook,
+        result = fit(train_model, build_criterion(entry, cfg), train_set, val_set, rt, settings, teacher, batch_hook,
                      on_epoch=lambda row: tracker.log_metrics(row, step=int(row["epoch"])))
         summary = {"val_accuracy": result.best["val_accuracy"], "val_loss": result.best["val_loss"],
                    "best_epoch": result.best_epoch, "epochs": cfg.epochs}
@@ -186,7 +198,7 @@ def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple
 
 
 def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
-    """A training stage (``train_<name>``), plain or under torchrun."""
+    """A training stage (``train_<name>``, ``train_baseline@<name>``), plain or under torchrun."""
     requested = params.train.device
     dist = init_distributed(device_type(requested))
     try:

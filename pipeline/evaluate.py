@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: every trained model (teacher, student, HDKD) on the held-out test split, once -> reports/.
+"""DVC stage `evaluate`: every trained model (teacher, student, HDKD, baselines) on the test split, once -> reports/.
 
 Metrics (with bootstrap CIs), efficiency (params, MACs, latency), the results bundle and DVC
 plots data. Options: `python -m pipeline.evaluate --help`.

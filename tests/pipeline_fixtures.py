@@ -9,7 +9,9 @@ first on PATH, as ``make run`` does.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +29,25 @@ from tests.data_fixtures import refused_url
 from tests.params_fixtures import merged
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def expand_foreach(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``dvc.yaml`` with each ``foreach: ${<section>}`` stage replaced by its stages ``<stage>@<key>``,
+    as DVC generates them from ``params``: one per key of the section, ``${key}`` substituted."""
+    stages = {}
+    for name, stage in dvc_yaml["stages"].items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        section = re.fullmatch(r"\$\{(\w+)\}", stage["foreach"])[1]
+        template = json.dumps(stage["do"])
+        stages |= {f"{name}@{key}": json.loads(template.replace("${key}", key)) for key in params[section]}
+    return {**dvc_yaml, "stages": stages}
+
+
+# dvc.yaml as DVC runs it with the shipped params.yaml (foreach stages expanded).
+DVC_YAML = expand_foreach(yaml.safe_load((ROOT / "dvc.yaml").read_text()),
+                          yaml.safe_load((ROOT / "params.yaml").read_text()))
 
 # The default pipeline at a size where each training epoch takes about a second on a CPU.
 SHRUNK = {
@@ -35,6 +55,11 @@ SHRUNK = {
     "teacher": {"epochs": 3},
     "student": {"epochs": 2},
     "distill": {"epochs": 2},
+    "baselines": {  # shallow (the student's 2 epochs): the end-to-end tests cover their stages, not what they learn
+        "vit": {"timm": "deit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1,
+                                                           "num_heads": 2}},
+        "resnet": {"timm": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
+    },
     "evaluate": {"bootstrap": 20, "latency_batch_sizes": [1], "latency_iters": 1, "latency_warmup": 0},
 }
 

@@ -10,9 +10,13 @@ import yaml
 from hdkd.checkpoint import load_model, save_model
 from hdkd.config import ConfigError, apply_overlay, parse_params
 from hdkd.efficiency import count_parameters, measure_efficiency
-from hdkd.engine import FitSettings, Runtime, fit
+from hdkd.engine import FitSettings
+from hdkd.io import read_json
 from hdkd.models import TIMM_PREFIX, create_model
-from hdkd.train import build_criterion
+from hdkd.roster import roster_entry
+from hdkd.tracking import Tracker
+from hdkd.train import Runtime, StagePaths, build_criterion, fit, input_fingerprint, run_training
+from pipeline._train import main as train_baseline_main
 from tests.params_fixtures import section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +39,8 @@ def offline(monkeypatch):
 def params_with(baselines, **sections):
     """The shipped params.yaml at 32² with these baselines (and sections replaced)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **sections, "baselines": baselines})
+    merged = {name: {**raw[name], **values} for name, values in sections.items()}
+    return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **merged, "baselines": baselines})
 
 
 def toy_split(n, classes=3, size=32, seed=0):
@@ -150,3 +155,78 @@ def test_efficiency_measures_a_baseline():
     block = tokens * d * 3 * d + 2 * (2 * tokens * tokens * 16) + tokens * d * d + 2 * tokens * d * 4 * d
     assert eff["macs"] == 16 * 192 * d + block + d * 3
     assert eff["params"] == count_parameters(model) and eff["timing"][0]["ms_per_image"] > 0
+
+
+# ------------------------------------------------------------------------------- the stage
+def stage_params(tmp_path, tracked=False):
+    """The shipped params at 32² with one shallow two-epoch baseline ``vit`` (and ``resnet`` beside it)."""
+    tracking = {"enabled": tracked, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": None}
+    return params_with({"vit": {**VIT, "optim": {"epochs": 2, "lr": 3e-3}}, "resnet": RESNET}, tracking=tracking)
+
+
+def stage_paths(tmp_path, run):
+    for split in ("train", "val"):  # the fingerprinted inputs
+        (tmp_path / split).mkdir(exist_ok=True)
+    return StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / run / "models" / "vit",
+                      tmp_path / run / "reports" / "vit.json", tmp_path / run / "checkpoints" / "vit")
+
+
+def test_a_baseline_stage_trains_its_own_recipe_resumes_to_the_same_bytes_and_is_tagged(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # the run's repository root: no dvc.yaml, no git
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    datasets = (toy_split(48), toy_split(16, seed=1), ["a", "b", "c"])
+    straight = stage_paths(tmp_path, "straight")
+    run_training("vit", stage_params(tmp_path, tracked=True), straight, datasets, CPU)
+
+    resumed = stage_paths(tmp_path, "resumed")
+    log_metrics = Tracker.log_metrics
+
+    def killed_after_epoch_1(tracker, metrics, step=None):
+        log_metrics(tracker, metrics, step)
+        if step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "log_metrics", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("vit", stage_params(tmp_path), resumed, datasets, CPU)
+    monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
+    assert run_training("vit", stage_params(tmp_path), resumed, datasets, CPU)["resumed_from"] == 1
+    assert (resumed.out_dir / "model.pt").read_bytes() == (straight.out_dir / "model.pt").read_bytes()
+
+    model, meta = load_model(straight.out_dir / "model.pt")
+    assert (meta["model_name"], meta["overrides"]) == (TIMM_PREFIX + VIT["timm"], VIT["kwargs"])
+    assert [row["epoch"] for row in meta["history"]] == [1, 2]  # its optim's epochs, not the student's
+    assert read_json(straight.metrics)["epochs"] == 2 and not straight.resume_dir.exists()
+    run = read_json(straight.out_dir / "run.json")
+    assert run["model"] == TIMM_PREFIX + VIT["timm"]
+    tags = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["run_id"]).data.tags
+    assert (tags["hdkd.model"], tags["hdkd.stage"]) == (TIMM_PREFIX + VIT["timm"], "train_baseline@vit")
+
+
+def test_a_baseline_trains_on_cross_entropy_alone():
+    criterion = build_criterion(roster_entry("vit", {"baselines": {"vit": VIT}}), section("student"))
+    assert criterion.feature is None and criterion.logit.kind == "none"
+
+
+def test_a_baseline_resume_state_depends_on_its_own_entry_only(tmp_path):
+    paths = stage_paths(tmp_path, "run")
+    params = stage_params(tmp_path)
+
+    def fingerprint(name, baselines):
+        return input_fingerprint(name, params.model_copy(update={"baselines": baselines}), paths)
+
+    vit, other = params.baselines["vit"], params.baselines["resnet"]
+    wider = other.model_copy(update={"kwargs": {**other.kwargs, "stem_width": 16}})
+    assert fingerprint("vit", {"vit": vit, "resnet": wider}) == fingerprint("vit", {"vit": vit, "resnet": other})
+    assert fingerprint("vit", {"vit": vit.model_copy(update={"optim": params.student})}) != \
+        fingerprint("vit", {"vit": vit})
+    for model in ("teacher", "student", "hdkd"):  # the paper's models do not depend on the baselines at all
+        assert fingerprint(model, {}) == fingerprint(model, {"vit": vit, "resnet": wider})
+
+
+def test_the_command_line_names_an_unknown_baseline(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(stage_params(tmp_path).to_dict()))
+    with pytest.raises(SystemExit):
+        train_baseline_main(None, ["cnn", "--params", str(tmp_path / "params.yaml")])
+    assert "no baseline 'cnn'" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""dvc.yaml tells the truth: each stage depends on all the code it can run and on real params, and
-writes what it declares, where no other stage writes.
+"""dvc.yaml tells the truth (foreach stages expanded as DVC does): each stage depends on all the code it
+can run and on real params, and writes what it declares, where no other stage writes.
 
 Static checks (no stage runs): the code a stage can import is found by walking the ``import``
 statements of ``pipeline/<stage>.py`` and everything it reaches, function-level imports included.
@@ -73,10 +73,15 @@ def import_closure(module: str) -> set[Path]:
     return {module_file(name) for name in seen}
 
 
+def stage_command(stage: str) -> tuple[str, list[str]]:
+    """The module a stage runs and its arguments (a foreach stage's key)."""
+    match = re.fullmatch(r"python -m ([\w.]+)((?: \w+)*)", STAGES[stage]["cmd"])
+    assert match, f"{stage}: cmd {STAGES[stage]['cmd']!r} is not `python -m <module> [<key>]`"
+    return match[1], match[2].split()
+
+
 def stage_module(stage: str) -> str:
-    match = re.fullmatch(r"python -m ([\w.]+)", STAGES[stage]["cmd"])
-    assert match, f"{stage}: cmd {STAGES[stage]['cmd']!r} is not `python -m <module>`"
-    return match[1]
+    return stage_command(stage)[0]
 
 
 # ------------------------------------------------------------------------------------- dvc.yaml
@@ -124,25 +129,27 @@ class _Parsed(Exception):
     """Raised right after a stage parsed its command line: stops it before any work."""
 
 
-def cli_defaults(module: str) -> dict:
-    """The parsed command line of ``python -m <module>`` run without arguments (as DVC runs it)."""
+def cli_defaults(module: str, args: list[str]) -> dict:
+    """The parsed command line of ``python -m <module> <args>`` (as DVC runs it), options left at their defaults."""
     parsed = {}
     real_parse_args = argparse.ArgumentParser.parse_args
 
-    def capture(parser, args=None, namespace=None):
-        parsed.update(vars(real_parse_args(parser, [], namespace)))
+    def capture(parser, argv=None, namespace=None):
+        parsed.update(vars(real_parse_args(parser, args, namespace)))
         raise _Parsed
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(_Parsed):
+    with (mock.patch.object(argparse.ArgumentParser, "parse_args", capture),
+          mock.patch.object(sys, "argv", [module, *args]), pytest.raises(_Parsed)):
         runpy.run_module(module, run_name="__main__")
     return parsed
 
 
 def cli_output_locations(stage: str) -> list[Path]:
     """The paths the stage's command line names by default, less its declared inputs (deps,
-    params.yaml) and the repository root."""
+    params.yaml), its arguments (a foreach key) and the repository root."""
     inputs = {Path(d) for d in declared_paths(stage, "deps")} | {Path("."), Path("params.yaml")}
-    paths = {Path(v) for v in cli_defaults(stage_module(stage)).values() if isinstance(v, (str, Path))}
+    module, args = stage_command(stage)
+    paths = {Path(v) for v in cli_defaults(module, args).values() if isinstance(v, (str, Path)) and v not in args}
     return sorted(paths - inputs)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CLASSES, hand_models
-from hdkd.bundle import make_bundle
+from hdkd.bundle import make_bundle, model_names
 from hdkd.checkpoint import save_model
 from hdkd.evaluate import evaluate_model, evaluate_stage, run_evaluation, write_evaluation
 from hdkd.io import read_json
@@ -127,6 +127,41 @@ def test_missing_models_name_the_stages_to_run(tmp_path):
                list(CLASSES), 32, {})
     with pytest.raises(FileNotFoundError, match="run `dvc repro train_student train_hdkd` first"):
         model_files(tmp_path)
+
+
+def test_a_missing_baseline_names_its_stage(tmp_path):
+    params = make_params()  # the shipped baselines: vit, resnet
+    for name in ("teacher", "student", "hdkd", "vit"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").touch()
+    with pytest.raises(FileNotFoundError, match=r"run `dvc repro train_baseline@resnet` first"):
+        model_files(tmp_path, params)
+    (tmp_path / "resnet").mkdir()
+    (tmp_path / "resnet" / "model.pt").touch()
+    assert list(model_files(tmp_path, params)) == ["teacher", "student", "hdkd", "vit", "resnet"]
+
+
+def test_a_baseline_is_evaluated_and_reported_like_the_other_models(tmp_path):
+    from hdkd.report.build import main_table, table_csv  # matplotlib: only where the report is built
+
+    vit = {"timm": "deit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+           "optim": {}}
+    params = make_params({"data": {"image_size": 32}, "baselines": {"vit": vit}, "tracking": {"enabled": False},
+                          "evaluate": {"bootstrap": 5, "latency_batch_sizes": [1], "latency_iters": 1,
+                                       "latency_warmup": 0}})
+    models = {}
+    for name, network, kwargs in [("teacher", "teacher_tiny", {}), ("vit", "timm:" + vit["timm"], vit["kwargs"])]:
+        models[name] = tmp_path / name / "model.pt"
+        save_model(models[name], create_model(network, 3, 32, **kwargs), network, list(CLASSES), 32, kwargs)
+    test_set = TensorDataset(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
+    bundle = run_evaluation(params, {"vit": models["vit"], "teacher": models["teacher"]}, test_set, CLASSES,
+                            tmp_path / "reports")
+    assert list(bundle["models"]) == ["vit", "teacher"] and model_names(bundle) == ["teacher", "vit"]
+    metrics = read_json(tmp_path / "reports" / "metrics.json")
+    assert list(metrics) == ["teacher", "vit"] and metrics["vit"].keys() == metrics["teacher"].keys()
+    assert (tmp_path / "reports" / "eval" / "vit.json").is_file()
+    rows = list(csv.reader(io.StringIO(table_csv(main_table(bundle)))))
+    assert [row[0] for row in rows[1:]] == ["Teacher", "VIT (timm deit_tiny_patch16_224)"]
 
 
 def test_a_model_of_another_image_size_is_refused(tmp_path):

@@ -38,10 +38,15 @@ from hdkd.config import ReportConfig, flatten
 from hdkd.io import csv_text, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
-from hdkd.roster import ROSTER
+from hdkd.roster import roster
 
-MODELS_NOTE = "; ".join(f"{m.label}: {m.description}" for m in ROSTER) + "."
 NA = "n/a"
+
+
+def models_note(bundle: Mapping[str, Any]) -> str:
+    """One phrase per model of the bundle: what it is."""
+    models = [m for m in roster(bundle["params"]) if m.name in bundle["models"]]
+    return "; ".join(f"{m.label}: {m.description}" for m in models) + "."
 
 
 
@@ -131,12 +136,12 @@ def main_table(bundle: Mapping[str, Any]) -> Table:
     rows = []
     for m in model_names(bundle):
         ev, eff = bundle["models"][m]["evaluation"], _efficiency(bundle, m)
-        rows.append((model_label(m), _params_m(eff), _macs_m(eff), pct(ev["accuracy"]),
+        rows.append((model_label(m, roster(bundle["params"])), _params_m(eff), _macs_m(eff), pct(ev["accuracy"]),
                      pct_interval(_interval(ev, "accuracy")), pct(ev["precision_macro"]), pct(ev["recall_macro"]),
                      pct(ev["f1_macro"]), pct_interval(_interval(ev, "f1_macro"))))
     n = len(bundle["class_names"])
     note = (f"Test split of {bundle['dataset']}; precision, recall and F1 are macro averages over all {n} "
-            f"classes; MACs for one image. {_ci_note(bundle)} {MODELS_NOTE}")
+            f"classes; MACs for one image. {_ci_note(bundle)} {models_note(bundle)}")
     return Table("main", "Main comparison", columns, tuple(rows), note)
 
 
@@ -144,8 +149,8 @@ def metrics_table(bundle: Mapping[str, Any]) -> Table:
     columns = ("Model", "Balanced accuracy (%)", "Weighted F1 (%)", "ROC-AUC (macro, OvR)", "ECE", "Test images")
     evaluations = [(m, bundle["models"][m]["evaluation"]) for m in model_names(bundle)]
     rows = tuple(
-        (model_label(m), pct(ev["balanced_accuracy"]), pct(ev["f1_weighted"]), fixed(ev["roc_auc_macro"], 4),
-         fixed(ev["ece"], 4), str(ev["n"]))
+        (model_label(m, roster(bundle["params"])), pct(ev["balanced_accuracy"]), pct(ev["f1_weighted"]),
+         fixed(ev["roc_auc_macro"], 4), fixed(ev["ece"], 4), str(ev["n"]))
         for m, ev in evaluations
     )
     note = (f"ECE: top-label, {evaluations[0][1]['ece_bins']} equal-width bins. ROC-AUC: one-vs-rest, averaged "
@@ -160,7 +165,7 @@ def per_class_table(bundle: Mapping[str, Any]) -> Table:
     if len(supports) != 1:
         raise ValueError("models of one bundle were evaluated on different test sets (per-class supports differ)")
     columns = ("Class", "Support") + tuple(
-        f"{model_label(m)} {k} (%)" for m in names for k in ("P", "R", "F1"))
+        f"{model_label(m, roster(bundle['params']))} {k} (%)" for m in names for k in ("P", "R", "F1"))
     rows = tuple(
         (cls, str(per_class[names[0]][k]["support"]))
         + tuple(pct(per_class[m][k][key]) for m in names for key in ("precision", "recall", "f1"))
@@ -180,7 +185,8 @@ def efficiency_table(bundle: Mapping[str, Any]) -> Table | None:
     for m in names:
         eff = _efficiency(bundle, m)
         timing = {(t["device"], t["batch_size"]): t for t in eff["timing"]}
-        cells = [model_label(m), str(eff["params"]["total"]), str(eff["params"]["trainable"]), _macs_m(eff)]
+        cells = [model_label(m, roster(bundle["params"])), str(eff["params"]["total"]),
+                 str(eff["params"]["trainable"]), _macs_m(eff)]
         for slot in slots:
             t = timing.get(slot)
             cells += [fixed(t["ms_per_image"], 3), fixed(t["images_per_s"], 1)] if t else [NA, NA]
@@ -211,7 +217,7 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
     models = [m for m in model_names(reference) if ablation.models is None or m in ablation.models]
     per_model = ("Accuracy (%)", f"Accuracy {ci}", "F1 (%)") + (("MACs (M)",) if ablation.show_macs else ())
     columns = ablation.headers + ("Run (params hash)", "Reference") + tuple(
-        f"{model_label(m)} {c}" for m in models for c in per_model)
+        f"{model_label(m, roster(reference['params']))} {c}" for m in models for c in per_model)
     rows = []
     for values, bundle, is_reference in _ablation_series(ablation, reference, runs):
         cells = [param_value(v) for v in values] + [bundle["params_hash"], "yes" if is_reference else "no"]
@@ -251,19 +257,21 @@ def confusion_figure(bundle: Mapping[str, Any], model: str, normalize: bool = Tr
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Actual")
-    ax.set_title(f"{model_label(model)}: confusion matrix" + (" (row-normalised)" if normalize else ""))
+    ax.set_title(f"{model_label(model, roster(bundle['params']))}: confusion matrix"
+                 + (" (row-normalised)" if normalize else ""))
     return fig
 
 
 def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
-    models, classes = model_names(bundle), bundle["class_names"]
+    models, classes, run = model_names(bundle), bundle["class_names"], roster(bundle["params"])
     width = 0.8 / len(models)
     fig = Figure(figsize=(max(6.0, 1.1 * len(classes) + 2), 4), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(len(classes))
     for i, m in enumerate(models):
         f1 = [100 * c["f1"] for c in bundle["models"][m]["evaluation"]["per_class"]]
-        ax.bar(x + (i - (len(models) - 1) / 2) * width, f1, width, label=model_label(m), color=model_color(m, models))
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, f1, width, label=model_label(m, run),
+               color=model_color(m, models, run))
     ax.set_xticks(x, classes, rotation=30 if max(map(len, classes)) > 6 else 0)
     ax.set(ylabel="F1 (%)", ylim=(0, 100), title="Per-class F1 on the test split")
     ax.grid(axis="y", alpha=0.3)
@@ -278,7 +286,7 @@ def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[
         return None
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    models = model_names(reference)
+    models, run = model_names(reference), roster(reference["params"])
     for m in models:
         points = [(v[0], b["models"][m]["evaluation"]) for v, b, _ in series if m in b["models"]]
         x = [100 * p[0] for p in points]
@@ -288,7 +296,8 @@ def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[
         if all(cis):  # a percentile interval may, rarely, exclude its estimate: clip, never negative
             err = [[max(yi - 100 * lo, 0) for yi, (lo, _) in zip(y, cis)],
                    [max(100 * hi - yi, 0) for yi, (_, hi) in zip(y, cis)]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=model_color(m, models), label=model_label(m))
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=model_color(m, models, run),
+                    label=model_label(m, run))
     ax.set_xticks(sorted({100 * s[0][0] for s in series}))
     ax.set(xlabel="Training data used (%)", ylabel="Test accuracy (%)", title="Data efficiency")
     ax.grid(alpha=0.3)
@@ -313,7 +322,7 @@ def report_figures(
         for m in model_names(bundle)
     }
     figures["training_curves.png"] = lambda: training_curves_figure(
-        {m: bundle["models"][m]["history"] for m in model_names(bundle)})
+        {m: bundle["models"][m]["history"] for m in model_names(bundle)}, roster(bundle["params"]))
     figures["per_class_f1.png"] = lambda: per_class_f1_figure(bundle)
     figures["data_efficiency.png"] = lambda: data_efficiency_figure(bundle, ablation_groups.get("train_fraction", []))
     return figures
