@@ -97,5 +97,5 @@ def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_names(bundle: Mapping[str, Any]) -> list[str]:
     """Models in report order: the run's roster (its params' baselines included), then any other by name."""
-    names, known = bundle["models"], [m.name for m in roster(bundle["params"])]
+    names, known = bundle["models"], [m.name for m in roster(bundle.get("params"))]
     return [m for m in known if m in names] + sorted(set(names) - set(known))
