@@ -92,7 +92,6 @@ def test_the_mode_refuses_a_process_that_loaded_torch_first(tmp_path):
 
 def test_switching_off_restores_the_library_defaults():
     assert numerics.env_in_place()  # conftest applied it before torch loaded
-    before = torch.backends.mkldnn.enabled, torch.get_num_threads()
     try:
         numerics.apply_runtime(True)
         facts = numerics.environment_facts()
@@ -101,7 +100,8 @@ def test_switching_off_restores_the_library_defaults():
         assert facts["torch"] == torch.__version__ and facts["mkl"] and facts["onednn"]
     finally:
         numerics.apply_runtime(False)
-    assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == before
+    defaults = numerics._library_defaults  # what the process had before any stage switched the mode on
+    assert (torch.backends.mkldnn.enabled, torch.get_num_threads()) == (defaults["mkldnn"], defaults["threads"])
     assert not numerics.environment_facts()["reproducible"]
 
 
