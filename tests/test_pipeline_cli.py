@@ -50,8 +50,8 @@ def test_bad_params_fail_before_any_work(stage, case, tmp_path, monkeypatch):
     bad = write_bad_params(tmp_path, change)
     monkeypatch.chdir(tmp_path)  # every default path (outputs, checkpoints, mlflow.db) resolves here
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    module, *key = stage.split("@")  # a foreach stage (train_baseline@<key>) passes its key first
-    monkeypatch.setattr(sys, "argv", [f"pipeline/{module}.py", *key, "--params", str(bad)])
+    module, *foreach_key = stage.split("@")  # a foreach stage (train_baseline@<key>) passes its key first
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{module}.py", *foreach_key, "--params", str(bad)])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         runpy.run_module(f"pipeline.{module}", run_name="__main__")
     assert files_under(tmp_path) == ["bad.yaml"]
@@ -96,8 +96,8 @@ def test_incomplete_params_fail_naming_the_file_and_key(stage, case, tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overlay = ["--apply", str(ROOT / "params" / "paper-ham10000.yaml")] if stage == "params" else []
     argv = ["--params", str(bad), *overlay]
-    module, *key = stage.split("@")  # a foreach stage (train_baseline@<key>) passes its key first
-    monkeypatch.setattr(sys, "argv", [f"pipeline/{module}.py", *key, *argv])
+    module, *foreach_key = stage.split("@")  # a foreach stage (train_baseline@<key>) passes its key first
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{module}.py", *foreach_key, *argv])
     with pytest.raises(ConfigError, match=rf"(in )?{bad}{message}"):
         runpy.run_module(f"pipeline.{module}", run_name="__main__")
     assert files_under(tmp_path) == ["bad.yaml"]
