@@ -10,17 +10,16 @@ import yaml
 from hdkd.checkpoint import load_model, save_model
 from hdkd.config import ConfigError, apply_overlay, parse_params
 from hdkd.efficiency import count_parameters, measure_efficiency
-from hdkd.engine import FitSettings
 from hdkd.io import read_json
 from hdkd.models import TIMM_PREFIX, create_model
 from hdkd.roster import roster_entry
 from hdkd.tracking import Tracker
-from hdkd.train import Runtime, StagePaths, build_criterion, fit, input_fingerprint, run_training
+from hdkd.train import StagePaths, build_criterion, input_fingerprint, run_training
 from pipeline._train import main as train_baseline_main
+from tests.fit_fixtures import CPU, interruptible_fit, toy_split
 from tests.params_fixtures import section
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = Runtime(torch.device("cpu"), progress=False)
 VIT = {"timm": "vit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
 RESNET = {"timm": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}}
 
@@ -41,15 +40,6 @@ def params_with(baselines, **sections):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     merged = {name: {**raw[name], **values} for name, values in sections.items()}
     return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **merged, "baselines": baselines})
-
-
-def toy_split(n, classes=3, size=32, seed=0):
-    """Images whose class is their dominant colour channel: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % classes
-    images = torch.randn(n, 3, size, size, generator=g) * 0.5
-    images[torch.arange(n), labels] += 1.5
-    return torch.utils.data.TensorDataset(images, labels)
 
 
 @pytest.mark.parametrize("spec, key, message", [
@@ -116,15 +106,8 @@ def test_a_baseline_trains_resumes_and_reloads_identically(spec, tmp_path):
     name = TIMM_PREFIX + spec["timm"]
 
     def run(resume_dir, stop_after=None):
-        torch.manual_seed(0)
-        model = create_model(name, 3, 32, **spec["kwargs"])
-
-        def stop(row):
-            if row["epoch"] == stop_after:
-                raise KeyboardInterrupt
-
-        settings = FitSettings(cfg, seed=1, batch_size=16, resume_dir=resume_dir, fingerprint="f")
-        return fit(model, build_criterion("student", cfg), train, val, CPU, settings, on_epoch=stop), model
+        return interruptible_fit(lambda: create_model(name, 3, 32, **spec["kwargs"]), "student", cfg, train, val,
+                                 seed=1, resume_dir=resume_dir, stop_after=stop_after)
 
     straight, model = run(None)
     with pytest.raises(KeyboardInterrupt):

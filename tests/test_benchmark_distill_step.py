@@ -1,25 +1,15 @@
 """benchmarks/distill_step.py: its "official" baseline really re-runs the stage prefixes, for the same loss."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from hdkd import models
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_step.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("distill_step", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.fit_fixtures import load_benchmark
 
 
 def test_official_baseline_recomputes_prefixes_for_the_same_loss(monkeypatch):
-    bench = load_benchmark()
+    bench = load_benchmark("distill_step")
     made = []
     monkeypatch.setattr(bench, "create_model", lambda *a, **k: made.append(models.create_model(*a, **k)) or made[-1])
     variants = bench.make_variants("tiny", 32, 3, torch.device("cpu"))
@@ -46,7 +36,7 @@ def test_official_baseline_recomputes_prefixes_for_the_same_loss(monkeypatch):
 
 
 def test_benchmark_prints_its_summary(monkeypatch, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("distill_step")
     monkeypatch.setitem(bench.CONFIGS, "tiny", dict(size="tiny", image_size=32, batch=4, rounds=1))
     bench.main(["--configs", "tiny"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,24 +1,15 @@
 """benchmarks/embedded_benchmark.py: trains every (seed, fraction, model) on nested subsets and sums the cost."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "embedded_benchmark.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("embedded_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.fit_fixtures import load_benchmark
 
 
 @pytest.mark.slow  # six trainings through the real data stages and training code
 def test_benchmark_trains_each_seed_fraction_and_model_and_estimates_the_pipeline(tmp_path, capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("embedded_benchmark")
     settings = ["data.image_size=16", "data.synthetic.num_images=80", "data.synthetic.native_size=24",
                 "data.synthetic.ambiguity=0.3", "teacher.epochs=1", "student.epochs=2", "distill.epochs=2",
                 "train.batch_size=8", "tracking.enabled=false"]

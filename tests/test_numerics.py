@@ -7,7 +7,6 @@ torch would default to on a machine with that many cores.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch
 
 from hdkd import numerics
 from hdkd.checkpoint import load_model
+from tests.fit_fixtures import load_benchmark
 from tests.pipeline_fixtures import command_env, make_scratch_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +33,10 @@ if HAS_AVX512:  # native is AVX-512 here: emulate the AVX2 machines too
                                 "ATEN_CPU_CAPABILITY": "avx2"}, 0)
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("reproducible_numerics", ROOT / "benchmarks" / "reproducible_numerics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def hashes():
     """mode -> emulated CPU -> SHA-256 of the teacher's, student's and HDKD student's weights after 2 steps."""
-    bench = load_benchmark()
+    bench = load_benchmark("reproducible_numerics")
     return {mode: {name: bench.run_worker(mode, threads, steps=2, image_size=32, batch=8, env=env)["sha256"]
                    for name, (env, threads) in EMULATED.items()}
             for mode in ("on", "off")}

@@ -4,26 +4,15 @@ import re
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from hdkd.checkpoint import save_model
-from hdkd.engine import FitSettings, Runtime, build_optimizer, fit, is_better, lr_at, validate
+from hdkd.engine import FitSettings, build_optimizer, fit, is_better, lr_at, validate
 from hdkd.io import read_json
 from hdkd.models import create_model
 from hdkd.tracking import Tracker
 from hdkd.train import StagePaths, build_criterion, input_fingerprint, load_teacher, run_training
+from tests.fit_fixtures import CPU, interruptible_fit, toy_split
 from tests.params_fixtures import make_params, section
-
-CPU = Runtime(torch.device("cpu"), progress=False)
-
-
-def toy_split(n, classes=3, size=32, seed=0):
-    """Images whose class is their dominant colour channel, plus noise: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % classes
-    images = torch.randn(n, 3, size, size, generator=g) * 0.5
-    images[torch.arange(n), labels] += 1.5
-    return TensorDataset(images, labels)
 
 
 def teacher_cfg(epochs=3, **kw):
@@ -81,15 +70,11 @@ def test_an_interrupted_fit_resumes_and_ends_identically(tmp_path, caplog):
                   warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5)
 
     def run(resume_dir, stop_after=None):
-        torch.manual_seed(0)
-        model = create_model("student_tiny", 3, image_size=32, dropout=0.1)  # dropout: RNG state must resume too
+        def student():  # dropout: the random draws must resume too
+            return create_model("student_tiny", 3, image_size=32, dropout=0.1)
 
-        def stop(row):
-            if row["epoch"] == stop_after:
-                raise KeyboardInterrupt
-
-        settings = FitSettings(cfg, seed=3, batch_size=16, resume_dir=resume_dir, fingerprint="f1")
-        return fit(model, build_criterion("student", cfg), train, val, CPU, settings, on_epoch=stop)
+        return interruptible_fit(student, "student", cfg, train, val, seed=3, resume_dir=resume_dir,
+                                 stop_after=stop_after)[0]
 
     straight = run(None)
     with pytest.raises(KeyboardInterrupt):
@@ -111,15 +96,8 @@ def test_a_resumed_fit_keeps_the_best_epoch_from_before_the_interruption(tmp_pat
     cfg = teacher_cfg(epochs=4)
 
     def run(resume_dir, stop_after=None):
-        torch.manual_seed(0)
-        model = create_model("teacher_tiny", 3, image_size=32)
-
-        def stop(row):
-            if row["epoch"] == stop_after:
-                raise KeyboardInterrupt
-
-        settings = FitSettings(cfg, seed=0, batch_size=16, resume_dir=resume_dir, fingerprint="f")
-        return fit(model, build_criterion("teacher", cfg), train, val, CPU, settings, on_epoch=stop), model
+        return interruptible_fit(lambda: create_model("teacher_tiny", 3, image_size=32), "teacher", cfg, train, val,
+                                 seed=0, resume_dir=resume_dir, stop_after=stop_after)
 
     straight, straight_model = run(None)
     assert straight.best_epoch <= 2  # else the test would not test the selection made before the interruption
