@@ -129,7 +129,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", newline="\n")  # same bytes on every OS
 
 
-def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -177,15 +177,14 @@ _DAMAGED = "was it cut short or edited by hand? Fix it, or delete it and re-run 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` ``obj`` atomically; the same tensors and metadata give the same bytes.
 
-    torch.save to a file names the zip archive's root folder after the file (here the random
-    temporary name), so equal weights gave different bytes and DVC hashes; to a buffer the root is
-    always ``archive`` (the entries carry no timestamps).
+    torch.save to a path names the zip archive's root folder after the file (here the random
+    temporary name), so equal weights gave different bytes and DVC hashes; to a file object the root
+    is always ``archive`` (the entries carry no timestamps), and nothing is held in memory.
     """
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getbuffer())  # a view: no second copy of a large checkpoint
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -12,9 +12,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-import yaml
-
-from hdkd.io import dvc_md5
+from hdkd.io import dvc_md5, read_yaml
 
 # Not code: the pipeline's own outputs change during `dvc repro`, and params.yaml is recorded in full
 # (params hash, MLflow params) and changed by `dvc exp run -S`; none of them makes the code "dirty".
@@ -89,7 +87,7 @@ def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
     from dvc.fs import localfs
     from dvc.ignore import DvcIgnoreFilter
 
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    stages = (read_yaml(dvc_yaml) or {}).get("stages", {})
     deps = stages.get(stage, {}).get("deps", [])
     ignore = DvcIgnoreFilter(localfs, str(root))  # DVC's own reading of every .dvcignore
 

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hdkd.config import Params, TrackingConfig
+from hdkd.io import parse_json
 from hdkd.provenance import dvc_exp_name, environment, git_state, repo_root, stage_dep_hashes
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def read_json_artifact(uri: str, run_id: str, path: str) -> Any:
     """A run's JSON artifact, parsed (downloaded to a temporary directory that is then removed)."""
     with tempfile.TemporaryDirectory() as tmp, _without_progress_bars():
         local = open_client(uri).download_artifacts(run_id, path, tmp)
-        return json.loads(Path(local).read_text(encoding="utf-8"))
+        return parse_json(Path(local).read_bytes(), f"artifact {path} of MLflow run {run_id}")
 
 
 @contextlib.contextmanager

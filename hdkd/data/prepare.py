@@ -86,7 +86,7 @@ def prepare_dataset(
             split: dict(zip(catalog.classes, np.bincount(rows["label"], minlength=n_classes).tolist()))
             for split, rows in by_split.items()
         }
-        _check_split_classes(catalog, catalog.items, counts, quarantined)
+        _check_split_classes(catalog, counts, quarantined)
         for split, rows in by_split.items():
             _write_split(tmp / split, decoded, rows, catalog.classes, cfg.image_size)
         decoded.unlink()
@@ -146,14 +146,13 @@ def _decode_all(catalog: Catalog, items: pd.DataFrame, size: int, path: Path) ->
     return hashes, reasons
 
 
-def _check_split_classes(
-    catalog: Catalog, items: pd.DataFrame, counts: dict[str, dict[str, int]], quarantined: pd.DataFrame
-) -> None:
+def _check_split_classes(catalog: Catalog, counts: dict[str, dict[str, int]], quarantined: pd.DataFrame) -> None:
     """Every split must hold images of every class: a model selected on, or evaluated against, a
     split without some class (or an empty one) gives numbers that mean nothing.
 
     The message names each split and its missing classes, then the likely cause and the way out.
     """
+    items = catalog.items
     problems, missing, absent_at_source = [], set(), []
     for split, per_class in counts.items():
         empty = [c for c, k in per_class.items() if k == 0]
@@ -183,7 +182,8 @@ def _check_split_classes(
     lost = int(quarantined["label"].map(lambda i: catalog.classes[i]).isin(missing).sum())
     if lost:
         hints.append(f"{lost} of their images were unreadable: restore them (see {QUARANTINE})")
-    hints.append("for the train split, raise data.train_fraction")
+    if any(counts["train"][c] == 0 for c in missing):
+        hints.append("for the train split, raise data.train_fraction")
     raise DataError(
         f"{catalog.where}: {'; '.join(problems)}. Every class needs images in train, val and test: "
         + "; ".join(hints) + "."

@@ -17,6 +17,17 @@ SPLITS = ("train", "val", "test")
 UNUSED = "unused"  # training images left out by data.train_fraction
 
 
+def _group_classes(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sample's group index, each group's size, and each group's class (most of its samples'):
+    a lesion has one diagnosis."""
+    group_names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    labels = np.asarray(labels)
+    size = np.bincount(group_of, minlength=len(group_names))
+    counts = np.zeros((len(group_names), labels.max() + 1), dtype=np.int64)
+    np.add.at(counts, (group_of, labels), 1)
+    return group_of, size, counts.argmax(axis=1)
+
+
 def carve(
     labels: np.ndarray,
     groups: np.ndarray,
@@ -32,14 +43,9 @@ def carve(
     every group overshoots, so that a small validation or test split still sees every class). One
     group is always left behind: the remaining side keeps every class.
     """
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    group_names, group_of = np.unique(groups, return_inverse=True)
-    size = np.bincount(group_of, minlength=len(group_names))
-    counts = np.zeros((len(group_names), labels.max() + 1), dtype=np.int64)
-    np.add.at(counts, (group_of, labels), 1)
-    group_label = counts.argmax(axis=1)
+    group_of, size, group_label = _group_classes(labels, groups)
 
-    chosen = np.zeros(len(group_names), dtype=bool)
+    chosen = np.zeros(len(size), dtype=bool)
     for c in np.unique(group_label):
         members = np.flatnonzero(group_label == c)
         if len(members) < 2:
@@ -106,20 +112,15 @@ def nested_subsets(
     and the subsets depend on ``(labels, groups, seed)`` alone: every model trained at a seed sees the
     same images. Fraction 1 is the whole split.
     """
-    labels, groups = np.asarray(labels), np.asarray(groups)
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise ValueError(f"training fractions must lie in (0, 1]; got {bad}")
-    group_names, group_of = np.unique(groups, return_inverse=True)
-    size = np.bincount(group_of, minlength=len(group_names))
-    counts = np.zeros((len(group_names), labels.max() + 1), dtype=np.int64)
-    np.add.at(counts, (group_of, labels), 1)
-    group_label = counts.argmax(axis=1)
+    group_of, size, group_label = _group_classes(labels, groups)
     rng = np.random.default_rng([seed, 3])  # stream 3: streams 0-2 carve test, val and data.train_fraction
     orders = {c: rng.permutation(np.flatnonzero(group_label == c)) for c in np.unique(group_label)}
     subsets = {}
     for f in sorted(set(fractions)):
-        chosen = np.zeros(len(group_names), dtype=bool)
+        chosen = np.zeros(len(size), dtype=bool)
         for members in orders.values():
             cumulative = np.cumsum(size[members])
             target = f * cumulative[-1]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import json
 import math
 import os
 import re
@@ -35,6 +34,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from hdkd.io import parse_json
 from hdkd.provenance import git, git_show
 
 DEFAULT_RTOL = 1e-3
@@ -228,7 +228,7 @@ def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tol
         if a == b:
             continue
         if name.endswith(".json"):
-            out += compare_json(name, json.loads(a), json.loads(b), tol)
+            out += compare_json(name, parse_json(a, f"committed {name}"), parse_json(b, f"fresh {name}"), tol)
         else:
             out += compare_text(name, a, b, tol)
     return out

@@ -20,13 +20,13 @@ MLflow is read through :mod:`hdkd.tracking`, the only module that talks to it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import PurePosixPath
 from typing import Any
 
 from hdkd.bundle import BUNDLE_ARTIFACT, validate_bundle
+from hdkd.io import parse_json
 from hdkd.provenance import GitError, git, git_show, resolve_commit
 from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact, tracking_store_exists
 
@@ -53,7 +53,7 @@ def bundle_for_revision(
     ref = git_ref(rev, repo_root)
     if ref is not None:
         try:
-            return validate_bundle(json.loads(git_show(ref, BUNDLE_PATH, repo_root)))
+            return validate_bundle(parse_json(git_show(ref, BUNDLE_PATH, repo_root), f"{ref}:{BUNDLE_PATH}"))
         except GitError:
             pass  # the commit exists but has no committed bundle
     if experiments:
@@ -73,7 +73,7 @@ def ablations_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> list
     except GitError:
         return []
     paths = sorted(p for p in listing.splitlines() if PurePosixPath(p).suffix == ".json")
-    return [validate_bundle(json.loads(git_show(ref, p, repo_root))) for p in paths]
+    return [validate_bundle(parse_json(git_show(ref, p, repo_root), f"{ref}:{p}")) for p in paths]
 
 
 def git_ref(rev: str, repo_root: str | os.PathLike = ".") -> str | None:
