@@ -366,9 +366,9 @@ class Params(Section):
 def parse_params(raw: dict[str, Any] | None, source: str | os.PathLike | None = None) -> Params:
     """Validate a raw mapping; raise :class:`ConfigError` naming ``source`` (the file) and every bad key.
 
-    Every section and key is required: params.yaml is the one home of the defaults. Baselines are then
-    checked against timm: a known architecture whose constructor accepts the kwargs (built on the meta
-    device, so no weights are allocated)."""
+    Every section and key is required: params.yaml is the one home of the defaults. The baselines'
+    timm architectures are checked separately, by :func:`check_baselines` (it imports torch and timm,
+    which most stages never need)."""
     try:
         params = Params.model_validate(raw or {})
     except ValidationError as e:
@@ -383,13 +383,18 @@ def parse_params(raw: dict[str, Any] | None, source: str | os.PathLike | None = 
             lines.append(f"  {key}: {msg}")
         where = f" in {source}" if source else ""
         raise ConfigError(f"invalid params{where}:\n" + "\n".join(lines)) from None
-    if params.baselines:
-        problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
-                    if (p := baseline_problem(spec, params.data.image_size))]
-        if problems:
-            where = f" in {source}" if source else ""
-            raise ConfigError(f"invalid params{where}:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))
     return params
+
+
+def check_baselines(params: Params, source: str | os.PathLike | None = None) -> None:
+    """Each baseline is a known timm architecture whose constructor accepts its kwargs (built on the meta
+    device: no weights are allocated); else :class:`ConfigError` naming the key. The download stage calls
+    it, so a bad baseline fails before the pipeline does any work, and so does each baseline's stage."""
+    problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
+                if (p := baseline_problem(spec, params.data.image_size))]
+    if problems:
+        where = f" in {source}" if source else ""
+        raise ConfigError(f"invalid params{where}:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))
 
 
 def load_params(path: str | os.PathLike) -> Params:
@@ -469,8 +474,8 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     base, overlay = read_params_yaml(params_path), read_params_yaml(overlay_path)
     if not isinstance(overlay, dict) or not overlay:
         raise ConfigError(f"{overlay_path} must hold a mapping of the sections it changes")
-    merged = merge_overlay(base, overlay, overlay_path)
-    parse_params(merged, f"{params_path} with {overlay_path}")
+    where = f"{params_path} with {overlay_path}"
+    check_baselines(parse_params(merge_overlay(base, overlay, overlay_path), where), where)
     rt = YAML()  # round-trip: keeps params.yaml's comments, order and number formats
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = rt.load(Path(params_path).read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hdkd.config import load_params
+from hdkd.config import check_baselines, load_params
 from hdkd.roster import roster_entry
 from hdkd.train import StagePaths, train_stage
 
@@ -41,5 +41,7 @@ def main(name: str | None, argv: list[str] | None = None) -> dict[str, Any]:
     params = load_params(args.params)  # validated before any work
     if baseline and args.name not in params.baselines:
         parser.error(f"no baseline {args.name!r} in {args.params}'s baselines; known: {', '.join(params.baselines)}")
+    if baseline:
+        check_baselines(params, args.params)
     paths = StagePaths(args.train, args.val, args.out, args.metrics, args.resume_dir, getattr(args, "teacher", None))
     return train_stage(args.name if baseline else name, params, paths)

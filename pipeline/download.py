@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from hdkd.config import load_params
+from hdkd.config import check_baselines, load_params
 from hdkd.data.sources import fetch_dataset
 
 
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
+    check_baselines(params, args.params)  # the first stage: a bad baseline fails before any work
     fetch_dataset(params.data, args.out)
 
 

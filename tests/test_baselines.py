@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from hdkd.checkpoint import load_model, save_model
-from hdkd.config import ConfigError, apply_overlay, parse_params
+from hdkd.config import ConfigError, apply_overlay, check_baselines, parse_params
 from hdkd.efficiency import count_parameters, measure_efficiency
 from hdkd.io import read_json
 from hdkd.models import TIMM_PREFIX, create_model
@@ -39,7 +39,9 @@ def params_with(baselines, **sections):
     """The shipped params.yaml at 32² with these baselines (and sections replaced)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     merged = {name: {**raw[name], **values} for name, values in sections.items()}
-    return parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **merged, "baselines": baselines})
+    params = parse_params({**raw, "data": {**raw["data"], "image_size": 32}, **merged, "baselines": baselines})
+    check_baselines(params)
+    return params
 
 
 @pytest.mark.parametrize("spec, key, message", [
@@ -69,7 +71,9 @@ def test_the_shipped_params_validate_their_baselines():
     shipped = [yaml.safe_load((ROOT / "params.yaml").read_text())]
     shipped += [yaml.safe_load(apply_overlay(ROOT / "params.yaml", p)) for p in sorted((ROOT / "params").glob("paper-*.yaml"))]
     for raw in shipped:
-        assert len(parse_params(raw).baselines) >= 2
+        params = parse_params(raw)
+        check_baselines(params)
+        assert len(params.baselines) >= 2
 
 
 def test_a_baseline_trains_like_the_student_unless_its_optim_says_otherwise():
@@ -213,3 +217,15 @@ def test_the_command_line_names_an_unknown_baseline(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_baseline_main(None, ["cnn", "--params", str(tmp_path / "params.yaml")])
     assert "no baseline 'cnn'" in capsys.readouterr().err
+
+
+def test_the_download_stage_refuses_a_bad_baseline_before_any_work(tmp_path, monkeypatch):
+    from pipeline.download import main as download
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["baselines"]["vit"]["kwargs"]["depthh"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"baselines\.vit\.kwargs\.depthh"):
+        download(["--params", "params.yaml"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -58,7 +58,8 @@ def test_model_names_in_report_order():
 
 def test_the_report_stage_imports_no_torch():
     # A fresh interpreter: other tests' imports would already have put torch into sys.modules.
-    code = "import sys, pipeline.report; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    code = ("import sys, pipeline.report; from hdkd.config import load_params; load_params('params.yaml'); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == "[]", "importing pipeline.report (the report stage) imported torch"
+    assert proc.stdout.strip() == "[]", "the report stage (importing pipeline.report, reading params) imported torch"
