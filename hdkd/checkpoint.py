@@ -11,6 +11,7 @@ written atomically and read back with ``weights_only=True``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,20 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model = create_model(blob["model_name"], len(blob["classes"]), blob["image_size"], **blob["overrides"])
     model.load_state_dict(blob["state_dict"])
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta
+
+
+def load_trained(path: str | Path, classes: Sequence[str], image_size: int,
+                 map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_model` of a trained model that must match the data it is run on: its classes (in
+    label order) and image size; otherwise a ``ValueError`` naming the file and the stages to rerun."""
+    model, meta = load_model(path, map_location)
+    if list(meta["classes"]) != list(classes):
+        raise ValueError(f"{path} was trained on classes {meta['classes']}, the test split has "
+                         f"{list(classes)}: rerun the training stages on this data")
+    if meta["image_size"] != image_size:
+        raise ValueError(f"{path} was trained on {meta['image_size']}px images, data.image_size is "
+                         f"{image_size}: rerun the training stages with these params")
     return model, meta
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from hdkd import numerics
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle, model_names, validate_bundle
-from hdkd.checkpoint import load_model
+from hdkd.checkpoint import load_trained
 from hdkd.config import EvaluateConfig, Params
 from hdkd.data.augment import eval_transform
 from hdkd.data.loader import PackedDataset
@@ -158,13 +158,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
                         num_workers=params.train.num_workers)
     results = {}
     for name, path in models.items():
-        model, meta = load_model(path, device)
-        if list(meta["classes"]) != list(class_names):
-            raise ValueError(f"{path} was trained on classes {meta['classes']}, the test split has "
-                             f"{list(class_names)}: rerun the training stages on this data")
-        if meta["image_size"] != params.data.image_size:
-            raise ValueError(f"{path} was trained on {meta['image_size']}px images, data.image_size is "
-                             f"{params.data.image_size}: rerun the training stages with these params")
+        model, meta = load_trained(path, class_names, params.data.image_size, device)
         results[name] = {
             "evaluation": evaluate_model(model, loader, class_names, params.evaluate, device, params.seed),
             "efficiency": measure_efficiency(model, params.data.image_size, params.evaluate, device),

@@ -35,7 +35,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 from torch import nn
 
-from hdkd.checkpoint import load_model
+from hdkd.checkpoint import load_model, load_trained
 from hdkd.data.augment import normalize
 from hdkd.data.images import IMAGE_EXTENSIONS, decode_resized
 from hdkd.data.packed import load_split
@@ -218,19 +218,13 @@ def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
 
 
 def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir: str | Path,
-                       out_dir: str | Path, per_class: int = 2, seed: int = 0, dpi: int = 120) -> dict[str, Any]:
+                       out_dir: str | Path, image_size: int, per_class: int = 2, seed: int = 0,
+                       dpi: int = 120) -> dict[str, Any]:
     """The ``explain`` stage: maps of the teacher and HDKD student for the first ``per_class`` test images
     of each class -> ``out_dir/explanations.png`` and ``out_dir/explain.json`` (sanity check, agreement)."""
-    teacher, t_meta = load_model(teacher_path)
-    student, s_meta = load_model(hdkd_path)
-    for path, meta in ((teacher_path, t_meta), (hdkd_path, s_meta)):
-        if meta["image_size"] != s_meta["image_size"]:
-            raise ValueError(f"{path} takes {meta['image_size']}px images, {hdkd_path} {s_meta['image_size']}px")
-    split = load_split(data_dir, "test", image_size=s_meta["image_size"])
-    for path, meta in ((teacher_path, t_meta), (hdkd_path, s_meta)):
-        if list(meta["classes"]) != list(split.classes):
-            raise ValueError(f"{path} was trained on classes {meta['classes']}, the test split in {data_dir} "
-                             f"has {list(split.classes)}: rerun the training stages on this data")
+    split = load_split(data_dir, "test", image_size=image_size)
+    teacher, t_meta = load_trained(teacher_path, split.classes, image_size)
+    student, s_meta = load_trained(hdkd_path, split.classes, image_size)
     index = first_per_class(split.labels, per_class)
     if not len(index):
         raise ValueError(f"the test split in {data_dir} is empty")

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hdkd.checkpoint import load_model
+from hdkd.checkpoint import load_trained
 from hdkd.config import Params
 from hdkd.data.augment import eval_transform
 from hdkd.data.loader import PackedDataset
@@ -122,12 +122,13 @@ def compare_latency(model: nn.Module, onnx: OnnxClassifier, image_size: int, bat
     }
 
 
-def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_names: Sequence[str], *,
-                  batch_size: int, latency_batch_sizes: Sequence[int], warmup: int, iters: int,
-                  tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """The export stage: each ``models[name]`` (a ``model.pt``) -> ``model.onnx`` beside it, checked on
-    ``test_set`` and timed; returns the report (module docstring). Raises :class:`ParityError`,
-    naming every failing model, after all were checked."""
+def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_names: Sequence[str],
+                  exports_dir: str | Path, *, image_size: int, batch_size: int, latency_batch_sizes: Sequence[int],
+                  warmup: int, iters: int, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """The export stage: each ``models[name]`` (a ``model.pt``) -> ``<exports_dir>/<name>/model.onnx``,
+    checked on ``test_set`` and timed; returns the report (module docstring). Raises
+    :class:`ParityError`, naming every failing model, after all were checked. (Not beside the
+    ``model.pt``: ``models/`` holds what the training stages write, which evaluate depends on.)"""
     import onnxruntime
 
     loader = DataLoader(test_set, batch_size=batch_size, shuffle=False)
@@ -139,12 +140,9 @@ def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_nam
     failures = []
     for name, path in models.items():
         path = Path(path)
-        model, meta = load_model(path)
+        model, meta = load_trained(path, class_names, image_size)
         model.eval()
-        if list(meta["classes"]) != list(class_names):
-            raise ValueError(f"{path} was trained on classes {meta['classes']}, the test split has "
-                             f"{list(class_names)}: rerun the training stages on this data")
-        onnx_path = path.with_suffix(".onnx")
+        onnx_path = Path(exports_dir) / name / "model.onnx"
         opset = export_onnx(model, meta, onnx_path)
         exported = OnnxClassifier(onnx_path, threads=threads)
         check = parity(TorchClassifier(model, meta["classes"], meta["image_size"], str(path)), exported, loader)
@@ -163,14 +161,15 @@ def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_nam
 
 
 def export_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | os.PathLike,
-                 out: str | os.PathLike) -> dict[str, Any]:
-    """The export stage: every trained model of the roster -> ONNX, checked and timed on the test split -> ``out``."""
+                 exports_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """The export stage: the paper's three trained models -> ONNX in ``exports_dir``, checked and timed on the
+    test split -> ``out`` (the baselines are timm models, used for comparison only, and are not exported)."""
     models = model_files(models_dir)
     test = load_split(data_dir, "test", image_size=params.data.image_size)
     ev = params.evaluate
-    report = export_models(models, PackedDataset(test, eval_transform()), list(test.classes),
-                           batch_size=params.train.eval_batch_size, latency_batch_sizes=ev.latency_batch_sizes,
-                           warmup=ev.latency_warmup, iters=ev.latency_iters)
+    report = export_models(models, PackedDataset(test, eval_transform()), list(test.classes), exports_dir,
+                           image_size=params.data.image_size, batch_size=params.train.eval_batch_size,
+                           latency_batch_sizes=ev.latency_batch_sizes, warmup=ev.latency_warmup, iters=ev.latency_iters)
     write_json(out, report)
     for name, entry in report["models"].items():
         log.info("%s: %s, max |Δp| %.2g, top-1 agreement %.4f, ONNX Runtime / PyTorch latency %s", name,

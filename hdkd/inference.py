@@ -3,7 +3,7 @@
 :func:`load_classifier` opens
 
 - a model file written by the training stages (``models/<role>/model.pt``, :mod:`hdkd.checkpoint`);
-- an ONNX export (``models/<role>/model.onnx``, :mod:`hdkd.export`), run with ONNX Runtime; the file
+- an ONNX export (``exports/<role>/model.onnx``, :mod:`hdkd.export`), run with ONNX Runtime; the file
   carries the class names and input size in its ``metadata_props`` (:data:`ONNX_METADATA`);
 - an MLflow model URI (``models:/<name>/<version>``, ``runs:/<run id>/<path>``, ...) of the PyTorch
   flavour, logged in eval mode with ``metadata={k: meta[k] for k in CHECKPOINT_KEYS}`` (``meta`` being

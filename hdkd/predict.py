@@ -4,7 +4,7 @@
 
     hdkd predict --model models/hdkd/model.pt [--out FILE] [--top-k K] INPUT...
 
-``--model`` is a model file (``models/<role>/model.pt``), an ONNX export (``model.onnx``) or an MLflow
+``--model`` is a model file (``models/<role>/model.pt``), an ONNX export (``exports/<role>/model.onnx``) or an MLflow
 model URI (see :mod:`hdkd.inference`). An INPUT is an image file, a folder (every file under it, hidden
 ones left out) or a glob pattern (``'scans/**/*.png'``, quoted so that the shell leaves it alone).
 Images are decoded, resized and normalised exactly as for evaluation, in batches of ``--batch-size``,

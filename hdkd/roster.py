@@ -92,10 +92,14 @@ def roster_entry(name: str, params: Any = None) -> ModelEntry:
 def model_files(models_dir: str | os.PathLike, params: Any = None) -> dict[str, Path]:
     """``<models_dir>/<name>/model.pt`` of every model of the run (:func:`roster`: the paper's models and
     ``params``' baselines), in report order; all must exist (else: which stages to run)."""
-    models = roster(params)
-    files = {m.name: Path(models_dir) / m.name / "model.pt" for m in models}
-    missing = [m for m in models if not files[m.name].is_file()]
+    return require_trained({m.name: Path(models_dir) / m.name / "model.pt" for m in roster(params)}, params)
+
+
+def require_trained(files: Mapping[str, Path], params: Any = None) -> Mapping[str, Path]:
+    """``files`` (model name -> its ``model.pt``) if they all exist; else an error naming the stages to run."""
+    missing = [name for name, path in files.items() if not Path(path).is_file()]
     if missing:
-        raise FileNotFoundError(f"trained models missing: {[str(files[m.name]) for m in missing]}; run "
-                                f"`dvc repro {' '.join(m.stage for m in missing)}` first")
+        stages = " ".join(roster_entry(name, params).stage for name in missing)
+        raise FileNotFoundError(f"trained models missing: {[str(files[n]) for n in missing]}; run "
+                                f"`dvc repro {stages}` first")
     return files

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hdkd.config import load_params
 from hdkd.explain import explain_test_split
+from hdkd.roster import require_trained
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,11 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--per-class must be at least 1, got {args.per_class}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
-    missing = [str(p) for p in (args.teacher, args.hdkd) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"trained models missing: {missing}; run `dvc repro distill` first")
-    return explain_test_split(args.teacher, args.hdkd, args.data, args.out, args.per_class, params.seed,
-                              params.report.dpi)
+    require_trained({"teacher": args.teacher, "hdkd": args.hdkd})
+    return explain_test_split(args.teacher, args.hdkd, args.data, args.out, params.data.image_size,
+                              args.per_class, params.seed, params.report.dpi)
 
 
 if __name__ == "__main__":

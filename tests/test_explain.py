@@ -143,7 +143,7 @@ def test_stage_writes_the_figure_and_the_sanity_check_deterministically(tmp_path
     write_json(tmp_path / "prepared" / MANIFEST, {"classes": CLASSES})
     save_model(tmp_path / "teacher.pt", teacher, "teacher_tiny", CLASSES, SIDE, {})
     save_model(tmp_path / "hdkd.pt", hdkd_model, "hdkd_tiny", CLASSES, SIDE, {})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict({"seed": 3})))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict({"seed": 3, "data": {"image_size": SIDE}})))
     argv = ["--params", str(tmp_path / "params.yaml"), "--teacher", str(tmp_path / "teacher.pt"),
             "--hdkd", str(tmp_path / "hdkd.pt"), "--data", str(tmp_path / "prepared"), "--per-class", "2"]
     first = stage_main([*argv, "--out", str(tmp_path / "a")])

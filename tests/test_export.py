@@ -50,7 +50,8 @@ def workspace(tmp_path_factory):
         save_model(root / "models" / role / "model.pt", create_model(f"{role}_tiny", len(classes), SIZE),
                    f"{role}_tiny", classes, SIZE, {})
     report = export_stage(["--params", str(root / "params.yaml"), "--data", str(root / "prepared"),
-                           "--models", str(root / "models"), "--out", str(root / "reports" / "export.json")])
+                           "--models", str(root / "models"), "--exports", str(root / "exports"),
+                           "--out", str(root / "reports" / "export.json")])
     return root, report
 
 
@@ -60,7 +61,7 @@ def test_stage_report(workspace):
     n_test = len(load_split(root / "prepared", "test"))
     assert sorted(report["models"]) == sorted(MODEL_NAMES)
     for name, entry in report["models"].items():
-        assert entry["onnx"] == str(root / "models" / name / "model.onnx")
+        assert entry["onnx"] == str(root / "exports" / name / "model.onnx")
         assert entry["opset"] >= 18
         assert entry["parity"]["n_images"] == n_test
         assert entry["parity"]["max_abs_diff_probability"] <= 1e-4
@@ -92,11 +93,11 @@ def test_onnx_runs_like_pytorch_at_any_batch_size(workspace, role):
     root, _ = workspace
     model, meta = load_model(root / "models" / role / "model.pt")
     model.eval()
-    proto = onnx.load(root / "models" / role / "model.onnx")
+    proto = onnx.load(root / "exports" / role / "model.onnx")
     props = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert props == {ONNX_METADATA[k]: meta[k] for k in ("model_name", "classes", "image_size")}
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
-    session = ort.InferenceSession(str(root / "models" / role / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(root / "exports" / role / "model.onnx"), providers=["CPUExecutionProvider"])
     test = PackedDataset(load_split(root / "prepared", "test"), eval_transform())
     for batch_size in (1, 7, len(test)):
         images, _ = next(iter(DataLoader(test, batch_size=batch_size)))
@@ -112,16 +113,17 @@ def test_a_parity_failure_fails_the_stage(workspace, tmp_path, monkeypatch):
     root, _ = workspace
     shutil.copy(root / "models" / "student" / "model.pt", tmp_path / "model.pt")
     monkeypatch.setattr("hdkd.export.export_onnx",
-                        lambda model, meta, path: shutil.copy(root / "models" / "teacher" / "model.onnx", path) and 18)
+                        lambda model, meta, path: shutil.copy(root / "exports" / "teacher" / "model.onnx", path) and 18)
     test = load_split(root / "prepared", "test")
-    with pytest.raises(ParityError, match=rf"{tmp_path / 'model.onnx'}: max \|Δ probability\| .* top-1 differs on"):
+    (tmp_path / "student").mkdir()  # export_onnx (replaced here) writes through io, which makes the folder
+    with pytest.raises(ParityError, match=rf"{tmp_path / 'student' / 'model.onnx'}: max \|Δ probability\| .* top-1 differs on"):
         export_models({"student": tmp_path / "model.pt"}, PackedDataset(test, eval_transform()), list(test.classes),
-                      batch_size=64, latency_batch_sizes=[1], warmup=0, iters=1)
+                      tmp_path, image_size=SIZE, batch_size=64, latency_batch_sizes=[1], warmup=0, iters=1)
 
 
 def test_an_onnx_file_without_hdkd_metadata_is_a_clear_error(workspace, tmp_path):
     root, _ = workspace
-    proto = onnx.load(root / "models" / "hdkd" / "model.onnx")
+    proto = onnx.load(root / "exports" / "hdkd" / "model.onnx")
     del proto.metadata_props[:]
     onnx.save(proto, tmp_path / "bare.onnx")
     with pytest.raises(ValueError, match="bare.onnx is not an hdkd ONNX export: its metadata_props lack"):
@@ -144,7 +146,7 @@ def test_predict_on_test_files_equals_evaluate_and_onnx_agrees(workspace, capsys
     k = len(test.classes)
     through_pt = predict_json(capsys, "--model", root / "models" / "hdkd" / "model.pt", "--batch-size", 64,
                               "--top-k", k, *sources)["predictions"]
-    through_onnx = predict_json(capsys, "--model", root / "models" / "hdkd" / "model.onnx", "--top-k", k,
+    through_onnx = predict_json(capsys, "--model", root / "exports" / "hdkd" / "model.onnx", "--top-k", k,
                                 *sources)["predictions"]
     assert [p["path"] for p in through_pt] == [p["path"] for p in through_onnx] == sources
 
