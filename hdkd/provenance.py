@@ -7,10 +7,12 @@ git checkout rather than failing, because a result without provenance is still a
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from hdkd.io import dvc_md5, read_yaml
 
@@ -78,6 +80,16 @@ def repo_root(start: str | Path | None = None) -> Path:
     return path
 
 
+def stage_definition(stages: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``dvc.yaml``'s definition of ``stage``; for a stage ``<name>@<key>`` that a ``foreach`` generates,
+    its ``do`` template with ``${key}`` replaced, as DVC does."""
+    name, _, key = stage.partition("@")
+    definition = stages.get(name, {})
+    if not key:
+        return definition
+    return json.loads(json.dumps(definition.get("do", {})).replace("${key}", key))
+
+
 def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
     """The hashes ``dvc.lock`` records for the dependencies ``dvc.yaml`` declares for ``stage``
     (missing ones are skipped): a directory's hash leaves out what ``.dvcignore`` ignores."""
@@ -88,7 +100,7 @@ def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
     from dvc.ignore import DvcIgnoreFilter
 
     stages = (read_yaml(dvc_yaml) or {}).get("stages", {})
-    deps = stages.get(stage, {}).get("deps", [])
+    deps = stage_definition(stages, stage).get("deps", [])
     ignore = DvcIgnoreFilter(localfs, str(root))  # DVC's own reading of every .dvcignore
 
     def hashed_files(path: Path) -> list[Path]:

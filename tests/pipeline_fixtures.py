@@ -9,7 +9,6 @@ first on PATH, as ``make run`` does.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from hdkd.io import read_json
-from hdkd.provenance import git
+from hdkd.provenance import git, stage_definition
 from tests.data_fixtures import refused_url
 from tests.params_fixtures import merged
 
@@ -40,8 +39,7 @@ def expand_foreach(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> dict[str
             stages[name] = stage
             continue
         section = re.fullmatch(r"\$\{(\w+)\}", stage["foreach"])[1]
-        template = json.dumps(stage["do"])
-        stages |= {f"{name}@{key}": json.loads(template.replace("${key}", key)) for key in params[section]}
+        stages |= {f"{name}@{key}": stage_definition(dvc_yaml["stages"], f"{name}@{key}") for key in params[section]}
     return {**dvc_yaml, "stages": stages}
 
 

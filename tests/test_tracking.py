@@ -2,6 +2,7 @@ import logging
 import multiprocessing
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -251,3 +252,14 @@ def test_experiments_running_at_once_share_a_new_store(tmp_path, monkeypatch):
     runs = client.search_runs([client.get_experiment_by_name("hdkd-synthetic").experiment_id],
                               "tags.`hdkd.stage` = 'evaluate'")
     assert sorted(r.data.tags["hdkd.dvc_exp_name"] for r in runs) == names
+
+
+@pytest.mark.parametrize("stage", ["train_teacher", "train_baseline@vit"])
+def test_dependency_hashes_cover_the_stage_dvc_runs_foreach_ones_included(stage):
+    from hdkd.provenance import stage_dep_hashes
+    from tests.pipeline_fixtures import DVC_YAML
+
+    root = Path(__file__).resolve().parents[1]
+    deps = DVC_YAML["stages"][stage]["deps"]
+    hashes = stage_dep_hashes(stage, root)
+    assert "hdkd/models" in hashes and list(hashes) == [d for d in deps if (root / d).exists()]
