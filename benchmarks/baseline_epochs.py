@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from hdkd.config import OptimConfig, load_params  # noqa: E402
+from hdkd.config import load_params  # noqa: E402
 from hdkd.efficiency import count_macs, count_parameters  # noqa: E402
-from hdkd.models import TIMM_PREFIX, create_model, model_name  # noqa: E402
-from hdkd.train import Runtime, build_criterion, fit  # noqa: E402
+from hdkd.engine import FitSettings, Runtime, fit  # noqa: E402
+from hdkd.models import create_model  # noqa: E402
+from hdkd.roster import roster  # noqa: E402
+from hdkd.train import build_criterion, network_spec  # noqa: E402
 
 N_TRAIN, N_VAL, CLASSES = 2167, 383, 7  # 3,000 images: 15 % test, then 15 % of the rest for validation
 
@@ -41,16 +43,16 @@ def main() -> None:
     images = torch.randn(N_TRAIN + N_VAL, 3, size, size, generator=g)
     labels = torch.randint(0, CLASSES, (N_TRAIN + N_VAL,), generator=g)
     train, val = TensorDataset(images[:N_TRAIN], labels[:N_TRAIN]), TensorDataset(images[N_TRAIN:], labels[N_TRAIN:])
-    cfg = OptimConfig(epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.05)
-    models = {role: (model_name(role, params.model.size), {}) for role in ("teacher", "student")}
-    models |= {name: (TIMM_PREFIX + spec.timm, spec.kwargs) for name, spec in params.baselines.items()}
+    cfg = params.student.model_copy(update={"epochs": 1})  # one epoch of the student's recipe for every model
+    settings = FitSettings(cfg, seed=0, batch_size=params.train.batch_size)
     rows = {}
-    for key, (name, kwargs) in models.items():
+    for entry in (e for e in roster(params) if not e.distills):  # networks as the pipeline builds them
+        name, overrides = network_spec(params, entry)
         torch.manual_seed(0)
-        model = create_model(name, CLASSES, size, **kwargs)
+        model = create_model(name, CLASSES, size, **overrides)
         wall, cpu = time.perf_counter(), time.process_time()
-        fit(model, build_criterion("student", cfg), cfg, train, val, Runtime(torch.device("cpu"), progress=False),
-            seed=0, batch_size=params.train.batch_size)
+        fit(model, build_criterion("student", cfg), train, val, Runtime(torch.device("cpu"), progress=False), settings)
+        key = entry.name
         rows[key] = {"params": count_parameters(model)["total"], "macs": count_macs(model, (3, size, size)),
                      "epoch_cpu_s": round(time.process_time() - cpu, 2),
                      "epoch_wall_s": round(time.perf_counter() - wall, 2)}

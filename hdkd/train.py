@@ -32,7 +32,7 @@ from hdkd.engine import FitSettings, Runtime, fit, seed_everything
 from hdkd.io import dvc_md5, read_json, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model, model_name
-from hdkd.roster import ModelEntry, roster_entry
+from hdkd.roster import ModelEntry, roster, roster_entry
 from hdkd.tracking import Tracker
 
 
@@ -172,7 +172,8 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
                 tracker.log_missing_steps(result.history[:result.resumed_from])
             tracker.log_artifact(model_path, "checkpoint")
             tracker.log_dict(result.history, "history.json")
-            tracker.log_bytes(figure_png(training_curves_figure({name: history})), "training_curves.png")
+            curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
+            tracker.log_bytes(figure_png(curves), "training_curves.png")
             write_json(paths.out_dir / "run.json", {**tracker.info(), "params_hash": params.digest(),
                                                     "model": network, **summary})
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
