@@ -27,19 +27,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from PIL import Image
-from scipy.stats import spearmanr
 from torch import nn
 
 from hdkd.checkpoint import load_model, load_trained
-from hdkd.data.augment import normalize
-from hdkd.data.images import IMAGE_EXTENSIONS, decode_resized
 from hdkd.data.packed import load_split
 from hdkd.efficiency import eval_mode
+from hdkd.inference import read_image, to_batch
 from hdkd.io import write_bytes, write_json
 from hdkd.models import create_model
 from hdkd.models.networks import HybridStudent, StagedNetwork
@@ -63,6 +59,8 @@ def unit_range(maps: torch.Tensor) -> torch.Tensor:
 
 def upsample(maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """``(N, h, w)`` maps -> ``(N, H, W)`` at the images' size (bilinear), in [0, 1]."""
+    from captum.attr import LayerAttribution  # captum and scipy load in seconds: only where they are used
+
     up = LayerAttribution.interpolate(maps[:, None], tuple(images.shape[-2:]), interpolate_mode="bilinear")
     return unit_range(up[:, 0].detach())
 
@@ -86,6 +84,8 @@ def grad_cam(model: StagedNetwork, images: torch.Tensor, target: torch.Tensor | 
     if target is None:
         target = predict(model, images).argmax(1)
     with eval_mode(model):  # the HDKD student's eval output is its inference rule: the heads' average
+        from captum.attr import LayerGradCam
+
         cam = LayerGradCam(model, model.stages[-1]).attribute(images, target=target, relu_attributions=not signed)
     return upsample(cam[:, 0], images)
 
@@ -150,6 +150,8 @@ def random_init(meta: Mapping[str, Any], seed: int) -> nn.Module:
 
 def rank_correlations(a: torch.Tensor, b: torch.Tensor) -> list[float | None]:
     """Spearman correlation of ``a[i]`` and ``b[i]`` over pixels; ``None`` where a map is constant."""
+    from scipy.stats import spearmanr
+
     out = []
     for x, y in zip(a.flatten(1).numpy(), b.flatten(1).numpy()):
         rho = spearmanr(x, y).statistic if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
@@ -229,7 +231,7 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
     if not len(index):
         raise ValueError(f"the test split in {data_dir} is empty")
     raw = np.ascontiguousarray(split.images[index])
-    images = normalize(torch.from_numpy(raw).permute(0, 3, 1, 2))
+    images = to_batch(raw)
     labels = torch.from_numpy(split.labels[index])
     classes = list(split.classes)
 
@@ -282,20 +284,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of ``hdkd explain``."""
     parser.add_argument("--model", type=Path, default=Path("models/hdkd/model.pt"), help="an hdkd model file")
     parser.add_argument("--method", choices=METHODS, default="gradcam",
-                        help="gradcam (any model), or rollout (a hybrid student's DFLT)")
+                        help="gradcam (the teacher or a student), or rollout (a hybrid student's DFLT)")
     parser.add_argument("--token", choices=("cls", "dist"), default="cls", help="rollout from this token")
     parser.add_argument("--out", type=Path, default=Path("explanations"), help="directory for the overlay PNGs")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files")
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """An image file as the network sees it: decoded to RGB and resized as the prepare stage does."""
+    """An image file as the network sees it (:func:`hdkd.inference.read_image`); a missing file is named."""
     if not path.is_file():
         raise FileNotFoundError(f"no image file {path}")
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"{path}: not an image file (known extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    pixels, _ = decode_resized(lambda: Image.open(path), size, str(path))
-    return pixels
+    return read_image(path, size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -304,11 +303,14 @@ def run(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         raise ValueError(f"inputs share a file name stem, their PNGs would overwrite each other: {stems}")
     model, meta = load_model(args.model)
+    if not isinstance(model, StagedNetwork):
+        raise ValueError(f"{args.model} is a {meta['model_name']} network: explain reads the teacher's and the "
+                         "students' convolutional stages (Grad-CAM) and DFLT (rollout), which baselines lack")
     if args.method == "rollout" and not isinstance(model, HybridStudent):
         raise ValueError(f"{args.model} is a {meta['model_name']} network without a transformer: "
                          "use --method gradcam")
     raw = np.stack([load_image(p, meta["image_size"]) for p in args.inputs])
-    images = normalize(torch.from_numpy(raw).permute(0, 3, 1, 2))
+    images = to_batch(raw)
     probs = predict(model, images)
     maps = explain(model, images, args.method, probs.argmax(1), args.token)
     what = "Grad-CAM" if args.method == "gradcam" else f"attention rollout ({args.token} token)"

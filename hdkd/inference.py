@@ -31,7 +31,7 @@ from torch import nn
 
 from hdkd.checkpoint import load_model
 from hdkd.data.augment import eval_transform
-from hdkd.data.images import decode_resized
+from hdkd.data.images import load_resized
 
 CHECKPOINT_KEYS = ("model_name", "classes", "image_size")  # what an exported or logged model must carry
 ONNX_METADATA = {key: f"hdkd.{key}" for key in CHECKPOINT_KEYS}  # metadata_props names, values JSON
@@ -144,7 +144,7 @@ def _load_mlflow(uri: str, device: torch.device | str) -> Classifier:
 def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """``uint8`` S x S x 3 RGB, decoded and resized as prepare packs images; raises
     :class:`hdkd.data.UnreadableImage` (with the reason) for a file that is not a readable image."""
-    return decode_resized(lambda: Image.open(path), image_size, str(path))[0]
+    return load_resized(lambda: Image.open(path), image_size, str(path))
 
 
 def to_batch(images: Sequence[np.ndarray]) -> torch.Tensor:

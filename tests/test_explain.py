@@ -39,6 +39,10 @@ def test_maps_have_the_image_size_and_lie_in_unit_range(hdkd_model):
         assert torch.allclose(m.flatten(1).amax(1), torch.ones(3))  # none constant here: each spans [0, 1]
     assert not torch.allclose(maps[3], maps[4])  # the two tokens attend differently
     assert hdkd_model.training is False  # eval mode kept
+    hdkd_model.train()
+    grad_cam(hdkd_model, images), attention_rollout(hdkd_model, images, "cls")
+    assert hdkd_model.training is True  # and training mode too: the maps restore what they found
+    hdkd_model.eval()
 
 
 def test_unit_range_scales_each_map_and_zeroes_constant_ones():
@@ -125,6 +129,11 @@ def test_cli_writes_one_overlay_per_input(tmp_path, hdkd_model, capsys):
     save_model(tmp_path / "teacher.pt", create_model("teacher_tiny", 2, SIDE), "teacher_tiny", CLASSES, SIDE, {})
     assert cli_main(["explain", "--model", str(tmp_path / "teacher.pt"), "--method", "rollout", str(inputs[0])]) == 1
     assert "without a transformer" in capsys.readouterr().err
+    kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
+    save_model(tmp_path / "resnet.pt", create_model("timm:resnet18", 2, SIDE, **kwargs), "timm:resnet18", CLASSES,
+               SIDE, kwargs)
+    assert cli_main(["explain", "--model", str(tmp_path / "resnet.pt"), str(inputs[0])]) == 1
+    assert "baselines lack" in capsys.readouterr().err
     assert cli_main(["explain", "--model", str(tmp_path / "model.pt"), str(tmp_path / "absent.png")]) == 1
     assert "no image file" in capsys.readouterr().err
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from hdkd.config import ConfigError
 from hdkd.geometry import PATCH_SIZE, image_size_step
 from hdkd.models import FrozenTeacher, HybridStudent, create_model, list_models, model_name
 from tests.params_fixtures import make_params
@@ -131,5 +132,8 @@ def test_params_accept_exactly_the_image_sizes_every_network_takes(stem_stride):
         make_params({"data": {"image_size": size}, "model": {"stem_stride": stem_stride}})
         for name in ("teacher_tiny", "student_tiny", "hdkd_tiny"):
             create_model(name, 3, image_size=size, stem_stride=stem_stride)
-    with pytest.raises(ValueError, match="not divisible by the patch size"):  # refused by params, and the student
-        create_model("student_tiny", 3, image_size=step + step // 2, stem_stride=stem_stride)
+    odd = step + step // 2
+    with pytest.raises(ConfigError, match="data.image_size"):  # refused by params ...
+        make_params({"data": {"image_size": odd}, "model": {"stem_stride": stem_stride}})
+    with pytest.raises(ValueError, match="not divisible by the patch size"):  # ... and by the student
+        create_model("student_tiny", 3, image_size=odd, stem_stride=stem_stride)

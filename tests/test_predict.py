@@ -19,7 +19,7 @@ import torch
 
 from hdkd.checkpoint import save_model
 from hdkd.cli import main
-from hdkd.inference import CHECKPOINT_KEYS, load_classifier, read_image, to_batch
+from hdkd.inference import CHECKPOINT_KEYS
 from hdkd.io import save_torch
 from hdkd.models import create_model
 from tests.data_fixtures import write_image
@@ -64,8 +64,19 @@ def csv_rows(text: str) -> list[dict[str, str]]:
 
 
 def expected_probabilities(model_file: Path, image: Path) -> np.ndarray:
-    classifier = load_classifier(model_file)
-    return classifier.predict_proba(to_batch([read_image(image, SIZE)]))[0]
+    """What evaluate would give the image if prepare had packed it (independent of hdkd.inference)."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hdkd.checkpoint import load_model
+    from hdkd.data.augment import eval_transform
+    from hdkd.data.images import decode_resized
+    from hdkd.evaluate import predict_proba
+
+    pixels, _ = decode_resized(lambda: Image.open(image), SIZE, str(image))
+    x = eval_transform()(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))
+    model, _ = load_model(model_file)
+    return predict_proba(model, DataLoader(TensorDataset(x[None], torch.zeros(1, dtype=torch.long))))[1][0]
 
 
 def test_folder_with_good_and_corrupt_images(capsys, model_file, folder):

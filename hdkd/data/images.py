@@ -55,16 +55,28 @@ def decode_resized(open_image: Callable[[], Image.Image], size: int, name: str) 
     square with Pillow's antialiased bilinear filter, as ``torchvision.transforms.Resize((s, s))``
     does on PIL images in the official code.
     """
+    rgb = _decode(open_image, name)
+    pixels = np.asarray(rgb)
+    digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+    return _square(rgb, size), digest
+
+
+def load_resized(open_image: Callable[[], Image.Image], size: int, name: str) -> np.ndarray:
+    """:func:`decode_resized` without the content hash (which costs a pass over the full-size pixels):
+    how inference reads a new image."""
+    return _square(_decode(open_image, name), size)
+
+
+def _decode(open_image: Callable[[], Image.Image], name: str) -> Image.Image:
     try:
         with open_image() as img:
             img.load()
-            rgb = to_rgb(img)
-    except (
-        Exception
-    ) as e:  # Pillow's plugins raise many types (OSError, SyntaxError, struct.error, ...) on bad files
+            return to_rgb(img)
+    except Exception as e:  # Pillow's plugins raise many types (OSError, SyntaxError, struct.error, ...)
         raise UnreadableImage(name, f"{type(e).__name__}: {e}") from e
-    pixels = np.asarray(rgb)
-    digest = hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+
+
+def _square(rgb: Image.Image, size: int) -> np.ndarray:
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8), digest
+    return np.asarray(rgb, dtype=np.uint8)
