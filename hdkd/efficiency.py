@@ -17,7 +17,7 @@ import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,6 +72,25 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return torch.autocast("cuda", dtype=dtype)
 
 
+def median_seconds(run: Callable[[], object], warmup: int, iters: int,
+                   sync: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``iters`` calls of ``run`` after ``warmup`` untimed ones.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) brackets each call: CUDA kernels are asynchronous.
+    """
+    times = []
+    for i in range(warmup + iters):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_forward(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -87,18 +106,9 @@ def time_forward(
     on_cuda = device.type == "cuda"
     model.to(device)
     x = torch.zeros(batch_size, *input_shape, device=device)
-    times = []
+    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else None
     with eval_mode(model), torch.inference_mode(), _autocast(device, amp):
-        for i in range(warmup + iters):
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    batch_s = statistics.median(times)
+        batch_s = median_seconds(lambda: model(x), warmup, iters, sync=sync)
     return {
         "device": device.type,
         "batch_size": batch_size,

@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from hdkd.config import Params
 from hdkd.data.augment import eval_transform
 from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
+from hdkd.efficiency import median_seconds
 from hdkd.inference import ONNX_INPUT, ONNX_METADATA, ONNX_OUTPUT, Classifier, OnnxClassifier, TorchClassifier
 from hdkd.io import write_bytes, write_json
 from hdkd.roster import model_files
@@ -91,17 +90,6 @@ def parity(reference: Classifier, candidate: Classifier, loader: DataLoader) -> 
         raise ValueError("parity check on an empty test split")
     return {"n_images": n, "max_abs_diff_probability": max_diff, "top1_agreement": agree / n,
             "top1_mismatches": n - agree}
-
-
-def median_seconds(run: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median wall time of ``iters`` calls of ``run`` after ``warmup`` untimed ones."""
-    times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        run()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def compare_latency(model: nn.Module, onnx: OnnxClassifier, image_size: int, batch_size: int,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hdkd.efficiency import count_macs, count_parameters, measure_efficiency, time_forward
+from hdkd.efficiency import count_macs, count_parameters, measure_efficiency, median_seconds, time_forward
 from tests.params_fixtures import section
 
 FAST = section("evaluate", latency_batch_sizes=[1, 4], latency_iters=3, latency_warmup=1)
@@ -57,6 +57,21 @@ def test_time_forward_reports_consistent_units():
     assert row["ms_per_batch"] > 0
     assert row["ms_per_image"] == pytest.approx(row["ms_per_batch"] / 4)
     assert row["images_per_s"] == pytest.approx(1000 / row["ms_per_image"])
+
+
+def test_median_seconds_times_only_the_runs_after_warmup_between_syncs(monkeypatch):
+    clock = iter(range(100))
+    monkeypatch.setattr("hdkd.efficiency.time.perf_counter", lambda: next(clock))
+    events = []
+    durations = iter([50, 1, 2, 9])  # the warm-up call's 50 must not count
+
+    def run():
+        events.append("run")
+        for _ in range(next(durations) - 1):
+            next(clock)
+
+    assert median_seconds(run, warmup=1, iters=3, sync=lambda: events.append("sync")) == 2
+    assert events == ["sync", "run", "sync"] * 4
 
 
 def test_measure_efficiency_on_cpu():
