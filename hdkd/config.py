@@ -178,7 +178,7 @@ class BaselineConfig(Section):
 
     ``optim`` holds the student section's values, with those given here replacing them: the same
     protocol unless a baseline says otherwise. The name and kwargs are checked against timm by
-    :func:`parse_params` (:func:`baseline_problem`).
+    :func:`check_baselines` (it imports timm, so the stages that build a baseline call it).
     """
 
     timm: str  # architecture name, as in timm.list_models()

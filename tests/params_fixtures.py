@@ -29,6 +29,17 @@ def params_dict(change: dict | None = None) -> dict[str, Any]:
     return merged(PARAMS, change or {})
 
 
+def params_without(dotted: str) -> dict[str, Any]:
+    """params.yaml as a raw mapping less one section or one key inside a section (``"distill.epochs"``)."""
+    raw = params_dict()
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    del node[leaf]
+    return raw
+
+
 def make_params(change: dict | None = None) -> Params:
     """Validated :class:`Params` of params.yaml with ``change`` merged in."""
     return parse_params(params_dict(change))

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from hdkd.config import REPLACED_WHOLE, ConfigError, Params, apply_overlay, load_params, parse_params
+from hdkd.config import REPLACED_WHOLE, BaselineConfig, ConfigError, Params, apply_overlay, load_params, parse_params
 from pipeline.params import main as params_cli
-from tests.params_fixtures import PARAMS, PARAMS_YAML, make_params, params_dict
+from tests.params_fixtures import PARAMS, PARAMS_YAML, make_params, params_without
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted((ROOT / "params").glob("paper-*.yaml"))
@@ -30,9 +30,16 @@ def test_the_code_carries_no_defaults():
             key = prefix + (field.alias or name)
             if not field.is_required():
                 out.append(key)
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-                out += defaulted(field.annotation, key + ".")
+            for inner in models_in(field.annotation):  # a section, or the values of dict[str, Section]
+                out += defaulted(inner, key + ".")
         return out
+
+    def models_in(annotation) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+    assert "optim" in BaselineConfig.model_fields and models_in(Params.model_fields["baselines"].annotation)
 
     assert defaulted(Params) == []
 
@@ -149,16 +156,6 @@ def test_load_params_reports_file_problems(tmp_path):
         load_params(tmp_path / "list.yaml")
 
 
-def without(raw: dict, dotted: str) -> dict:
-    """``raw`` less the key ``dotted`` (a section or a key inside one)."""
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    del node[leaf]
-    return raw
-
-
 def params_text(tmp_path, text: str) -> Path:
     path = tmp_path / "p.yaml"
     path.write_text(text)
@@ -175,7 +172,7 @@ def test_an_empty_params_file_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize("key", ["teacher", "report", "data.synthetic", "distill.lambda", "train.grad_clip",
                                  "data.synthetic.num_images", "tracking.experiment"])
 def test_a_missing_section_or_key_is_an_error_naming_the_file_and_key(tmp_path, key):
-    path = params_text(tmp_path, yaml.safe_dump(without(params_dict(), key)))
+    path = params_text(tmp_path, yaml.safe_dump(params_without(key)))
     with pytest.raises(ConfigError, match=rf"invalid params in {path}:\n  {key.replace('.', '[.]')}: missing") as e:
         load_params(path)
     assert str(e.value).count("\n") == 1  # that one key, nothing else

@@ -14,11 +14,10 @@ import pytest
 import yaml
 
 from hdkd.config import ConfigError
-from tests.params_fixtures import PARAMS_YAML, merged
+from tests.params_fixtures import PARAMS, PARAMS_YAML, merged, params_without
 from tests.pipeline_fixtures import DVC_YAML, ROOT
 
 STAGES = list(DVC_YAML["stages"])
-PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 # (the key the error must name, the change to params.yaml that makes it wrong)
 BAD_PARAMS = {
@@ -57,17 +56,6 @@ def test_bad_params_fail_before_any_work(stage, case, tmp_path, monkeypatch):
     assert files_under(tmp_path) == ["bad.yaml"]
 
 
-def deleted(dotted: str) -> str:
-    """params.yaml less one section or one key inside a section."""
-    raw = merged(PARAMS, {})
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for key in parents:
-        node = node[key]
-    del node[leaf]
-    return yaml.safe_dump(raw)
-
-
 def duplicated_epochs() -> str:
     """params.yaml with distill.epochs set twice: YAML alone would keep the last, 200, silently."""
     text = PARAMS_YAML.read_text()
@@ -80,8 +68,8 @@ def duplicated_epochs() -> str:
 # with the code's defaults (the paper's 200 epochs) or the last duplicate.
 INCOMPLETE_PARAMS = {
     "empty file": (" is empty", lambda: "\n"),
-    "deleted section": (r":\n  teacher: missing", lambda: deleted("teacher")),
-    "deleted key": (r":\n  distill\.epochs: missing", lambda: deleted("distill.epochs")),
+    "deleted section": (r":\n  teacher: missing", lambda: yaml.safe_dump(params_without("teacher"))),
+    "deleted key": (r":\n  distill\.epochs: missing", lambda: yaml.safe_dump(params_without("distill.epochs"))),
     "duplicated key": (r":\d+: duplicate key distill\.epochs", duplicated_epochs),
 }
 
