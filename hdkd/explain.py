@@ -235,16 +235,20 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
     labels = torch.from_numpy(split.labels[index])
     classes = list(split.classes)
 
-    def maps_of(teacher_net: nn.Module, student_net: nn.Module, signed: bool) -> dict[str, torch.Tensor]:
+    def gradcams(teacher_net: nn.Module, student_net: nn.Module, signed: bool) -> dict[str, torch.Tensor]:
         # Grad-CAM explains the true class for both networks, so that their maps answer the same question.
         return {"teacher_gradcam": grad_cam(teacher_net, images, labels, signed),
-                "hdkd_gradcam": grad_cam(student_net, images, labels, signed),
-                "hdkd_rollout_cls": attention_rollout(student_net, images, "cls"),
+                "hdkd_gradcam": grad_cam(student_net, images, labels, signed)}
+
+    def rollouts(student_net: nn.Module) -> dict[str, torch.Tensor]:  # unsigned by nature
+        return {"hdkd_rollout_cls": attention_rollout(student_net, images, "cls"),
                 "hdkd_rollout_dist": attention_rollout(student_net, images, "dist")}
 
-    trained = maps_of(teacher, student, signed=False)
-    ranked = maps_of(teacher, student, signed=True)
-    randomised = maps_of(random_init(t_meta, seed), random_init(s_meta, seed), signed=True)
+    rolled = rollouts(student)
+    trained = gradcams(teacher, student, signed=False) | rolled
+    ranked = gradcams(teacher, student, signed=True) | rolled
+    random_teacher, random_student = random_init(t_meta, seed), random_init(s_meta, seed)
+    randomised = gradcams(random_teacher, random_student, signed=True) | rollouts(random_student)
     preds = {"teacher": predict(teacher, images), "hdkd": predict(student, images)}
 
     def caption(model: str) -> list[str]:
