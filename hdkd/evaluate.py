@@ -37,7 +37,7 @@ from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
 from hdkd.distributed import DistInfo, resolve_device
 from hdkd.efficiency import eval_mode, measure_efficiency
-from hdkd.io import write_csv, write_json
+from hdkd.io import output_set, write_csv, write_json
 from hdkd.metrics import classification_metrics
 from hdkd.provenance import dvc_exp_name, git_state
 from hdkd.roster import model_files
@@ -119,29 +119,31 @@ def history_rows(history: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
 
 def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "reports") -> list[Path]:
-    """Write the bundle, DVC metrics, per-model detail and DVC plots data; return the paths written."""
+    """Write the bundle, DVC metrics, per-model detail and DVC plots data — together, or none of them
+    (:func:`hdkd.io.output_set`); return the paths written."""
     bundle = validate_bundle(bundle)
     out = Path(out_dir)
     names, class_names = model_names(bundle), bundle["class_names"]
-    written = {out / "bundle.json": bundle}
-    written[out / "metrics.json"] = {m: headline_metrics(bundle["models"][m]) for m in names}
-    for m in names:
-        model = bundle["models"][m]
-        written[out / "eval" / f"{m}.json"] = {
-            "model": m, "dataset": bundle["dataset"], "class_names": class_names,
-            "evaluation": model["evaluation"], "efficiency": model["efficiency"],
-        }
-    for path, obj in written.items():
-        write_json(path, obj)
-    paths = list(written)
-    for m in names:
-        model = bundle["models"][m]
-        confusion = [("actual", "predicted"), *confusion_rows(model["evaluation"]["confusion_matrix"], class_names)]
-        paths.append(out / "plots" / f"confusion_{m}.csv")
-        write_csv(paths[-1], confusion)
-        if model["history"]:
-            paths.append(out / "plots" / f"curves_{m}.csv")
-            write_csv(paths[-1], history_rows(model["history"]))
+    paths = [out / "bundle.json", out / "metrics.json"]
+    with output_set() as outputs:
+        write_json(outputs.file(paths[0]), bundle)
+        write_json(outputs.file(paths[1]), {m: headline_metrics(bundle["models"][m]) for m in names})
+        eval_dir, plots_dir = outputs.dir(out / "eval"), outputs.dir(out / "plots")
+        for m in names:
+            model = bundle["models"][m]
+            write_json(eval_dir / f"{m}.json", {
+                "model": m, "dataset": bundle["dataset"], "class_names": class_names,
+                "evaluation": model["evaluation"], "efficiency": model["efficiency"],
+            })
+            paths.append(out / "eval" / f"{m}.json")
+        for m in names:
+            model = bundle["models"][m]
+            confusion = [("actual", "predicted"), *confusion_rows(model["evaluation"]["confusion_matrix"], class_names)]
+            write_csv(plots_dir / f"confusion_{m}.csv", confusion)
+            paths.append(out / "plots" / f"confusion_{m}.csv")
+            if model["history"]:
+                write_csv(plots_dir / f"curves_{m}.csv", history_rows(model["history"]))
+                paths.append(out / "plots" / f"curves_{m}.csv")
     return paths
 
 

@@ -36,7 +36,7 @@ from hdkd.checkpoint import load_model, load_trained
 from hdkd.data.packed import load_split
 from hdkd.efficiency import eval_mode
 from hdkd.inference import read_image, to_batch
-from hdkd.io import write_bytes, write_json
+from hdkd.io import output_set, write_bytes, write_json
 from hdkd.models import create_model
 from hdkd.models.networks import HybridStudent, StagedNetwork
 from hdkd.plots import figure_png, model_label
@@ -262,8 +262,6 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
     fig = explanations_figure(raw, {headers[k]: trained[k].numpy() for k in headers},
                               [f"true: {classes[int(y)]}" for y in labels], {headers[k]: captions[k] for k in headers},
                               "Where the teacher and the HDKD student look (Grad-CAM of the true class)")
-    out = Path(out_dir)
-    write_bytes(out / "explanations.png", figure_png(fig, dpi))
     result = {
         "images": [{"image_id": str(split.ids[i]), "label": classes[int(split.labels[i])],
                     "teacher_prediction": classes[int(t.argmax())], "hdkd_prediction": classes[int(s.argmax())]}
@@ -276,7 +274,10 @@ def explain_test_split(teacher_path: str | Path, hdkd_path: str | Path, data_dir
         "agreement_teacher_vs_hdkd_gradcam": correlation_summary(
             rank_correlations(ranked["teacher_gradcam"], ranked["hdkd_gradcam"])),
     }
-    write_json(out / "explain.json", result)
+    with output_set() as outputs:  # the figure and its numbers together, or neither
+        out = outputs.dir(out_dir)
+        write_bytes(out / "explanations.png", figure_png(fig, dpi))
+        write_json(out / "explain.json", result)
     return result
 
 

@@ -47,7 +47,7 @@ from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
 from hdkd.efficiency import median_seconds
 from hdkd.inference import ONNX_INPUT, ONNX_METADATA, ONNX_OUTPUT, Classifier, OnnxClassifier, TorchClassifier
-from hdkd.io import write_bytes, write_json
+from hdkd.io import output_set, write_bytes, write_json
 from hdkd.roster import model_files
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,15 @@ def export_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | 
     models = model_files(models_dir)
     test = load_split(data_dir, "test", image_size=params.data.image_size)
     ev = params.evaluate
-    report = export_models(models, PackedDataset(test, eval_transform()), list(test.classes), exports_dir,
-                           image_size=params.data.image_size, batch_size=params.train.eval_batch_size,
-                           latency_batch_sizes=ev.latency_batch_sizes, warmup=ev.latency_warmup, iters=ev.latency_iters)
-    write_json(out, report)
+    with output_set() as outputs:  # the ONNX files and their checks together, or neither
+        staged = outputs.dir(exports_dir)
+        report = export_models(models, PackedDataset(test, eval_transform()), list(test.classes), staged,
+                               image_size=params.data.image_size, batch_size=params.train.eval_batch_size,
+                               latency_batch_sizes=ev.latency_batch_sizes, warmup=ev.latency_warmup,
+                               iters=ev.latency_iters)
+        for entry in report["models"].values():  # where the files will be, not where they were checked
+            entry["onnx"] = str(Path(exports_dir) / Path(entry["onnx"]).relative_to(staged))
+        write_json(outputs.file(out), report)
     for name, entry in report["models"].items():
         log.info("%s: %s, max |Δp| %.2g, top-1 agreement %.4f, ONNX Runtime / PyTorch latency %s", name,
                  entry["onnx"], entry["parity"]["max_abs_diff_probability"], entry["parity"]["top1_agreement"],

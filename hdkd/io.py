@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -63,26 +64,126 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
     return removed
 
 
+class DiskFullError(OSError):
+    """No space left for a stage's outputs: the message names them, the free space and what they need."""
+
+
+def disk_full_message(error: BaseException) -> str | None:
+    """One line for a full disk (or quota) anywhere in ``error``'s chain, else ``None``.
+
+    A :class:`DiskFullError` says it precisely; any other ENOSPC (torch wraps it in a RuntimeError,
+    SQLite in its own) gets the file it names, if any, and the free space where it was written.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError):
+            return str(error)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            if error.filename:
+                where = Path(error.filename)
+                return (f"no space left on device writing {where}: {_human(_free(where))} free there; "
+                        "free some space, then re-run the stage")
+            return (f"no space left on device: {_human(_free(Path.cwd()))} free in {Path.cwd()}; "
+                    "free some space, then re-run the stage")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class OutputSet:
+    """A stage's outputs (files and directories), written to temporaries beside them and put in place
+    together once every byte is written.
+
+    A failure — a full disk above all — leaves the previous outputs whole and no temporary behind; a
+    kill can fall only within the final renames. Use :func:`output_set`.
+    """
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}  # output -> its temporary
+
+    def file(self, path: str | os.PathLike) -> Path:
+        """A temporary file to write the output file ``path`` to."""
+        path = self._claim(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self._staged[path] = Path(tmp)
+        return self._staged[path]
+
+    def dir(self, path: str | os.PathLike) -> Path:
+        """An empty temporary directory to fill in place of the output directory ``path``."""
+        path = self._claim(path)
+        self._staged[path] = sibling_temp_dir(path)
+        return self._staged[path]
+
+    def _claim(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path in self._staged:
+            raise ValueError(f"{path} is already an output of this set")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)  # what a killed earlier write left
+        return path
+
+    def commit(self) -> None:
+        for tmp in self._staged.values():
+            if tmp.is_file():
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
+        aside = []
+        for path, tmp in self._staged.items():
+            if tmp.is_dir() and path.is_dir():  # a directory is replaced whole: nothing stale survives
+                aside.append(sibling_temp_dir(path, ".old"))
+                os.replace(path, aside[-1] / path.name)
+            os.replace(tmp, path)
+        for old in aside:
+            shutil.rmtree(old)
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
+
+    def disk_full_error(self) -> DiskFullError:
+        outputs = list(self._staged)
+        written = sum(_size(t) for t in self._staged.values())
+        previous = sum(_size(p) for p in outputs)
+        where = outputs[0].parent if outputs else Path.cwd()
+        took = f"; the previous version took {_human(previous)}" if previous else ""
+        return DiskFullError(
+            f"no space left on device for {', '.join(map(str, outputs))}: {_human(_free(where))} free in "
+            f"{where}, and they need more than the {_human(written)} written when it ran out{took}. "
+            "Free some space, then re-run the stage (the previous outputs are untouched)")
+
+
+@contextlib.contextmanager
+def output_set() -> Iterator[OutputSet]:
+    """Stage outputs with :class:`OutputSet`; put them in place only if the block succeeds.
+
+    ``with output_set() as outputs: write_json(outputs.file(out / "metrics.json"), m)``. Running out of
+    disk space raises :class:`DiskFullError` naming the outputs and the space they need.
+    """
+    outputs = OutputSet()
+    try:
+        yield outputs
+        outputs.commit()
+    except BaseException as e:
+        if disk_full_message(e) is not None and not isinstance(e, DiskFullError):
+            raise outputs.disk_full_error() from e
+        raise
+    finally:
+        outputs.discard()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
 
     What a killed earlier write of ``path`` left is removed first (as by :func:`atomic_dir`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with output_set() as outputs:
+        yield outputs.file(path)
 
 
 def sibling_temp_dir(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
@@ -107,21 +208,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     complete new one, never a mix; a failure removes the temporary directory, and what a killed
     earlier write of ``path`` left (GBs for a prepared dataset) is removed first.
     """
-    path = Path(path)
-    remove_stale_temporaries(path.parent, path.name)
-    tmp = sibling_temp_dir(path)
-    try:
-        yield tmp
-        if path.exists():
-            old = sibling_temp_dir(path, ".old")
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with output_set() as outputs:
+        yield outputs.dir(path)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _free(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

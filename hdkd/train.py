@@ -29,7 +29,7 @@ from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
 from hdkd.distributed import DistInfo, device_type, init_distributed, resolve_device, shutdown
 from hdkd.engine import FitSettings, Runtime, fit, seed_everything
-from hdkd.io import dvc_md5, read_json, write_json
+from hdkd.io import dvc_md5, output_set, read_json, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model, model_name
 from hdkd.roster import ModelEntry, roster, roster_entry
@@ -162,11 +162,15 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
         summary = {"val_accuracy": result.best["val_accuracy"], "val_loss": result.best["val_loss"],
                    "best_epoch": result.best_epoch, "epochs": cfg.epochs}
         if rt.dist.is_main:
-            # Outputs first, MLflow after: a tracking failure can never cost a finished checkpoint.
+            # Outputs first (all three or none), MLflow after: tracking can never cost a finished checkpoint.
             model_path = paths.out_dir / "model.pt"
             history = [{k: row[k] for k in HISTORY_COLUMNS} for row in result.history]
-            save_model(model_path, model, network, classes, params.data.image_size, overrides, summary, history)
-            write_json(paths.metrics, summary)
+            with output_set() as outputs:
+                save_model(outputs.file(model_path), model, network, classes, params.data.image_size, overrides,
+                           summary, history)
+                write_json(outputs.file(paths.metrics), summary)
+                write_json(outputs.file(paths.out_dir / "run.json"), {
+                    **tracker.info(), "params_hash": params.digest(), "model": network, **summary})
             tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
             if result.resumed_from:  # an epoch saved just before a kill may not have reached MLflow
                 tracker.log_missing_steps(result.history[:result.resumed_from])
@@ -174,8 +178,6 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
             tracker.log_dict(result.history, "history.json")
             curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
             tracker.log_bytes(figure_png(curves), "training_curves.png")
-            write_json(paths.out_dir / "run.json", {**tracker.info(), "params_hash": params.digest(),
-                                                    "model": network, **summary})
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     return {**summary, "history": result.history, "resumed_from": result.resumed_from}
 

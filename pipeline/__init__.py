@@ -4,9 +4,26 @@
 The stages read params.yaml (dvc.yaml runs them without --params; `dvc exp run -S` edits that file).
 A stage given another file with --params still gets the environment unless params.yaml switches
 the mode off; the training code then checks that its own file's setting can hold.
+
+A stage that runs out of disk space ends with one line naming the outputs and the space they need.
 """
 
+import sys
+
 from hdkd import numerics
+from hdkd.io import disk_full_message
 
 if numerics.reproducible_in("params.yaml"):
     numerics.apply_env()
+
+
+def _disk_full_in_one_line(kind, error, traceback) -> None:
+    # A full disk surfaces as pages of torch "iostream" or SQLAlchemy tracebacks that never say so.
+    message = disk_full_message(error)
+    if message is None:
+        sys.__excepthook__(kind, error, traceback)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+
+
+sys.excepthook = _disk_full_in_one_line

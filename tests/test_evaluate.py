@@ -1,6 +1,7 @@
 """evaluate_model on a model with known outputs; the files write_evaluation writes."""
 
 import csv
+import errno
 import io
 import json
 
@@ -9,11 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import CLASSES, hand_models
+import hdkd.evaluate
+from conftest import CLASSES, bundle_with, hand_models
 from hdkd.bundle import make_bundle, model_names
 from hdkd.checkpoint import save_model
 from hdkd.evaluate import evaluate_model, evaluate_stage, run_evaluation, write_evaluation
-from hdkd.io import read_json
+from hdkd.io import DiskFullError, read_json
 from hdkd.models import create_model
 from hdkd.roster import model_files
 from tests.params_fixtures import make_params, section
@@ -102,6 +104,24 @@ def test_write_evaluation_files(tmp_path, bundle):
     curves = (out / "plots" / "curves_teacher.csv").read_text()
     assert curves.splitlines()[:2] == ["epoch,lr,train_loss,val_accuracy,val_loss", "1,0.001,1.0,0.625,1.25"]
     assert "\r" not in curves
+
+
+def test_a_full_disk_leaves_the_previous_evaluation_whole(tmp_path, bundle, monkeypatch):
+    # Before: bundle.json and metrics.json were new and complete-looking, eval/ and plots/ missing.
+    out = tmp_path / "reports"
+    write_evaluation(bundle, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = hdkd.evaluate.write_csv
+
+    def full_at_the_hdkd_curves(path, rows):
+        if path.name == "curves_hdkd.csv":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, rows)
+
+    monkeypatch.setattr(hdkd.evaluate, "write_csv", full_at_the_hdkd_curves)
+    with pytest.raises(DiskFullError, match="bundle.json, .*metrics.json, .*eval, .*plots: .* free in "):
+        write_evaluation(bundle_with(shift=0.05), out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # temporaries gone too
 
 
 def test_models_without_history_get_no_curves(tmp_path):

@@ -1,21 +1,31 @@
+import errno
 import hashlib
 import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from hdkd.io import (
+    DiskFullError,
     atomic_dir,
     atomic_path,
+    disk_full_message,
     dvc_md5,
     file_md5,
     load_torch,
+    output_set,
     read_json,
     read_yaml,
     remove_stale_temporaries,
     save_torch,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_file_md5_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
@@ -99,3 +109,80 @@ def test_a_stale_temporary_of_the_same_output_is_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*other, "notes.tmp", "prepared"])
     remove_stale_temporaries(tmp_path)  # any output's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp", "prepared"]
+
+
+def _write_set(root, text: str, fail_at: str | None = None) -> None:
+    """A stage's outputs: two files in different directories and a directory of two files."""
+    def write(path, content):
+        if fail_at and fail_at in path.name:  # a file's temporary is named after it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        path.write_text(content)
+
+    with output_set() as outputs:
+        write(outputs.file(root / "bundle.json"), text)
+        write(outputs.file(root / "train" / "metrics.json"), text)
+        plots = outputs.dir(root / "plots")
+        write(plots / "a.csv", text)
+        write(plots / "b.csv", text)
+
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fail_at", ["bundle.json", "metrics.json", "a.csv", "b.csv"])
+def test_an_output_set_appears_whole_or_not_at_all(tmp_path, fail_at):
+    _write_set(tmp_path, "old")
+    (tmp_path / "plots" / "stale.csv").write_text("from a model no longer run")
+    before = _snapshot(tmp_path)
+    with pytest.raises(DiskFullError, match=r"no space left on device for .*bundle\.json.*: \S+ \w+ free in "):
+        _write_set(tmp_path, "new", fail_at=fail_at)
+    assert _snapshot(tmp_path) == before  # nothing new, nothing lost, no temporaries
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []
+    _write_set(tmp_path, "new")
+    assert _snapshot(tmp_path) == {k: "new" for k in ["bundle.json", "plots/a.csv", "plots/b.csv", "train/metrics.json"]}
+
+
+def test_an_error_that_is_not_a_full_disk_passes_unchanged(tmp_path):
+    with pytest.raises(KeyError, match="boom"), output_set() as outputs:
+        outputs.file(tmp_path / "x.json").write_text("half")
+        raise KeyError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_real_full_disk_under_torch_is_named_in_one_line(tmp_path):
+    # /dev/full fails every write with ENOSPC, as a full disk does; torch wraps it in its own errors.
+    script = textwrap.dedent("""
+        import pipeline  # what every stage imports first
+        import sys, torch
+        from hdkd.io import output_set
+        if sys.argv[1] == "output":
+            with output_set() as outputs:
+                outputs.file("models/hdkd/model.pt")
+                with open("/dev/full", "wb") as f:
+                    torch.save({"w": torch.zeros(100_000)}, f)
+        else:
+            with open("/dev/full", "wb") as f:
+                f.write(b"x" * 100_000)
+                f.flush()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for case, expected in [("output", r"error: no space left on device for models/hdkd/model\.pt: .* free in "
+                                      r"models/hdkd, and they need more than .*Free some space, then re-run the stage"),
+                           ("elsewhere", r"error: no space left on device: .* free in \S+; free some space")]:
+        done = subprocess.run([sys.executable, "-c", script, case], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert re.fullmatch(expected + r".*\n", done.stderr), done.stderr  # one line, no traceback
+
+
+def test_disk_full_message_looks_through_wrapping_errors():
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/data/x.npy")
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from e
+    except RuntimeError as wrapped:
+        assert disk_full_message(wrapped).startswith("no space left on device writing /data/x.npy: ")
+    assert disk_full_message(RuntimeError("other")) is None and disk_full_message(OSError(errno.EACCES, "no")) is None

@@ -1,11 +1,14 @@
 """Tables (exact text), ablation grouping, figures (valid, deterministic PNGs) and the README."""
 
+import errno
 import struct
 
 import pytest
 
 from conftest import bundle_with
+from hdkd.io import DiskFullError
 from hdkd.plots import EXTRA_COLORS, model_color
+from hdkd.report import build
 from hdkd.report.ablations import ABLATIONS, group_ablations
 from hdkd.report.build import ablation_table, build_report, main_table, per_class_table, table_csv, table_markdown
 from hdkd.roster import ROSTER
@@ -149,10 +152,26 @@ def test_stale_report_files_are_removed(tmp_path, bundle):
     stale = tmp_path / "tables" / "ablation_lambda.md"
     stale.parent.mkdir()
     stale.write_text("from an older build")
-    keep = tmp_path / "tables" / "notes.txt"  # not a report file type: left alone
-    keep.write_text("mine")
     build_report(bundle, tmp_path, REPORT)
-    assert not stale.exists() and keep.exists()
+    assert not stale.exists() and (tmp_path / "tables" / "main.md").is_file()
+
+
+def test_a_failed_build_leaves_the_previous_report_whole(tmp_path, bundle, monkeypatch):
+    written = build_report(bundle, tmp_path, REPORT)
+    before = {p: p.read_bytes() for p in written}
+    real, calls = build.figure_png, []
+
+    def second_figure_hits_a_full_disk(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(build, "figure_png", second_figure_hits_a_full_disk)
+    with pytest.raises(DiskFullError, match=r"no space left on device for \S+tables, \S+figures: .* free in .*the previous version took"):
+        build_report(bundle, tmp_path, REPORT)
+    assert {p: p.read_bytes() for p in written} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "figures", "tables"]  # no temporaries
 
 
 def test_model_colors_are_the_same_in_every_figure():

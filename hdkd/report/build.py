@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
-from hdkd.io import csv_text, write_bytes, write_text
+from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
 from hdkd.roster import roster
@@ -340,29 +340,24 @@ def build_report(
     out = Path(out_dir)
     written: list[Path] = []
     tables = report_tables(bundle, groups)
-    for table in tables:
-        for suffix, text in ((".md", table_markdown(table)), (".csv", table_csv(table))):
-            written.append(out / "tables" / f"{table.name}{suffix}")
-            write_text(written[-1], text)
-    figures = []
-    for name, draw in report_figures(bundle, groups, cfg).items():
-        fig = draw()
-        if fig is not None:
-            figures.append(name)
-            written.append(out / "figures" / name)
-            write_bytes(written[-1], figure_png(fig, cfg.dpi))
-    _remove_stale(out, written)
-    written.append(out / "README.md")
-    write_text(written[-1], readme(bundle, tables, figures, groups, unused))
+    # All of it or none; tables/ and figures/ are replaced whole, so a table or figure that is no
+    # longer made (an ablation dropped) does not linger.
+    with output_set() as outputs:
+        staged = {"tables": outputs.dir(out / "tables"), "figures": outputs.dir(out / "figures")}
+        for table in tables:
+            for suffix, text in ((".md", table_markdown(table)), (".csv", table_csv(table))):
+                write_text(staged["tables"] / f"{table.name}{suffix}", text)
+                written.append(out / "tables" / f"{table.name}{suffix}")
+        figures = []
+        for name, draw in report_figures(bundle, groups, cfg).items():
+            fig = draw()
+            if fig is not None:
+                figures.append(name)
+                write_bytes(staged["figures"] / name, figure_png(fig, cfg.dpi))
+                written.append(out / "figures" / name)
+        written.append(out / "README.md")
+        write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused))
     return written
-
-
-def _remove_stale(out: Path, written: Sequence[Path]) -> None:
-    keep = set(written)
-    for sub in ("tables", "figures"):
-        for path in sorted((out / sub).glob("*")):
-            if path.is_file() and path.suffix in (".md", ".csv", ".png") and path not in keep:
-                path.unlink()
 
 
 def readme(
