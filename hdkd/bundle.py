@@ -49,8 +49,10 @@ def make_bundle(
     git_commit: str | None = None,
     git_dirty: bool | None = None,
     dvc_exp_name: str | None = None,
+    numerics: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history."""
+    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history;
+    ``numerics``: the versions that decide the numbers (:func:`hdkd.numerics.numerics_versions`)."""
     bundle = {
         "schema_version": SCHEMA_VERSION,
         "dataset": dataset or params.data.dataset,
@@ -60,6 +62,7 @@ def make_bundle(
         "git_commit": git_commit,
         "git_dirty": git_dirty,
         "dvc_exp_name": dvc_exp_name,
+        **({"numerics": dict(numerics)} if numerics else {}),
         "models": {
             name: {
                 "evaluation": dict(m["evaluation"]),

@@ -168,7 +168,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
         }
     state = git_state()
     bundle = make_bundle(results, params, class_names, git_commit=state["git_commit"], git_dirty=state["git_dirty"],
-                         dvc_exp_name=dvc_exp_name())
+                         dvc_exp_name=dvc_exp_name(), numerics=numerics.numerics_versions())
     write_evaluation(bundle, out_dir)  # on disk first: tracking can never cost the result
     with Tracker(params.tracking, params, "evaluate") as tracker:
         for name in model_names(bundle):

@@ -107,16 +107,31 @@ def library_versions() -> dict[str, str]:
     return {key: m.group(1) for key, pattern in patterns.items() if (m := re.search(pattern, config))}
 
 
-def environment_facts() -> dict[str, Any]:
-    """What decides the CPU numerics of this process (for run records)."""
+def numerics_versions() -> dict[str, str]:
+    """The versions that decide the numbers: torch, numpy, and the MKL and oneDNN torch was built with.
+
+    Recorded in every MLflow run and in the results bundle; the reports check names any that differ.
+    """
     import numpy
     import torch
 
+    return {"torch": torch.__version__, "numpy": numpy.__version__, **library_versions()}
+
+
+def is_reproducible() -> bool:
+    """Whether this process runs under the reproducible numerics mode."""
+    import torch
+
+    return env_in_place() and not torch.backends.mkldnn.enabled and torch.get_num_threads() == THREADS
+
+
+def environment_facts() -> dict[str, Any]:
+    """What decides the CPU numerics of this process (for run records)."""
+    import torch
+
     return {
-        "reproducible": env_in_place() and not torch.backends.mkldnn.enabled and torch.get_num_threads() == THREADS,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        **library_versions(),
+        "reproducible": is_reproducible(),
+        **numerics_versions(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "isa_caps": {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
         "mkldnn": torch.backends.mkldnn.enabled,

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hdkd import numerics
 from hdkd.io import dvc_md5, read_yaml
 
 # Not code: the pipeline's own outputs change during `dvc repro`, and params.yaml is recorded in full
@@ -110,11 +111,14 @@ def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
 
 
 def environment() -> dict[str, str]:
-    """Versions of Python and the libraries that shape a result, the host and its GPU."""
+    """Versions of Python and the libraries that shape a result (torch, numpy, MKL, oneDNN), whether the
+    reproducible numerics mode is on, the host, its CPU's kernel level and its GPU."""
     import torch
     import torchvision
 
-    tags = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    tags = {"python": platform.python_version(), **numerics.numerics_versions(), "torchvision": torchvision.__version__,
+            "reproducible_numerics": str(numerics.is_reproducible()).lower(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "host": platform.node(), "cuda": str(torch.cuda.is_available())}
     if torch.cuda.is_available():
         tags["gpu"] = torch.cuda.get_device_name(0)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hdkd.evaluate
 from conftest import CLASSES, bundle_with, hand_models
+from hdkd import numerics
 from hdkd.bundle import make_bundle, model_names
 from hdkd.checkpoint import save_model
 from hdkd.evaluate import evaluate_model, evaluate_stage, run_evaluation, write_evaluation
@@ -177,6 +178,7 @@ def test_a_baseline_is_evaluated_and_reported_like_the_other_models(tmp_path):
     bundle = run_evaluation(params, {"vit": models["vit"], "teacher": models["teacher"]}, test_set, CLASSES,
                             tmp_path / "reports")
     assert list(bundle["models"]) == ["vit", "teacher"] and model_names(bundle) == ["teacher", "vit"]
+    assert bundle["numerics"] == numerics.numerics_versions() and bundle["numerics"]["torch"] == torch.__version__
     metrics = read_json(tmp_path / "reports" / "metrics.json")
     assert list(metrics) == ["teacher", "vit"] and metrics["vit"].keys() == metrics["teacher"].keys()
     assert (tmp_path / "reports" / "eval" / "vit.json").is_file()

@@ -126,6 +126,20 @@ def test_timing_and_provenance_are_not_compared(committed, fresh):
     assert differences(committed, fresh) == []
 
 
+def test_a_numerics_version_difference_is_named(committed, fresh, tmp_path):
+    versions = {"torch": "2.14.1", "numpy": "2.3.5", "mkl": "2025.2", "onednn": "3.9.1"}
+    base = shutil.copytree(committed, tmp_path / "committed")
+    edit_json(base / "bundle.json", lambda b: b.update(numerics=versions))
+    edit_json(fresh / "bundle.json", lambda b: b.update(numerics={**versions, "torch": "2.15.0", "mkl": None}))
+    out = io.StringIO()
+    found = check_reports(DirTree(base), DirTree(fresh), stream=out)
+    assert "numerics versions differ (committed -> fresh): mkl 2025.2 -> None, torch 2.14.1 -> 2.15.0;" in out.getvalue()
+    assert {d.message.split(":")[0] for d in found} >= {"numerics.torch"}
+    edit_json(fresh / "bundle.json", lambda b: b.update(numerics=versions))
+    out = io.StringIO()
+    assert check_reports(DirTree(base), DirTree(fresh), stream=out) == [] and "versions differ" not in out.getvalue()
+
+
 def test_exit_codes_from_main_and_cli(committed, fresh):
     assert check(fresh, committed, "HEAD", ".", "reports") == 0
     assert cli(["--committed", str(committed), "--fresh", str(fresh)]) == 0

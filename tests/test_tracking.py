@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from hdkd import numerics
 from hdkd.provenance import repo_root
 from hdkd.tracking import Tracker, resolve_tracking_uri, retry_transient
 from tests.data_fixtures import refused_url
@@ -43,7 +44,9 @@ def test_stage_run_carries_params_tags_metrics_and_artifacts(store, tmp_path, mo
     assert run.data.tags["hdkd.params_hash"] == p.digest()
     assert run.data.tags["hdkd.dvc_exp_name"] == "exp-test"
     assert run.data.tags["hdkd.stage"] == "train_teacher"
-    assert "hdkd.env.torch" in run.data.tags
+    versions = numerics.numerics_versions()  # the versions that decide the numbers, MKL and oneDNN included
+    assert {k: run.data.tags[f"hdkd.env.{k}"] for k in versions} == versions and {"mkl", "onednn"} <= versions.keys()
+    assert run.data.tags["hdkd.env.reproducible_numerics"] in ("true", "false")
     assert sorted(run.data.params) == sorted(p.flat())  # every resolved param, not a sample
     assert run.data.params["distill.alpha"] == "0.5" and run.data.params["data.dataset"] == "synthetic"
     history = client.get_metric_history(run_id, "val_accuracy")

@@ -258,8 +258,24 @@ def check_reports(
     diffs = unified_diffs(committed, fresh, differences)
     if diffs:
         print("\n" + diffs, file=stream, end="")
+    versions = version_differences(committed, fresh)
+    if versions:
+        print(f"numerics versions differ (committed -> fresh): {versions}; these alone change the numbers: "
+              "install the locked ones (pip install -r requirements.lock)", file=stream)
     print(f"{len(differences)} difference(s)" if differences else "reports match", file=stream)
     return differences
+
+
+def version_differences(committed: ReportTree, fresh: ReportTree, name: str = "bundle.json") -> str:
+    """The numerics versions (torch, numpy, MKL, oneDNN) that differ between the two results bundles,
+    as ``torch 2.14.1 -> 2.15.0, ...``; empty when they agree or a side does not record them."""
+    if name not in committed.files() or name not in fresh.files():
+        return ""
+    before, after = (parse_json(tree.read(name), f"{tree}/{name}").get("numerics") or {} for tree in (committed, fresh))
+    if not before or not after:
+        return ""
+    return ", ".join(f"{k} {before.get(k, 'absent')} -> {after.get(k, 'absent')}"
+                     for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k))
 
 
 def check(
