@@ -114,7 +114,7 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
     figures = ["confusion_teacher", "confusion_student", "confusion_hdkd", "training_curves", "per_class_f1",
                "data_efficiency"]
     assert names == sorted([f"tables/{t}.{s}" for t in tables for s in ("md", "csv")]
-                           + [f"figures/{f}.png" for f in figures] + ["README.md"])
+                           + [f"figures/{f}.png" for f in figures] + ["model_card.md", "README.md"])
     for f in figures:
         width, height = png_size((out / "figures" / f"{f}.png").read_bytes())
         assert 300 <= width <= 3000 and 300 <= height <= 3000, f
@@ -171,7 +171,7 @@ def test_a_failed_build_leaves_the_previous_report_whole(tmp_path, bundle, monke
     with pytest.raises(DiskFullError, match=r"no space left on device for \S+tables, \S+figures: .* free in .*the previous version took"):
         build_report(bundle, tmp_path, REPORT)
     assert {p: p.read_bytes() for p in written} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "figures", "tables"]  # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "figures", "model_card.md", "tables"]  # no temporaries
 
 
 def test_model_colors_are_the_same_in_every_figure():

@@ -11,9 +11,10 @@
     figures/training_curves.png       loss and validation accuracy per epoch
     figures/per_class_f1.png          per-class F1 grouped by model
     figures/data_efficiency.png       accuracy vs training fraction (>= 2 fractions)
+    model_card.md                     the HDKD student's model card (:mod:`hdkd.report.model_card`)
     README.md                         index; dataset, git commit and params hash of the source
 
-The report owns ``tables/`` and ``figures/``: files there that this build did not write are removed.
+The report owns ``tables/`` and ``figures/``: they are replaced whole, with the other files, or not at all.
 
 Tables are byte-deterministic: fixed decimals, orders fixed by the bundles' content, ``\\n``
 endings, no timestamps. PNGs carry no software/date metadata, so they are byte-identical for the
@@ -38,6 +39,7 @@ from hdkd.config import ReportConfig, flatten
 from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
+from hdkd.report.model_card import model_card
 from hdkd.roster import roster
 
 NA = "n/a"
@@ -355,6 +357,9 @@ def build_report(
                 figures.append(name)
                 write_bytes(staged["figures"] / name, figure_png(fig, cfg.dpi))
                 written.append(out / "figures" / name)
+        if "hdkd" in bundle["models"]:
+            written.append(out / "model_card.md")
+            write_text(outputs.file(written[-1]), model_card(bundle))
         written.append(out / "README.md")
         write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused))
     return written
@@ -391,6 +396,8 @@ def readme(
         "",
         *(f"- [{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures),
         "",
+        *(["## Model card", "", "- [HDKD student](model_card.md): intended use, limits, weak spots, provenance", ""]
+          if "hdkd" in bundle["models"] else []),
         "## Evaluation data",
         "",
         "- `bundle.json`: everything above is derived from it",
