@@ -20,7 +20,14 @@ from hdkd.provenance import repo_root
 from hdkd.report.ablations import ABLATIONS, NoTrackedRuns, UnknownAblation, queue_commands
 from hdkd.report.build import build_report
 from hdkd.report.revisions import RevisionNotFound
-from hdkd.report.stage import collect, other_runs, revision_inputs, revision_report_config, working_tree_inputs
+from hdkd.report.stage import (
+    collect,
+    other_runs,
+    revision_inputs,
+    revision_report_config,
+    stage_extras,
+    working_tree_inputs,
+)
 from hdkd.tracking import resolve_tracking_uri
 
 REPORTS_DIR = Path("reports")
@@ -45,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablations-dir", type=Path, default=REPORTS_DIR / "ablations",
                    help="collected ablation bundles: every *.json is used (without --rev); "
                         "--collect-ablations fills it")
+    p.add_argument("--export", type=Path, help="the export stage's report, for ONNX Runtime latency in the efficiency "
+                                               "table (default: export.json beside --bundle; without --rev)")
+    p.add_argument("--explain", type=Path, help="the explain stage's output, for where the models look in README.md "
+                                                "(default: explain/ beside --bundle; without --rev)")
     p.add_argument("--out", type=Path, default=REPORTS_DIR,
                    help=f"output directory (with --rev: {REVISIONS_DIR}/<rev>; "
                         f"a revision never goes over {REPORTS_DIR})")
@@ -79,10 +90,13 @@ def run(args: argparse.Namespace) -> None:
         bundle, ablations = revision_inputs(args.rev, uri, args.repo)
         out = revision_dir(args.rev) if args.out == REPORTS_DIR else args.out
         cfg = revision_report_config(bundle, params.report)
+        export = explain = None  # what MLflow keeps of a revision is its bundle
     else:
         bundle, ablations = working_tree_inputs(args.bundle, args.ablations_dir)
         out, cfg = args.out, params.report
-    written = build_report(bundle, out, cfg, ablations + other_runs(args.ablation, uri, args.repo))
+        export, explain = stage_extras(args.export or args.bundle.parent / "export.json",
+                                       args.explain or args.bundle.parent / "explain", out)
+    written = build_report(bundle, out, cfg, ablations + other_runs(args.ablation, uri, args.repo), export, explain)
     print("\n".join(str(p) for p in written))
 
 

@@ -10,7 +10,18 @@ from hdkd.io import DiskFullError
 from hdkd.plots import EXTRA_COLORS, model_color
 from hdkd.report import build
 from hdkd.report.ablations import ABLATIONS, group_ablations
-from hdkd.report.build import ablation_table, build_report, main_table, per_class_table, table_csv, table_markdown
+from hdkd.report.build import (
+    Explanations,
+    ablation_table,
+    build_report,
+    efficiency_table,
+    main_table,
+    per_class_table,
+    table_csv,
+    table_markdown,
+)
+from hdkd.report.check import Tolerance
+from hdkd.report.stage import stage_extras
 from hdkd.roster import ROSTER
 from tests.params_fixtures import section
 
@@ -185,3 +196,49 @@ def test_bundles_of_different_test_sets_are_refused(bundle):
     bundle["models"]["hdkd"]["evaluation"]["per_class"][0]["support"] = 11
     with pytest.raises(ValueError, match="different test sets"):
         per_class_table(bundle)
+
+
+def _export_report(models: dict[str, float]) -> dict:
+    return {"models": {m: {"timing_cpu": {f"bs{b}": {"batch_size": b, "onnxruntime_ms_per_image": ms / b}
+                                          for b in (1, 32)}} for m, ms in models.items()}}
+
+
+def test_the_efficiency_table_gains_onnx_runtime_latency_for_the_exported_models(bundle):
+    table = efficiency_table(bundle, _export_report({"teacher": 2.0, "hdkd": 1.0}))
+    assert table.columns[-2:] == ("ONNX Runtime CPU ms/img (bs 1)", "ONNX Runtime CPU ms/img (bs 32)")
+    rows = {row[0]: row for row in table.rows}
+    assert rows["Teacher"][-2:] == ("2.000", "0.062") and rows["HDKD"][-2:] == ("1.000", "0.031")
+    assert rows["Student"][-2:] == ("n/a", "n/a")  # not exported
+    assert "ONNX Runtime" in table.note and "ONNX" not in " ".join(efficiency_table(bundle).columns)
+    assert all(Tolerance().ignores(f"efficiency.md:{c}") for c in table.columns[-2:])  # machine-dependent
+
+
+def _explanations(rollout: float) -> Explanations:
+    summary = {"defined": 12, "mean_spearman": 0.1, "per_image": []}
+    return Explanations({"sanity_trained_vs_random": {"teacher_gradcam": summary,
+                                                      "hdkd_rollout_cls": {**summary, "mean_spearman": rollout}},
+                         "agreement_teacher_vs_hdkd_gradcam": {**summary, "mean_spearman": 0.625}},
+                        "explain/explanations.png")
+
+
+def test_the_readme_shows_where_the_models_look_and_the_sanity_check(tmp_path, bundle):
+    build_report(bundle, tmp_path, REPORT, explain=_explanations(rollout=0.75))
+    text = (tmp_path / "README.md").read_text()
+    assert "](explain/explanations.png)" in text and "over 12 test images" in text
+    assert "- Teacher Grad-CAM: 0.100 (passes)" in text
+    assert "- HDKD attention rollout (class token): 0.750 (fails the check)" in text
+    assert "agree with mean Spearman 0.625" in text
+    build_report(bundle, tmp_path, REPORT)
+    assert "Where the models look" not in (tmp_path / "README.md").read_text()
+
+
+def test_the_report_stage_finds_what_export_and_explain_wrote(tmp_path):
+    reports = tmp_path / "reports"
+    assert stage_extras(reports / "export.json", reports / "explain", reports) == (None, None)
+    (reports / "explain").mkdir(parents=True)
+    (reports / "explain" / "explain.json").write_text('{"a": 1}')
+    (reports / "export.json").write_text('{"models": {}}')
+    export, explain = stage_extras(reports / "export.json", reports / "explain", reports)
+    assert export == {"models": {}} and explain == Explanations({"a": 1}, "explain/explanations.png")
+    assert stage_extras(reports / "export.json", reports / "explain", tmp_path / "elsewhere")[1].figure == \
+        "../reports/explain/explanations.png"

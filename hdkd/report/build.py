@@ -176,13 +176,19 @@ def per_class_table(bundle: Mapping[str, Any]) -> Table:
     return Table("per_class", "Per-class results", columns, rows, "P: precision, R: recall, on the test split.")
 
 
-def efficiency_table(bundle: Mapping[str, Any]) -> Table | None:
+def efficiency_table(bundle: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Table | None:
+    """Params, MACs and PyTorch timing from the bundle; with the export stage's ``export`` report, the
+    exported networks' ONNX Runtime CPU latency beside PyTorch's."""
     names = [m for m in model_names(bundle) if _efficiency(bundle, m)]
     if not names:
         return None
     slots = sorted({(t["device"], t["batch_size"]) for m in names for t in _efficiency(bundle, m)["timing"]})
+    exported = {m: {t["batch_size"]: t for t in e["timing_cpu"].values()}
+                for m, e in (export or {}).get("models", {}).items()}
+    onnx_slots = sorted({bs for timing in exported.values() for bs in timing})
     columns = ("Model", "Params", "Trainable params", "MACs (M)") + tuple(
-        f"{dev.upper()} {unit} (bs {bs})" for dev, bs in slots for unit in ("ms/img", "img/s"))
+        f"{dev.upper()} {unit} (bs {bs})" for dev, bs in slots for unit in ("ms/img", "img/s")) + tuple(
+        f"ONNX Runtime CPU ms/img (bs {bs})" for bs in onnx_slots)
     rows = []
     for m in names:
         eff = _efficiency(bundle, m)
@@ -192,8 +198,13 @@ def efficiency_table(bundle: Mapping[str, Any]) -> Table | None:
         for slot in slots:
             t = timing.get(slot)
             cells += [fixed(t["ms_per_image"], 3), fixed(t["images_per_s"], 1)] if t else [NA, NA]
+        onnx = exported.get(m, {})
+        cells += [fixed(onnx[bs]["onnxruntime_ms_per_image"], 3) if bs in onnx else NA for bs in onnx_slots]
         rows.append(tuple(cells))
     note = "Timing: median of the timed forward passes, inference mode; machine-dependent, not compared by checks."
+    if onnx_slots:
+        note += (" ONNX Runtime: the export stage's ONNX file of the network, timed in the same process as PyTorch "
+                 "with as many threads (`export.json`); baselines are not exported.")
     return Table("efficiency", "Efficiency", columns, tuple(rows), note)
 
 
@@ -308,9 +319,10 @@ def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[
 
 
 # ---------------------------------------------------------------------------------------- report
-def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None) -> list[Table]:
+def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None,
+                  export: Mapping[str, Any] | None = None) -> list[Table]:
     ablation_groups = ablation_groups or {}
-    tables = [main_table(bundle), metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle)]
+    tables = [main_table(bundle), metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle, export)]
     tables += [ablation_table(a, bundle, ablation_groups[a.name]) for a in ABLATIONS if a.name in ablation_groups]
     return [t for t in tables if t is not None]
 
@@ -335,13 +347,18 @@ def build_report(
     out_dir: str | os.PathLike,
     cfg: ReportConfig,
     ablations: Iterable[Mapping[str, Any]] = (),
+    export: Mapping[str, Any] | None = None,
+    explain: Explanations | None = None,
 ) -> list[Path]:
-    """Write the tables, figures and README of one run (plus ablations of other runs); return the paths."""
+    """Write the tables, figures and README of one run (plus ablations of other runs); return the paths.
+
+    ``export``: the export stage's report (ONNX Runtime latency in the efficiency table); ``explain``:
+    the explain stage's results (a README section on where the models look)."""
     bundle = validate_bundle(bundle)
     groups, unused = group_ablations(bundle, [validate_bundle(b) for b in ablations])
     out = Path(out_dir)
     written: list[Path] = []
-    tables = report_tables(bundle, groups)
+    tables = report_tables(bundle, groups, export)
     # All of it or none; tables/ and figures/ are replaced whole, so a table or figure that is no
     # longer made (an ablation dropped) does not linger.
     with output_set() as outputs:
@@ -361,8 +378,41 @@ def build_report(
             written.append(out / "model_card.md")
             write_text(outputs.file(written[-1]), model_card(bundle))
         written.append(out / "README.md")
-        write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused))
+        write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused, explain))
     return written
+
+
+@dataclass(frozen=True)
+class Explanations:
+    """The explain stage's results (``explain.json``) and its figure, as a link relative to the report."""
+
+    results: Mapping[str, Any]
+    figure: str
+
+
+# Above this mean rank correlation with a randomly re-initialised network's map, a map barely depends
+# on the learned weights (Adebayo et al., 2018, "Sanity Checks for Saliency Maps").
+SANITY_LIMIT = 0.5
+MAP_LABELS = {"teacher_gradcam": "Teacher Grad-CAM", "hdkd_gradcam": "HDKD Grad-CAM",
+              "hdkd_rollout_cls": "HDKD attention rollout (class token)",
+              "hdkd_rollout_dist": "HDKD attention rollout (distillation token)"}
+
+
+def explanation_lines(explain: Explanations) -> list[str]:
+    """The README section on where the models look: the figure, the sanity check, the agreement."""
+    sanity = explain.results["sanity_trained_vs_random"]
+    agreement = explain.results["agreement_teacher_vs_hdkd_gradcam"]
+    lines = ["## Where the models look", "",
+             f"![Grad-CAM of the teacher and the HDKD student, attention rollout of the student]({explain.figure})", "",
+             "Sanity check: mean Spearman correlation of each map with the same network's after random "
+             f"re-initialisation, over {next(iter(sanity.values()))['defined']} test images (near 0: the map "
+             f"depends on what was learned; above {SANITY_LIMIT}: it barely does, and says little).", ""]
+    for key, summary in sanity.items():
+        verdict = "fails the check" if summary["mean_spearman"] > SANITY_LIMIT else "passes"
+        lines.append(f"- {MAP_LABELS.get(key, key)}: {summary['mean_spearman']:.3f} ({verdict})")
+    lines += ["", f"Teacher and HDKD Grad-CAM agree with mean Spearman {agreement['mean_spearman']:.3f} "
+              "(1: the student looks where the teacher looks).", ""]
+    return lines
 
 
 def readme(
@@ -371,6 +421,7 @@ def readme(
     figures: Sequence[str],
     groups: AblationGroups,
     unused: Sequence[tuple[Mapping[str, Any], list[str]]],
+    explain: Explanations | None = None,
 ) -> str:
     """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
     dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
@@ -396,6 +447,7 @@ def readme(
         "",
         *(f"- [{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures),
         "",
+        *(explanation_lines(explain) if explain else []),
         *(["## Model card", "", "- [HDKD student](model_card.md): intended use, limits, weak spots, provenance", ""]
           if "hdkd" in bundle["models"] else []),
         "## Evaluation data",

@@ -14,7 +14,9 @@ from typing import Any
 
 from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig
+from hdkd.io import read_json
 from hdkd.report.ablations import collect_ablations, summary
+from hdkd.report.build import Explanations
 from hdkd.report.revisions import ablations_for_revision, bundle_for_revision
 from hdkd.tracking import experiment_name
 
@@ -31,6 +33,18 @@ def working_tree_inputs(bundle_path: str | os.PathLike, ablations_dir: str | os.
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The bundle at ``bundle_path`` and every ``*.json`` of ``ablations_dir`` (by file name)."""
     return load_bundle(bundle_path), [load_bundle(p) for p in sorted(Path(ablations_dir).glob("*.json"))]
+
+
+def stage_extras(export_path: str | os.PathLike, explain_dir: str | os.PathLike, out_dir: str | os.PathLike
+                 ) -> tuple[dict[str, Any] | None, Explanations | None]:
+    """The export stage's report and the explain stage's results, where those stages have run."""
+    export_path, explain_dir = Path(export_path), Path(explain_dir)
+    export = read_json(export_path) if export_path.is_file() else None
+    explain = None
+    if (explain_dir / "explain.json").is_file():
+        figure = Path(os.path.relpath(explain_dir / "explanations.png", out_dir)).as_posix()
+        explain = Explanations(read_json(explain_dir / "explain.json"), figure)
+    return export, explain
 
 
 def revision_inputs(rev: str, uri: str, repo: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
