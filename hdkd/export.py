@@ -71,11 +71,25 @@ def export_onnx(model: nn.Module, meta: Mapping[str, Any], path: str | Path) -> 
         dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
     proto = program.model_proto
+    _drop_stack_traces(proto)
     for key, name in ONNX_METADATA.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = name, json.dumps(meta[key])
     write_bytes(path, proto.SerializeToString())
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _drop_stack_traces(proto: Any) -> None:
+    """Remove the exporter's per-node Python stack traces: they hold absolute source paths, so the same
+    network exported from two clones gave two files (and DVC hashes), and they leak the build machine's paths."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if not p.key.endswith("stack_trace")]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
 
 
 def parity(reference: Classifier, candidate: Classifier, loader: DataLoader) -> dict[str, Any]:

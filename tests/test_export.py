@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import hdkd
 from hdkd.checkpoint import load_model, save_model
 from hdkd.cli import main as cli
 from hdkd.data.augment import eval_transform
@@ -23,7 +25,7 @@ from hdkd.data.packed import load_split
 from hdkd.data.prepare import prepare_dataset
 from hdkd.data.sources import fetch_dataset
 from hdkd.evaluate import predict_proba
-from hdkd.export import ParityError, export_models
+from hdkd.export import ParityError, export_models, export_onnx
 from hdkd.inference import ONNX_METADATA, OnnxClassifier, read_image
 from hdkd.models import create_model
 from hdkd.report.check import Tolerance, compare_json
@@ -159,3 +161,17 @@ def test_predict_on_test_files_equals_evaluate_and_onnx_agrees(workspace, capsys
     assert [p["predicted"] for p in through_pt] == [test.classes[i] for i in expected.argmax(1)]
     assert [p["predicted"] for p in through_onnx] == [p["predicted"] for p in through_pt]
     assert np.array([probabilities(p) for p in through_onnx]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_export_holds_no_path_of_the_machine_that_made_it(tmp_path):
+    # The exporter records each node's Python stack trace, absolute source paths included: the same
+    # network exported from two clones gave two files (and DVC hashes).
+    model = create_model("hdkd_tiny", 3, 32).eval()
+    meta = {"model_name": "hdkd_tiny", "classes": ["a", "b", "c"], "image_size": 32}
+    export_onnx(model, meta, tmp_path / "a.onnx")
+    data = (tmp_path / "a.onnx").read_bytes()
+    assert str(Path(hdkd.__file__).parent).encode() not in data and b"site-packages" not in data
+    proto = onnx.load_from_string(data)
+    assert proto.graph.node and not [p.key for n in proto.graph.node for p in n.metadata_props
+                                     if p.key.endswith("stack_trace")]
+    assert {p.key for p in proto.metadata_props} == set(ONNX_METADATA.values())
