@@ -24,6 +24,7 @@ from hdkd.models import create_model
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "hdkd-model/1"
+CHECKPOINT_KEYS = ("model_name", "classes", "image_size")  # what an exported or logged model must carry
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -149,11 +149,12 @@ def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "re
 
 def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test_set: torch.utils.data.Dataset,
                    class_names: Sequence[str], out_dir: str | os.PathLike = "reports",
-                   device: torch.device | str = "cpu") -> dict[str, Any]:
+                   device: torch.device | str = "cpu", datasets: dict[str, str] | None = None) -> dict[str, Any]:
     """The evaluate stage: every trained model on the test split, once; write and track the bundle.
 
     ``models`` maps a model's name (:mod:`hdkd.roster`) to the file its training stage wrote; each
     file also carries the model's per-epoch training history, and must be of ``data.image_size``.
+    ``datasets``: the data read, for MLflow (:class:`hdkd.tracking.Tracker`).
     """
     numerics.apply_runtime(params.train.reproducible and torch.device(device).type == "cpu")
     loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
@@ -170,7 +171,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
     bundle = make_bundle(results, params, class_names, git_commit=state["git_commit"], git_dirty=state["git_dirty"],
                          dvc_exp_name=dvc_exp_name(), numerics=numerics.numerics_versions())
     write_evaluation(bundle, out_dir)  # on disk first: tracking can never cost the result
-    with Tracker(params.tracking, params, "evaluate") as tracker:
+    with Tracker(params.tracking, params, "evaluate", datasets=datasets) as tracker:
         for name in model_names(bundle):
             headline = headline_metrics(bundle["models"][name])
             tracker.log_metrics({f"{name}.{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
@@ -184,4 +185,5 @@ def evaluate_stage(params: Params, data_dir: str | os.PathLike, models_dir: str 
     device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
     test = load_split(data_dir, "test", image_size=params.data.image_size)
     models = model_files(models_dir, params)
-    return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), out_dir, device)
+    return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), out_dir, device,
+                          datasets={str(data_dir): "test"})

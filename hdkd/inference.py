@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hdkd.checkpoint import load_model
+from hdkd.checkpoint import CHECKPOINT_KEYS, load_model
 from hdkd.data.augment import eval_transform
 from hdkd.data.images import load_resized
 
-CHECKPOINT_KEYS = ("model_name", "classes", "image_size")  # what an exported or logged model must carry
 ONNX_METADATA = {key: f"hdkd.{key}" for key in CHECKPOINT_KEYS}  # metadata_props names, values JSON
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -133,8 +132,8 @@ def _load_mlflow(uri: str, device: torch.device | str) -> Classifier:
     meta = info.metadata or {}
     missing = [k for k in CHECKPOINT_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"MLflow model {uri} lacks metadata {missing}: log it with "
-                         "mlflow.pytorch.log_model(..., metadata={k: meta[k] for k in hdkd.inference.CHECKPOINT_KEYS})")
+        raise ValueError(f"MLflow model {uri} lacks metadata {missing}: log it with mlflow.pytorch.log_model("
+                         "..., metadata={k: meta[k] for k in hdkd.checkpoint.CHECKPOINT_KEYS})")
     model = mlflow.pytorch.load_model(uri, map_location=torch.device(device))
     if not isinstance(model, torch.fx.GraphModule):  # a "pt2" (torch.export) model keeps its logged mode
         model.eval()

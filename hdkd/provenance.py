@@ -91,6 +91,15 @@ def stage_definition(stages: dict[str, Any], stage: str) -> dict[str, Any]:
     return json.loads(json.dumps(definition.get("do", {})).replace("${key}", key))
 
 
+def stage_command(stage: str, root: Path) -> str | None:
+    """The command ``dvc.yaml`` runs for ``stage`` (``python -m pipeline.train_hdkd``), if it declares one."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return None
+    stages = (read_yaml(dvc_yaml) or {}).get("stages", {})
+    return stage_definition(stages, stage).get("cmd") if stage.partition("@")[0] in stages else None
+
+
 def stage_dep_hashes(stage: str, root: Path) -> dict[str, str]:
     """The hashes ``dvc.lock`` records for the dependencies ``dvc.yaml`` declares for ``stage``
     (missing ones are skipped): a directory's hash leaves out what ``.dvcignore`` ignores."""

@@ -35,11 +35,17 @@ from urllib.parse import urlsplit
 
 from hdkd.config import Params, TrackingConfig
 from hdkd.io import parse_json
-from hdkd.provenance import dvc_exp_name, environment, git_state, repo_root, stage_dep_hashes
+from hdkd.provenance import dvc_exp_name, environment, git_state, repo_root, stage_command, stage_dep_hashes
 
 log = logging.getLogger(__name__)
 
 TAG = "hdkd."
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def registered_model_name(dataset: str, model: str) -> str:
+    """The Model Registry name of a pipeline model: ``hdkd-<dataset>-<model>``."""
+    return f"hdkd-{dataset}-{model}"
 
 
 def experiment_name(cfg: TrackingConfig, dataset: str) -> str:
@@ -151,12 +157,37 @@ class RetryingClient:
         return lambda *args, **kwargs: retry_transient(attr, *args, **kwargs)
 
 
+@contextlib.contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.pytorch.log_model``) at ``uri``; afterwards the process's own
+    settings again. ``mlflow.set_tracking_uri``/``set_registry_uri`` set module globals and environment
+    variables that would otherwise outlive the call (and override a later ``MLFLOW_TRACKING_URI``)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry  # no public way to unset these
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    variables = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking._tracking_uri, registry._registry_uri, {k: os.environ.get(k) for k in variables}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking._tracking_uri, registry._registry_uri = saved[0], saved[1]
+        for key, value in saved[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def open_client(uri: str) -> RetryingClient:
     """An MLflow client of ``uri`` (which it creates, for a new SQLite store), safe under concurrency."""
     from mlflow.tracking import MlflowClient
 
     with _store_creation_lock(uri):
-        client = retry_transient(MlflowClient, tracking_uri=uri)  # opens the store, creating its tables
+        # The registry explicitly too: by default it follows the process's tracking URI, not this one.
+        client = retry_transient(MlflowClient, tracking_uri=uri, registry_uri=uri)  # opens (creates) the store
     return RetryingClient(client)
 
 
@@ -232,9 +263,10 @@ class Tracker:
     """
 
     def __init__(self, cfg: TrackingConfig, params: Params, stage: str, extra_tags: dict[str, str] | None = None,
-                 resume_run_id: str | None = None):
+                 resume_run_id: str | None = None, datasets: dict[str, str] | None = None):
         self.cfg, self.params, self.stage = cfg, params, stage
         self.resume_run_id = resume_run_id  # an interrupted run of this stage to continue
+        self.datasets = datasets or {}  # a data dependency's path -> its role ("training", "validation", "test")
         self.root = repo_root()
         self.enabled = cfg.enabled
         self.extra_tags = extra_tags or {}
@@ -270,12 +302,15 @@ class Tracker:
         if self.resume_run_id and self._reopen(self.resume_run_id):
             return
         env = {f"{TAG}env.{k}": v for k, v in environment().items()}
-        run_tags = {**tags, **env, **self.extra_tags, f"{TAG}stage": self.stage,
-                    "mlflow.parentRunId": self.parent_run_id,
-                    **{f"{TAG}dep.{p}": h for p, h in stage_dep_hashes(self.stage, Path.cwd()).items()}}
+        deps = stage_dep_hashes(self.stage, Path.cwd())
+        command = stage_command(self.stage, Path.cwd())
+        source = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"} if command else {}
+        run_tags = {**tags, **env, **self.extra_tags, **source, f"{TAG}stage": self.stage,
+                    "mlflow.parentRunId": self.parent_run_id, **{f"{TAG}dep.{p}": h for p, h in deps.items()}}
         run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=self.stage)
         self.run_id = run.info.run_id
         self._log_params(self.run_id)
+        self._log_datasets(deps)
         self.log_dict(self.params.to_dict(), "params.json")
         log.info("MLflow run %s (%s) in experiment %s", self.run_id, self.stage, name)
 
@@ -296,6 +331,12 @@ class Tracker:
         return True
 
     def _experiment(self, name: str) -> str:
+        experiment_id = self._find_or_create_experiment(name)
+        # MLflow 3's UI opens an experiment without this tag on the GenAI traces overview.
+        self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return experiment_id
+
+    def _find_or_create_experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -361,6 +402,55 @@ class Tracker:
         for row in rows:
             if int(row[step_key]) not in steps:
                 self.log_metrics(row, step=int(row[step_key]))
+
+    def _log_datasets(self, hashes: dict[str, str]) -> None:
+        """The data this stage read, as MLflow datasets whose digests are their DVC hashes (the runs
+        table's Dataset column); a path that is not one of the stage's DVC dependencies has no hash."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=f"{self.params.data.dataset}-{Path(path).name}",
+                                       digest=hashes[path].removesuffix(".dir"), source_type="local",
+                                       source=json.dumps({"uri": (self.root / path).as_uri()})),
+                               tags=[InputTag("mlflow.data.context", role)])
+                  for path, role in self.datasets.items() if path in hashes]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(self, model: Any, meta: dict[str, Any], registered_name: str) -> None:
+        """Log ``model`` (in eval mode) as this run's MLflow model and register it as a new version of
+        ``registered_name``, tagged with the commit and params hash.
+
+        Saved with ``torch.export`` ("pt2": a graph and weights, no pickled code) for a dynamic batch of
+        float32 N x 3 x S x S normalised images -> N x C logits. ``meta`` (the model's metadata) must hold
+        its ``classes`` and ``image_size``; with the network's name (:data:`hdkd.checkpoint.CHECKPOINT_KEYS`),
+        ``hdkd predict --model models:/<name>/latest`` and ``mlflow models serve`` need nothing else.
+        """
+        if self._active():
+            self._guard(self._log_model, model, meta, registered_name)
+
+    def _log_model(self, model: Any, meta: dict[str, Any], registered_name: str) -> None:
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        size, n_classes = meta["image_size"], len(meta["classes"])
+        signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
+                                   Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), "logits")]))
+        example = np.zeros((2, 3, size, size), np.float32)  # batch 2: torch.export fixes a batch of 1
+        with _fluent_store(self.uri), mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pt2", signature=signature, input_example=example,
+                metadata=dict(meta),
+                pip_requirements=[f"torch=={torch.__version__}", f"mlflow=={mlflow.__version__}"],
+                registered_model_name=registered_name)
+        run = self.client.get_run(self.run_id)
+        for key in ("git_commit", "params_hash"):
+            self.client.set_model_version_tag(registered_name, info.registered_model_version, f"{TAG}{key}",
+                                              run.data.tags[f"{TAG}{key}"])
+        log.info("MLflow model %s version %s (%s)", registered_name, info.registered_model_version, info.model_uri)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._active():

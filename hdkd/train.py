@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from hdkd import numerics
-from hdkd.checkpoint import load_model, save_model
+from hdkd.checkpoint import CHECKPOINT_KEYS, load_model, save_model
 from hdkd.config import DistillConfig, OptimConfig, Params, result_params
 from hdkd.data.augment import BatchAugment, eval_transform, train_transform
 from hdkd.data.loader import PackedDataset
@@ -33,7 +33,7 @@ from hdkd.io import dvc_md5, output_set, read_json, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model, model_name
 from hdkd.roster import ModelEntry, roster, roster_entry
-from hdkd.tracking import Tracker
+from hdkd.tracking import Tracker, registered_model_name
 
 
 def recipe(params: Params, entry: ModelEntry) -> OptimConfig:
@@ -154,7 +154,9 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
     settings = FitSettings(cfg, params.seed, params.train.batch_size, params.train.eval_batch_size,
                            params.train.num_workers, params.train.grad_clip, params.train.log_every,
                            paths.resume_dir, fingerprint, desc=name)
-    with Tracker(tracking, params, entry.stage, extra_tags=extra, resume_run_id=resume_run) as tracker:
+    datasets = {str(paths.train): "training", str(paths.val): "validation"}
+    with Tracker(tracking, params, entry.stage, extra_tags=extra, resume_run_id=resume_run,
+                 datasets=datasets) as tracker:
         if rt.dist.is_main and tracker.run_id:
             write_json(run_file, {"fingerprint": fingerprint, "run_id": tracker.run_id})
         result = fit(train_model, build_criterion(entry, cfg), train_set, val_set, rt, settings, teacher, batch_hook,
@@ -178,6 +180,9 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
             tracker.log_dict(result.history, "history.json")
             curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
             tracker.log_bytes(figure_png(curves), "training_curves.png")
+            logged, meta = load_model(model_path)  # the saved weights, on the CPU, in eval mode
+            tracker.log_model(logged, {k: meta[k] for k in CHECKPOINT_KEYS},
+                              registered_model_name(params.data.dataset, name))
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     return {**summary, "history": result.history, "resumed_from": result.resumed_from}
 

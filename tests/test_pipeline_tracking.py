@@ -8,16 +8,32 @@ dvc.lock records. With tracking switched off, or its server down, every output i
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from hdkd.cli import main as predict_cli
 from hdkd.config import parse_params
+from hdkd.inference import read_image, to_batch
 from hdkd.io import file_md5
 from hdkd.roster import ROSTER
 from hdkd.train import recipe
-from tests.pipeline_fixtures import PIPELINE_OUTPUTS, ScratchRepo, metric_history, mlflow_client, runs_by_stage
+from tests.pipeline_fixtures import (
+    PIPELINE_OUTPUTS,
+    ScratchRepo,
+    command_env,
+    metric_history,
+    mlflow_client,
+    runs_by_stage,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +135,54 @@ def test_with_the_tracking_server_down_every_output_is_written(unreachable_track
     repo, log = unreachable_tracking_pipeline
     assert_every_output_written(repo)
     assert log.count("continuing without tracking") == len(TRACKED_STAGES), log
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_trained_model_is_registered_with_its_run(stage_runs, tracked_pipeline):
+    client = mlflow_client(tracked_pipeline)
+    for stage in TRAINING_STAGES:
+        name = f"hdkd-synthetic-{TRAINING_STAGES[stage].name}"
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert version.run_id == stage_runs[stage].info.run_id, name
+        assert version.tags["hdkd.params_hash"] == stage_runs[stage].data.tags["hdkd.params_hash"]
+
+
+def test_mlflow_serves_the_registered_hdkd_model_as_hdkd_predict_predicts(tracked_pipeline, tmp_path):
+    repo = tracked_pipeline.root
+    image = next((repo / "data" / "raw").rglob("*.jpg"))
+    assert predict_cli(["predict", "--model", str(repo / "models/hdkd/model.pt"), "--top-k", "7", "--format",
+                        "json", "--out", str(tmp_path / "p.json"), str(image)]) == 0
+    output = json.loads((tmp_path / "p.json").read_text())
+    (predicted,), classes = output["predictions"], output["classes"]
+    port = free_port()
+    env = {**command_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/hdkd-synthetic-hdkd/latest",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the scoring server did not start"
+                time.sleep(1)
+        size = tracked_pipeline.params["data"]["image_size"]
+        body = json.dumps({"inputs": to_batch([read_image(image, size)]).numpy().tolist()}).encode()
+        request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            logits = torch.tensor(json.loads(response.read())["predictions"], dtype=torch.float64)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    served = torch.softmax(logits, dim=1)[0]
+    assert predicted["predicted"] == classes[int(served.argmax())]
+    for entry in predicted["top_k"]:
+        assert abs(entry["probability"] - float(served[classes.index(entry["class"])])) < 1e-5, entry

@@ -17,9 +17,8 @@ import pytest
 import tomllib
 import torch
 
-from hdkd.checkpoint import save_model
+from hdkd.checkpoint import CHECKPOINT_KEYS, save_model
 from hdkd.cli import main
-from hdkd.inference import CHECKPOINT_KEYS
 from hdkd.io import save_torch
 from hdkd.models import create_model
 from tests.data_fixtures import write_image

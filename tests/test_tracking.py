@@ -266,3 +266,57 @@ def test_dependency_hashes_cover_the_stage_dvc_runs_foreach_ones_included(stage)
     deps = DVC_YAML["stages"][stage]["deps"]
     hashes = stage_dep_hashes(stage, root)
     assert "hdkd/models" in hashes and list(hashes) == [d for d in deps if (root / d).exists()]
+
+
+def test_the_ui_gets_a_model_training_experiment_a_source_and_datasets_with_dvc_digests(store, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train_teacher:\n    cmd: python -m pipeline.train_teacher\n"
+                                       "    deps: [data/balanced, data/prepared]\n")
+    for split in ("balanced", "prepared"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        (tmp_path / "data" / split / "labels.npy").write_bytes(split.encode())
+    p = params(store)
+    roles = {"data/balanced": "training", "data/prepared": "validation", "data/elsewhere": "test"}
+    with Tracker(p.tracking, p, "train_teacher", datasets=roles) as tracker:
+        run_id = tracker.run_id
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["mlflow.source.name"] == "python -m pipeline.train_teacher"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    logged = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    # the digests are the DVC hashes the run's dependency tags carry; a path that is no dependency has none
+    assert logged == {(f"synthetic-{split}", run.data.tags[f"hdkd.dep.data/{split}"].removesuffix(".dir"), role)
+                      for split, role in (("balanced", "training"), ("prepared", "validation"))}
+
+
+def test_a_model_is_logged_registered_and_predicts_as_its_checkpoint(store, tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from hdkd.inference import TorchClassifier, load_classifier
+    from hdkd.models import create_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # where models:/ URIs resolve, as for `mlflow models serve`
+    p = params(store)
+    torch.manual_seed(0)
+    model = create_model("hdkd_tiny", 3, 32).eval()
+    meta = {"model_name": "hdkd_tiny", "classes": ["a", "b", "c"], "image_size": 32}
+    with Tracker(p.tracking, p, "train_hdkd") as tracker:
+        tracker.log_model(model, meta, "hdkd-test-hdkd")
+        run_id = tracker.run_id
+    client = MlflowClient(store)
+    (version,) = client.search_model_versions("name='hdkd-test-hdkd'")
+    run = client.get_run(run_id)
+    assert version.run_id == run_id and run.info.status == "FINISHED"
+    assert {k: version.tags[f"hdkd.{k}"] for k in ("git_commit", "params_hash")} == {
+        k: run.data.tags[f"hdkd.{k}"] for k in ("git_commit", "params_hash")}
+    served = load_classifier("models:/hdkd-test-hdkd/latest")
+    assert served.classes == ("a", "b", "c") and served.image_size == 32
+    x = torch.randn(5, 3, 32, 32)  # another batch size than the logged example's: the batch axis is dynamic
+    np.testing.assert_allclose(served.predict_proba(x), TorchClassifier(model, meta["classes"], 32, "pt").predict_proba(x),
+                               atol=1e-6)
+    signature = mlflow.models.get_model_info("models:/hdkd-test-hdkd/latest").signature
+    assert signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and signature.outputs.inputs[0].shape == (-1, 3)
