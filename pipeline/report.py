@@ -19,7 +19,7 @@ from hdkd.config import load_params
 from hdkd.provenance import repo_root
 from hdkd.report.ablations import ABLATIONS, NoTrackedRuns, UnknownAblation, queue_commands
 from hdkd.report.build import build_report
-from hdkd.report.revisions import RevisionNotFound
+from hdkd.report.revisions import RevisionNotFound, export_for_revision
 from hdkd.report.stage import (
     collect,
     other_runs,
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
         bundle, ablations = revision_inputs(args.rev, uri, args.repo)
         out = revision_dir(args.rev) if args.out == REPORTS_DIR else args.out
         cfg = revision_report_config(bundle, params.report)
-        export = explain = None  # what MLflow keeps of a revision is its bundle
+        export, explain = export_for_revision(args.rev, args.repo), None  # its figure is not in runs/<rev>
     else:
         bundle, ablations = working_tree_inputs(args.bundle, args.ablations_dir)
         out, cfg = args.out, params.report

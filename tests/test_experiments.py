@@ -14,8 +14,9 @@ from conftest import GIT_ENV, bundle_with, commit_all, log_run, run_git
 from hdkd.report.ablations import ablation_labels, collect_ablations
 from hdkd.report.build import build_report
 from hdkd.report.revisions import git_ref
+from hdkd.roster import roster
 from pipeline.report import main as report_cli
-from tests.params_fixtures import PARAMS_YAML, section
+from tests.params_fixtures import PARAMS, PARAMS_YAML, section
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -156,8 +157,7 @@ def test_dvc_experiment_is_tracked_and_its_report_rebuilt(tmp_path):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id],
                               f"tags.`hdkd.dvc_exp_name` = '{name}'")
-    assert {r.data.tags["hdkd.stage"] for r in runs} == {"pipeline", "train_teacher", "train_student", "train_hdkd",
-                                                         "evaluate"}
+    assert {r.data.tags["hdkd.stage"] for r in runs} == {"pipeline", "evaluate", *(m.stage for m in roster(PARAMS))}
     assert {r.data.tags["hdkd.git_commit"] for r in runs} == {baseline}
     assert {r.data.tags["hdkd.git_dirty"] for r in runs} == {"false"}  # -S edits params.yaml, not code
 

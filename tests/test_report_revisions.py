@@ -11,7 +11,7 @@ from conftest import bundle_with, commit_all, log_run, run_git
 from hdkd.io import write_json
 from hdkd.provenance import git_state
 from hdkd.report.build import build_report
-from hdkd.report.revisions import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision
+from hdkd.report.revisions import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision, export_for_revision
 from pipeline.report import main as report_cli
 from tests.params_fixtures import PARAMS_YAML, section
 
@@ -217,3 +217,14 @@ def test_unknown_revision_is_a_clear_error_listing_the_available_ones(pipeline_r
     assert f"    {commit[:12]}\n    {commit[:12]} (experiment exp-again)\n" in message
     assert "DVC experiments (refs/exps): exp-again" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_a_revision_brings_its_export_report_for_the_efficiency_table(git_repo):
+    (git_repo / "code.py").write_text("x = 1\n")
+    without = commit_all(git_repo, "no export yet")
+    (git_repo / "reports").mkdir()
+    (git_repo / "reports" / "export.json").write_text('{"models": {}}\n')
+    with_export = commit_all(git_repo, "exported")
+    assert export_for_revision(with_export, git_repo) == {"models": {}}
+    assert export_for_revision(without, git_repo) is None
+    assert export_for_revision("no-such-revision", git_repo) is None

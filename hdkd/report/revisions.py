@@ -12,7 +12,8 @@ or a DVC experiment name):
    ``refs/exps/.../<rev>``).
 
 The ablation bundles of ``rev`` (:func:`ablations_for_revision`) are the ``reports/ablations/*.json``
-committed at ``rev`` or in its experiment ref: what the report stage of that revision read.
+committed at ``rev`` or in its experiment ref: what the report stage of that revision read; so is its
+export report (:func:`export_for_revision`), for the same efficiency table.
 
 Nothing found: :class:`RevisionNotFound`, listing the revisions that are available.
 MLflow is read through :mod:`hdkd.tracking`, the only module that talks to it.
@@ -32,6 +33,7 @@ from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact, tra
 
 BUNDLE_PATH = "reports/bundle.json"
 ABLATIONS_PATH = "reports/ablations"
+EXPORT_PATH = "reports/export.json"
 COMMIT_TAG = f"{TAG}git_commit"  # as hdkd.tracking.Tracker tags every run
 EXP_TAG = f"{TAG}dvc_exp_name"
 HEX = re.compile(r"[0-9a-f]{4,40}")
@@ -74,6 +76,16 @@ def ablations_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> list
         return []
     paths = sorted(p for p in listing.splitlines() if PurePosixPath(p).suffix == ".json")
     return [validate_bundle(parse_json(git_show(ref, p, repo_root), f"{ref}:{p}")) for p in paths]
+
+
+def export_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> dict[str, Any] | None:
+    """The export stage's report (``reports/export.json``) committed at ``rev`` or in its experiment ref,
+    for the efficiency table's ONNX Runtime columns; ``None`` where there is none."""
+    ref = git_ref(rev, repo_root)
+    try:
+        return None if ref is None else parse_json(git_show(ref, EXPORT_PATH, repo_root), f"{ref}:{EXPORT_PATH}")
+    except GitError:
+        return None
 
 
 def git_ref(rev: str, repo_root: str | os.PathLike = ".") -> str | None:
