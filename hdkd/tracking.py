@@ -417,7 +417,7 @@ class Tracker:
             self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_model(self, model: Any, meta: dict[str, Any], registered_name: str) -> None:
-        """Log ``model`` (in eval mode) as this run's MLflow model and register it as a new version of
+        """Log ``model`` (put in eval mode) as this run's MLflow model and register it as a new version of
         ``registered_name``, tagged with the commit and params hash.
 
         Saved with ``torch.export`` ("pt2": a graph and weights, no pickled code) for a dynamic batch of
@@ -437,8 +437,10 @@ class Tracker:
         from mlflow.types import Schema, TensorSpec
 
         size, n_classes = meta["image_size"], len(meta["classes"])
-        signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
-                                   Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), "logits")]))
+        # Unnamed tensors: the scoring server would pass a named one to the PyTorch flavour as a dict.
+        signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
+                                   Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes))]))
+        model.eval()  # exported as evaluated: BatchNorm statistics, and the student's one averaged output
         example = np.zeros((2, 3, size, size), np.float32)  # batch 2: torch.export fixes a batch of 1
         with _fluent_store(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(

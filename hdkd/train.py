@@ -180,7 +180,7 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
             tracker.log_dict(result.history, "history.json")
             curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
             tracker.log_bytes(figure_png(curves), "training_curves.png")
-            logged, meta = load_model(model_path)  # the saved weights, on the CPU, in eval mode
+            logged, meta = load_model(model_path)  # the saved weights, on the CPU
             tracker.log_model(logged, {k: meta[k] for k in CHECKPOINT_KEYS},
                               registered_model_name(params.data.dataset, name))
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume

@@ -302,7 +302,7 @@ def test_a_model_is_logged_registered_and_predicts_as_its_checkpoint(store, tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # where models:/ URIs resolve, as for `mlflow models serve`
     p = params(store)
     torch.manual_seed(0)
-    model = create_model("hdkd_tiny", 3, 32).eval()
+    model = create_model("hdkd_tiny", 3, 32)  # in training mode, as a stage hands it over: logged in eval mode
     meta = {"model_name": "hdkd_tiny", "classes": ["a", "b", "c"], "image_size": 32}
     with Tracker(p.tracking, p, "train_hdkd") as tracker:
         tracker.log_model(model, meta, "hdkd-test-hdkd")
@@ -316,7 +316,9 @@ def test_a_model_is_logged_registered_and_predicts_as_its_checkpoint(store, tmp_
     served = load_classifier("models:/hdkd-test-hdkd/latest")
     assert served.classes == ("a", "b", "c") and served.image_size == 32
     x = torch.randn(5, 3, 32, 32)  # another batch size than the logged example's: the batch axis is dynamic
-    np.testing.assert_allclose(served.predict_proba(x), TorchClassifier(model, meta["classes"], 32, "pt").predict_proba(x),
-                               atol=1e-6)
+    expected = TorchClassifier(model.eval(), meta["classes"], 32, "pt").predict_proba(x)
+    np.testing.assert_allclose(served.predict_proba(x), expected, atol=1e-6)
+    logits = mlflow.pyfunc.load_model("models:/hdkd-test-hdkd/latest").predict(x.numpy())  # what the server runs
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits).double(), 1).numpy(), expected, atol=1e-6)
     signature = mlflow.models.get_model_info("models:/hdkd-test-hdkd/latest").signature
     assert signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and signature.outputs.inputs[0].shape == (-1, 3)
