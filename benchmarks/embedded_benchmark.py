@@ -31,6 +31,9 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from hdkd import numerics  # noqa: E402
+
+numerics.apply_env()  # before torch loads, as pipeline/__init__.py does for the stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
