@@ -14,13 +14,18 @@ and read by the report stage. This module imports no torch, so reading a bundle 
       "git_commit": "<40 hex>" | null,        # HEAD when the evaluation ran
       "git_dirty": false | null,              # tracked code modified at that time
       "dvc_exp_name": "exp-lambda-1" | null,  # set under `dvc exp run`
+      "test_labels": [3, 5, ...],             # the test split's labels, in the runs' predictions' order
       "models": {                             # keys: hdkd.roster.roster(params)'s names (others allowed)
-        "<model>": {
+        "<model>": {                          # its primary run (hdkd.roster.primary_run) in detail:
           "evaluation": {...},                # evaluate.evaluate_model(): metrics.classification_metrics()
                                               #   + "predictions": {true_counts, predicted_counts,
                                               #                     mean_confidence}
           "efficiency": {...} | null,         # efficiency.measure_efficiency()
-          "history": [{"epoch": 1, "train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}, ...]
+          "history": [{"epoch": 1, "train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}, ...],
+          "runs": [                           # every (seed, fraction) run, the primary included
+            {"seed": 0, "fraction": 1.0, "evaluation": {"accuracy": .., "f1_macro": .., ...},
+             "predictions": [3, 4, ...]}      # predicted label per test image
+          ]
         }
       }
     }
@@ -36,7 +41,7 @@ from hdkd.config import Params
 from hdkd.io import read_json
 from hdkd.roster import roster
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs per (seed, fraction) and test_labels
 BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
 
 
@@ -50,8 +55,9 @@ def make_bundle(
     git_dirty: bool | None = None,
     dvc_exp_name: str | None = None,
     numerics: Mapping[str, str] | None = None,
+    test_labels: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history;
+    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history, runs;
     ``numerics``: the versions that decide the numbers (:func:`hdkd.numerics.numerics_versions`)."""
     bundle = {
         "schema_version": SCHEMA_VERSION,
@@ -63,11 +69,13 @@ def make_bundle(
         "git_dirty": git_dirty,
         "dvc_exp_name": dvc_exp_name,
         **({"numerics": dict(numerics)} if numerics else {}),
+        "test_labels": [int(y) for y in test_labels],
         "models": {
             name: {
                 "evaluation": dict(m["evaluation"]),
                 "efficiency": m.get("efficiency"),
                 "history": [dict(row) for row in m.get("history") or []],
+                "runs": [dict(run) for run in m.get("runs") or []],
             }
             for name, m in models.items()
         },
@@ -80,7 +88,8 @@ def validate_bundle(bundle: Mapping[str, Any]) -> dict[str, Any]:
     version = bundle.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"results bundle schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    missing = [k for k in ("dataset", "class_names", "params", "params_hash", "models") if k not in bundle]
+    missing = [k for k in ("dataset", "class_names", "params", "params_hash", "test_labels", "models")
+               if k not in bundle]
     if missing:
         raise ValueError(f"results bundle lacks {missing}")
     if not bundle["models"]:
@@ -90,6 +99,12 @@ def validate_bundle(bundle: Mapping[str, Any]) -> dict[str, Any]:
         ev = m.get("evaluation") or {}
         if len(ev.get("per_class", ())) != n_classes or len(ev.get("confusion_matrix", ())) != n_classes:
             raise ValueError(f"results bundle: model {name!r} is not evaluated on the {n_classes} classes")
+        if not m.get("runs"):
+            raise ValueError(f"results bundle: model {name!r} has no run (one per seed and training fraction)")
+        short = [f"seed {r['seed']} fraction {r['fraction']:g}" for r in m["runs"]
+                 if len(r["predictions"]) != len(bundle["test_labels"])]
+        if short:
+            raise ValueError(f"results bundle: model {name!r}'s runs {short} do not predict every test image")
     return dict(bundle)
 
 

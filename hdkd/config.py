@@ -33,6 +33,7 @@ DATASETS = ("synthetic", "imagefolder", "ham10000", "brain_tumor_mri", "dermamni
 # that differ only in these are the same run: the report's ablations, the training stages' resume
 # fingerprint and their params lists in dvc.yaml leave them out.
 NON_RESULT_PARAMS = ("tracking.*", "report.*", "evaluate.latency_*", "train.num_workers", "train.log_every",
+                     "train.run_workers",
                      "data.root", "data.urls*")
 
 
@@ -131,6 +132,7 @@ class TrainConfig(Section):
     reproducible: bool  # CPU only: bit-identical results on any x86-64 CPU with AVX2 (hdkd.numerics)
     grad_clip: float | None = Field(gt=0)
     log_every: int = Field(ge=0)  # steps between log lines inside an epoch; 0 = per epoch only
+    run_workers: int = Field(ge=0)  # CPU: (seed, fraction) runs trained side by side; 0 = one per core
 
 
 class OptimConfig(Section):
@@ -288,6 +290,15 @@ class ReportConfig(Section):
 
     confusion_normalize: bool  # colour confusion matrices by row share (recall per class)
     dpi: int = Field(ge=50, le=600)
+    comparisons: list[tuple[str, str]]  # [A, B]: A - B paired by seed, at every training fraction
+
+    @field_validator("comparisons")
+    @classmethod
+    def _distinct_pairs(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        same = [a for a, b in v if a == b]
+        if same:
+            raise ValueError(f"a model compared with itself: {same}")
+        return v
 
 
 class TrackingConfig(Section):
@@ -297,7 +308,10 @@ class TrackingConfig(Section):
 
 
 class Params(Section):
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0)  # the data: splits and balancing (every training seed sees the same splits)
+    seeds: list[int] = Field(min_length=1)  # training: every model trained once per seed
+    fractions: list[float] = Field(min_length=1)  # training: nested shares of the training split
+    baseline_fractions: list[float] = Field(min_length=1)  # the comparison baselines' fractions (of ``fractions``)
     data: DataConfig
     balance: BalanceConfig
     augment: AugmentConfig
@@ -325,6 +339,46 @@ class Params(Section):
             return {**spec, "optim": {**student, **optim}}
 
         return {**raw, "baselines": {name: inherit(spec) for name, spec in raw["baselines"].items()}}
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be distinct non-negative integers; got {v}")
+        return v
+
+    @field_validator("fractions", "baseline_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v) or any(not 0 < f <= 1 for f in v) or 1.0 not in v:
+            raise ValueError(f"fractions must be distinct, in (0, 1], and include 1.0 (the main tables' "
+                             f"training set); got {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _baseline_fractions_among_fractions(self) -> Params:
+        extra = sorted(set(self.baseline_fractions) - set(self.fractions))
+        if extra:
+            raise ValueError(f"baseline_fractions {extra} are not among fractions {self.fractions}: the baselines "
+                             "are compared with the paper's models at the same fractions")
+        return self
+
+    @model_validator(mode="after")
+    def _balance_on_the_whole_split(self) -> Params:
+        # The balance stage oversamples the whole training split; a subset drawn from that would train
+        # on synthetic images made from images outside the subset.
+        if self.balance.method != "none" and self.fractions != [1.0]:
+            raise ValueError(f"balance.method {self.balance.method!r} balances the whole training split; train "
+                             f"on it alone (fractions: [1.0], not {self.fractions}) or set balance.method: none")
+        return self
+
+    @model_validator(mode="after")
+    def _comparisons_name_models(self) -> Params:
+        known = [*MODEL_NAMES, *self.baselines]
+        unknown = sorted({m for pair in self.report.comparisons for m in pair} - set(known))
+        if unknown:
+            raise ValueError(f"report.comparisons names {unknown}, not models of this run ({', '.join(known)})")
+        return self
 
     @field_validator("baselines")
     @classmethod
@@ -477,6 +531,7 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     where = f"{params_path} with {overlay_path}"
     check_baselines(parse_params(merge_overlay(base, overlay, overlay_path), where), where)
     rt = YAML()  # round-trip: keeps params.yaml's comments, order and number formats
+    rt.width = 4096  # a flow list stays on its line
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = rt.load(Path(params_path).read_text(encoding="utf-8"))
     _set_values(document, rt.load(Path(overlay_path).read_text(encoding="utf-8")))

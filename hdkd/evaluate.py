@@ -37,10 +37,11 @@ from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
 from hdkd.distributed import DistInfo, resolve_device
 from hdkd.efficiency import eval_mode, measure_efficiency
+from hdkd.evidence import aggregate
 from hdkd.io import output_set, write_csv, write_json
 from hdkd.metrics import classification_metrics
 from hdkd.provenance import dvc_exp_name, git_state
-from hdkd.roster import model_files
+from hdkd.roster import RunKey, primary_run, run_files
 from hdkd.tracking import Tracker
 
 
@@ -85,8 +86,10 @@ def evaluate_model(
     return result
 
 
-def headline_metrics(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The small per-model record of ``metrics.json``."""
+def headline_metrics(bundle: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The small per-model record of ``metrics.json``: the primary run's metrics, then the mean and
+    sample std over seeds on the whole training split (:func:`hdkd.evidence.aggregate`)."""
+    model = bundle["models"][name]
     ev, eff = model["evaluation"], model.get("efficiency") or {}
     out = {k: ev[k] for k in (
         "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
@@ -101,7 +104,7 @@ def headline_metrics(model: Mapping[str, Any]) -> dict[str, Any]:
             f"{t['device']}_bs{t['batch_size']}_{unit}": t[unit]
             for t in eff["timing"] for unit in ("ms_per_image", "images_per_s")
         }
-    return out
+    return out | aggregate(bundle, name)
 
 
 def confusion_rows(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Iterable[tuple[str, str]]:
@@ -127,7 +130,7 @@ def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "re
     paths = [out / "bundle.json", out / "metrics.json"]
     with output_set() as outputs:
         write_json(outputs.file(paths[0]), bundle)
-        write_json(outputs.file(paths[1]), {m: headline_metrics(bundle["models"][m]) for m in names})
+        write_json(outputs.file(paths[1]), {m: headline_metrics(bundle, m) for m in names})
         eval_dir, plots_dir = outputs.dir(out / "eval"), outputs.dir(out / "plots")
         for m in names:
             model = bundle["models"][m]
@@ -147,33 +150,61 @@ def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "re
     return paths
 
 
+RUN_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "roc_auc_macro", "ece")  # per run
+
+
+def evaluate_run(model: nn.Module, loader: DataLoader, class_names: Sequence[str], cfg: EvaluateConfig,
+                 device: torch.device | str = "cpu") -> tuple[dict[str, Any], list[int]]:
+    """One run's headline metrics (no bootstrap: the seeds are the replicates) and its prediction per
+    test image, in the loader's order."""
+    y_true, probs = predict_proba(model, loader, device)
+    metrics = classification_metrics(y_true, probs, class_names, ece_bins=cfg.ece_bins, bootstrap=0)
+    return {k: metrics[k] for k in RUN_METRICS}, probs.argmax(axis=1).tolist()
+
+
 def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test_set: torch.utils.data.Dataset,
                    class_names: Sequence[str], out_dir: str | os.PathLike = "reports",
-                   device: torch.device | str = "cpu", datasets: dict[str, str] | None = None) -> dict[str, Any]:
+                   device: torch.device | str = "cpu", datasets: dict[str, str] | None = None,
+                   runs: Mapping[str, Mapping[RunKey, str | os.PathLike]] | None = None) -> dict[str, Any]:
     """The evaluate stage: every trained model on the test split, once; write and track the bundle.
 
-    ``models`` maps a model's name (:mod:`hdkd.roster`) to the file its training stage wrote; each
-    file also carries the model's per-epoch training history, and must be of ``data.image_size``.
-    ``datasets``: the data read, for MLflow (:class:`hdkd.tracking.Tracker`).
+    ``models`` maps a model's name (:mod:`hdkd.roster`) to the file its training stage wrote for its
+    primary run (full evaluation, efficiency, history); ``runs`` maps it to every (seed, fraction)
+    run's file (default: the primary alone), each evaluated for the statistics across seeds. Every
+    file must be of ``data.image_size``. ``datasets``: the data read, for MLflow
+    (:class:`hdkd.tracking.Tracker`).
     """
     numerics.apply_runtime(params.train.reproducible and torch.device(device).type == "cpu")
     loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
-    results = {}
+    primary = primary_run(params)
+    runs = runs or {name: {primary: path} for name, path in models.items()}
+    results, test_labels = {}, None
     for name, path in models.items():
         model, meta = load_trained(path, class_names, params.data.image_size, device)
+        evaluation = evaluate_model(model, loader, class_names, params.evaluate, device, params.seed)
         results[name] = {
-            "evaluation": evaluate_model(model, loader, class_names, params.evaluate, device, params.seed),
+            "evaluation": evaluation,
             "efficiency": measure_efficiency(model, params.data.image_size, params.evaluate, device),
             "history": meta.get("history", []),
+            "runs": [],
         }
+        for (seed, fraction), run_path in runs[name].items():
+            run_model = model if Path(run_path) == Path(path) else load_trained(
+                run_path, class_names, params.data.image_size, device)[0]
+            metrics, predictions = evaluate_run(run_model, loader, class_names, params.evaluate, device)
+            results[name]["runs"].append({"seed": seed, "fraction": fraction, "evaluation": metrics,
+                                          "predictions": predictions})
+        if test_labels is None:
+            test_labels = predict_proba(model, loader, device)[0].tolist()
     state = git_state()
-    bundle = make_bundle(results, params, class_names, git_commit=state["git_commit"], git_dirty=state["git_dirty"],
-                         dvc_exp_name=dvc_exp_name(), numerics=numerics.numerics_versions())
+    bundle = make_bundle(results, params, class_names, test_labels=test_labels, git_commit=state["git_commit"],
+                         git_dirty=state["git_dirty"], dvc_exp_name=dvc_exp_name(),
+                         numerics=numerics.numerics_versions())
     write_evaluation(bundle, out_dir)  # on disk first: tracking can never cost the result
     with Tracker(params.tracking, params, "evaluate", datasets=datasets) as tracker:
         for name in model_names(bundle):
-            headline = headline_metrics(bundle["models"][name])
+            headline = headline_metrics(bundle, name)
             tracker.log_metrics({f"{name}.{k}": v for k, v in headline.items() if isinstance(v, (int, float))})
         tracker.log_dict(bundle, BUNDLE_ARTIFACT)
     return bundle
@@ -184,6 +215,7 @@ def evaluate_stage(params: Params, data_dir: str | os.PathLike, models_dir: str 
     """The evaluate stage: the run's trained models under ``models_dir`` on the test split of ``data_dir``."""
     device = resolve_device(params.train.device, DistInfo())  # as training does: `cuda` without a GPU fails
     test = load_split(data_dir, "test", image_size=params.data.image_size)
-    models = model_files(models_dir, params)
+    runs = run_files(models_dir, params)
+    models = {name: files[primary_run(params)] for name, files in runs.items()}
     return run_evaluation(params, models, PackedDataset(test, eval_transform()), list(test.classes), out_dir, device,
-                          datasets={str(data_dir): "test"})
+                          datasets={str(data_dir): "test"}, runs=runs)

@@ -89,6 +89,56 @@ def roster_entry(name: str, params: Any = None) -> ModelEntry:
     raise KeyError(f"no model {name!r} in the roster; known: {', '.join(e.name for e in entries)}")
 
 
+# ----------------------------------------------------------------------------- runs of a model
+# A model is trained once per (seed, fraction) of its params' ``seeds`` x ``fractions``. Its
+# *primary* run (the first seed, the whole training split) is ``models/<name>/model.pt``: what the
+# single-model stages (explain, export, predict, the model registry) use; every other run is
+# ``models/<name>/runs/<run_name>.pt``. Seed s of every model trains on the same subset.
+RunKey = tuple[int, float]  # (seed, fraction)
+
+
+def _param(params: Any, key: str) -> Any:
+    return params[key] if isinstance(params, Mapping) else getattr(params, key)
+
+
+def training_runs(params: Any, name: str | None = None) -> list[RunKey]:
+    """Every (seed, fraction) model ``name`` trains, the primary first, then by fraction and seed; a
+    comparison baseline trains at ``baseline_fractions`` only (``None``: the paper's models' runs)."""
+    baseline = name is not None and name in (_param(params, "baselines") or {})
+    fractions = sorted(_param(params, "baseline_fractions" if baseline else "fractions"), reverse=True)
+    return [(int(s), float(f)) for f in fractions for s in _param(params, "seeds")]
+
+
+def primary_run(params: Any) -> RunKey:
+    """The run of the main tables, explanations, export and registry: the first seed on all the data."""
+    return int(_param(params, "seeds")[0]), 1.0
+
+
+def run_name(run: RunKey) -> str:
+    """``seed1-frac0.25``: the run's name in files, MLflow and the training metrics."""
+    seed, fraction = run
+    return f"seed{seed}-frac{fraction:g}"
+
+
+def run_file(model_dir: str | os.PathLike, run: RunKey, params: Any) -> Path:
+    """Where a model's run is saved (the primary run: ``<model_dir>/model.pt``)."""
+    model_dir = Path(model_dir)
+    return model_dir / "model.pt" if run == primary_run(params) else model_dir / "runs" / f"{run_name(run)}.pt"
+
+
+def run_files(models_dir: str | os.PathLike, params: Any) -> dict[str, dict[RunKey, Path]]:
+    """Every run of every model of the run (:func:`roster`), in report order; all must exist."""
+    files = {m.name: {run: run_file(Path(models_dir) / m.name, run, params) for run in training_runs(params, m.name)}
+             for m in roster(params)}
+    missing = {name: [str(p) for p in runs.values() if not p.is_file()] for name, runs in files.items()}
+    missing = {name: paths for name, paths in missing.items() if paths}
+    if missing:
+        stages = " ".join(roster_entry(name, params).stage for name in missing)
+        raise FileNotFoundError(f"trained runs missing: {sum(missing.values(), [])}; run `dvc repro {stages}` first "
+                                "(the params' seeds and fractions name the runs)")
+    return files
+
+
 def model_files(models_dir: str | os.PathLike, params: Any = None) -> dict[str, Path]:
     """``<models_dir>/<name>/model.pt`` of every model of the run (:func:`roster`: the paper's models and
     ``params``' baselines), in report order; all must exist (else: which stages to run)."""

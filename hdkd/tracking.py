@@ -263,8 +263,10 @@ class Tracker:
     """
 
     def __init__(self, cfg: TrackingConfig, params: Params, stage: str, extra_tags: dict[str, str] | None = None,
-                 resume_run_id: str | None = None, datasets: dict[str, str] | None = None):
+                 resume_run_id: str | None = None, datasets: dict[str, str] | None = None,
+                 run_name: str | None = None):
         self.cfg, self.params, self.stage = cfg, params, stage
+        self.run_name = run_name or stage
         self.resume_run_id = resume_run_id  # an interrupted run of this stage to continue
         self.datasets = datasets or {}  # a data dependency's path -> its role ("training", "validation", "test")
         self.root = repo_root()
@@ -285,7 +287,13 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type else "FINISHED")
 
-    def _start(self) -> None:
+    def open_parent(self) -> None:
+        """Find or create the experiment and the pipeline's parent run, and start no run: called once
+        before runs that start side by side, so that they do not race to create them."""
+        if self.enabled:
+            self._guard(self._open_parent)
+
+    def _open_parent(self) -> tuple[dict[str, str], str]:
         check_server_reachable(self.uri)
         self.client = open_client(self.uri)
         name = experiment_name(self.cfg, self.params.data.dataset)
@@ -299,6 +307,10 @@ class Tracker:
             **({f"{TAG}dvc_exp_name": exp_name} if exp_name else {}),
         }
         self.parent_run_id = self._parent(tags, commit, dirty, exp_name)
+        return tags, name
+
+    def _start(self) -> None:
+        tags, name = self._open_parent()
         if self.resume_run_id and self._reopen(self.resume_run_id):
             return
         env = {f"{TAG}env.{k}": v for k, v in environment().items()}
@@ -307,7 +319,7 @@ class Tracker:
         source = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"} if command else {}
         run_tags = {**tags, **env, **self.extra_tags, **source, f"{TAG}stage": self.stage,
                     "mlflow.parentRunId": self.parent_run_id, **{f"{TAG}dep.{p}": h for p, h in deps.items()}}
-        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=self.stage)
+        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=self.run_name)
         self.run_id = run.info.run_id
         self._log_params(self.run_id)
         self._log_datasets(deps)

@@ -8,14 +8,21 @@ fingerprint, MLflow, and the files ``dvc.yaml`` declares. Runs as a plain proces
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
+import multiprocessing
+import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,14 +33,17 @@ from hdkd.checkpoint import CHECKPOINT_KEYS, load_model, save_model
 from hdkd.config import DistillConfig, OptimConfig, Params, result_params
 from hdkd.data.augment import BatchAugment, eval_transform, train_transform
 from hdkd.data.loader import PackedDataset
-from hdkd.data.packed import load_split
+from hdkd.data.packed import PackedSplit, load_split
+from hdkd.data.splits import nested_subsets
 from hdkd.distributed import DistInfo, device_type, init_distributed, resolve_device, shutdown
 from hdkd.engine import FitSettings, Runtime, fit, seed_everything
 from hdkd.io import dvc_md5, output_set, read_json, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model, model_name
-from hdkd.roster import ModelEntry, roster, roster_entry
+from hdkd.roster import ModelEntry, RunKey, primary_run, roster, roster_entry, run_file, run_name, training_runs
 from hdkd.tracking import Tracker, registered_model_name
+
+logger = logging.getLogger(__name__)
 
 
 def recipe(params: Params, entry: ModelEntry) -> OptimConfig:
@@ -80,7 +90,7 @@ class StagePaths:
     out_dir: Path  # model.pt + run.json
     metrics: Path  # DVC metrics JSON (validation accuracy and loss)
     resume_dir: Path  # resume states: outside DVC's outputs, so they survive its clean-up
-    teacher: Path | None = None  # the teacher's model.pt (a model that distills only)
+    teacher: Path | None = None  # a model that distils: the teacher's model.pt (a run), its directory (a stage)
 
 
 # Per-epoch columns kept with the model (and plotted by the evaluate stage); timings stay in
@@ -106,32 +116,40 @@ def load_teacher(path: Path | None, classes: list[str], student: nn.Module, stag
     return FrozenTeacher(teacher.to(device))
 
 
-def input_fingerprint(name: str, params: Params, paths: StagePaths) -> str:
+def input_fingerprint(name: str, params: Params, paths: StagePaths, run: RunKey | None = None) -> str:
     """What a resume state is valid for: the params that can change a result and the exact input files.
 
     Of the baselines only the model's own entry counts (none for the paper's models): editing one
-    baseline leaves every other model's resume state valid."""
+    baseline leaves every other model's resume state valid. ``run`` (default ``(params.seed, 1.0)``) is
+    the run's seed and fraction; the lists of them are not: adding a seed leaves finished runs valid."""
     files = [paths.train, paths.val] + ([paths.teacher] if paths.teacher else [])
-    own = {k: v for k, v in result_params(params).items()
-           if k.partition(".")[0] != "baselines" or k.startswith(f"baselines.{name}.")}
-    blob = json.dumps({"role": name, "params": own, "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
+    own = {k: v for k, v in result_params(params).items() if k not in ("seeds", "fractions", "baseline_fractions") and (
+        k.partition(".")[0] != "baselines" or k.startswith(f"baselines.{name}."))}
+    blob = json.dumps({"role": name, "params": own, "run": list(run or (params.seed, 1.0)),
+                       "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[Dataset, Dataset, list[str]],
-                 rt: Runtime, batch_hook: Callable | None = None) -> dict[str, Any]:
-    """Train the run's model ``name`` (:func:`hdkd.roster.roster`) end to end and write the stage's outputs.
+                 rt: Runtime, batch_hook: Callable | None = None, run: RunKey | None = None,
+                 register: bool = True) -> dict[str, Any]:
+    """Train the run's model ``name`` (:func:`hdkd.roster.roster`) once, and write its files.
+
+    ``run``: the training seed and the share of the training data ``datasets`` holds (default:
+    ``params.seed``, all of it).
 
     ``datasets`` is ``(train_set, val_set, class_names)``. Rank 0 writes ``model.pt`` (best weights
-    and the per-epoch history), ``run.json`` and the metrics JSON, and logs to MLflow; other ranks
-    only train.
+    and the per-epoch history), ``run.json`` and the metrics JSON, and logs to MLflow (tagged with the
+    seed and fraction; ``register``: the network is logged as an MLflow model and registered); other
+    ranks only train.
     """
     from hdkd.plots import figure_png, training_curves_figure  # matplotlib only where figures are drawn
 
     entry = roster_entry(name, params)
     cfg = recipe(params, entry)
     train_set, val_set, classes = datasets
-    seed_everything(params.seed)  # identical initial weights on every rank
+    seed, fraction = run or (params.seed, 1.0)
+    seed_everything(seed)  # identical initial weights on every rank
     network, overrides = network_spec(params, entry)
     model = create_model(network, len(classes), params.data.image_size, **overrides).to(rt.device)
     teacher = None
@@ -145,18 +163,19 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
         train_model = DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                               else None, find_unused_parameters=unused)
 
-    fingerprint = input_fingerprint(name, params, paths)
+    fingerprint = input_fingerprint(name, params, paths, (seed, fraction))
     run_file = paths.resume_dir / "mlflow_run.json"
     previous = read_json(run_file) if run_file.is_file() else {}
     resume_run = previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
     tracking = params.tracking if rt.dist.is_main else params.tracking.model_copy(update={"enabled": False})
-    extra = {"hdkd.model": network, "hdkd.world_size": str(rt.dist.world_size), "hdkd.device": str(rt.device)}
-    settings = FitSettings(cfg, params.seed, params.train.batch_size, params.train.eval_batch_size,
+    extra = {"hdkd.model": network, "hdkd.world_size": str(rt.dist.world_size), "hdkd.device": str(rt.device),
+             "hdkd.seed": str(seed), "hdkd.fraction": f"{fraction:g}"}
+    settings = FitSettings(cfg, seed, params.train.batch_size, params.train.eval_batch_size,
                            params.train.num_workers, params.train.grad_clip, params.train.log_every,
-                           paths.resume_dir, fingerprint, desc=name)
+                           paths.resume_dir, fingerprint, desc=f"{name} {run_name((seed, fraction))}")
     datasets = {str(paths.train): "training", str(paths.val): "validation"}
     with Tracker(tracking, params, entry.stage, extra_tags=extra, resume_run_id=resume_run,
-                 datasets=datasets) as tracker:
+                 datasets=datasets, run_name=f"{entry.stage} {run_name((seed, fraction))}") as tracker:
         if rt.dist.is_main and tracker.run_id:
             write_json(run_file, {"fingerprint": fingerprint, "run_id": tracker.run_id})
         result = fit(train_model, build_criterion(entry, cfg), train_set, val_set, rt, settings, teacher, batch_hook,
@@ -172,46 +191,125 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
                            summary, history)
                 write_json(outputs.file(paths.metrics), summary)
                 write_json(outputs.file(paths.out_dir / "run.json"), {
-                    **tracker.info(), "params_hash": params.digest(), "model": network, **summary})
+                    **tracker.info(), "params_hash": params.digest(), "model": network, "seed": seed,
+                    "fraction": fraction, **summary})
             tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
             if result.resumed_from:  # an epoch saved just before a kill may not have reached MLflow
                 tracker.log_missing_steps(result.history[:result.resumed_from])
-            tracker.log_artifact(model_path, "checkpoint")
             tracker.log_dict(result.history, "history.json")
-            curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
-            tracker.log_bytes(figure_png(curves), "training_curves.png")
-            logged, meta = load_model(model_path)  # the saved weights, on the CPU
-            tracker.log_model(logged, {k: meta[k] for k in CHECKPOINT_KEYS},
-                              registered_model_name(params.data.dataset, name))
+            if register:  # the run that stands for the model: its files too (the others' are DVC outputs)
+                tracker.log_artifact(model_path, "checkpoint")
+                curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
+                tracker.log_bytes(figure_png(curves), "training_curves.png")
+                logged, meta = load_model(model_path)  # the saved weights, on the CPU
+                tracker.log_model(logged, {k: meta[k] for k in CHECKPOINT_KEYS},
+                                  registered_model_name(params.data.dataset, name))
             shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     return {**summary, "history": result.history, "resumed_from": result.resumed_from}
 
 
-def training_data(params: Params, paths: StagePaths, rt: Runtime) -> tuple[tuple[Dataset, Dataset, list[str]],
-                                                                          Callable | None]:
-    """The packed train/val splits as datasets, and the batch hook for GPU augmentation (if any)."""
+def training_data(params: Params, paths: StagePaths, rt: Runtime, run: RunKey | None = None
+                  ) -> tuple[tuple[Dataset, Dataset, list[str]], Callable | None]:
+    """The packed train/val splits as datasets, and the batch hook for GPU augmentation (if any).
+
+    ``run``: the training seed (default ``params.seed``) and the share of the training data; below 1,
+    that share of the prepared training split (:func:`training_subset`)."""
+    seed, fraction = run or (params.seed, 1.0)
     train = load_split(paths.train, "train", image_size=params.data.image_size)
     val = load_split(paths.val, "val", image_size=params.data.image_size)
     if list(train.classes) != list(val.classes):
         raise ValueError(f"{paths.train} and {paths.val} disagree on the classes: rerun `dvc repro balance`")
+    if fraction < 1:
+        train = training_subset(paths.val, params, seed, fraction)
     hook = None
     if not params.augment.enabled:
-        train_set = PackedDataset(train, eval_transform(), seed=params.seed)
+        train_set = PackedDataset(train, eval_transform(), seed=seed)
     elif params.augment.on_gpu and rt.device.type == "cuda":
-        train_set = PackedDataset(train, None, seed=params.seed)  # uint8 batches, augmented on the device
-        hook = BatchAugment(params.augment, params.seed, rt.dist.rank)
+        train_set = PackedDataset(train, None, seed=seed)  # uint8 batches, augmented on the device
+        hook = BatchAugment(params.augment, seed, rt.dist.rank)
     else:
-        train_set = PackedDataset(train, train_transform(params.augment), seed=params.seed)
+        train_set = PackedDataset(train, train_transform(params.augment), seed=seed)
     return (train_set, PackedDataset(val, eval_transform()), list(train.classes)), hook
 
 
+def training_subset(prepared: Path, params: Params, seed: int, fraction: float) -> PackedSplit:
+    """``fraction`` of the prepared training split at training ``seed``: stratified by class, whole
+    lesion groups, nested in the larger fractions' subsets, the same for every model
+    (:func:`hdkd.data.splits.nested_subsets`). Held in memory."""
+    train = load_split(prepared, "train", image_size=params.data.image_size)
+    groups = pd.read_csv(Path(prepared) / "train" / "index.csv", dtype=str, keep_default_na=False)["group"]
+    rows = nested_subsets(train.labels, groups.to_numpy(), params.fractions, seed)[fraction]
+    return dataclasses.replace(train, images=np.ascontiguousarray(train.images[rows]), labels=train.labels[rows],
+                               ids=train.ids[rows])
+
+
+def _train_run(name: str, params: Params, paths: StagePaths, run: RunKey, register: bool,
+               threads: int | None = None) -> dict[str, Any]:
+    """One (seed, fraction) run of a training stage, into its staging directory (a process of its own
+    when runs train side by side: ``threads`` each, unless the reproducible mode fixes the count)."""
+    dist = init_distributed(device_type(params.train.device))
+    rt = make_runtime(params, resolve_device(params.train.device, dist), dist)
+    if threads and not params.train.reproducible:
+        torch.set_num_threads(threads)
+    datasets, hook = training_data(params, paths, rt, run)
+    return run_training(name, params, paths, datasets, rt, batch_hook=hook, run=run, register=register)
+
+
 def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
-    """A training stage (``train_<name>``, ``train_baseline@<name>``), plain or under torchrun."""
-    requested = params.train.device
-    dist = init_distributed(device_type(requested))
+    """A training stage (``train_<name>``, ``train_baseline@<name>``), plain or under torchrun: every
+    (seed, fraction) run of the model (:func:`hdkd.roster.training_runs`), then the stage's outputs.
+
+    Each run trains into ``<resume_dir>/<run_name>/`` (outside DVC's outputs, so a killed stage
+    keeps its finished runs and resumes the unfinished one); the outputs (``run_file`` of every run,
+    the primary's ``run.json``, the metrics with every run's summary) appear together at the end.
+    On the CPU, ``train.run_workers`` runs train side by side, one process and one thread each.
+    """
+    entry = roster_entry(name, params)
+    primary = primary_run(params)
+    teacher_dir = paths.teacher
+    staged: dict[RunKey, StagePaths] = {}
+    todo = []
+    for run in training_runs(params, name):
+        work = paths.resume_dir / run_name(run)
+        staged[run] = StagePaths(paths.train, paths.val, work / "out", work / "out" / "metrics.json", work / "state",
+                                 run_file(teacher_dir, run, params) if teacher_dir else None)
+        done = work / "done.json"
+        fingerprint = input_fingerprint(name, params, staged[run], run)
+        if not (done.is_file() and read_json(done).get("fingerprint") == fingerprint):
+            todo.append((run, fingerprint))
+    dist = init_distributed(device_type(params.train.device))
+    if dist.is_main and todo:  # the experiment and parent run exist before runs start side by side
+        Tracker(params.tracking, params, entry.stage).open_parent()
     try:
-        rt = make_runtime(params, resolve_device(requested, dist), dist)
-        datasets, hook = training_data(params, paths, rt)
-        return run_training(name, params, paths, datasets, rt, batch_hook=hook)
+        # Side by side only on the CPU of one process: a GPU, or torchrun's ranks, train one run at a time.
+        workers = min(params.train.run_workers or os.cpu_count() or 1, len(todo))
+        if workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [(run, fp, pool.submit(_train_run, name, params, staged[run], run, run == primary,
+                                                  max(1, (os.cpu_count() or 1) // workers)))
+                           for run, fp in todo]
+                for run, fingerprint, future in futures:
+                    future.result()
+                    write_json(paths.resume_dir / run_name(run) / "done.json", {"fingerprint": fingerprint})
+        else:
+            for run, fingerprint in todo:
+                _train_run(name, params, staged[run], run, run == primary)
+                if dist.is_main:
+                    write_json(paths.resume_dir / run_name(run) / "done.json", {"fingerprint": fingerprint})
     finally:
         shutdown(dist)
+    if not dist.is_main:
+        return {}
+    summaries = {run: read_json(staged[run].metrics) for run in staged}
+    with output_set() as outputs:
+        runs_dir = outputs.dir(paths.out_dir / "runs")  # every run but the primary; replaced whole
+        for run, stage_paths in staged.items():
+            target = run_file(paths.out_dir, run, params)
+            target = outputs.file(target) if run == primary else runs_dir / target.name
+            shutil.copyfile(stage_paths.out_dir / "model.pt", target)
+        shutil.copyfile(staged[primary].out_dir / "run.json", outputs.file(paths.out_dir / "run.json"))
+        write_json(outputs.file(paths.metrics), {**summaries[primary], "runs": {
+            run_name(run): summaries[run] for run in staged}})
+    shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
+    logger.info("%s: %d runs (%d trained now) -> %s", entry.stage, len(staged), len(todo), paths.out_dir)
+    return {**summaries[primary], "runs": {run_name(run): summaries[run] for run in staged}}

@@ -35,7 +35,8 @@ def main(name: str | None, argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resume-dir", type=Path, default=Path(f"checkpoints/{name}"),
                         help="resume states (kept outside DVC's outputs)")
     if not baseline and roster_entry(name).distills:
-        parser.add_argument("--teacher", type=Path, default=Path(f"models/{roster_entry(name).teacher}/model.pt"))
+        parser.add_argument("--teacher", type=Path, default=Path(f"models/{roster_entry(name).teacher}"),
+                            help="the teacher's model directory: run (s, f) distils from its run (s, f)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)  # validated before any work

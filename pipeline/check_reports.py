@@ -2,6 +2,7 @@
 
     dvc repro && python -m pipeline.check_reports            # reports/ vs reports/ at HEAD
     python -m pipeline.check_reports --committed old/ --fresh reports/ --rtol 1e-2
+    python -m pipeline.check_reports --statistical             # another CPU or a GPU: seeds' spread
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help=f"also skip locations matching GLOB; always skipped: {' '.join(DEFAULT_IGNORE)}")
+    p.add_argument("--statistical", nargs="?", const=0.01, type=float, metavar="ALPHA",
+                   help="compare the numbers by Welch's t-test over the seeds at level ALPHA (default 0.01) "
+                        "instead of within tolerances; for reports made on another CPU without train.reproducible, "
+                        "or on a GPU")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tol = Tolerance(args.rtol, args.atol, DEFAULT_IGNORE + tuple(args.ignore))
-    return check(args.fresh, args.committed, args.rev, args.repo, args.prefix, tol)
+    return check(args.fresh, args.committed, args.rev, args.repo, args.prefix, tol, args.statistical)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
     if args.rev:
         bundle, ablations = revision_inputs(args.rev, uri, args.repo)
         out = revision_dir(args.rev) if args.out == REPORTS_DIR else args.out
-        cfg = revision_report_config(bundle, params.report)
+        cfg = revision_report_config(bundle, params.report, args.rev, args.repo)
         export, explain = export_for_revision(args.rev, args.repo), None  # its figure is not in runs/<rev>
     else:
         bundle, ablations = working_tree_inputs(args.bundle, args.ablations_dir)

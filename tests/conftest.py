@@ -76,6 +76,25 @@ def hand_efficiency(params: int, macs: int, ms: float) -> dict:
                         "images_per_s": 1000 / ms, "device_name": "x86_64", "threads": 2}]}
 
 
+TEST_LABELS = [0] * 10 + [1] * 10 + [2] * 20  # the hand confusion matrices' rows
+
+
+def hand_runs(accuracy: float, spread: int, seeds=(0, 1, 2), fractions=(0.1, 0.25, 0.5, 1.0)) -> list[dict]:
+    """A model's runs: seed s at fraction f errs on the first k test images (k grows as f shrinks, and
+    by ``spread`` per seed), so accuracy and per-image correctness agree, and pairs of models with
+    different spreads differ by seed."""
+    runs = []
+    for f in fractions:
+        for s in seeds:
+            k = min(len(TEST_LABELS), max(0, round(len(TEST_LABELS) * (1 - accuracy * (0.7 + 0.3 * f))) + spread * s))
+            predictions = [(y + 1) % 3 if i < k else y for i, y in enumerate(TEST_LABELS)]
+            acc = 1 - k / len(TEST_LABELS)
+            runs.append({"seed": s, "fraction": f, "predictions": predictions, "evaluation": {
+                "accuracy": acc, "f1_macro": acc - 0.1, "balanced_accuracy": acc - 0.05, "f1_weighted": acc - 0.02,
+                "roc_auc_macro": 0.9, "ece": 0.0625}})
+    return runs
+
+
 def hand_models(shift: float = 0.0) -> dict:
     """Teacher / student / HDKD results; ``shift`` moves every accuracy and its CI (ablation runs)."""
     cm = [[8, 2, 0], [1, 8, 1], [0, 0, 20]]
@@ -84,20 +103,24 @@ def hand_models(shift: float = 0.0) -> dict:
     return {
         "teacher": {"evaluation": hand_evaluation(0.9 + shift, 0.8, 0.7, 0.75, [0.85 + shift, 0.95 + shift], [0.7, 0.8],
                                                   [0.5, 0.75, 1.0], cm),
-                    "efficiency": hand_efficiency(3948677, 5_812_345_678, 40.0), "history": history},
+                    "efficiency": hand_efficiency(3948677, 5_812_345_678, 40.0), "history": history,
+                    "runs": hand_runs(0.9 + shift, 1)},
         "student": {"evaluation": hand_evaluation(0.8 + shift, 0.7, 0.6, 0.65, [0.75 + shift, 0.85 + shift], [0.6, 0.7],
                                                   [0.25, 0.5, 0.875], cm),
-                    "efficiency": hand_efficiency(3724977, 2_050_000_000, 20.0), "history": history},
+                    "efficiency": hand_efficiency(3724977, 2_050_000_000, 20.0), "history": history,
+                    "runs": hand_runs(0.8 + shift, 2)},
         "hdkd": {"evaluation": hand_evaluation(0.85 + shift, 0.75, 0.65, 0.7, [0.8 + shift, 0.9 + shift], [0.65, 0.75],
                                                [0.375, 0.625, 0.9375], cm),
-                 "efficiency": hand_efficiency(3727288, 2_060_000_000, 21.0), "history": history},
+                 "efficiency": hand_efficiency(3727288, 2_060_000_000, 21.0), "history": history,
+                 "runs": hand_runs(0.85 + shift, 1)},
     }
 
 
 def bundle_with(overrides: dict | None = None, shift: float = 0.0, **provenance) -> dict:
     """A results bundle of params.yaml with ``overrides`` ({"distill": {"lambda": 1.0}})."""
     provenance = {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False} | provenance
-    return make_bundle(hand_models(shift), make_params(overrides), CLASSES, dataset="toy", **provenance)
+    return make_bundle(hand_models(shift), make_params(overrides), CLASSES, dataset="toy", test_labels=TEST_LABELS,
+                       **provenance)
 
 
 @pytest.fixture

@@ -49,6 +49,8 @@ DVC_YAML = expand_foreach(yaml.safe_load((ROOT / "dvc.yaml").read_text()),
 
 # The default pipeline at a size where each training epoch takes about a second on a CPU.
 SHRUNK = {
+    "seeds": [0, 1],  # two seeds and two fractions: every path of the runs, at four runs per model
+    "fractions": [0.5, 1.0],
     "data": {"image_size": 32, "synthetic": {"num_images": 200, "native_size": 40}},
     "teacher": {"epochs": 3},
     "student": {"epochs": 2},
@@ -132,13 +134,17 @@ def mlflow_client(repo: ScratchRepo):
     return MlflowClient(f"sqlite:///{repo.root / 'mlflow.db'}")
 
 
-def runs_by_stage(repo: ScratchRepo) -> dict[str, list]:
-    """The MLflow runs of a scratch repo's experiment, by their ``hdkd.stage`` tag."""
+def runs_by_stage(repo: ScratchRepo, every_run: bool = False) -> dict[str, list]:
+    """The MLflow runs of a scratch repo's experiment, by their ``hdkd.stage`` tag; of a training stage's
+    (seed, fraction) runs only the primary one (the first seed, all the data) unless ``every_run``."""
     client = mlflow_client(repo)
     experiment = client.get_experiment_by_name(f"hdkd-{repo.params['data']['dataset']}")
+    primary = (str(repo.params["seeds"][0]), "1")
     runs: dict[str, list] = {}
     for run in client.search_runs([experiment.experiment_id]):
-        runs.setdefault(run.data.tags["hdkd.stage"], []).append(run)
+        tags = run.data.tags
+        if every_run or "hdkd.seed" not in tags or (tags["hdkd.seed"], tags["hdkd.fraction"]) == primary:
+            runs.setdefault(tags["hdkd.stage"], []).append(run)
     return runs
 
 

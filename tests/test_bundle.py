@@ -16,7 +16,7 @@ from tests.pipeline_fixtures import ROOT
 
 def test_bundle_records_params_and_provenance():
     b = bundle_with({"distill": {"lambda": 1.0}}, dvc_exp_name="exp-l1")
-    assert b["schema_version"] == 1 and b["class_names"] == CLASSES and b["dataset"] == "toy"
+    assert b["schema_version"] == 2 and b["class_names"] == CLASSES and b["dataset"] == "toy"
     assert b["params"]["distill"]["lambda"] == 1.0 and len(b["params_hash"]) == 16
     assert b["params_hash"] != bundle_with()["params_hash"]
     assert b["dvc_exp_name"] == "exp-l1" and b["git_commit"].startswith("0123")

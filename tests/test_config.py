@@ -80,9 +80,10 @@ def test_paper_overlays_give_the_official_hyper_parameters(overlay):
 def test_applying_an_overlay_rewrites_only_its_values_and_keeps_the_comments(tmp_path):
     target = tmp_path / "params.yaml"
     target.write_text(PARAMS_YAML.read_text())
-    overlay = tmp_path / "overlay.yaml"  # the first paper overlay but its baselines set, which replaces whole
+    # The first paper overlay less its baselines, which replace whole, and the comparisons naming them.
+    overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(OVERLAYS[0].read_text()).items()
-                                       if k not in REPLACED_WHOLE}))
+                                       if k not in (*REPLACED_WHOLE, "report")}))
     params_cli(["--apply", str(overlay), "--params", str(target)])
     assert load_params(target) == overlaid(overlay)
     before, after = PARAMS_YAML.read_text().splitlines(), target.read_text().splitlines()
@@ -232,8 +233,8 @@ def test_non_finite_floats_are_refused_naming_the_key(key, value):
     node = raw
     for s in sections:
         node = node.setdefault(s, {})
-    node[leaf] = value
-    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}: Input should be a finite number"):
+    node[leaf] = [value] if isinstance(node.get(leaf), list) else value  # a list of floats: one item
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}(\.0)?: Input should be a finite number"):
         parse_params(raw)
 
 
@@ -241,3 +242,25 @@ def test_non_finite_floats_are_refused_naming_the_key(key, value):
 def test_an_overlay_replaces_the_baselines_set_whole(overlay):
     named = yaml.safe_load(overlay.read_text())["baselines"]
     assert set(overlaid(overlay).baselines) == set(named) and not set(named) & set(PARAMS["baselines"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"seeds": []}, r"seeds: List should have at least 1 item"),
+    ({"seeds": [0, 0]}, r"seeds: Value error, seeds must be distinct non-negative integers; got \[0, 0\]"),
+    ({"fractions": [0.5]}, r"fractions: .*include 1.0 .*got \[0.5\]"),
+    ({"fractions": [0.0, 1.0]}, r"fractions: .*in \(0, 1\]"),
+    ({"fractions": [0.5, 0.5, 1.0]}, r"fractions: .*distinct"),
+    ({"baseline_fractions": [0.3, 1.0]}, r"baseline_fractions \[0.3\] are not among fractions"),
+    ({"baseline_fractions": [0.5]}, r"baseline_fractions: .*include 1.0"),
+    ({"report": {"comparisons": [["hdkd", "hdkd"]]}}, r"report.comparisons: .*compared with itself"),
+    ({"report": {"comparisons": [["hdkd", "nope"]]}}, r"report.comparisons names \['nope'\], not models of this run"),
+    ({"balance": {"method": "smote"}}, r"balance.method 'smote' balances the whole training split; .*fractions: \[1.0\]"),
+])
+def test_seeds_fractions_and_comparisons_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_params(overrides)
+
+
+def test_fractions_are_sorted_and_balancing_works_on_the_whole_split():
+    assert make_params({"fractions": [1.0, 0.25]}).fractions == [0.25, 1.0]
+    assert make_params({"balance": {"method": "smote"}, "fractions": [1.0]}).balance.method == "smote"

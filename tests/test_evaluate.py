@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hdkd.evaluate
-from conftest import CLASSES, bundle_with, hand_models
+from conftest import CLASSES, TEST_LABELS, bundle_with, hand_models
 from hdkd import numerics
 from hdkd.bundle import make_bundle, model_names
 from hdkd.checkpoint import save_model
@@ -128,7 +128,7 @@ def test_a_full_disk_leaves_the_previous_evaluation_whole(tmp_path, bundle, monk
 def test_models_without_history_get_no_curves(tmp_path):
     models = hand_models()
     models["hdkd"]["history"] = []
-    b = make_bundle(models, make_params(), CLASSES)
+    b = make_bundle(models, make_params(), CLASSES, test_labels=TEST_LABELS)
     paths = write_evaluation(b, tmp_path)
     assert (tmp_path / "plots" / "curves_teacher.csv") in paths
     assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()

@@ -3,7 +3,10 @@
 import errno
 import struct
 
+import numpy as np
 import pytest
+from scipy import stats as sps
+from statsmodels.stats.contingency_tables import mcnemar
 
 from conftest import bundle_with
 from hdkd.io import DiskFullError
@@ -14,9 +17,11 @@ from hdkd.report.build import (
     Explanations,
     ablation_table,
     build_report,
+    data_efficiency_table,
     efficiency_table,
     main_table,
     per_class_table,
+    significance_table,
     table_csv,
     table_markdown,
 )
@@ -36,20 +41,67 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_main_table_markdown_exact(bundle):
+    # Seed 0's run (hand numbers), then mean ± sample std over hand_runs' seeds: the teacher's three
+    # accuracies are 90, 87.5, 85 -> 87.50 ± 2.50; the student's 80, 75, 70 -> 75.00 ± 5.00.
     assert table_markdown(main_table(bundle)) == (
         "## Main comparison\n"
         "\n"
         "| Model | Params (M) | MACs (M) | Accuracy (%) | Accuracy 95% CI | Precision (%) | Recall (%) | F1 (%) "
-        "| F1 95% CI |\n"
-        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-        "| Teacher | 3.949 | 5812.3 | 90.00 | [85.00, 95.00] | 80.00 | 70.00 | 75.00 | [70.00, 80.00] |\n"
-        "| Student | 3.725 | 2050.0 | 80.00 | [75.00, 85.00] | 70.00 | 60.00 | 65.00 | [60.00, 70.00] |\n"
-        "| HDKD | 3.727 | 2060.0 | 85.00 | [80.00, 90.00] | 75.00 | 65.00 | 70.00 | [65.00, 75.00] |\n"
+        "| F1 95% CI | Accuracy mean ± std (%) | F1 mean ± std (%) | Seeds |\n"
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| Teacher | 3.949 | 5812.3 | 90.00 | [85.00, 95.00] | 80.00 | 70.00 | 75.00 | [70.00, 80.00] "
+        "| 87.50 ± 2.50 | 77.50 ± 2.50 | 3 |\n"
+        "| Student | 3.725 | 2050.0 | 80.00 | [75.00, 85.00] | 70.00 | 60.00 | 65.00 | [60.00, 70.00] "
+        "| 75.00 ± 5.00 | 65.00 ± 5.00 | 3 |\n"
+        "| HDKD | 3.727 | 2060.0 | 85.00 | [80.00, 90.00] | 75.00 | 65.00 | 70.00 | [65.00, 75.00] "
+        "| 82.50 ± 2.50 | 72.50 ± 2.50 | 3 |\n"
         "\n"
-        "Test split of toy; precision, recall and F1 are macro averages over all 3 classes; MACs for one image. "
-        "CI: percentile bootstrap over test images, 1000 resamples, seed 0. Teacher: CNN; Student: hybrid CNN + "
-        "transformer; HDKD: the student distilled from the teacher.\n"
+        "Test split of toy, every model trained on the whole training split. Accuracy to F1 CI: seed 0's run; "
+        "mean ± std: mean and sample standard deviation over the training seeds. Precision, recall and F1 are "
+        "macro averages over all 3 classes; MACs for one image. CI: percentile bootstrap over test images, 1000 "
+        "resamples, seed 0. Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the "
+        "teacher.\n"
     )
+
+
+def test_data_efficiency_table_follows_the_contract(bundle):
+    table = data_efficiency_table(bundle)
+    assert table.columns == ("fraction", "model", "accuracy_mean", "accuracy_std", "f1_macro_mean", "f1_macro_std",
+                             "n_seeds")
+    rows = {(r[0], r[1]): r[2:] for r in table.rows}
+    assert len(rows) == 4 * 3
+    assert rows[("1", "student")] == ("0.7500", "0.0500", "0.6500", "0.0500", "3")
+    # teacher at 10 %: k = round(40 (1 - 0.9 * 0.73)) + s = 14, 15, 16 errors of 40
+    assert rows[("0.1", "teacher")][:2] == ("0.6250", "0.0250")
+
+
+def test_significance_table_rows_are_scipys_and_statsmodels(bundle):
+    table = significance_table(bundle, [("hdkd", "student")])
+    assert table.columns == ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "p_value",
+                             "test")
+    row = next(r for r in table.rows if r[1] == "1" and r[2] == "accuracy" and r[7] == "paired_t")
+    hdkd = [r["evaluation"]["accuracy"] for r in bundle["models"]["hdkd"]["runs"] if r["fraction"] == 1.0]
+    student = [r["evaluation"]["accuracy"] for r in bundle["models"]["student"]["runs"] if r["fraction"] == 1.0]
+    t = sps.ttest_rel(hdkd, student)
+    ci = t.confidence_interval(0.95)
+    assert row[3:7] == (f"{np.mean(hdkd) - np.mean(student):.4f}", f"{ci.low:.4f}", f"{ci.high:.4f}",
+                        f"{t.pvalue:.4g}")
+    seed0 = next(r for r in table.rows if r[1] == "1" and r[7] == "mcnemar_exact_seed0")
+    runs = {m: next(r for r in bundle["models"][m]["runs"] if r["fraction"] == 1.0 and r["seed"] == 0)
+            for m in ("hdkd", "student")}
+    labels = np.asarray(bundle["test_labels"])
+    a, b = (np.asarray(runs[m]["predictions"]) == labels for m in ("hdkd", "student"))
+    table_2x2 = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+    assert seed0[6] == f"{mcnemar(table_2x2, exact=True).pvalue:.4g}"
+
+
+def test_the_readme_says_whether_each_comparison_is_significant(tmp_path, bundle):
+    build_report(bundle, tmp_path, REPORT)
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    # hdkd - student per seed: 85-80, 82.5-75, 80-70 points -> mean +7.5
+    assert "- HDKD vs Student: +7.5 points accuracy [" in text
+    assert "(paired t over 3 seeds)." in text
+    assert any("at 0.05 (paired t over 3 seeds)" in line and ("significant" in line) for line in text.splitlines())
 
 
 def test_per_class_csv_exact(bundle):
@@ -65,7 +117,8 @@ def test_per_class_csv_exact(bundle):
 def test_missing_efficiency_and_ci_print_na(bundle):
     bundle["models"]["hdkd"]["efficiency"] = None
     bundle["models"]["hdkd"]["evaluation"]["ci"] = None
-    assert main_table(bundle).rows[2] == ("HDKD", "n/a", "n/a", "85.00", "n/a", "75.00", "65.00", "70.00", "n/a")
+    assert main_table(bundle).rows[2] == ("HDKD", "n/a", "n/a", "85.00", "n/a", "75.00", "65.00", "70.00", "n/a",
+                                          "82.50 ± 2.50", "72.50 ± 2.50", "3")
 
 
 def lambda_runs():
@@ -78,13 +131,15 @@ def test_ablation_table_exact(bundle):
     assert table_markdown(ablation_table(lam, bundle, [l5, l1])) == (
         "## Ablation: feature distillation weight λ\n"
         "\n"
-        "| λ | Run (params hash) | Reference | HDKD Accuracy (%) | HDKD Accuracy 95% CI | HDKD F1 (%) |\n"
-        "| :--- | ---: | ---: | ---: | ---: | ---: |\n"
-        f"| 1 | {l1['params_hash']} | no | 75.00 | [70.00, 80.00] | 70.00 |\n"
-        f"| 5 | {l5['params_hash']} | no | 80.00 | [75.00, 85.00] | 70.00 |\n"
-        f"| 10 | {bundle['params_hash']} | yes | 85.00 | [80.00, 90.00] | 70.00 |\n"
+        "| λ | Run (params hash) | Reference | HDKD Accuracy mean ± std (%) | HDKD F1 mean ± std (%) "
+        "| HDKD Accuracy (%) | HDKD Accuracy 95% CI | HDKD F1 (%) |\n"
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        f"| 1 | {l1['params_hash']} | no | 72.50 ± 2.50 | 62.50 ± 2.50 | 75.00 | [70.00, 80.00] | 70.00 |\n"
+        f"| 5 | {l5['params_hash']} | no | 77.50 ± 2.50 | 67.50 ± 2.50 | 80.00 | [75.00, 85.00] | 70.00 |\n"
+        f"| 10 | {bundle['params_hash']} | yes | 82.50 ± 2.50 | 72.50 ± 2.50 | 85.00 | [80.00, 90.00] | 70.00 |\n"
         "\n"
-        "Runs differing from the reference only in distill.lambda; F1 is macro.\n"
+        "Runs differing from the reference only in distill.lambda; F1 is macro. Mean ± sample std over each run's "
+        "training seeds, on the whole training split; the other columns: seed 0's run.\n"
     )
 
 
@@ -108,7 +163,7 @@ def test_runs_are_grouped_by_the_params_they_change(bundle):
 def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
     same = bundle_with({"tracking": {"enabled": False}})
     written = build_report(bundle, tmp_path, REPORT, [same])
-    assert not [p for p in written if "ablation" in p.name or p.name == "data_efficiency.png"]
+    assert not [p for p in written if "ablation" in p.name]
     assert f"| `{same['params_hash']}` | nothing | not used |\n" in (tmp_path / "README.md").read_text(encoding="utf-8")
 
 
@@ -121,7 +176,8 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
     out = tmp_path / "reports"
     written = build_full(out, bundle)
     names = sorted(p.relative_to(out).as_posix() for p in written)
-    tables = ["main", "metrics", "per_class", "efficiency", "ablation_lambda", "ablation_train_fraction"]
+    tables = ["main", "data_efficiency", "significance", "metrics", "per_class", "efficiency", "ablation_lambda",
+              "ablation_train_fraction"]
     figures = ["confusion_teacher", "confusion_student", "confusion_hdkd", "training_curves", "per_class_f1",
                "data_efficiency"]
     assert names == sorted([f"tables/{t}.{s}" for t in tables for s in ("md", "csv")]

@@ -158,3 +158,42 @@ def test_against_the_reports_of_a_git_revision(git_repo, committed):
     edit(reports / "tables" / "main.csv", "Teacher,3.949,5812.3,90.00", "Teacher,3.949,5812.3,95.00")
     assert check(reports, None, "HEAD", git_repo, "reports") == 1
     assert cli(["--fresh", str(reports), "--repo", str(git_repo)]) == 1
+
+
+def _rerun_with(fresh, change):
+    """Fresh reports whose runs' accuracies are ``change(seed, accuracy)``, everything derived rebuilt."""
+    bundle = bundle_with()
+    for model in bundle["models"].values():
+        for run in model["runs"]:
+            run["evaluation"]["accuracy"] = change(run["seed"], run["evaluation"]["accuracy"])
+    shutil.rmtree(fresh)
+    write_evaluation(bundle, fresh)
+    build_report(bundle, fresh, section("report"))
+
+
+def test_statistical_mode_passes_seed_noise_and_names_its_test(committed, fresh):
+    # every run moved by half a point, in a direction that changes with the seed: outside the exact
+    # check's tolerance, well inside the seeds' spread (2.5 to 5 points)
+    _rerun_with(fresh, lambda seed, acc: acc + (0.005 if seed % 2 else -0.005))
+    assert differences(committed, fresh)  # the exact check fails
+    out = io.StringIO()
+    assert check_reports(DirTree(committed), DirTree(fresh), stream=out, alpha=0.01) == []
+    assert "statistically" in out.getvalue() and "Welch's t-test over the seeds" in out.getvalue()
+    assert "alpha 0.01" in out.getvalue()
+
+
+def test_statistical_mode_fails_a_shift_beyond_the_seeds_spread(committed, fresh):
+    _rerun_with(fresh, lambda seed, acc: acc - 0.2)
+    diffs = [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(), alpha=0.01)]
+    # the teacher at full data: 90, 87.5, 85 committed vs 70, 67.5, 65 fresh; Welch t = 9.80, df 4
+    assert any(d.startswith("[value] bundle.json: teacher at fraction 1, accuracy: committed mean 0.8750 "
+                            "(sd 0.0250, 3 seeds) vs fresh 0.6750 (sd 0.0250, 3 seeds): p = 0.000608 < 0.01")
+               for d in diffs), diffs
+    assert cli(["--committed", str(committed), "--fresh", str(fresh), "--statistical"]) == 1
+    assert cli(["--committed", str(committed), "--fresh", str(committed), "--statistical", "0.05"]) == 0
+
+
+def test_statistical_mode_still_compares_the_structure(committed, fresh):
+    edit(fresh / "tables" / "main.md", "| Teacher |", "| Teacher (CNN) |")
+    diffs = [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(), alpha=0.01)]
+    assert len(diffs) == 1 and diffs[0].startswith("[structure] tables/main.md: line 5 row label"), diffs

@@ -228,3 +228,22 @@ def test_a_revision_brings_its_export_report_for_the_efficiency_table(git_repo):
     assert export_for_revision(with_export, git_repo) == {"models": {}}
     assert export_for_revision(without, git_repo) is None
     assert export_for_revision("no-such-revision", git_repo) is None
+
+
+def test_a_revision_is_reported_with_its_committed_report_settings(git_repo):
+    # report.comparisons changed after the evaluation: the report stage ran with the committed params.yaml,
+    # so a rebuild must too, not with the bundle's params (nor today's).
+    from hdkd.report.stage import revision_report_config
+
+    bundle = bundle_with()
+    params = json.loads(json.dumps(bundle["params"]))
+    params["report"]["comparisons"] = [["hdkd", "student"]]
+    (git_repo / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    rev = commit_all(git_repo, "params")
+    fallback = section("report")
+    assert revision_report_config(bundle, fallback, rev, git_repo).comparisons == [("hdkd", "student")]
+    assert revision_report_config(bundle, fallback).comparisons == [tuple(p) for p in
+                                                                     bundle["params"]["report"]["comparisons"]]
+    (git_repo / "params.yaml").write_text("report: {dpi: oops}\n")  # an unreadable one: the bundle's
+    rev = commit_all(git_repo, "broken")
+    assert revision_report_config(bundle, fallback, rev, git_repo) == revision_report_config(bundle, fallback)

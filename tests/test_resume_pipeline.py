@@ -30,7 +30,7 @@ from tests.pipeline_fixtures import (
 pytestmark = pytest.mark.slow
 
 STAGE, MODEL = "train_teacher", "teacher"
-RESUME_STATE = Path("checkpoints") / MODEL / "last.pt"
+RESUME_STATE = Path("checkpoints") / MODEL / "seed0-frac1" / "state" / "last.pt"  # the primary run's
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 600) -> None:

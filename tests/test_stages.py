@@ -23,6 +23,7 @@ def workspace(tmp_path_factory):
     opt = {"epochs": 8, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05, "schedule": "cosine",
            "warmup_epochs": 1, "warmup_lr": 1e-4, "min_lr": 1e-5}
     raw = {
+        "seeds": [0], "fractions": [1.0],  # one run per model (the runs' loop: tests/test_training_runs.py)
         "data": {"root": str(root / "raw"), "image_size": 32,
                  "synthetic": {"layout": "brain_tumor_mri", "num_images": 400, "native_size": 48}},
         "augment": {"enabled": False},  # ~280 training images: learnable in a few epochs without it
@@ -46,7 +47,7 @@ def run_stage(root, role):
             "--out", str(root / "models" / role), "--metrics", str(root / "metrics" / f"{role}.json"),
             "--resume-dir", str(root / "checkpoints" / role)]
     if role == "hdkd":
-        argv += ["--teacher", str(root / "models" / "teacher" / "model.pt")]
+        argv += ["--teacher", str(root / "models" / "teacher")]
     return train_main(role, argv)
 
 

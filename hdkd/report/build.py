@@ -2,7 +2,9 @@
 
 :func:`build_report` writes under ``out_dir`` (the report stage's: ``reports/``)::
 
-    tables/main.{md,csv}              model, params, MACs, accuracy, macro P/R/F1, CIs
+    tables/main.{md,csv}              model, params, MACs, accuracy and macro-F1 over seeds, macro P/R/F1, CIs
+    tables/data_efficiency.{md,csv}   every model at every training fraction, mean ± std over seeds
+    tables/significance.{md,csv}      paired comparisons (report.comparisons) at every fraction
     tables/metrics.{md,csv}           balanced accuracy, weighted F1, macro ROC-AUC, ECE
     tables/per_class.{md,csv}         per-class P/R/F1 of every model, support
     tables/efficiency.{md,csv}        params, MACs, timing (when measured)
@@ -10,7 +12,7 @@
     figures/confusion_<model>.png     annotated confusion matrix per model
     figures/training_curves.png       loss and validation accuracy per epoch
     figures/per_class_f1.png          per-class F1 grouped by model
-    figures/data_efficiency.png       accuracy vs training fraction (>= 2 fractions)
+    figures/data_efficiency.png       accuracy and macro-F1 vs training fraction, mean ± std over seeds
     model_card.md                     the HDKD student's model card (:mod:`hdkd.report.model_card`)
     README.md                         index; dataset, git commit and params hash of the source
 
@@ -36,11 +38,21 @@ from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
+from hdkd.evidence import (
+    aggregate,
+    compare,
+    data_efficiency_rows,
+    fractions_of,
+    runs_at,
+    seeds_of,
+    sentence,
+    significance_rows,
+)
 from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
 from hdkd.report.model_card import model_card
-from hdkd.roster import roster
+from hdkd.roster import primary_run, roster
 
 NA = "n/a"
 
@@ -68,6 +80,11 @@ def pct(x: float | None) -> str:
 
 def pct_interval(interval: Sequence[float] | None) -> str:
     return NA if interval is None else f"[{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
+def pct_spread(mean: float, std: float | None) -> str:
+    """``75.12 ± 1.03`` (percent); the mean alone when the spread is undefined (one seed)."""
+    return pct(mean) if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def fixed(x: float | None, digits: int) -> str:
@@ -133,18 +150,69 @@ def _macs_m(eff: Mapping[str, Any]) -> str:
 
 def main_table(bundle: Mapping[str, Any]) -> Table:
     ci = _ci_label(bundle)
-    columns = ("Model", "Params (M)", "MACs (M)", "Accuracy (%)", f"Accuracy {ci}",
-               "Precision (%)", "Recall (%)", "F1 (%)", f"F1 {ci}")
+    seed, _ = primary_run(bundle["params"])
+    columns = ("Model", "Params (M)", "MACs (M)", "Accuracy (%)", f"Accuracy {ci}", "Precision (%)", "Recall (%)",
+               "F1 (%)", f"F1 {ci}", "Accuracy mean ± std (%)", "F1 mean ± std (%)", "Seeds")
     rows = []
     for m in model_names(bundle):
-        ev, eff = bundle["models"][m]["evaluation"], _efficiency(bundle, m)
+        ev, eff, agg = bundle["models"][m]["evaluation"], _efficiency(bundle, m), aggregate(bundle, m)
         rows.append((model_label(m, roster(bundle["params"])), _params_m(eff), _macs_m(eff), pct(ev["accuracy"]),
                      pct_interval(_interval(ev, "accuracy")), pct(ev["precision_macro"]), pct(ev["recall_macro"]),
-                     pct(ev["f1_macro"]), pct_interval(_interval(ev, "f1_macro"))))
+                     pct(ev["f1_macro"]), pct_interval(_interval(ev, "f1_macro")),
+                     pct_spread(agg["accuracy_mean"], agg["accuracy_std"]),
+                     pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]), str(agg["n_seeds"])))
     n = len(bundle["class_names"])
-    note = (f"Test split of {bundle['dataset']}; precision, recall and F1 are macro averages over all {n} "
-            f"classes; MACs for one image. {_ci_note(bundle)} {models_note(bundle)}")
+    note = (f"Test split of {bundle['dataset']}, every model trained on the whole training split. Accuracy to F1 "
+            f"CI: seed {seed}'s run; mean ± std: mean and sample standard deviation over the training seeds. "
+            f"Precision, recall and F1 are macro averages over all {n} classes; MACs for one image. "
+            f"{_ci_note(bundle)} {models_note(bundle)}")
     return Table("main", "Main comparison", columns, tuple(rows), note)
+
+
+def data_efficiency_table(bundle: Mapping[str, Any]) -> Table:
+    """Every model at every training fraction, over the seeds (the columns: ``data_efficiency.csv``'s contract)."""
+    columns = ("fraction", "model", "accuracy_mean", "accuracy_std", "f1_macro_mean", "f1_macro_std", "n_seeds")
+    rows = tuple((format(r["fraction"], "g"), r["model"], fixed(r["accuracy_mean"], 4), fixed(r["accuracy_std"], 4),
+                  fixed(r["f1_macro_mean"], 4), fixed(r["f1_macro_std"], 4), str(r["n_seeds"]))
+                 for r in data_efficiency_rows(bundle, model_names(bundle)))
+    note = ("Test accuracy and macro-F1 (fractions of 1) by share of the training split, mean and sample standard "
+            "deviation over the seeds (n/a: one seed). The subsets are stratified by class, keep lesion groups "
+            "whole, and are nested (each inside the next larger); every model of a seed trains on the same one. "
+            "Validation and test sets never shrink.")
+    return Table("data_efficiency", "Data efficiency", columns, rows, note)
+
+
+def significance_table(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]]) -> Table | None:
+    """A − B for each comparison at each fraction (the columns: ``significance.csv``'s contract)."""
+    rows = significance_rows(bundle, comparisons)
+    if not rows:
+        return None
+    columns = ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "p_value", "test")
+    cells = tuple((r["comparison"], format(r["fraction"], "g"), r["metric"], fixed(r["difference_mean"], 4),
+                   fixed(r["ci_low"], 4), fixed(r["ci_high"], 4), NA if r["p_value"] is None else f"{r['p_value']:.4g}",
+                   r["test"]) for r in rows)
+    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} No correction for multiple "
+            "comparisons.")
+    return Table("significance", "Paired comparisons", columns, cells, note)
+
+
+_SIGNIFICANCE_METHOD = (
+    "paired by seed (seed s of both models shares the training subset and the seed's draws). `paired_t`: "
+    "t-interval (95 %) and two-sided p-value over the per-seed differences (scipy.stats.ttest_rel), the "
+    "verdict's test. `mcnemar_exact_seed<s>`: exact McNemar test on per-image correctness of seed s's pair "
+    "(statsmodels), with the exact conditional interval of the accuracy difference; seeds are not pooled, "
+    "since they share the test images and their counts are not independent.")
+
+
+def significance_sentences(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]]) -> list[str]:
+    """One plain sentence per comparison: the accuracy difference on the whole training split."""
+    run = roster(bundle["params"])
+    out = []
+    for a, b in comparisons:
+        rows = [r for r in compare(bundle, a, b, 1.0) if r["test"] == "paired_t" and r["metric"] == "accuracy"]
+        n_seeds = len(set(runs_at(bundle, a, 1.0)) & set(runs_at(bundle, b, 1.0)))
+        out.append(sentence(rows[0], model_label(a, run), model_label(b, run), n_seeds))
+    return out
 
 
 def metrics_table(bundle: Mapping[str, Any]) -> Table:
@@ -228,7 +296,8 @@ def _ablation_series(ablation: Ablation, reference: Mapping[str, Any], runs: Seq
 def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Table:
     ci = _ci_label(reference)
     models = [m for m in model_names(reference) if ablation.models is None or m in ablation.models]
-    per_model = ("Accuracy (%)", f"Accuracy {ci}", "F1 (%)") + (("MACs (M)",) if ablation.show_macs else ())
+    per_model = ("Accuracy mean ± std (%)", "F1 mean ± std (%)", "Accuracy (%)", f"Accuracy {ci}", "F1 (%)") + (
+        ("MACs (M)",) if ablation.show_macs else ())
     columns = ablation.headers + ("Run (params hash)", "Reference") + tuple(
         f"{model_label(m, roster(reference['params']))} {c}" for m in models for c in per_model)
     rows = []
@@ -239,12 +308,16 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
             if result is None:
                 cells += [NA] * len(per_model)
                 continue
-            ev = result["evaluation"]
-            cells += [pct(ev["accuracy"]), pct_interval(_interval(ev, "accuracy")), pct(ev["f1_macro"])]
+            ev, agg = result["evaluation"], aggregate(bundle, m)
+            cells += [pct_spread(agg["accuracy_mean"], agg["accuracy_std"]),
+                      pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]),
+                      pct(ev["accuracy"]), pct_interval(_interval(ev, "accuracy")), pct(ev["f1_macro"])]
             if ablation.show_macs:
                 cells.append(_macs_m(result.get("efficiency") or {}))
         rows.append(tuple(cells))
-    note = f"Runs differing from the reference only in {', '.join(ablation.keys)}; F1 is macro."
+    seed, _ = primary_run(reference["params"])
+    note = (f"Runs differing from the reference only in {', '.join(ablation.keys)}; F1 is macro. Mean ± sample std "
+            f"over each run's training seeds, on the whole training split; the other columns: seed {seed}'s run.")
     return Table(f"ablation_{ablation.name}", f"Ablation: {ablation.title}", columns, tuple(rows), note)
 
 
@@ -292,37 +365,42 @@ def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def data_efficiency_figure(reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Figure | None:
-    ablation = next(a for a in ABLATIONS if a.name == "train_fraction")
-    series = _ablation_series(ablation, reference, runs)
-    if len({s[0][0] for s in series}) < 2:
+def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
+    """Accuracy and macro-F1 by training fraction: mean over the seeds, ± one std as a band."""
+    fractions = fractions_of(bundle)
+    if len(fractions) < 2:
         return None
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    models, run = model_names(reference), roster(reference["params"])
-    for m in models:
-        points = [(v[0], b["models"][m]["evaluation"]) for v, b, _ in series if m in b["models"]]
-        x = [100 * p[0] for p in points]
-        y = [100 * p[1]["accuracy"] for p in points]
-        cis = [_interval(p[1], "accuracy") for p in points]
-        err = None
-        if all(cis):  # a percentile interval may, rarely, exclude its estimate: clip, never negative
-            err = [[max(yi - 100 * lo, 0) for yi, (lo, _) in zip(y, cis)],
-                   [max(100 * hi - yi, 0) for yi, (_, hi) in zip(y, cis)]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=model_color(m, models, run),
-                    label=model_label(m, run))
-    ax.set_xticks(sorted({100 * s[0][0] for s in series}))
-    ax.set(xlabel="Training data used (%)", ylabel="Test accuracy (%)", title="Data efficiency")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    models, run = model_names(bundle), roster(bundle["params"])
+    rows = data_efficiency_rows(bundle, models)
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, metric, title in zip(axes, ("accuracy", "f1_macro"), ("Test accuracy (%)", "Test macro-F1 (%)")):
+        for m in models:
+            points = [r for r in rows if r["model"] == m]
+            x = np.array([100 * r["fraction"] for r in points])
+            mean = np.array([100 * r[f"{metric}_mean"] for r in points])
+            std = np.array([100 * (r[f"{metric}_std"] or 0.0) for r in points])
+            color = model_color(m, models, run)
+            ax.plot(x, mean, marker="o", color=color, label=model_label(m, run))
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
+        ax.minorticks_off()
+        ax.set(xlabel="Training data used (%)", ylabel=title)
+        ax.grid(alpha=0.3)
+    n = max(r["n_seeds"] for r in rows)
+    fig.suptitle(f"Data efficiency: mean ± std over {n} seed{'s' if n != 1 else ''}")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(len(models), 5),
+               loc="outside lower center")  # never over the curves
     return fig
 
 
 # ---------------------------------------------------------------------------------------- report
 def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None,
-                  export: Mapping[str, Any] | None = None) -> list[Table]:
+                  export: Mapping[str, Any] | None = None, comparisons: Sequence[Sequence[str]] = ()) -> list[Table]:
     ablation_groups = ablation_groups or {}
-    tables = [main_table(bundle), metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle, export)]
+    tables = [main_table(bundle), data_efficiency_table(bundle), significance_table(bundle, comparisons),
+              metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle, export)]
     tables += [ablation_table(a, bundle, ablation_groups[a.name]) for a in ABLATIONS if a.name in ablation_groups]
     return [t for t in tables if t is not None]
 
@@ -338,7 +416,7 @@ def report_figures(
     figures["training_curves.png"] = lambda: training_curves_figure(
         {m: bundle["models"][m]["history"] for m in model_names(bundle)}, roster(bundle["params"]))
     figures["per_class_f1.png"] = lambda: per_class_f1_figure(bundle)
-    figures["data_efficiency.png"] = lambda: data_efficiency_figure(bundle, ablation_groups.get("train_fraction", []))
+    figures["data_efficiency.png"] = lambda: data_efficiency_figure(bundle)
     return figures
 
 
@@ -358,7 +436,8 @@ def build_report(
     groups, unused = group_ablations(bundle, [validate_bundle(b) for b in ablations])
     out = Path(out_dir)
     written: list[Path] = []
-    tables = report_tables(bundle, groups, export)
+    comparisons = [pair for pair in cfg.comparisons if all(m in bundle["models"] for m in pair)]
+    tables = report_tables(bundle, groups, export, comparisons)
     # All of it or none; tables/ and figures/ are replaced whole, so a table or figure that is no
     # longer made (an ablation dropped) does not linger.
     with output_set() as outputs:
@@ -378,7 +457,8 @@ def build_report(
             written.append(out / "model_card.md")
             write_text(outputs.file(written[-1]), model_card(bundle))
         written.append(out / "README.md")
-        write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused, explain))
+        write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused, explain,
+                                                     significance_sentences(bundle, comparisons)))
     return written
 
 
@@ -422,6 +502,7 @@ def readme(
     groups: AblationGroups,
     unused: Sequence[tuple[Mapping[str, Any], list[str]]],
     explain: Explanations | None = None,
+    sentences: Sequence[str] = (),
 ) -> str:
     """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
     dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
@@ -439,6 +520,12 @@ def readme(
         f"- Params hash: `{bundle['params_hash']}`",
         f"- Regenerate without retraining: `{regenerate}`",
         "",
+        *(["## Does HDKD help?", "",
+           f"Paired by seed on the same test images, every model trained on the whole training split "
+           f"({', '.join(map(str, seeds_of(bundle)))} seeds; 95 % paired t-interval over the seeds; no correction "
+           "for multiple comparisons; per-seed exact McNemar tests and every training fraction in the "
+           "[paired comparisons](tables/significance.md)):", "", *(f"- {line}" for line in sentences), ""]
+          if sentences else []),
         "## Tables",
         "",
         *(f"- [{t.title}](tables/{t.name}.md) ([csv](tables/{t.name}.csv))" for t in tables),

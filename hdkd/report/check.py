@@ -14,6 +14,13 @@ Tolerance (defaults :data:`DEFAULT_RTOL` = 1e-3, :data:`DEFAULT_ATOL` = 1e-6): a
 ``y`` matches a committed ``x`` when ``|y - x| <= atol + rtol * |x|``. A number printed with
 ``d`` decimals in a table may also differ by one unit of its last digit (``10**-d``): rounding.
 
+Statistical mode (``alpha`` given: ``check_reports --statistical``), for reports made where the
+numbers cannot be bit-identical (another CPU with ``train.reproducible: false``, a GPU): the files and
+every table's structure are compared as above, but the numbers are not; instead, for each model,
+training fraction and metric of the results bundles, the committed and fresh per-seed values are
+compared with Welch's t-test (scipy), and a p-value below ``alpha`` is a difference: the fresh runs
+differ from the committed ones by more than their seeds' spread explains.
+
 Locations are named ``<file>:<json.path>`` or ``<file>:<column header>`` (``<file>:<line>``
 outside tables); those matching a :data:`DEFAULT_IGNORE` glob (case-insensitive) are skipped:
 timing (machine-dependent) and provenance (the commit and experiment of a fresh run differ).
@@ -33,6 +40,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+import numpy as np
 
 from hdkd.io import parse_json
 from hdkd.provenance import git, git_show
@@ -234,6 +243,43 @@ def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tol
     return out
 
 
+STATISTICAL_TEST = "Welch's t-test over the seeds (scipy.stats.ttest_ind, equal_var=False)"
+
+
+def statistical_differences(committed: ReportTree, fresh: ReportTree, alpha: float,
+                            name: str = "bundle.json") -> list[Difference]:
+    """Each model, fraction and metric whose fresh per-seed values differ from the committed ones at
+    level ``alpha`` (:data:`STATISTICAL_TEST`); identical values, or two that do not vary, must be equal."""
+    from scipy import stats as sps
+
+    from hdkd.evidence import METRICS, fractions_of, runs_at
+
+    if name not in committed.files() or name not in fresh.files():
+        return []  # reported as a missing file by compare_trees
+    a, b = (parse_json(tree.read(name), f"{tree}/{name}") for tree in (committed, fresh))
+    out = []
+    for model in sorted(a["models"].keys() & b["models"].keys()):
+        for fraction in fractions_of(a):
+            runs_a, runs_b = runs_at(a, model, fraction), runs_at(b, model, fraction)
+            for metric in METRICS:
+                x = [runs_a[s]["evaluation"][metric] for s in sorted(runs_a)]
+                y = [runs_b[s]["evaluation"][metric] for s in sorted(runs_b)]
+                if not x or not y:
+                    continue
+                where = f"{model} at fraction {fraction:g}, {metric}"
+                if len(x) < 2 or len(y) < 2 or (np.ptp(x) == 0 and np.ptp(y) == 0):
+                    if sorted(x) != sorted(y):
+                        out.append(Difference(name, "value", f"{where}: committed {x} vs fresh {y} (no spread "
+                                                             "to test against: must be equal)"))
+                    continue
+                p = float(sps.ttest_ind(x, y, equal_var=False).pvalue)
+                if p < alpha:
+                    out.append(Difference(name, "value", f"{where}: committed mean {np.mean(x):.4f} "
+                                          f"(sd {np.std(x, ddof=1):.4f}, {len(x)} seeds) vs fresh {np.mean(y):.4f} "
+                                          f"(sd {np.std(y, ddof=1):.4f}, {len(y)} seeds): p = {p:.3g} < {alpha:g}"))
+    return out
+
+
 def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterable[Difference]) -> str:
     """Unified diffs of the tables (CSV, Markdown) that have differences, for reading."""
     tables = {d.file for d in differences if d.file.endswith((".csv", ".md"))}
@@ -247,12 +293,23 @@ def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterabl
 
 
 def check_reports(
-    committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(), stream: TextIO | None = None
+    committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(), stream: TextIO | None = None,
+    alpha: float | None = None,
 ) -> list[Difference]:
-    """Compare, print a readable account to ``stream`` (stdout), return the differences (empty = match)."""
+    """Compare, print a readable account to ``stream`` (stdout), return the differences (empty = match).
+
+    ``alpha``: statistical mode (the module's docstring) at that level."""
     stream = stream or sys.stdout
     differences = compare_trees(committed, fresh, tol)
-    print(f"comparing committed {committed} with fresh {fresh} (rtol {tol.rtol:g}, atol {tol.atol:g})", file=stream)
+    if alpha is None:
+        print(f"comparing committed {committed} with fresh {fresh}: every number within rtol {tol.rtol:g}, "
+              f"atol {tol.atol:g}", file=stream)
+    else:
+        differences = [d for d in differences if d.kind == "structure"] + statistical_differences(
+            committed, fresh, alpha)
+        print(f"comparing committed {committed} with fresh {fresh} statistically: the structure of every file, "
+              f"and per model, training fraction and metric the per-seed values by {STATISTICAL_TEST} at "
+              f"alpha {alpha:g}", file=stream)
     for d in differences:
         print(d, file=stream)
     diffs = unified_diffs(committed, fresh, differences)
@@ -285,10 +342,11 @@ def check(
     repo_root: str | os.PathLike,
     prefix: str,
     tol: Tolerance = Tolerance(),
+    alpha: float | None = None,
 ) -> int:
     """Exit code of the check: 0 when the reports match, 1 otherwise.
 
-    ``committed`` is a directory; without it, ``prefix`` as committed at ``rev``.
+    ``committed`` is a directory; without it, ``prefix`` as committed at ``rev``. ``alpha``: statistical mode.
     """
     committed_tree: ReportTree = DirTree(Path(committed)) if committed else GitTree(Path(repo_root), rev, prefix)
-    return 1 if check_reports(committed_tree, DirTree(Path(fresh)), tol) else 0
+    return 1 if check_reports(committed_tree, DirTree(Path(fresh)), tol, alpha=alpha) else 0

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from hdkd.bundle import model_names
+from hdkd.evidence import aggregate, compare, runs_at, sentence
 from hdkd.plots import model_label
-from hdkd.roster import roster, roster_entry
+from hdkd.roster import primary_run, roster, roster_entry
 
 MODEL = "hdkd"
 WEAK_SPOTS = 3  # the classes with the lowest F1
@@ -22,37 +23,30 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
 
+def _spread(agg: Mapping[str, Any], key: str) -> str:
+    std = agg[f"{key}_std"]
+    return _pct(agg[f"{key}_mean"]) + ("" if std is None else f" ± {100 * std:.2f}")
+
+
 def _with_ci(ev: Mapping[str, Any], key: str) -> str:
     ci = (ev.get("ci") or {}).get(key)
     interval = f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else ""
     return _pct(ev[key]) + interval
 
 
-def _overlap(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool | None:
-    ca, cb = (a.get("ci") or {}).get(key), (b.get("ci") or {}).get(key)
-    return None if not (ca and cb) else ca[0] <= cb[1] and cb[0] <= ca[1]
-
-
 def comparison(bundle: Mapping[str, Any], model: str, other: str) -> str:
-    """One honest sentence: does ``model`` beat ``other`` on accuracy and macro-F1 in this run?"""
-    a, b = bundle["models"][model]["evaluation"], bundle["models"][other]["evaluation"]
+    """Does ``model`` beat ``other``? The paired t verdicts over seeds on accuracy and macro-F1
+    (:func:`hdkd.evidence.compare`), on the whole training split."""
     label, other_label = (model_label(m, roster(bundle["params"])) for m in (model, other))
-    parts = []
-    for key, name in (("accuracy", "accuracy"), ("f1_macro", "macro-F1")):
-        diff = 100 * (a[key] - b[key])
-        verdict = "higher" if diff > 0 else "lower" if diff < 0 else "equal"
-        overlap = _overlap(a, b, key)
-        note = "" if overlap is None else f" (the 95 % intervals {'overlap' if overlap else 'do not overlap'})"
-        parts.append(f"{name} {diff:+.2f} points, {verdict}{note}")
-    beats = a["accuracy"] > b["accuracy"] and a["f1_macro"] > b["f1_macro"]
-    return (f"{label} vs {other_label}: {'; '.join(parts)}. "
-            + (f"{label} beats {other_label} in this run." if beats
-               else f"{label} does **not** beat {other_label} in this run."))
+    n_seeds = len(set(runs_at(bundle, model, 1.0)) & set(runs_at(bundle, other, 1.0)))
+    rows = [r for r in compare(bundle, model, other, 1.0) if r["test"] == "paired_t"]
+    return " ".join(sentence(r, label, other_label, n_seeds) for r in rows)
 
 
 def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
     """The card of ``model`` (the HDKD student), in Markdown."""
     params, models = bundle["params"], bundle["models"]
+    seed, _ = primary_run(params)
     entry = roster_entry(model)
     ev, eff = models[model]["evaluation"], models[model].get("efficiency") or {}
     label = model_label(model, roster(params))
@@ -103,22 +97,27 @@ def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
         f"- Dataset `{bundle['dataset']}`, {len(classes)} classes: {', '.join(classes)}.",
         f"- Splits: {100 * data['val_fraction']:.0f} % validation and {100 * data['test_fraction']:.0f} % test "
         f"(stratified, whole lesions where the dataset groups images by lesion); "
-        f"{100 * data['train_fraction']:.0f} % of the rest trained on; seed {params['seed']}.",
+        f"{100 * data['train_fraction']:.0f} % of the rest trained on; split seed {params['seed']}; "
+        f"trained once per seed {params['seeds']}.",
         f"- Test split: {ev['n']} images ({', '.join(f'{c} {support[c]}' for c in classes)}).",
         "",
         "## Metrics (test split)",
         "",
-        "| Model | Accuracy [95 % CI] | Macro-F1 [95 % CI] | Balanced accuracy |",
-        "|:---|---:|---:|---:|",
+        "| Model | Accuracy, mean ± std | Macro-F1, mean ± std | Seeds | Accuracy, seed "
+        f"{seed} [95 % CI] | Macro-F1, seed {seed} [95 % CI] | Balanced accuracy, seed {seed} |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in [model, *others]:
-        e = models[m]["evaluation"]
-        lines.append(f"| {model_label(m, roster(params))} | {_with_ci(e, 'accuracy')} | {_with_ci(e, 'f1_macro')} "
+        e, agg = models[m]["evaluation"], aggregate(bundle, m)
+        lines.append(f"| {model_label(m, roster(params))} | {_spread(agg, 'accuracy')} | {_spread(agg, 'f1_macro')} "
+                     f"| {agg['n_seeds']} | {_with_ci(e, 'accuracy')} | {_with_ci(e, 'f1_macro')} "
                      f"| {_pct(e['balanced_accuracy'])} |")
     lines += [""]
     lines += [f"- {comparison(bundle, model, o)}" for o in ("student", entry.teacher) if o in models]
-    lines += [f"- One training run (seed {params['seed']}): the intervals are bootstrap intervals over the test "
-              "images, not over training runs, and overlapping intervals are no test of a difference.", ""]
+    lines += ["- Mean ± sample standard deviation over the training seeds; the verdicts are paired t-tests over "
+              f"those seeds. The seed-{seed} columns are one run, with bootstrap intervals over the test images "
+              "(not over training runs). Every training fraction: [data efficiency](tables/data_efficiency.md), "
+              "[paired comparisons](tables/significance.md).", ""]
     weakest = sorted(ev["per_class"], key=lambda r: (r["f1"], r["class"]))[:WEAK_SPOTS]
     cm = ev["confusion_matrix"]
     confusions = sorted(((cm[i][j], classes[i], classes[j]) for i in range(len(classes)) for j in range(len(classes))

@@ -88,6 +88,17 @@ def export_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> dict[st
         return None
 
 
+def params_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> dict[str, Any] | None:
+    """``params.yaml`` as committed at ``rev`` (parsed, not validated); ``None`` without one."""
+    import yaml
+
+    ref = git_ref(rev, repo_root)
+    try:
+        return None if ref is None else yaml.safe_load(git_show(ref, "params.yaml", repo_root))
+    except (GitError, yaml.YAMLError):
+        return None
+
+
 def git_ref(rev: str, repo_root: str | os.PathLike = ".") -> str | None:
     """The commit ``rev`` names, or the ref of the DVC experiment called ``rev``; ``None`` if neither."""
     return resolve_commit(rev, repo_root) or _exp_refs(repo_root).get(rev)

@@ -17,7 +17,7 @@ from hdkd.config import ReportConfig, TrackingConfig
 from hdkd.io import read_json
 from hdkd.report.ablations import collect_ablations, summary
 from hdkd.report.build import Explanations
-from hdkd.report.revisions import ablations_for_revision, bundle_for_revision
+from hdkd.report.revisions import ablations_for_revision, bundle_for_revision, params_for_revision
 from hdkd.tracking import experiment_name
 
 
@@ -57,12 +57,17 @@ def revision_inputs(rev: str, uri: str, repo: str | os.PathLike) -> tuple[dict[s
     return bundle, ablations or []
 
 
-def revision_report_config(bundle: dict[str, Any], fallback: ReportConfig) -> ReportConfig:
-    """The figure settings the revision ran with (its bundle's params), else ``fallback``."""
-    try:
-        return ReportConfig.model_validate(bundle["params"]["report"])
-    except (KeyError, ValueError):  # a bundle of an older params schema
-        return fallback
+def revision_report_config(bundle: dict[str, Any], fallback: ReportConfig, rev: str | None = None,
+                           repo: str | os.PathLike = ".") -> ReportConfig:
+    """The report settings the revision ran with: its committed params.yaml's (the report stage reads
+    them, and they may have changed after the evaluation), else its bundle's params, else ``fallback``."""
+    committed = params_for_revision(rev, repo) if rev else None
+    for source in (committed, bundle["params"]):
+        try:
+            return ReportConfig.model_validate(source["report"])
+        except (KeyError, TypeError, ValueError):  # none, or of an older params schema
+            continue
+    return fallback
 
 
 def other_runs(paths_or_revs: Iterable[str], uri: str, repo: str | os.PathLike) -> list[dict[str, Any]]:

@@ -1,0 +1,107 @@
+"""Evidence across seeds from a results bundle (:mod:`hdkd.bundle`): aggregates, the data-efficiency curve and
+paired comparisons. Torch-free: the report stage builds its tables from these rows.
+
+A bundle's ``models[<name>]["runs"]`` holds one entry per (seed, fraction) with its ``evaluation``
+and per-image ``predictions``; ``bundle["test_labels"]`` holds the test labels in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hdkd.stats import Comparison, mcnemar_exact, mean_std, paired_t
+
+METRICS = ("accuracy", "f1_macro")  # the metrics aggregated and compared across seeds
+FULL = 1.0  # the fraction of the main table
+
+
+def runs_at(bundle: Mapping[str, Any], model: str, fraction: float) -> dict[int, Mapping[str, Any]]:
+    """``{seed: run}`` of ``model`` at ``fraction``."""
+    return {int(r["seed"]): r for r in bundle["models"][model]["runs"] if float(r["fraction"]) == float(fraction)}
+
+
+def fractions_of(bundle: Mapping[str, Any]) -> list[float]:
+    return sorted({float(r["fraction"]) for m in bundle["models"].values() for r in m["runs"]})
+
+
+def seeds_of(bundle: Mapping[str, Any]) -> list[int]:
+    return sorted({int(r["seed"]) for m in bundle["models"].values() for r in m["runs"]})
+
+
+def aggregate(bundle: Mapping[str, Any], model: str, fraction: float = FULL,
+              metrics: Iterable[str] = METRICS) -> dict[str, Any]:
+    """``<metric>_mean``, ``<metric>_std`` (sample std; ``None`` for one seed) and ``n_seeds``."""
+    runs = runs_at(bundle, model, fraction)
+    if not runs:
+        raise ValueError(f"results bundle: model {model!r} has no run at training fraction {fraction:g}")
+    out: dict[str, Any] = {}
+    for metric in metrics:
+        out[f"{metric}_mean"], out[f"{metric}_std"] = mean_std([runs[s]["evaluation"][metric] for s in sorted(runs)])
+    out["n_seeds"] = len(runs)
+    return out
+
+
+def data_efficiency_rows(bundle: Mapping[str, Any], models: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (fraction, model): the columns of ``reports/tables/data_efficiency.csv``."""
+    rows = []
+    for fraction in fractions_of(bundle):
+        for model in models:
+            if runs_at(bundle, model, fraction):
+                rows.append({"fraction": fraction, "model": model, **aggregate(bundle, model, fraction)})
+    return rows
+
+
+def compare(bundle: Mapping[str, Any], a: str, b: str, fraction: float, level: float = 0.95) -> list[dict[str, Any]]:
+    """A − B at one fraction, paired by seed: a paired t row per metric, an exact McNemar row per seed.
+
+    Only the seeds both models ran are paired; a comparison without a common seed is an error.
+    """
+    runs_a, runs_b = runs_at(bundle, a, fraction), runs_at(bundle, b, fraction)
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        raise ValueError(f"comparison {a} vs {b}: no seed in common at training fraction {fraction:g}")
+    labels = np.asarray(bundle["test_labels"])
+    base = {"comparison": f"{a} vs {b}", "fraction": fraction}
+    rows = []
+    for metric in METRICS:
+        c = paired_t([runs_a[s]["evaluation"][metric] for s in seeds],
+                     [runs_b[s]["evaluation"][metric] for s in seeds], level)
+        rows.append({**base, "metric": metric, **c.as_dict()})
+    for s in seeds:
+        correct_a = np.asarray(runs_a[s]["predictions"]) == labels
+        correct_b = np.asarray(runs_b[s]["predictions"]) == labels
+        c: Comparison = mcnemar_exact(correct_a, correct_b, level, label=f"mcnemar_exact_seed{s}")
+        rows.append({**base, "metric": "accuracy", **c.as_dict()})
+    return rows
+
+
+def significance_rows(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]],
+                      level: float = 0.95) -> list[dict[str, Any]]:
+    """Every named comparison at every fraction both models ran: the rows of ``significance.csv``."""
+    rows = []
+    for a, b in comparisons:
+        for model in (a, b):
+            if model not in bundle["models"]:
+                raise ValueError(f"comparison {a} vs {b}: model {model!r} is not in the results bundle")
+        for fraction in fractions_of(bundle):
+            if runs_at(bundle, a, fraction) and runs_at(bundle, b, fraction):
+                rows.extend(compare(bundle, a, b, fraction, level))
+    return rows
+
+
+def sentence(row: Mapping[str, Any], label_a: str, label_b: str, n_seeds: int, alpha: float = 0.05) -> str:
+    """One plain sentence for a paired-t row: the difference in points, its CI, p and the verdict."""
+    def points(x: float) -> str:
+        return f"{100 * x:+.1f}"
+
+    metric = {"accuracy": "accuracy", "f1_macro": "macro-F1"}[row["metric"]]
+    head = f"{label_a} vs {label_b}: {points(row['difference_mean'])} points {metric}"
+    if row["p_value"] is None:
+        why = "one seed" if n_seeds < 2 else f"the difference is the same at all {n_seeds} seeds"
+        return f"{head}; no test ({why})."
+    ci = f"[{points(row['ci_low'])}, {points(row['ci_high'])}]"
+    verdict = "significant" if row["p_value"] < alpha else "not significant"
+    return f"{head} {ci}, p = {row['p_value']:.3g}: {verdict} at {alpha:g} (paired t over {n_seeds} seeds)."

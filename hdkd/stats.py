@@ -1,0 +1,107 @@
+"""Statistics across seeds: aggregates and paired comparisons of two models.
+
+Policies (stated once, relied on by the report):
+
+- **Aggregates** over seeds are the mean and the *sample* standard deviation (``ddof=1``); with one
+  seed the standard deviation is undefined and is ``None`` (results are JSON, which has no NaN).
+- **Paired t over seeds** is the verdict's test. Seed *s* of model A and seed *s* of model B share
+  the training subset, the initial draws that seed fixes, and the test images, so the per-seed
+  differences are the paired observations; the seeds are independent replicates of the whole
+  training, which is what a t-interval needs. ``scipy.stats.ttest_rel`` gives the interval and
+  the two-sided p-value. It needs at least two seeds and differences that vary (``None`` otherwise;
+  differences that are all zero get p = 1).
+- **Exact McNemar per seed** tests, for one trained pair, whether the two models err on the same
+  test images (statsmodels' exact binomial McNemar on the discordant pairs). Its interval is the
+  conditional exact (Clopper-Pearson) interval of the accuracy difference given the number of
+  discordant images. Seeds are **not pooled**: they share the test images, so their discordant
+  counts are not independent and neither summing them nor combining their p-values (Fisher,
+  Stouffer) would keep the stated error rate. Each seed's test is reported on its own row.
+- No correction for multiple comparisons is applied; the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as sps
+from statsmodels.stats.contingency_tables import mcnemar
+
+ALPHA = 0.05  # the significance level of the report's verdicts
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (``None`` for a single value)."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        raise ValueError("no values to aggregate")
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row of the significance table: A − B on one metric, by one test."""
+
+    difference_mean: float
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    test: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Comparison:
+    """Paired t-interval and two-sided p-value of mean(A − B) over seeds (``a[i]``, ``b[i]``: seed i)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired values need two equal-length, non-empty lists; got {a.shape} and {b.shape}")
+    diff = a - b
+    if diff.size < 2:
+        return Comparison(float(diff.mean()), None, None, None, "paired_t")
+    mean = float(diff.mean())
+    if np.ptp(diff) <= 1e-12:  # zero variance (up to rounding): t is undefined; all-zero is no evidence
+        p = 1.0 if abs(mean) <= 1e-12 else None
+        return Comparison(mean, mean, mean, p, "paired_t")
+    result = sps.ttest_rel(a, b)
+    ci = result.confidence_interval(confidence_level=level)
+    return Comparison(mean, float(ci.low), float(ci.high), _finite_or_none(result.pvalue), "paired_t")
+
+
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool], level: float = 0.95,
+                  label: str = "mcnemar_exact") -> Comparison:
+    """Exact McNemar test of one pair of trained models on the same images (per-image correctness).
+
+    ``difference_mean`` is accuracy(A) − accuracy(B) = (n10 − n01) / N, with n10 the images only A
+    gets right. Given the n = n10 + n01 discordant images, n10 ~ Binomial(n, π) and the difference is
+    (2π − 1)·n / N: the Clopper-Pearson interval of π maps to the interval of the difference.
+    """
+    ca, cb = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if ca.shape != cb.shape or ca.ndim != 1 or ca.size == 0:
+        raise ValueError(f"per-image correctness needs two equal-length, non-empty lists; got {ca.shape}, {cb.shape}")
+    total = ca.size
+    n10 = int(np.sum(ca & ~cb))
+    n01 = int(np.sum(~ca & cb))
+    discordant = n10 + n01
+    diff = (n10 - n01) / total
+    if discordant == 0:  # identical errors: no evidence of a difference, and none possible
+        return Comparison(0.0, 0.0, 0.0, 1.0, label)
+    table = [[int(np.sum(ca & cb)), n10], [n01, int(np.sum(~ca & ~cb))]]
+    p = float(mcnemar(table, exact=True).pvalue)
+    ci = sps.binomtest(n10, discordant).proportion_ci(confidence_level=level, method="exact")
+    scale = discordant / total
+    return Comparison(diff, (2 * ci.low - 1) * scale, (2 * ci.high - 1) * scale, min(p, 1.0), label)
+
+
+def verdict(comparison: Comparison, alpha: float = ALPHA) -> str:
+    """``significant`` / ``not significant`` at ``alpha``, or why there is no test."""
+    if comparison.p_value is None:
+        return "no test (fewer than two seeds, or identical non-zero differences)"
+    return "significant" if comparison.p_value < alpha else "not significant"

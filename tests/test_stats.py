@@ -1,0 +1,126 @@
+"""Statistics across seeds: hand-computed cases, checked against scipy / statsmodels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.contingency_tables import mcnemar
+
+from hdkd.data.splits import nested_subsets
+from hdkd.stats import mcnemar_exact, mean_std, paired_t, verdict
+
+
+def test_mean_and_sample_std():
+    mean, std = mean_std([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9)
+    assert std == pytest.approx(0.1)  # sample std: sqrt(((-.1)^2 + 0 + .1^2) / 2)
+    assert mean_std([0.7]) == (0.7, None)
+
+
+def test_paired_t_hand_computed():
+    # differences 0.10, 0.05, 0.05: mean 1/15, sd 0.05/sqrt(3), se 1/60, t = 4 on 2 df.
+    a, b = [0.90, 0.80, 0.85], [0.80, 0.75, 0.80]
+    c = paired_t(a, b)
+    t_crit = 4.302652729911275  # t_{0.975, 2}
+    assert c.difference_mean == pytest.approx(1 / 15)
+    assert c.ci_low == pytest.approx(1 / 15 - t_crit / 60)
+    assert c.ci_high == pytest.approx(1 / 15 + t_crit / 60)
+    # t cdf on 2 df in closed form: F(t) = 1/2 + t / (2 sqrt(2 + t^2))
+    assert c.p_value == pytest.approx(2 * (0.5 - 4 / (2 * math.sqrt(18))))
+    assert c.p_value == pytest.approx(sps.ttest_rel(a, b).pvalue)
+    assert c.test == "paired_t"
+    assert verdict(c) == "not significant"  # p = 0.057
+
+
+def test_paired_t_sign_follows_the_order():
+    c = paired_t([0.80, 0.75, 0.80], [0.90, 0.80, 0.85])
+    assert c.difference_mean == pytest.approx(-1 / 15) and c.ci_high < 0.02
+
+
+def test_paired_t_edge_cases():
+    one = paired_t([0.9], [0.8])
+    assert one.difference_mean == pytest.approx(0.1) and one.p_value is None and one.ci_low is None
+    assert verdict(one).startswith("no test")
+    same = paired_t([0.9, 0.8], [0.9, 0.8])
+    assert (same.difference_mean, same.p_value) == (0.0, 1.0)
+    constant = paired_t([0.9, 0.8], [0.8, 0.7])
+    assert constant.p_value is None and constant.ci_low == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_t([0.9, 0.8], [0.9])
+
+
+def test_mcnemar_exact_hand_computed():
+    # 20 images: 8 only A gets right, 2 only B, 6 both, 4 neither.
+    ca = np.array([1] * 8 + [0] * 2 + [1] * 6 + [0] * 4, dtype=bool)
+    cb = np.array([0] * 8 + [1] * 2 + [1] * 6 + [0] * 4, dtype=bool)
+    c = mcnemar_exact(ca, cb)
+    assert c.difference_mean == pytest.approx((8 - 2) / 20)
+    assert c.p_value == pytest.approx(2 * (1 + 10 + 45) / 1024)  # 2 P(X <= 2), X ~ Bin(10, 1/2)
+    assert c.p_value == pytest.approx(mcnemar([[6, 8], [2, 4]], exact=True).pvalue)
+    ci = sps.binomtest(8, 10).proportion_ci(method="exact")
+    assert c.ci_low == pytest.approx((2 * ci.low - 1) * 10 / 20)
+    assert c.ci_high == pytest.approx((2 * ci.high - 1) * 10 / 20)
+    assert c.ci_low < c.difference_mean < c.ci_high
+    swapped = mcnemar_exact(cb, ca)
+    assert swapped.difference_mean == pytest.approx(-c.difference_mean)
+    assert swapped.p_value == pytest.approx(c.p_value)
+
+
+def test_mcnemar_significant_and_identical():
+    ca = np.ones(40, dtype=bool)
+    cb = np.array([True] * 25 + [False] * 15)
+    assert mcnemar_exact(ca, cb).p_value == pytest.approx(2 * 0.5**15)
+    assert verdict(mcnemar_exact(ca, cb)) == "significant"
+    same = mcnemar_exact(cb, cb)
+    assert (same.difference_mean, same.p_value) == (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------ nested training subsets
+def _lesions(seed: int = 0):
+    """60 lesions of 1-4 images over 3 classes (class sizes differ)."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for g in range(60):
+        cls = 0 if g < 35 else (1 if g < 50 else 2)
+        n = int(rng.integers(1, 5))
+        labels += [cls] * n
+        groups += [f"lesion{g}"] * n
+    return np.array(labels), np.array(groups)
+
+
+def test_subsets_are_nested_stratified_and_grouped():
+    labels, groups = _lesions()
+    fractions = [0.1, 0.25, 0.5, 1.0]
+    subsets = nested_subsets(labels, groups, fractions, seed=0)
+    assert list(subsets) == fractions
+    assert np.array_equal(subsets[1.0], np.arange(len(labels)))
+    for small, large in zip(fractions, fractions[1:]):
+        assert set(subsets[small]) <= set(subsets[large])  # nested
+        assert len(subsets[small]) < len(subsets[large])
+    for f in fractions:
+        picked = subsets[f]
+        taken = set(groups[picked])
+        assert taken == {g for g in groups if g in taken} and set(picked) == {
+            i for i, g in enumerate(groups) if g in taken}  # whole lesions only
+        for c in range(3):  # every class present, near its share (lesions of up to 4 images)
+            size = np.sum(labels == c)
+            got = np.sum(labels[picked] == c)
+            assert got >= 1 and abs(got - f * size) <= 4
+
+
+def test_subsets_depend_on_the_seed_only():
+    labels, groups = _lesions()
+    a = nested_subsets(labels, groups, [0.25, 0.5], seed=1)
+    b = nested_subsets(labels, groups, [0.5, 0.25], seed=1)  # same seed, other order: same subsets
+    c = nested_subsets(labels, groups, [0.25, 0.5], seed=2)
+    assert all(np.array_equal(a[f], b[f]) for f in a)
+    assert not np.array_equal(a[0.25], c[0.25])
+
+
+def test_subsets_reject_bad_fractions():
+    labels, groups = _lesions()
+    with pytest.raises(ValueError, match="fractions"):
+        nested_subsets(labels, groups, [0.0, 0.5], seed=0)

@@ -1,0 +1,119 @@
+"""A training stage's (seed, fraction) runs, through the stage code on a tiny embedded dataset: where
+each run goes, what it trains on, that HDKD's run (s, f) distils from the teacher's run (s, f), and
+that runs trained side by side give the bytes of runs trained one after another."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hdkd.checkpoint import load_model
+from hdkd.data.packed import load_split
+from hdkd.data.prepare import prepare_dataset
+from hdkd.data.sources import fetch_dataset
+from hdkd.data.splits import nested_subsets
+from hdkd.roster import primary_run, run_file, run_files, run_name, training_runs
+from hdkd.train import StagePaths, train_stage, training_subset
+from tests.params_fixtures import make_params
+
+RUNS = {"seeds": [3, 1], "fractions": [0.5, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    raw = {**RUNS, "data": {"root": str(root / "raw"), "image_size": 32,
+                            "synthetic": {"layout": "brain_tumor_mri", "num_images": 160, "native_size": 40}},
+           "augment": {"enabled": False}, "train": {"batch_size": 16}, "baselines": {},
+           **{s: {"epochs": 2} for s in ("teacher", "student", "distill")},
+           "tracking": {"enabled": False}}
+    params = make_params(raw)
+    fetch_dataset(params.data, root / "raw")
+    prepare_dataset(params.data, params.seed, root / "prepared", root / "raw" / "source.json")
+    return root, params
+
+
+def stage_paths(root, name, workers_tag, teacher=None):
+    out = root / workers_tag
+    return StagePaths(root / "prepared", root / "prepared", out / "models" / name, out / "reports" / f"{name}.json",
+                      out / "checkpoints" / name, teacher)
+
+
+def test_runs_are_named_and_placed_by_one_rule():
+    params = make_params(RUNS)
+    assert training_runs(params) == [(3, 1.0), (1, 1.0), (3, 0.5), (1, 0.5)]
+    assert training_runs(params, "hdkd") == training_runs(params)
+    assert training_runs(params, "vit") == [(3, 1.0), (1, 1.0)]  # a baseline: baseline_fractions
+    assert training_runs(make_params({**RUNS, "baseline_fractions": [0.5, 1.0]}), "vit") == training_runs(params)
+    assert primary_run(params) == (3, 1.0)
+    assert run_name((1, 0.5)) == "seed1-frac0.5"
+    assert run_file("models/hdkd", (3, 1.0), params).as_posix() == "models/hdkd/model.pt"
+    assert run_file("models/hdkd", (1, 0.5), params).as_posix() == "models/hdkd/runs/seed1-frac0.5.pt"
+    with pytest.raises(FileNotFoundError, match=r"trained runs missing: .*seed1-frac0.5.pt.*dvc repro train_teacher"):
+        run_files("/nonexistent", params)
+
+
+def test_a_fraction_trains_on_the_nested_stratified_subset_of_its_seed(workspace):
+    root, params = workspace
+    train = load_split(root / "prepared", "train")
+    groups = pd.read_csv(root / "prepared" / "train" / "index.csv", dtype=str, keep_default_na=False)["group"]
+    for seed in RUNS["seeds"]:
+        part = training_subset(root / "prepared", params, seed, 0.5)
+        rows = nested_subsets(train.labels, groups.to_numpy(), RUNS["fractions"], seed)[0.5]
+        assert list(part.ids) == list(train.ids[rows]) and np.array_equal(part.images, train.images[rows])
+        assert set(part.labels) == set(train.labels)  # every class stays
+        assert 0.35 * len(train) < len(part) < 0.65 * len(train)
+    assert list(training_subset(root / "prepared", params, 3, 0.5).ids) != list(
+        training_subset(root / "prepared", params, 1, 0.5).ids)  # another seed, another subset
+
+
+def test_a_stage_trains_every_run_side_by_side_as_one_after_another(workspace):
+    root, params = workspace
+    results = {}
+    for workers in (1, 2):
+        p = params.model_copy(update={"train": params.train.model_copy(update={"run_workers": workers})})
+        teacher = stage_paths(root, "teacher", f"w{workers}")
+        train_stage("teacher", p, teacher)
+        hdkd = stage_paths(root, "hdkd", f"w{workers}", teacher=teacher.out_dir)
+        results[workers] = (train_stage("hdkd", p, hdkd), teacher, hdkd)
+    summary, teacher, hdkd = results[2]
+    for paths in (teacher, hdkd):
+        assert sorted(p.name for p in (paths.out_dir / "runs").iterdir()) == [
+            "seed1-frac0.5.pt", "seed1-frac1.pt", "seed3-frac0.5.pt"]
+        assert not paths.resume_dir.exists()  # every run finished: nothing left to resume
+        metrics = json.loads(paths.metrics.read_text())
+        assert sorted(metrics["runs"]) == ["seed1-frac0.5", "seed1-frac1", "seed3-frac0.5", "seed3-frac1"]
+        assert metrics["val_accuracy"] == metrics["runs"]["seed3-frac1"]["val_accuracy"]  # the primary's
+        run = json.loads((paths.out_dir / "run.json").read_text())
+        assert (run["seed"], run["fraction"]) == (3, 1.0)
+    assert summary["runs"] == json.loads(hdkd.metrics.read_text())["runs"]
+    # Byte-identical weights whether the runs trained side by side or one after another.
+    for run in training_runs(params):
+        for name in ("teacher", "hdkd"):
+            one, two = (load_model(run_file(r[1 if name == "teacher" else 2].out_dir, run, params))[0]
+                        for r in (results[1], results[2]))
+            assert all(np.array_equal(a.numpy(), b.numpy())
+                       for a, b in zip(one.state_dict().values(), two.state_dict().values())), (name, run)
+    # Runs differ: another seed, another fraction, other weights.
+    weights = {run: next(iter(load_model(run_file(teacher.out_dir, run, params))[0].state_dict().values()))
+               for run in training_runs(params)}
+    assert not np.array_equal(weights[(3, 1.0)].numpy(), weights[(1, 1.0)].numpy())
+    assert not np.array_equal(weights[(3, 1.0)].numpy(), weights[(3, 0.5)].numpy())
+
+
+def test_hdkd_run_distils_from_the_teachers_run_of_its_seed_and_fraction(workspace, monkeypatch):
+    root, params = workspace
+    import hdkd.train
+
+    seen = []
+    real = hdkd.train.load_teacher
+    monkeypatch.setattr(hdkd.train, "load_teacher", lambda path, *a: seen.append(path) or real(path, *a))
+    p = params.model_copy(update={"train": params.train.model_copy(update={"run_workers": 1})})
+    teacher = stage_paths(root, "teacher", "w1")
+    if not (teacher.out_dir / "model.pt").exists():
+        train_stage("teacher", p, teacher)
+    train_stage("hdkd", p, stage_paths(root, "hdkd", "distil", teacher=teacher.out_dir))
+    assert seen == [run_file(teacher.out_dir, run, params) for run in training_runs(params)]
