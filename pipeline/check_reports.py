@@ -2,7 +2,7 @@
 
     dvc repro && python -m pipeline.check_reports            # reports/ vs reports/ at HEAD
     python -m pipeline.check_reports --committed old/ --fresh reports/ --rtol 1e-2
-    python -m pipeline.check_reports --statistical             # another CPU or a GPU: seeds' spread
+    python -m pipeline.check_reports --statistical --alpha 0.05  # force the comparison by the seeds' spread
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hdkd.report.check import DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, check
+from hdkd.report.check import DEFAULT_ALPHA, DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, check
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,17 +24,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help=f"also skip locations matching GLOB; always skipped: {' '.join(DEFAULT_IGNORE)}")
-    p.add_argument("--statistical", nargs="?", const=0.01, type=float, metavar="ALPHA",
-                   help="compare the numbers by Welch's t-test over the seeds at level ALPHA (default 0.01) "
-                        "instead of within tolerances; for reports made on another CPU without train.reproducible, "
-                        "or on a GPU")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--exact", dest="mode", action="store_const", const="exact",
+                      help="every number within the tolerances (default when both runs used the reproducible "
+                           "CPU numerics mode)")
+    kind.add_argument("--statistical", dest="mode", action="store_const", const="statistical",
+                      help="numbers by Welch's t-test over the seeds (default when either run did not: "
+                           "train.reproducible off, or a GPU)")
+    p.set_defaults(mode="auto")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help=f"level of the statistical comparison (default {DEFAULT_ALPHA:g})")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tol = Tolerance(args.rtol, args.atol, DEFAULT_IGNORE + tuple(args.ignore))
-    return check(args.fresh, args.committed, args.rev, args.repo, args.prefix, tol, args.statistical)
+    return check(args.fresh, args.committed, args.rev, args.repo, args.prefix, tol, args.mode, args.alpha)
 
 
 if __name__ == "__main__":

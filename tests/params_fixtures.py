@@ -55,7 +55,9 @@ def section(dotted: str, **overrides: Any) -> Section:
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = overrides
-    params = make_params(raw)
+    # Whole params validate the section; one training fraction keeps rules between sections (a
+    # balance method needs the whole training split) from refusing a section that is valid alone.
+    params = make_params({**raw, "fractions": [1.0], "baseline_fractions": [1.0]})
     for key in dotted.split("."):
         params = getattr(params, key)
     return params

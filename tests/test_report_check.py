@@ -177,23 +177,45 @@ def test_statistical_mode_passes_seed_noise_and_names_its_test(committed, fresh)
     _rerun_with(fresh, lambda seed, acc: acc + (0.005 if seed % 2 else -0.005))
     assert differences(committed, fresh)  # the exact check fails
     out = io.StringIO()
-    assert check_reports(DirTree(committed), DirTree(fresh), stream=out, alpha=0.01) == []
+    assert check_reports(DirTree(committed), DirTree(fresh), stream=out, mode="statistical") == []
     assert "statistically" in out.getvalue() and "Welch's t-test over the seeds" in out.getvalue()
-    assert "alpha 0.01" in out.getvalue()
+    assert "alpha 0.01 (--statistical was given)" in out.getvalue()
 
 
 def test_statistical_mode_fails_a_shift_beyond_the_seeds_spread(committed, fresh):
     _rerun_with(fresh, lambda seed, acc: acc - 0.2)
-    diffs = [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(), alpha=0.01)]
+    diffs = [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(),
+                                           mode="statistical")]
     # the teacher at full data: 90, 87.5, 85 committed vs 70, 67.5, 65 fresh; Welch t = 9.80, df 4
     assert any(d.startswith("[value] bundle.json: teacher at fraction 1, accuracy: committed mean 0.8750 "
                             "(sd 0.0250, 3 seeds) vs fresh 0.6750 (sd 0.0250, 3 seeds): p = 0.000608 < 0.01")
                for d in diffs), diffs
     assert cli(["--committed", str(committed), "--fresh", str(fresh), "--statistical"]) == 1
-    assert cli(["--committed", str(committed), "--fresh", str(committed), "--statistical", "0.05"]) == 0
+    assert cli(["--committed", str(committed), "--fresh", str(committed), "--statistical", "--alpha", "0.05"]) == 0
 
 
 def test_statistical_mode_still_compares_the_structure(committed, fresh):
     edit(fresh / "tables" / "main.md", "| Teacher |", "| Teacher (CNN) |")
-    diffs = [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(), alpha=0.01)]
+    diffs = [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(),
+                                           mode="statistical")]
     assert len(diffs) == 1 and diffs[0].startswith("[structure] tables/main.md: line 5 row label"), diffs
+
+
+def test_the_kind_of_comparison_follows_how_the_runs_were_made_and_is_said(committed, fresh):
+    out = io.StringIO()
+    check_reports(DirTree(committed), DirTree(fresh), stream=out)
+    assert "every number within rtol 0.001, atol 1e-06 (both runs used the reproducible CPU numerics mode" in \
+        out.getvalue()
+    # The fresh run without the mode: its seed noise, under the exact check a failure, passes statistically.
+    bundle = bundle_with({"train": {"reproducible": False}})
+    for model in bundle["models"].values():
+        for run in model["runs"]:
+            run["evaluation"]["accuracy"] += 0.005 if run["seed"] % 2 else -0.005
+    shutil.rmtree(fresh)
+    write_evaluation(bundle, fresh)
+    build_report(bundle, fresh, section("report"))
+    out = io.StringIO()
+    differences = check_reports(DirTree(committed), DirTree(fresh), stream=out)
+    assert "statistically" in out.getvalue() and "(the fresh run had train.reproducible off: " in out.getvalue()
+    assert [d for d in differences if d.kind == "value"] == []
+    assert check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(), mode="exact")  # forced: fails

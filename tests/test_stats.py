@@ -9,7 +9,6 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
 
-from hdkd.data.splits import nested_subsets
 from hdkd.stats import mcnemar_exact, mean_std, paired_t, verdict
 
 
@@ -76,51 +75,3 @@ def test_mcnemar_significant_and_identical():
     assert verdict(mcnemar_exact(ca, cb)) == "significant"
     same = mcnemar_exact(cb, cb)
     assert (same.difference_mean, same.p_value) == (0.0, 1.0)
-
-
-# ------------------------------------------------------------------------ nested training subsets
-def _lesions(seed: int = 0):
-    """60 lesions of 1-4 images over 3 classes (class sizes differ)."""
-    rng = np.random.default_rng(seed)
-    labels, groups = [], []
-    for g in range(60):
-        cls = 0 if g < 35 else (1 if g < 50 else 2)
-        n = int(rng.integers(1, 5))
-        labels += [cls] * n
-        groups += [f"lesion{g}"] * n
-    return np.array(labels), np.array(groups)
-
-
-def test_subsets_are_nested_stratified_and_grouped():
-    labels, groups = _lesions()
-    fractions = [0.1, 0.25, 0.5, 1.0]
-    subsets = nested_subsets(labels, groups, fractions, seed=0)
-    assert list(subsets) == fractions
-    assert np.array_equal(subsets[1.0], np.arange(len(labels)))
-    for small, large in zip(fractions, fractions[1:]):
-        assert set(subsets[small]) <= set(subsets[large])  # nested
-        assert len(subsets[small]) < len(subsets[large])
-    for f in fractions:
-        picked = subsets[f]
-        taken = set(groups[picked])
-        assert taken == {g for g in groups if g in taken} and set(picked) == {
-            i for i, g in enumerate(groups) if g in taken}  # whole lesions only
-        for c in range(3):  # every class present, near its share (lesions of up to 4 images)
-            size = np.sum(labels == c)
-            got = np.sum(labels[picked] == c)
-            assert got >= 1 and abs(got - f * size) <= 4
-
-
-def test_subsets_depend_on_the_seed_only():
-    labels, groups = _lesions()
-    a = nested_subsets(labels, groups, [0.25, 0.5], seed=1)
-    b = nested_subsets(labels, groups, [0.5, 0.25], seed=1)  # same seed, other order: same subsets
-    c = nested_subsets(labels, groups, [0.25, 0.5], seed=2)
-    assert all(np.array_equal(a[f], b[f]) for f in a)
-    assert not np.array_equal(a[0.25], c[0.25])
-
-
-def test_subsets_reject_bad_fractions():
-    labels, groups = _lesions()
-    with pytest.raises(ValueError, match="fractions"):
-        nested_subsets(labels, groups, [0.0, 0.5], seed=0)

@@ -522,7 +522,7 @@ def readme(
         "",
         *(["## Does HDKD help?", "",
            f"Paired by seed on the same test images, every model trained on the whole training split "
-           f"({', '.join(map(str, seeds_of(bundle)))} seeds; 95 % paired t-interval over the seeds; no correction "
+           f"(seeds {', '.join(map(str, seeds_of(bundle)))}; 95 % paired t-interval over the seeds; no correction "
            "for multiple comparisons; per-seed exact McNemar tests and every training fraction in the "
            "[paired comparisons](tables/significance.md)):", "", *(f"- {line}" for line in sentences), ""]
           if sentences else []),

@@ -14,8 +14,9 @@ Tolerance (defaults :data:`DEFAULT_RTOL` = 1e-3, :data:`DEFAULT_ATOL` = 1e-6): a
 ``y`` matches a committed ``x`` when ``|y - x| <= atol + rtol * |x|``. A number printed with
 ``d`` decimals in a table may also differ by one unit of its last digit (``10**-d``): rounding.
 
-Statistical mode (``alpha`` given: ``check_reports --statistical``), for reports made where the
-numbers cannot be bit-identical (another CPU with ``train.reproducible: false``, a GPU): the files and
+Statistical mode, for reports made where the numbers cannot be bit-identical (a run with
+``train.reproducible: false``, or on a GPU; chosen by itself when either results bundle says so,
+or forced with ``check_reports --statistical``): the files and
 every table's structure are compared as above, but the numbers are not; instead, for each model,
 training fraction and metric of the results bundles, the committed and fresh per-seed values are
 compared with Welch's t-test (scipy), and a p-value below ``alpha`` is a difference: the fresh runs
@@ -48,6 +49,7 @@ from hdkd.provenance import git, git_show
 
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-6
+DEFAULT_ALPHA = 0.01  # statistical mode: a p-value below it is a difference
 DEFAULT_IGNORE = ("*timing*", "*ms/img*", "*img/s*", "*git?commit*", "*git?dirty*", "*dvc?exp*")
 TEXT_SUFFIXES = (".json", ".csv", ".md")
 
@@ -280,6 +282,26 @@ def statistical_differences(committed: ReportTree, fresh: ReportTree, alpha: flo
     return out
 
 
+def comparison_kind(committed: ReportTree, fresh: ReportTree, name: str = "bundle.json") -> tuple[bool, str]:
+    """Whether the two trees' numbers can be compared exactly, and why: both results bundles come from
+    CPU runs under the reproducible numerics mode (``train.reproducible``), which are bit-identical on
+    any x86-64 CPU with AVX2; otherwise they differ by the seeds' noise and are compared statistically."""
+    reasons = []
+    for side, tree in (("committed", committed), ("fresh", fresh)):
+        if name not in tree.files():
+            return True, f"the {side} reports hold no {name} to tell how they were made"
+        bundle = parse_json(tree.read(name), f"{tree}/{name}")
+        devices = {t["device"] for m in bundle["models"].values()
+                   for t in (m.get("efficiency") or {}).get("timing", [])}
+        if not bundle["params"]["train"]["reproducible"]:
+            reasons.append(f"the {side} run had train.reproducible off")
+        if devices - {"cpu"}:
+            reasons.append(f"the {side} run ran on {', '.join(sorted(devices - {'cpu'}))}")
+    if reasons:
+        return False, "; ".join(reasons) + ": its numbers differ from another run's by the seeds' noise"
+    return True, "both runs used the reproducible CPU numerics mode, so their numbers agree to rounding"
+
+
 def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterable[Difference]) -> str:
     """Unified diffs of the tables (CSV, Markdown) that have differences, for reading."""
     tables = {d.file for d in differences if d.file.endswith((".csv", ".md"))}
@@ -294,22 +316,28 @@ def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterabl
 
 def check_reports(
     committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(), stream: TextIO | None = None,
-    alpha: float | None = None,
+    mode: str = "auto", alpha: float = DEFAULT_ALPHA,
 ) -> list[Difference]:
     """Compare, print a readable account to ``stream`` (stdout), return the differences (empty = match).
 
-    ``alpha``: statistical mode (the module's docstring) at that level."""
+    ``mode``: ``exact``, ``statistical`` (at level ``alpha``; the module's docstring) or ``auto``: exact
+    when both runs used the reproducible CPU numerics mode (:func:`comparison_kind`), else statistical."""
     stream = stream or sys.stdout
     differences = compare_trees(committed, fresh, tol)
-    if alpha is None:
+    if mode == "auto":
+        exact, why = comparison_kind(committed, fresh)
+        mode = "exact" if exact else "statistical"
+    else:
+        why = f"--{mode} was given"
+    if mode == "exact":
         print(f"comparing committed {committed} with fresh {fresh}: every number within rtol {tol.rtol:g}, "
-              f"atol {tol.atol:g}", file=stream)
+              f"atol {tol.atol:g} ({why})", file=stream)
     else:
         differences = [d for d in differences if d.kind == "structure"] + statistical_differences(
             committed, fresh, alpha)
         print(f"comparing committed {committed} with fresh {fresh} statistically: the structure of every file, "
               f"and per model, training fraction and metric the per-seed values by {STATISTICAL_TEST} at "
-              f"alpha {alpha:g}", file=stream)
+              f"alpha {alpha:g} ({why})", file=stream)
     for d in differences:
         print(d, file=stream)
     diffs = unified_diffs(committed, fresh, differences)
@@ -342,11 +370,13 @@ def check(
     repo_root: str | os.PathLike,
     prefix: str,
     tol: Tolerance = Tolerance(),
-    alpha: float | None = None,
+    mode: str = "auto",
+    alpha: float = DEFAULT_ALPHA,
 ) -> int:
     """Exit code of the check: 0 when the reports match, 1 otherwise.
 
-    ``committed`` is a directory; without it, ``prefix`` as committed at ``rev``. ``alpha``: statistical mode.
+    ``committed`` is a directory; without it, ``prefix`` as committed at ``rev``. ``mode``, ``alpha``: as
+    :func:`check_reports`.
     """
     committed_tree: ReportTree = DirTree(Path(committed)) if committed else GitTree(Path(repo_root), rev, prefix)
-    return 1 if check_reports(committed_tree, DirTree(Path(fresh)), tol, alpha=alpha) else 0
+    return 1 if check_reports(committed_tree, DirTree(Path(fresh)), tol, mode=mode, alpha=alpha) else 0
