@@ -247,6 +247,7 @@ def _train_run(name: str, params: Params, paths: StagePaths, run: RunKey, regist
                threads: int | None = None) -> dict[str, Any]:
     """One (seed, fraction) run of a training stage, into its staging directory (a process of its own
     when runs train side by side: ``threads`` each, unless the reproducible mode fixes the count)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # a spawned worker logs as its stage does
     dist = init_distributed(device_type(params.train.device))
     rt = make_runtime(params, resolve_device(params.train.device, dist), dist)
     if threads and not params.train.reproducible:
