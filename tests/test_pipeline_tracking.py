@@ -60,7 +60,17 @@ def test_one_parent_run_holds_one_finished_run_per_stage(stage_runs):
         run = stage_runs[stage]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
         assert run.info.status == "FINISHED", stage
-        assert run.info.run_name == stage
+        assert run.info.run_name == (stage if stage == "evaluate" else f"{stage} seed0-frac1")
+
+
+def test_every_seed_has_its_own_run_under_the_parent_tagged_with_seed_and_fraction(stage_runs, tracked_pipeline):
+    parent = stage_runs["pipeline"].info.run_id
+    every = runs_by_stage(tracked_pipeline, every_run=True)
+    for stage in TRACKED_STAGES[:-1]:  # the training stages
+        runs = sorted(every[stage], key=lambda r: r.data.tags["hdkd.seed"])
+        assert [(r.data.tags["hdkd.seed"], r.data.tags["hdkd.fraction"]) for r in runs] == [("0", "1"), ("1", "1")]
+        assert all(r.data.tags["mlflow.parentRunId"] == parent and r.info.status == "FINISHED" for r in runs)
+        assert runs[1].info.run_name == f"{stage} seed1-frac1"
 
 
 @pytest.mark.parametrize("stage", TRACKED_STAGES)
