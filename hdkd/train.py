@@ -280,7 +280,10 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
             todo.append((run, fingerprint))
     dist = init_distributed(device_type(params.train.device))
     if dist.is_main and todo:  # the experiment and parent run exist before runs start side by side
-        Tracker(params.tracking, params, entry.stage).open_parent()
+        parent = Tracker(params.tracking, params, entry.stage)
+        parent.open_parent()
+        if params.tracking.enabled and not parent.enabled:  # unreachable, said once: the runs go untracked
+            params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     try:
         # Side by side only on the CPU of one process: a GPU, or torchrun's ranks, train one run at a time.
         workers = min(params.train.run_workers or os.cpu_count() or 1, len(todo))

@@ -117,3 +117,18 @@ def test_hdkd_run_distils_from_the_teachers_run_of_its_seed_and_fraction(workspa
         train_stage("teacher", p, teacher)
     train_stage("hdkd", p, stage_paths(root, "hdkd", "distil", teacher=teacher.out_dir))
     assert seen == [run_file(teacher.out_dir, run, params) for run in training_runs(params)]
+
+
+def test_a_tracking_server_that_is_down_is_reported_once_per_stage(workspace, tmp_path, caplog):
+    from tests.data_fixtures import refused_url
+
+    root, params = workspace
+    p = params.model_copy(update={
+        "train": params.train.model_copy(update={"run_workers": 1}),
+        "tracking": params.tracking.model_copy(update={"enabled": True, "uri": refused_url()})})
+    paths = StagePaths(root / "prepared", root / "prepared", tmp_path / "student", tmp_path / "student.json",
+                       tmp_path / "checkpoints")
+    with caplog.at_level("WARNING"):
+        train_stage("student", p, paths)
+    assert caplog.text.count("continuing without tracking") == 1, caplog.text
+    assert len(list((tmp_path / "student" / "runs").iterdir())) == len(training_runs(params)) - 1  # all trained
