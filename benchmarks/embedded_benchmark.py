@@ -3,7 +3,7 @@
 Generates the synthetic dataset with the given settings through the real stage functions
 (``fetch_dataset``, ``prepare_dataset``) in a scratch directory, then for each seed trains the
 teacher, the plain student and HDKD (distilled from that seed's and fraction's teacher) on nested
-training subsets (``nested_subsets`` on the training split's labels and groups) through
+training subsets (:func:`hdkd.train.training_subset`, as the training stages draw them) through
 ``hdkd.train.run_training``, and prints, per training: test accuracy and macro-F1, wall seconds,
 and CPU seconds (``time.process_time``, all threads). On a shared machine wall time is inflated;
 CPU seconds / cores estimates the uncontended time. The last line is a JSON object with every
@@ -19,7 +19,6 @@ Usage (settings not given are params.yaml's)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -51,12 +50,6 @@ def params_with(overrides: list[str]):
             node = node.setdefault(k, {})
         node[leaf] = yaml.safe_load(value)
     return parse_params(raw)
-
-
-def subset(split, indices: np.ndarray):
-    """The rows ``indices`` of a packed split, as a packed split held in memory."""
-    return dataclasses.replace(split, images=np.ascontiguousarray(split.images[indices]),
-                               labels=split.labels[indices], ids=split.ids[indices])
 
 
 def test_scores(model_path: Path, test) -> dict[str, float]:
@@ -112,9 +105,8 @@ def run(args, work: Path) -> dict:
     from hdkd.data.packed import load_split
     from hdkd.data.prepare import prepare_dataset
     from hdkd.data.sources import fetch_dataset
-    from hdkd.data.splits import nested_subsets
     from hdkd.distributed import DistInfo
-    from hdkd.train import StagePaths, make_runtime, run_training
+    from hdkd.train import StagePaths, make_runtime, run_training, training_subset
 
     params = params_with(args.set + [f"data.root={work / 'raw'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -127,17 +119,15 @@ def run(args, work: Path) -> dict:
     train = load_split(work / "prepared", "train", image_size=size)
     val = PackedDataset(load_split(work / "prepared", "val", image_size=size), eval_transform())
     test = load_split(work / "prepared", "test", image_size=size)
-    groups = pd.read_csv(work / "prepared" / "train" / "index.csv", dtype=str, keep_default_na=False)["group"]
     print(f"splits: train {len(train)}, val {len(val)}, test {len(test)}; test class counts {test.class_counts()}")
     rt = make_runtime(params, torch.device("cpu"), DistInfo())
     rt.progress = False
 
     rows = []
     for seed in args.seeds:
-        subsets = nested_subsets(train.labels, groups.to_numpy(), args.fractions, seed)
         run_params = params.model_copy(update={"seed": seed})
         for fraction in args.fractions:
-            part = subset(train, subsets[fraction])
+            part = train if fraction == 1 else training_subset(work / "prepared", params, seed, fraction)
             train_set = PackedDataset(part, train_transform(params.augment), seed=seed)
             for role in args.roles:
                 out = work / "models" / f"seed{seed}" / f"frac{fraction}"

@@ -72,11 +72,18 @@ def evaluate_model(
     seed: int = 0,
 ) -> dict[str, Any]:
     """All metrics of one model on ``loader`` (inference runs once), JSON-able."""
-    y_true, probs = predict_proba(model, loader, device)
+    return evaluation_of(*predict_proba(model, loader, device), class_names, cfg, seed)
+
+
+def evaluation_of(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], cfg: EvaluateConfig,
+                  seed: int = 0, bootstrap: int | None = None) -> dict[str, Any]:
+    """All metrics of predicted probabilities ``probs`` against ``y_true`` (``bootstrap``: the
+    resamples of the intervals, ``cfg.bootstrap`` by default), JSON-able."""
     if probs.shape[1] != len(class_names):
         raise ValueError(f"model predicts {probs.shape[1]} classes, class_names has {len(class_names)}")
     result = classification_metrics(
-        y_true, probs, class_names, ece_bins=cfg.ece_bins, bootstrap=cfg.bootstrap, ci=cfg.ci, seed=seed
+        y_true, probs, class_names, ece_bins=cfg.ece_bins, ci=cfg.ci, seed=seed,
+        bootstrap=cfg.bootstrap if bootstrap is None else bootstrap,
     )
     result["predictions"] = {  # the counts are the confusion matrix's row and column sums
         "true_counts": [c["support"] for c in result["per_class"]],
@@ -153,15 +160,6 @@ def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "re
 RUN_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "roc_auc_macro", "ece")  # per run
 
 
-def evaluate_run(model: nn.Module, loader: DataLoader, class_names: Sequence[str], cfg: EvaluateConfig,
-                 device: torch.device | str = "cpu") -> tuple[dict[str, Any], list[int]]:
-    """One run's headline metrics (no bootstrap: the seeds are the replicates) and its prediction per
-    test image, in the loader's order."""
-    y_true, probs = predict_proba(model, loader, device)
-    metrics = classification_metrics(y_true, probs, class_names, ece_bins=cfg.ece_bins, bootstrap=0)
-    return {k: metrics[k] for k in RUN_METRICS}, probs.argmax(axis=1).tolist()
-
-
 def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test_set: torch.utils.data.Dataset,
                    class_names: Sequence[str], out_dir: str | os.PathLike = "reports",
                    device: torch.device | str = "cpu", datasets: dict[str, str] | None = None,
@@ -178,25 +176,25 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
     loader = DataLoader(test_set, batch_size=params.train.eval_batch_size, shuffle=False,
                         num_workers=params.train.num_workers)
     primary = primary_run(params)
-    runs = runs or {name: {primary: path} for name, path in models.items()}
-    results, test_labels = {}, None
+    results, test_labels = {}, []
     for name, path in models.items():
         model, meta = load_trained(path, class_names, params.data.image_size, device)
-        evaluation = evaluate_model(model, loader, class_names, params.evaluate, device, params.seed)
-        results[name] = {
-            "evaluation": evaluation,
-            "efficiency": measure_efficiency(model, params.data.image_size, params.evaluate, device),
-            "history": meta.get("history", []),
-            "runs": [],
-        }
-        for (seed, fraction), run_path in runs[name].items():
-            run_model = model if Path(run_path) == Path(path) else load_trained(
-                run_path, class_names, params.data.image_size, device)[0]
-            metrics, predictions = evaluate_run(run_model, loader, class_names, params.evaluate, device)
-            results[name]["runs"].append({"seed": seed, "fraction": fraction, "evaluation": metrics,
-                                          "predictions": predictions})
-        if test_labels is None:
-            test_labels = predict_proba(model, loader, device)[0].tolist()
+        results[name] = {"history": meta.get("history", []), "runs": []}
+        others = {run: p for run, p in (runs or {}).get(name, {}).items() if run != primary}
+        for run, run_path in {primary: path, **others}.items():  # one inference pass per run
+            run_model = model if run == primary else load_trained(run_path, class_names, params.data.image_size,
+                                                                  device)[0]
+            y_true, probs = predict_proba(run_model, loader, device)
+            # the seeds are the replicates of a run: no bootstrap but the primary run's, which has CIs
+            evaluation = evaluation_of(y_true, probs, class_names, params.evaluate, params.seed,
+                                       None if run == primary else 0)
+            if run == primary:
+                results[name]["evaluation"] = evaluation
+            results[name]["runs"].append({"seed": run[0], "fraction": run[1],
+                                          "evaluation": {k: evaluation[k] for k in RUN_METRICS},
+                                          "predictions": probs.argmax(axis=1).tolist()})
+            test_labels = y_true.tolist()
+        results[name]["efficiency"] = measure_efficiency(model, params.data.image_size, params.evaluate, device)
     state = git_state()
     bundle = make_bundle(results, params, class_names, test_labels=test_labels, git_commit=state["git_commit"],
                          git_dirty=state["git_dirty"], dvc_exp_name=dvc_exp_name(),

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hdkd.stats import Comparison, mcnemar_exact, mean_std, paired_t
+from hdkd.stats import ALPHA, Comparison, mcnemar_exact, mean_std, paired_t, verdict
 
 METRICS = ("accuracy", "f1_macro")  # the metrics aggregated and compared across seeds
 FULL = 1.0  # the fraction of the main table
@@ -92,7 +92,16 @@ def significance_rows(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[
     return rows
 
 
-def sentence(row: Mapping[str, Any], label_a: str, label_b: str, n_seeds: int, alpha: float = 0.05) -> str:
+def paired_sentences(bundle: Mapping[str, Any], a: str, b: str, labels: tuple[str, str],
+                     metrics: Iterable[str] = METRICS) -> list[str]:
+    """One plain sentence per metric: A − B on the whole training split, by the paired t over the
+    seeds both ran (:func:`sentence`)."""
+    n_seeds = len(set(runs_at(bundle, a, FULL)) & set(runs_at(bundle, b, FULL)))
+    return [sentence(r, *labels, n_seeds) for r in compare(bundle, a, b, FULL)
+            if r["test"] == "paired_t" and r["metric"] in metrics]
+
+
+def sentence(row: Mapping[str, Any], label_a: str, label_b: str, n_seeds: int, alpha: float = ALPHA) -> str:
     """One plain sentence for a paired-t row: the difference in points, its CI, p and the verdict."""
     def points(x: float) -> str:
         return f"{100 * x:+.1f}"
@@ -103,5 +112,5 @@ def sentence(row: Mapping[str, Any], label_a: str, label_b: str, n_seeds: int, a
         why = "one seed" if n_seeds < 2 else f"the difference is the same at all {n_seeds} seeds"
         return f"{head}; no test ({why})."
     ci = f"[{points(row['ci_low'])}, {points(row['ci_high'])}]"
-    verdict = "significant" if row["p_value"] < alpha else "not significant"
-    return f"{head} {ci}, p = {row['p_value']:.3g}: {verdict} at {alpha:g} (paired t over {n_seeds} seeds)."
+    said = verdict(Comparison(*(row[k] for k in ("difference_mean", "ci_low", "ci_high", "p_value", "test"))), alpha)
+    return f"{head} {ci}, p = {row['p_value']:.3g}: {said} at {alpha:g} (paired t over {n_seeds} seeds)."

@@ -62,7 +62,7 @@ def roster(params: Any = None) -> tuple[ModelEntry, ...]:
     """
     if params is None:
         return ROSTER
-    baselines = params.get("baselines") or {} if isinstance(params, Mapping) else params.baselines
+    baselines = (params.get("baselines") if isinstance(params, Mapping) else params.baselines) or {}
     return ROSTER + tuple(baseline_entry(key, spec["timm"] if isinstance(spec, Mapping) else spec.timm, i)
                           for i, (key, spec) in enumerate(baselines.items()))
 
@@ -128,15 +128,8 @@ def run_file(model_dir: str | os.PathLike, run: RunKey, params: Any) -> Path:
 
 def run_files(models_dir: str | os.PathLike, params: Any) -> dict[str, dict[RunKey, Path]]:
     """Every run of every model of the run (:func:`roster`), in report order; all must exist."""
-    files = {m.name: {run: run_file(Path(models_dir) / m.name, run, params) for run in training_runs(params, m.name)}
-             for m in roster(params)}
-    missing = {name: [str(p) for p in runs.values() if not p.is_file()] for name, runs in files.items()}
-    missing = {name: paths for name, paths in missing.items() if paths}
-    if missing:
-        stages = " ".join(roster_entry(name, params).stage for name in missing)
-        raise FileNotFoundError(f"trained runs missing: {sum(missing.values(), [])}; run `dvc repro {stages}` first "
-                                "(the params' seeds and fractions name the runs)")
-    return files
+    return require_trained({m.name: {run: run_file(Path(models_dir) / m.name, run, params)
+                                     for run in training_runs(params, m.name)} for m in roster(params)}, params)
 
 
 def model_files(models_dir: str | os.PathLike, params: Any = None) -> dict[str, Path]:
@@ -145,11 +138,14 @@ def model_files(models_dir: str | os.PathLike, params: Any = None) -> dict[str, 
     return require_trained({m.name: Path(models_dir) / m.name / "model.pt" for m in roster(params)}, params)
 
 
-def require_trained(files: Mapping[str, Path], params: Any = None) -> Mapping[str, Path]:
-    """``files`` (model name -> its ``model.pt``) if they all exist; else an error naming the stages to run."""
-    missing = [name for name, path in files.items() if not Path(path).is_file()]
+def require_trained(files: Mapping[str, Any], params: Any = None) -> Mapping[str, Any]:
+    """``files`` (model name -> its ``model.pt``, or -> ``{run: file}``) if they all exist; else an
+    error naming the missing files and the stages to run."""
+    missing = {name: [str(p) for p in (v.values() if isinstance(v, Mapping) else [v]) if not Path(p).is_file()]
+               for name, v in files.items()}
+    missing = {name: paths for name, paths in missing.items() if paths}
     if missing:
         stages = " ".join(roster_entry(name, params).stage for name in missing)
-        raise FileNotFoundError(f"trained models missing: {[str(files[n]) for n in missing]}; run "
-                                f"`dvc repro {stages}` first")
+        raise FileNotFoundError(f"trained runs missing: {sum(missing.values(), [])}; run `dvc repro {stages}` first "
+                                "(the params' seeds and fractions name the runs)")
     return files

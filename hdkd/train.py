@@ -215,12 +215,11 @@ def training_data(params: Params, paths: StagePaths, rt: Runtime, run: RunKey | 
     ``run``: the training seed (default ``params.seed``) and the share of the training data; below 1,
     that share of the prepared training split (:func:`training_subset`)."""
     seed, fraction = run or (params.seed, 1.0)
-    train = load_split(paths.train, "train", image_size=params.data.image_size)
+    train = (training_subset(paths.val, params, seed, fraction) if fraction < 1
+             else load_split(paths.train, "train", image_size=params.data.image_size))
     val = load_split(paths.val, "val", image_size=params.data.image_size)
     if list(train.classes) != list(val.classes):
         raise ValueError(f"{paths.train} and {paths.val} disagree on the classes: rerun `dvc repro balance`")
-    if fraction < 1:
-        train = training_subset(paths.val, params, seed, fraction)
     hook = None
     if not params.augment.enabled:
         train_set = PackedDataset(train, eval_transform(), seed=seed)
@@ -238,7 +237,7 @@ def training_subset(prepared: Path, params: Params, seed: int, fraction: float) 
     (:func:`hdkd.data.splits.nested_subsets`). Held in memory."""
     train = load_split(prepared, "train", image_size=params.data.image_size)
     groups = pd.read_csv(Path(prepared) / "train" / "index.csv", dtype=str, keep_default_na=False)["group"]
-    rows = nested_subsets(train.labels, groups.to_numpy(), params.fractions, seed)[fraction]
+    rows = nested_subsets(train.labels, groups.to_numpy(), [fraction], seed)[fraction]  # the same in any list
     return dataclasses.replace(train, images=np.ascontiguousarray(train.images[rows]), labels=train.labels[rows],
                                ids=train.ids[rows])
 
@@ -267,17 +266,15 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
     """
     entry = roster_entry(name, params)
     primary = primary_run(params)
-    teacher_dir = paths.teacher
     staged: dict[RunKey, StagePaths] = {}
-    todo = []
+    todo = []  # (run, fingerprint, its done mark) of the runs not finished for these inputs
     for run in training_runs(params, name):
         work = paths.resume_dir / run_name(run)
         staged[run] = StagePaths(paths.train, paths.val, work / "out", work / "out" / "metrics.json", work / "state",
-                                 run_file(teacher_dir, run, params) if teacher_dir else None)
-        done = work / "done.json"
-        fingerprint = input_fingerprint(name, params, staged[run], run)
+                                 run_file(paths.teacher, run, params) if paths.teacher else None)
+        fingerprint, done = input_fingerprint(name, params, staged[run], run), work / "done.json"
         if not (done.is_file() and read_json(done).get("fingerprint") == fingerprint):
-            todo.append((run, fingerprint))
+            todo.append((run, fingerprint, done))
     dist = init_distributed(device_type(params.train.device))
     if dist.is_main and todo:  # the experiment and parent run exist before runs start side by side
         parent = Tracker(params.tracking, params, entry.stage)
@@ -289,22 +286,23 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
         workers = min(params.train.run_workers or os.cpu_count() or 1, len(todo))
         if workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [(run, fp, pool.submit(_train_run, name, params, staged[run], run, run == primary,
-                                                  max(1, (os.cpu_count() or 1) // workers)))
-                           for run, fp in todo]
-                for run, fingerprint, future in futures:
+                futures = [(pool.submit(_train_run, name, params, staged[run], run, run == primary,
+                                        max(1, (os.cpu_count() or 1) // workers)), fingerprint, done)
+                           for run, fingerprint, done in todo]
+                for future, fingerprint, done in futures:
                     future.result()
-                    write_json(paths.resume_dir / run_name(run) / "done.json", {"fingerprint": fingerprint})
+                    write_json(done, {"fingerprint": fingerprint})
         else:
-            for run, fingerprint in todo:
+            for run, fingerprint, done in todo:
                 _train_run(name, params, staged[run], run, run == primary)
                 if dist.is_main:
-                    write_json(paths.resume_dir / run_name(run) / "done.json", {"fingerprint": fingerprint})
+                    write_json(done, {"fingerprint": fingerprint})
     finally:
         shutdown(dist)
     if not dist.is_main:
         return {}
     summaries = {run: read_json(staged[run].metrics) for run in staged}
+    metrics = {**summaries[primary], "runs": {run_name(run): summary for run, summary in summaries.items()}}
     with output_set() as outputs:
         runs_dir = outputs.dir(paths.out_dir / "runs")  # every run but the primary; replaced whole
         for run, stage_paths in staged.items():
@@ -312,8 +310,7 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
             target = outputs.file(target) if run == primary else runs_dir / target.name
             shutil.copyfile(stage_paths.out_dir / "model.pt", target)
         shutil.copyfile(staged[primary].out_dir / "run.json", outputs.file(paths.out_dir / "run.json"))
-        write_json(outputs.file(paths.metrics), {**summaries[primary], "runs": {
-            run_name(run): summaries[run] for run in staged}})
+        write_json(outputs.file(paths.metrics), metrics)
     shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     logger.info("%s: %d runs (%d trained now) -> %s", entry.stage, len(staged), len(todo), paths.out_dir)
-    return {**summaries[primary], "runs": {run_name(run): summaries[run] for run in staged}}
+    return metrics

@@ -38,16 +38,7 @@ from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
-from hdkd.evidence import (
-    aggregate,
-    compare,
-    data_efficiency_rows,
-    fractions_of,
-    runs_at,
-    seeds_of,
-    sentence,
-    significance_rows,
-)
+from hdkd.evidence import aggregate, data_efficiency_rows, fractions_of, paired_sentences, seeds_of, significance_rows
 from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
@@ -207,12 +198,8 @@ _SIGNIFICANCE_METHOD = (
 def significance_sentences(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]]) -> list[str]:
     """One plain sentence per comparison: the accuracy difference on the whole training split."""
     run = roster(bundle["params"])
-    out = []
-    for a, b in comparisons:
-        rows = [r for r in compare(bundle, a, b, 1.0) if r["test"] == "paired_t" and r["metric"] == "accuracy"]
-        n_seeds = len(set(runs_at(bundle, a, 1.0)) & set(runs_at(bundle, b, 1.0)))
-        out.append(sentence(rows[0], model_label(a, run), model_label(b, run), n_seeds))
-    return out
+    return [line for a, b in comparisons
+            for line in paired_sentences(bundle, a, b, (model_label(a, run), model_label(b, run)), ("accuracy",))]
 
 
 def metrics_table(bundle: Mapping[str, Any]) -> Table:

@@ -248,18 +248,25 @@ def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tol
 STATISTICAL_TEST = "Welch's t-test over the seeds (scipy.stats.ttest_ind, equal_var=False)"
 
 
-def statistical_differences(committed: ReportTree, fresh: ReportTree, alpha: float,
-                            name: str = "bundle.json") -> list[Difference]:
-    """Each model, fraction and metric whose fresh per-seed values differ from the committed ones at
-    level ``alpha`` (:data:`STATISTICAL_TEST`); identical values, or two that do not vary, must be equal."""
+BUNDLE = "bundle.json"  # the results bundle of a report tree: how its numbers were made
+
+
+def read_bundle(tree: ReportTree) -> dict[str, Any] | None:
+    """The tree's results bundle, parsed (``None`` without one)."""
+    return parse_json(tree.read(BUNDLE), f"{tree}/{BUNDLE}") if BUNDLE in tree.files() else None
+
+
+def statistical_differences(a: dict[str, Any] | None, b: dict[str, Any] | None, alpha: float) -> list[Difference]:
+    """Each model, fraction and metric whose fresh per-seed values (bundle ``b``) differ from the
+    committed ones (``a``) at level ``alpha`` (:data:`STATISTICAL_TEST`); identical values, or two that
+    do not vary, must be equal."""
     from scipy import stats as sps
 
     from hdkd.evidence import METRICS, fractions_of, runs_at
 
-    if name not in committed.files() or name not in fresh.files():
+    if a is None or b is None:
         return []  # reported as a missing file by compare_trees
-    a, b = (parse_json(tree.read(name), f"{tree}/{name}") for tree in (committed, fresh))
-    out = []
+    name, out = BUNDLE, []
     for model in sorted(a["models"].keys() & b["models"].keys()):
         for fraction in fractions_of(a):
             runs_a, runs_b = runs_at(a, model, fraction), runs_at(b, model, fraction)
@@ -282,15 +289,15 @@ def statistical_differences(committed: ReportTree, fresh: ReportTree, alpha: flo
     return out
 
 
-def comparison_kind(committed: ReportTree, fresh: ReportTree, name: str = "bundle.json") -> tuple[bool, str]:
-    """Whether the two trees' numbers can be compared exactly, and why: both results bundles come from
-    CPU runs under the reproducible numerics mode (``train.reproducible``), which are bit-identical on
-    any x86-64 CPU with AVX2; otherwise they differ by the seeds' noise and are compared statistically."""
+def comparison_kind(committed: dict[str, Any] | None, fresh: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether the numbers of two trees, given their results bundles, can be compared exactly, and why:
+    both bundles come from CPU runs under the reproducible numerics mode (``train.reproducible``),
+    which are bit-identical on any x86-64 CPU with AVX2; otherwise they differ by the seeds' noise and
+    are compared statistically."""
     reasons = []
-    for side, tree in (("committed", committed), ("fresh", fresh)):
-        if name not in tree.files():
-            return True, f"the {side} reports hold no {name} to tell how they were made"
-        bundle = parse_json(tree.read(name), f"{tree}/{name}")
+    for side, bundle in (("committed", committed), ("fresh", fresh)):
+        if bundle is None:
+            return True, f"the {side} reports hold no {BUNDLE} to tell how they were made"
         devices = {t["device"] for m in bundle["models"].values()
                    for t in (m.get("efficiency") or {}).get("timing", [])}
         if not bundle["params"]["train"]["reproducible"]:
@@ -324,8 +331,9 @@ def check_reports(
     when both runs used the reproducible CPU numerics mode (:func:`comparison_kind`), else statistical."""
     stream = stream or sys.stdout
     differences = compare_trees(committed, fresh, tol)
+    bundles = read_bundle(committed), read_bundle(fresh)  # read once: a GitTree runs git for each read
     if mode == "auto":
-        exact, why = comparison_kind(committed, fresh)
+        exact, why = comparison_kind(*bundles)
         mode = "exact" if exact else "statistical"
     else:
         why = f"--{mode} was given"
@@ -333,8 +341,7 @@ def check_reports(
         print(f"comparing committed {committed} with fresh {fresh}: every number within rtol {tol.rtol:g}, "
               f"atol {tol.atol:g} ({why})", file=stream)
     else:
-        differences = [d for d in differences if d.kind == "structure"] + statistical_differences(
-            committed, fresh, alpha)
+        differences = [d for d in differences if d.kind == "structure"] + statistical_differences(*bundles, alpha)
         print(f"comparing committed {committed} with fresh {fresh} statistically: the structure of every file, "
               f"and per model, training fraction and metric the per-seed values by {STATISTICAL_TEST} at "
               f"alpha {alpha:g} ({why})", file=stream)
@@ -343,7 +350,7 @@ def check_reports(
     diffs = unified_diffs(committed, fresh, differences)
     if diffs:
         print("\n" + diffs, file=stream, end="")
-    versions = version_differences(committed, fresh)
+    versions = version_differences(*bundles)
     if versions:
         print(f"numerics versions differ (committed -> fresh): {versions}; these alone change the numbers: "
               "install the locked ones (pip install -r requirements.lock)", file=stream)
@@ -351,12 +358,10 @@ def check_reports(
     return differences
 
 
-def version_differences(committed: ReportTree, fresh: ReportTree, name: str = "bundle.json") -> str:
-    """The numerics versions (torch, numpy, MKL, oneDNN) that differ between the two results bundles,
+def version_differences(committed: dict[str, Any] | None, fresh: dict[str, Any] | None) -> str:
+    """The numerics versions (torch, numpy, MKL, oneDNN) that differ between two results bundles,
     as ``torch 2.14.1 -> 2.15.0, ...``; empty when they agree or a side does not record them."""
-    if name not in committed.files() or name not in fresh.files():
-        return ""
-    before, after = (parse_json(tree.read(name), f"{tree}/{name}").get("numerics") or {} for tree in (committed, fresh))
+    before, after = ((bundle or {}).get("numerics") or {} for bundle in (committed, fresh))
     if not before or not after:
         return ""
     return ", ".join(f"{k} {before.get(k, 'absent')} -> {after.get(k, 'absent')}"

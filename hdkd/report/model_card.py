@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hdkd.bundle import model_names
-from hdkd.evidence import aggregate, compare, runs_at, sentence
+from hdkd.evidence import aggregate, paired_sentences
 from hdkd.plots import model_label
 from hdkd.roster import primary_run, roster, roster_entry
 
@@ -37,10 +37,8 @@ def _with_ci(ev: Mapping[str, Any], key: str) -> str:
 def comparison(bundle: Mapping[str, Any], model: str, other: str) -> str:
     """Does ``model`` beat ``other``? The paired t verdicts over seeds on accuracy and macro-F1
     (:func:`hdkd.evidence.compare`), on the whole training split."""
-    label, other_label = (model_label(m, roster(bundle["params"])) for m in (model, other))
-    n_seeds = len(set(runs_at(bundle, model, 1.0)) & set(runs_at(bundle, other, 1.0)))
-    rows = [r for r in compare(bundle, model, other, 1.0) if r["test"] == "paired_t"]
-    return " ".join(sentence(r, label, other_label, n_seeds) for r in rows)
+    labels = tuple(model_label(m, roster(bundle["params"])) for m in (model, other))
+    return " ".join(paired_sentences(bundle, model, other, labels))
 
 
 def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
