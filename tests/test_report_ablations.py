@@ -21,7 +21,8 @@ def as_bundle(params, name=None):
 def queued(command):
     """(experiment name, {dotted key: value}) of one ``dvc exp run --queue`` command, values parsed as DVC does."""
     assert command[:4] == ["dvc", "exp", "run", "--queue"] and command[4] == "-n"
-    sets = command[6:]
+    assert command[-1] == "evaluate"  # up to the stage that writes the results bundle the tables read
+    sets = command[6:-1]
     assert sets[::2] == ["-S"] * (len(sets) // 2)
     settings = dict(s.split("=", 1) for s in sets[1::2])
     return command[5], {k: yaml.safe_load(v) for k, v in settings.items()}
@@ -56,7 +57,7 @@ def test_every_queued_experiment_lands_in_the_ablation_that_queued_it():
 
 
 def test_experiment_names_and_values_as_dvc_reads_them():
-    commands = {queued(c)[0]: c[6:] for c in queue_commands(["stages", "stem_stride", "block"])}
+    commands = {queued(c)[0]: c[6:-1] for c in queue_commands(["stages", "stem_stride", "block"])}
     assert commands == {
         "abl-stages-3": ["-S", "distill.stages=[3]"],
         "abl-stages-2-3": ["-S", "distill.stages=[2,3]"],
@@ -91,7 +92,7 @@ def test_the_queue_script_runs_the_generated_commands(tmp_path):
 
 def test_dry_run_prints_the_commands(capsys):
     report_cli(["--queue-ablations", "block", "--dry-run"])
-    assert capsys.readouterr().out == "dvc exp run --queue -n abl-block-mbconv -S model.block=mbconv\n"
+    assert capsys.readouterr().out == "dvc exp run --queue -n abl-block-mbconv -S model.block=mbconv evaluate\n"
     with pytest.raises(SystemExit):
         report_cli(["--dry-run"])  # never a silent full report build
     assert "--dry-run goes with --queue-ablations" in capsys.readouterr().err

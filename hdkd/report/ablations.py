@@ -2,7 +2,7 @@
 DVC experiments that run them, and their collection from MLflow into the bundles the report reads.
 
 Queue (``python -m pipeline.report --queue-ablations [names]``, what ``scripts/queue_ablations.sh``
-runs): one ``dvc exp run --queue -n abl-<variant> -S key=value`` per variant of each grid
+runs): one ``dvc exp run --queue -n abl-<variant> -S key=value evaluate`` per variant of each grid
 (:func:`queue_commands`); the reference value (that of params.yaml) is the baseline itself.
 
 Collect (``python -m pipeline.report --collect-ablations``, then ``dvc repro report``):
@@ -91,13 +91,17 @@ def variant_name(settings: Mapping[str, Any]) -> str:
 
 def queue_commands(names: Sequence[str] = ()) -> list[list[str]]:
     """The ``dvc exp run --queue`` command of every variant of the named ablations (all when none),
-    in :data:`ABLATIONS` order. An unknown name fails before anything is queued."""
+    in :data:`ABLATIONS` order. An unknown name fails before anything is queued.
+
+    A variant runs the pipeline up to ``evaluate``, whose results bundle is all the ablation tables
+    read: a variant's explanations, ONNX exports and report would cost about 80 s each on the
+    embedded default and add nothing to them."""
     known = [a.name for a in ABLATIONS]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UnknownAblation(f"unknown ablation(s) {', '.join(unknown)} (one of: {', '.join(known)})")
     return [["dvc", "exp", "run", "--queue", "-n", variant_name(settings),
-             *(arg for key, value in settings.items() for arg in ("-S", f"{key}={_set_value(value)}"))]
+             *(arg for key, value in settings.items() for arg in ("-S", f"{key}={_set_value(value)}")), EVALUATE_STAGE]
             for a in ABLATIONS if not names or a.name in names for settings in a.grid]
 
 
