@@ -65,17 +65,31 @@ def compare(bundle: Mapping[str, Any], a: str, b: str, fraction: float, level: f
         raise ValueError(f"comparison {a} vs {b}: no seed in common at training fraction {fraction:g}")
     labels = np.asarray(bundle["test_labels"])
     base = {"comparison": f"{a} vs {b}", "fraction": fraction}
-    rows = []
-    for metric in METRICS:
-        c = paired_t([runs_a[s]["evaluation"][metric] for s in seeds],
-                     [runs_b[s]["evaluation"][metric] for s in seeds], level)
-        rows.append({**base, "metric": metric, **c.as_dict()})
+    rows = [{**base, "metric": metric, **paired_by_seed(runs_a, runs_b, metric, level).as_dict()} for metric in METRICS]
     for s in seeds:
         correct_a = np.asarray(runs_a[s]["predictions"]) == labels
         correct_b = np.asarray(runs_b[s]["predictions"]) == labels
         c: Comparison = mcnemar_exact(correct_a, correct_b, level, label=f"mcnemar_exact_seed{s}")
         rows.append({**base, "metric": "accuracy", **c.as_dict()})
     return rows
+
+
+def paired_by_seed(runs_a: Mapping[int, Mapping[str, Any]], runs_b: Mapping[int, Mapping[str, Any]], metric: str,
+                   level: float = 0.95) -> Comparison:
+    """A − B on ``metric`` by the paired t over the seeds both ``{seed: run}`` hold (at least one)."""
+    seeds = sorted(set(runs_a) & set(runs_b))
+    return paired_t([runs_a[s]["evaluation"][metric] for s in seeds], [runs_b[s]["evaluation"][metric] for s in seeds],
+                    level)
+
+
+def versus_reference(run: Mapping[str, Any], reference: Mapping[str, Any], model: str, metric: str = "accuracy",
+                     level: float = 0.95) -> Comparison | None:
+    """``model`` in another run's bundle − in the reference bundle, on the whole training split, paired by
+    seed (an ablation's effect). ``None`` when the bundles share no seed or were tested on other images."""
+    runs_a, runs_b = runs_at(run, model, FULL), runs_at(reference, model, FULL)
+    if not set(runs_a) & set(runs_b) or run.get("test_labels") != reference.get("test_labels"):
+        return None
+    return paired_by_seed(runs_a, runs_b, metric, level)
 
 
 def significance_rows(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]],

@@ -9,6 +9,7 @@ from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
 
 from conftest import bundle_with
+from hdkd.evidence import runs_at
 from hdkd.io import DiskFullError
 from hdkd.plots import EXTRA_COLORS, model_color
 from hdkd.report import build
@@ -131,20 +132,40 @@ def lambda_runs():
 
 def test_ablation_table_exact(bundle):
     l5, l1 = lambda_runs()
+    # λ = 1 loses 5, 10 and 15 points to the reference at seeds 0, 1, 2 (λ = 5: 5 points at every seed):
+    # mean -10, sd 5, t(2) = -3.464 -> half-width 4.303 * 5 / sqrt(3) = 12.42 points, p = 0.0742 (scipy.stats.ttest_rel)
+    reference_runs = runs_at(bundle, "hdkd", 1.0)
+    for seed, run in runs_at(l1, "hdkd", 1.0).items():
+        run["evaluation"]["accuracy"] = reference_runs[seed]["evaluation"]["accuracy"] - 0.05 * (seed + 1)
     lam = next(a for a in ABLATIONS if a.name == "lambda")
     assert table_markdown(ablation_table(lam, bundle, [l5, l1])) == (
         "## Ablation: feature distillation weight λ\n"
         "\n"
         "| λ | Run (params hash) | Reference | HDKD Accuracy mean ± std (%) | HDKD F1 mean ± std (%) "
-        "| HDKD Accuracy (%) | HDKD Accuracy 95% CI | HDKD F1 (%) |\n"
-        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-        f"| 1 | {l1['params_hash']} | no | 72.50 ± 2.50 | 62.50 ± 2.50 | 75.00 | [70.00, 80.00] | 70.00 |\n"
-        f"| 5 | {l5['params_hash']} | no | 77.50 ± 2.50 | 67.50 ± 2.50 | 80.00 | [75.00, 85.00] | 70.00 |\n"
-        f"| 10 | {bundle['params_hash']} | yes | 82.50 ± 2.50 | 72.50 ± 2.50 | 85.00 | [80.00, 90.00] | 70.00 |\n"
+        "| HDKD Accuracy Δ vs reference (points) | HDKD Accuracy (%) | HDKD Accuracy 95% CI | HDKD F1 (%) |\n"
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        f"| 1 | {l1['params_hash']} | no | 72.50 ± 7.50 | 62.50 ± 2.50 | -10.00 [-22.42, +2.42], p = 0.0742 | 75.00 "
+        "| [70.00, 80.00] | 70.00 |\n"
+        f"| 5 | {l5['params_hash']} | no | 77.50 ± 2.50 | 67.50 ± 2.50 | -5.00 (no test: the same at every seed) "
+        "| 80.00 | [75.00, 85.00] | 70.00 |\n"
+        f"| 10 | {bundle['params_hash']} | yes | 82.50 ± 2.50 | 72.50 ± 2.50 | reference | 85.00 | [80.00, 90.00] "
+        "| 70.00 |\n"
         "\n"
         "Runs differing from the reference only in distill.lambda; F1 is macro. Mean ± sample std over each run's "
-        "training seeds, on the whole training split; the other columns: seed 0's run.\n"
+        "training seeds, on the whole training split. Δ: the run's accuracy minus the reference's, paired by seed on "
+        "the same test images: mean [95% CI], p of the paired t over the seeds both ran (no correction for multiple "
+        "comparisons). The other columns: seed 0's run.\n"
     )
+
+
+def test_an_ablation_run_tested_on_other_images_or_seeds_gets_no_difference(bundle):
+    lam = next(a for a in ABLATIONS if a.name == "lambda")
+    other_images, other_seeds = lambda_runs()
+    other_images["test_labels"] = list(reversed(other_images["test_labels"]))
+    for run in other_seeds["models"]["hdkd"]["runs"]:
+        run["seed"] += 10
+    rows = {r[1]: r for r in ablation_table(lam, bundle, [other_images, other_seeds]).rows}
+    assert rows[other_images["params_hash"]][5] == rows[other_seeds["params_hash"]][5] == "n/a"
 
 
 def test_runs_are_grouped_by_the_params_they_change(bundle):

@@ -38,12 +38,21 @@ from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
-from hdkd.evidence import aggregate, data_efficiency_rows, fractions_of, paired_sentences, seeds_of, significance_rows
+from hdkd.evidence import (
+    aggregate,
+    data_efficiency_rows,
+    fractions_of,
+    paired_sentences,
+    seeds_of,
+    significance_rows,
+    versus_reference,
+)
 from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
 from hdkd.report.model_card import model_card
 from hdkd.roster import primary_run, roster
+from hdkd.stats import Comparison
 
 NA = "n/a"
 
@@ -76,6 +85,16 @@ def pct_interval(interval: Sequence[float] | None) -> str:
 def pct_spread(mean: float, std: float | None) -> str:
     """``75.12 ± 1.03`` (percent); the mean alone when the spread is undefined (one seed)."""
     return pct(mean) if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def points_difference(c: Comparison | None) -> str:
+    """``+1.25 [-0.50, +3.00], p = 0.12`` (percentage points); why there is no test when there is none."""
+    if c is None:
+        return NA
+    head = f"{100 * c.difference_mean:+.2f}"
+    if c.p_value is None or c.ci_low is None or c.ci_low == c.ci_high:
+        return f"{head} (no test: " + ("one seed)" if c.ci_low is None else "the same at every seed)")
+    return f"{head} [{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}], p = {c.p_value:.3g}"
 
 
 def fixed(x: float | None, digits: int) -> str:
@@ -283,8 +302,8 @@ def _ablation_series(ablation: Ablation, reference: Mapping[str, Any], runs: Seq
 def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Table:
     ci = _ci_label(reference)
     models = [m for m in model_names(reference) if ablation.models is None or m in ablation.models]
-    per_model = ("Accuracy mean ± std (%)", "F1 mean ± std (%)", "Accuracy (%)", f"Accuracy {ci}", "F1 (%)") + (
-        ("MACs (M)",) if ablation.show_macs else ())
+    per_model = ("Accuracy mean ± std (%)", "F1 mean ± std (%)", "Accuracy Δ vs reference (points)", "Accuracy (%)",
+                 f"Accuracy {ci}", "F1 (%)") + (("MACs (M)",) if ablation.show_macs else ())
     columns = ablation.headers + ("Run (params hash)", "Reference") + tuple(
         f"{model_label(m, roster(reference['params']))} {c}" for m in models for c in per_model)
     rows = []
@@ -296,15 +315,18 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
                 cells += [NA] * len(per_model)
                 continue
             ev, agg = result["evaluation"], aggregate(bundle, m)
+            effect = "reference" if is_reference else points_difference(versus_reference(bundle, reference, m))
             cells += [pct_spread(agg["accuracy_mean"], agg["accuracy_std"]),
-                      pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]),
+                      pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]), effect,
                       pct(ev["accuracy"]), pct_interval(_interval(ev, "accuracy")), pct(ev["f1_macro"])]
             if ablation.show_macs:
                 cells.append(_macs_m(result.get("efficiency") or {}))
         rows.append(tuple(cells))
     seed, _ = primary_run(reference["params"])
     note = (f"Runs differing from the reference only in {', '.join(ablation.keys)}; F1 is macro. Mean ± sample std "
-            f"over each run's training seeds, on the whole training split; the other columns: seed {seed}'s run.")
+            f"over each run's training seeds, on the whole training split. Δ: the run's accuracy minus the "
+            f"reference's, paired by seed on the same test images: mean [95% CI], p of the paired t over the seeds "
+            f"both ran (no correction for multiple comparisons). The other columns: seed {seed}'s run.")
     return Table(f"ablation_{ablation.name}", f"Ablation: {ablation.title}", columns, tuple(rows), note)
 
 
