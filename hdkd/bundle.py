@@ -83,11 +83,17 @@ def make_bundle(
     return validate_bundle(bundle)
 
 
+class UnsupportedBundle(ValueError):
+    """A results bundle of another schema version (an older pipeline's run): readable, but not by this code."""
+
+
 def validate_bundle(bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the parts the report relies on; raise ``ValueError`` saying what is wrong."""
+    """Check the parts the report relies on; raise ``ValueError`` saying what is wrong
+    (:class:`UnsupportedBundle` for another schema version)."""
     version = bundle.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"results bundle schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        raise UnsupportedBundle(f"results bundle schema_version {version!r} is not supported "
+                                f"(expected {SCHEMA_VERSION})")
     missing = [k for k in ("dataset", "class_names", "params", "params_hash", "test_labels", "models")
                if k not in bundle]
     if missing:

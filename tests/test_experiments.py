@@ -3,6 +3,7 @@ from them, and (slow) a real `dvc exp run` whose MLflow runs and rebuilt tables 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,10 @@ def tracked(tmp_path_factory):
     log_run(client, eid, evaluate_tags(b["block"]), 9000)  # newest of its params, but failed before the bundle
     log_run(client, eid, evaluate_tags(b["stages"], "train_hdkd"), 9000, b["stages"], tmp_path)  # not an evaluate run
     log_run(client, other_eid, evaluate_tags(b["stride"]), 9000, b["stride"], tmp_path)  # another experiment
+    # a run of an older pipeline, kept in the store across an upgrade: its bundle has another schema
+    b["old_schema"] = bundle_with({"distill": {"lambda": 5.0}}, dvc_exp_name="abl-lambda-5") | {"schema_version": 1}
+    log_run(client, eid, evaluate_tags(b["old_schema"]) | {"hdkd.dvc_exp_name": "abl-lambda-5"}, 8000,
+            b["old_schema"], tmp_path)
     return uri, b
 
 
@@ -69,7 +74,10 @@ def test_collect_keeps_the_newest_run_of_each_one_ablation_params(tracked, tmp_p
     for label, bundle in expected.items():
         assert json.loads((out / f"{label}.json").read_text()) == bundle
     assert done.removed == [out / "abl-gone.json"]
-    assert sorted((s["params_hash"], why) for s, why in done.skipped) == sorted([
+    old = [(s, why) for s, why in done.skipped if s["params_hash"] == b["old_schema"]["params_hash"]]
+    assert len(old) == 1 and old[0][0]["dvc_exp_name"] == "abl-lambda-5"
+    assert re.fullmatch(r"MLflow run \w+: results bundle schema_version 1 is not supported \(expected 2\)", old[0][1])
+    assert sorted((s["params_hash"], why) for s, why in done.skipped if (s, why) not in old) == sorted([
         (b["reference"]["params_hash"], "same results params as the reference"),
         (b["two_groups"]["params_hash"], "differs in distill.alpha, distill.lambda: not one ablation"),
     ])

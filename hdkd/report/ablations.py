@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hdkd.bundle import validate_bundle
+from hdkd.bundle import UnsupportedBundle, validate_bundle
 from hdkd.config import flatten, is_result_param
 from hdkd.io import write_json
 from hdkd.report.revisions import tracked_bundle
@@ -146,18 +146,28 @@ class Collected:
     skipped: list[tuple[Mapping[str, Any], str]] = field(default_factory=list)
 
 
-def newest_bundle_per_params(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
-    """The newest results bundle of each params hash among the evaluate runs of ``experiment``."""
+def newest_bundle_per_params(
+    tracking_uri: str, experiment: str
+) -> tuple[list[dict[str, Any]], list[tuple[Mapping[str, Any], str]]]:
+    """The newest results bundle of each params hash among the evaluate runs of ``experiment``, and the
+    runs left out with why: those whose newest bundle an older pipeline wrote (another schema version;
+    a store kept across upgrades holds them, and they cannot be compared with this pipeline's runs)."""
     runs = find_runs(tracking_uri, f"tags.`{TAG}stage` = '{EVALUATE_STAGE}'", [experiment])
     newest: dict[str, dict[str, Any]] = {}
+    old: list[tuple[Mapping[str, Any], str]] = []
     for run in runs:  # newest first
         params_hash = run.tags.get(f"{TAG}params_hash")
-        if params_hash in newest:
+        if params_hash in newest or params_hash in {b["params_hash"] for b, _ in old}:
             continue
-        bundle = tracked_bundle(tracking_uri, run.run_id)
+        try:
+            bundle = tracked_bundle(tracking_uri, run.run_id)
+        except UnsupportedBundle as e:
+            old.append(({"params_hash": params_hash, "dvc_exp_name": run.tags.get(f"{TAG}dvc_exp_name")},
+                        f"MLflow run {run.run_id}: {e}"))
+            continue
         if bundle is not None:  # an evaluate run that failed before logging: an older run may have one
             newest[params_hash] = bundle
-    return list(newest.values())
+    return list(newest.values()), old
 
 
 def select_ablations(
@@ -214,13 +224,14 @@ def collect_ablations(
 
     No evaluate run at all is an error that leaves ``out_dir`` as it is: more likely a wrong store
     than a reason to delete every collected ablation."""
-    tracked = newest_bundle_per_params(tracking_uri, experiment)
+    tracked, old = newest_bundle_per_params(tracking_uri, experiment)
     if not tracked:
+        older = f" (only {len(old)} of an older pipeline's bundle schema)" if old else ""
         raise NoTrackedRuns(f"no evaluate run with a results bundle in MLflow experiment {experiment!r} at "
-                            f"{tracking_uri}: nothing collected, {out_dir} left as it is")
+                            f"{tracking_uri}{older}: nothing collected, {out_dir} left as it is")
     chosen, skipped = select_ablations(validate_bundle(reference), tracked)
     done = write_ablations(ablation_labels(chosen), out_dir)
-    done.skipped = skipped
+    done.skipped = skipped + old
     return done
 
 
