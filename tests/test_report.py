@@ -22,6 +22,7 @@ from hdkd.report.build import (
     efficiency_table,
     main_table,
     per_class_table,
+    points_difference,
     significance_table,
     table_csv,
     table_markdown,
@@ -29,6 +30,7 @@ from hdkd.report.build import (
 from hdkd.report.check import Tolerance
 from hdkd.report.stage import stage_extras
 from hdkd.roster import ROSTER
+from hdkd.stats import Comparison
 from tests.params_fixtures import section
 
 REPORT = section("report")
@@ -156,6 +158,20 @@ def test_ablation_table_exact(bundle):
         "the same test images: mean [95% CI], p of the paired t over the seeds both ran (no correction for multiple "
         "comparisons). The other columns: seed 0's run.\n"
     )
+
+
+def test_points_difference_cells():
+    assert points_difference(Comparison(-1e-9, -0.0062, 0.0062, 1.0, "paired_t")) == "+0.00 [-0.62, +0.62], p = 1"
+    assert points_difference(Comparison(0.05, None, None, None, "paired_t")) == "+5.00 (no test: one seed)"
+    assert points_difference(Comparison(-0.05, -0.05, -0.05, None, "paired_t")) == (
+        "-5.00 (no test: the same at every seed)")
+    assert points_difference(None) == "n/a"
+
+
+def test_stage_ablation_rows_go_from_fewer_to_more_stages(bundle):
+    stages = next(a for a in ABLATIONS if a.name == "stages")
+    runs = [bundle_with({"distill": {"stages": s}}) for s in ([2, 3], [1], [3])]
+    assert [row[0] for row in ablation_table(stages, bundle, runs).rows] == ["1", "3", "2, 3", "1, 2, 3"]
 
 
 def test_an_ablation_run_tested_on_other_images_or_seeds_gets_no_difference(bundle):

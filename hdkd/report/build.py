@@ -91,10 +91,13 @@ def points_difference(c: Comparison | None) -> str:
     """``+1.25 [-0.50, +3.00], p = 0.12`` (percentage points); why there is no test when there is none."""
     if c is None:
         return NA
-    head = f"{100 * c.difference_mean:+.2f}"
+    def points(x: float) -> str:
+        return f"{round(100 * x, 2) + 0.0:+.2f}"  # + 0.0: a difference that rounds to zero prints +0.00, not -0.00
+
+    head = points(c.difference_mean)
     if c.p_value is None or c.ci_low is None or c.ci_low == c.ci_high:
         return f"{head} (no test: " + ("one seed)" if c.ci_low is None else "the same at every seed)")
-    return f"{head} [{100 * c.ci_low:+.2f}, {100 * c.ci_high:+.2f}], p = {c.p_value:.3g}"
+    return f"{head} [{points(c.ci_low)}, {points(c.ci_high)}], p = {c.p_value:.3g}"
 
 
 def fixed(x: float | None, digits: int) -> str:
@@ -289,7 +292,9 @@ def _ablation_values(ablation: Ablation, bundle: Mapping[str, Any]) -> list[Any]
 
 
 def _sort_key(values: Sequence[Any]) -> tuple:
-    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v)) for v in values)
+    """Numbers in order; lists by length, then as written ([3], [2, 3], [1, 2, 3]: fewer distilled stages first)."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else
+                 (1, len(v) if isinstance(v, list) else 0, json.dumps(v)) for v in values)
 
 
 def _ablation_series(ablation: Ablation, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]):
