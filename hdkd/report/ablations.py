@@ -31,6 +31,7 @@ from hdkd.bundle import UnsupportedBundle, validate_bundle
 from hdkd.config import flatten, is_result_param
 from hdkd.io import write_json
 from hdkd.report.revisions import tracked_bundle
+from hdkd.roster import MODEL_NAMES
 from hdkd.tracking import TAG, find_runs
 
 EVALUATE_STAGE = "evaluate"
@@ -43,7 +44,8 @@ class Ablation:
     title: str
     keys: tuple[str, ...]  # dotted params keys; a run belongs here if it differs in a subset of them
     headers: tuple[str, ...]  # one column header per key
-    models: tuple[str, ...] | None  # models the ablation changes; None = all
+    models: tuple[str, ...] | None  # models the ablation changes (the paper's: MODEL_NAMES, built from params.yaml's
+    #                                 model section; the baselines are not); None = all
     grid: tuple[Mapping[str, Any], ...]  # the queued variants: {key: value} each, for a subset of keys
     show_macs: bool = False
 
@@ -56,9 +58,9 @@ ABLATIONS = (
              grid=({"distill.alpha": 0.1}, {"distill.alpha": 0.9}, {"distill.tau": 2}, {"distill.tau": 4})),
     Ablation("stages", "distilled feature stages", ("distill.stages",), ("Stages",), ("hdkd",),
              grid=({"distill.stages": [3]}, {"distill.stages": [2, 3]}, {"distill.stages": [1]})),
-    Ablation("block", "MBCSA vs MBConv blocks", ("model.block",), ("Block",), None,
+    Ablation("block", "MBCSA vs MBConv blocks", ("model.block",), ("Block",), MODEL_NAMES,
              grid=({"model.block": "mbconv"},), show_macs=True),
-    Ablation("stem_stride", "stem stride", ("model.stem_stride",), ("Stem stride",), None,
+    Ablation("stem_stride", "stem stride", ("model.stem_stride",), ("Stem stride",), MODEL_NAMES,
              grid=({"model.stem_stride": 4},), show_macs=True),
     Ablation("train_fraction", "fraction of training data", ("data.train_fraction",), ("Train fraction",), None,
              grid=({"data.train_fraction": 0.25}, {"data.train_fraction": 0.5})),
