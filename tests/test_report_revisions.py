@@ -125,7 +125,8 @@ def test_rebuild_from_a_revision_is_byte_identical(store, tmp_path):
 def test_report_cli_from_a_bundle_file(store, tmp_path):
     path = tmp_path / "bundle.json"
     path.write_text(json.dumps(store["bundle_a"]))
-    report_cli(["--bundle", str(path), "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML)])
+    report_cli(["--bundle", str(path), "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML),
+                "--ablations-dir", str(tmp_path / "no-ablations")])  # not the repository's committed ones
     build_report(store["bundle_a"], tmp_path / "direct", REPORT)
     assert table_bytes(tmp_path / "out") == table_bytes(tmp_path / "direct")
 
