@@ -157,18 +157,21 @@ def newest_bundle_per_params(
     runs = find_runs(tracking_uri, f"tags.`{TAG}stage` = '{EVALUATE_STAGE}'", [experiment])
     newest: dict[str, dict[str, Any]] = {}
     old: list[tuple[Mapping[str, Any], str]] = []
+    decided: set[str] = set()  # params hashes whose newest bundle was read (this pipeline's or an older one's)
     for run in runs:  # newest first
         params_hash = run.tags.get(f"{TAG}params_hash")
-        if params_hash in newest or params_hash in {b["params_hash"] for b, _ in old}:
+        if params_hash in decided:
             continue
         try:
             bundle = tracked_bundle(tracking_uri, run.run_id)
         except UnsupportedBundle as e:
             old.append(({"params_hash": params_hash, "dvc_exp_name": run.tags.get(f"{TAG}dvc_exp_name")},
                         f"MLflow run {run.run_id}: {e}"))
+            decided.add(params_hash)
             continue
         if bundle is not None:  # an evaluate run that failed before logging: an older run may have one
             newest[params_hash] = bundle
+            decided.add(params_hash)
     return list(newest.values()), old
 
 
