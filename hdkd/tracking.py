@@ -255,6 +255,17 @@ def _without_progress_bars() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------ runs
+
+def model_requirements() -> list[str]:
+    """The pip pins of a logged model: torch and mlflow as installed (their distributions' versions).
+
+    Not ``torch.__version__``: a CUDA wheel reports ``2.14.1+cu130`` there while its distribution (what
+    pip installs and MLflow checks) says ``2.14.1``, and MLflow warned of a mismatch at every logging."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "mlflow")]
+
+
 class Tracker:
     """A stage's MLflow run. Use as a context manager; every method is a no-op when disabled.
 
@@ -444,7 +455,6 @@ class Tracker:
         import mlflow
         import mlflow.pytorch
         import numpy as np
-        import torch
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
@@ -458,7 +468,7 @@ class Tracker:
             info = mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pt2", signature=signature, input_example=example,
                 metadata=dict(meta),
-                pip_requirements=[f"torch=={torch.__version__}", f"mlflow=={mlflow.__version__}"],
+                pip_requirements=model_requirements(),
                 registered_model_name=registered_name)
         run = self.client.get_run(self.run_id)
         for key in ("git_commit", "params_hash"):

@@ -322,3 +322,12 @@ def test_a_model_is_logged_registered_and_predicts_as_its_checkpoint(store, tmp_
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits).double(), 1).numpy(), expected, atol=1e-6)
     signature = mlflow.models.get_model_info("models:/hdkd-test-hdkd/latest").signature
     assert signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and signature.outputs.inputs[0].shape == (-1, 3)
+    # pinned as installed, so loading it here raises no dependency-mismatch warning (a CUDA wheel's
+    # torch.__version__, "2.14.1+cu130", did: its distribution says "2.14.1")
+    from importlib.metadata import version
+
+    from mlflow.utils.requirements_utils import _check_requirement_satisfied
+
+    pins = Path(mlflow.pyfunc.get_model_dependencies("models:/hdkd-test-hdkd/latest")).read_text().split()
+    assert {f"torch=={version('torch')}", f"mlflow=={version('mlflow')}"} <= set(pins)
+    assert [_check_requirement_satisfied(pin) for pin in pins] == [None] * len(pins)
