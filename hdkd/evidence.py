@@ -122,9 +122,9 @@ def sentence(row: Mapping[str, Any], label_a: str, label_b: str, n_seeds: int, a
 
     metric = {"accuracy": "accuracy", "f1_macro": "macro-F1"}[row["metric"]]
     head = f"{label_a} vs {label_b}: {points(row['difference_mean'])} points {metric}"
-    if row["p_value"] is None:
-        why = "one seed" if n_seeds < 2 else f"the difference is the same at all {n_seeds} seeds"
-        return f"{head}; no test ({why})."
+    comparison = Comparison(*(row[k] for k in ("difference_mean", "ci_low", "ci_high", "p_value", "test")))
+    if comparison.untested:
+        return f"{head}; no test ({comparison.untested})."
     ci = f"[{points(row['ci_low'])}, {points(row['ci_high'])}]"
-    said = verdict(Comparison(*(row[k] for k in ("difference_mean", "ci_low", "ci_high", "p_value", "test"))), alpha)
+    said = verdict(comparison, alpha)
     return f"{head} {ci}, p = {row['p_value']:.3g}: {said} at {alpha:g} (paired t over {n_seeds} seeds)."

@@ -57,6 +57,14 @@ class Comparison:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def untested(self) -> str | None:
+        """Why there is no p-value, or ``None`` when there is one: the one rule the tables and sentences
+        share (:func:`paired_t`: one seed, or the same non-zero difference at every seed)."""
+        if self.p_value is not None:
+            return None
+        return "one seed" if self.ci_low is None else "the same at every seed"
+
 
 def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Comparison:
     """Paired t-interval and two-sided p-value of mean(A − B) over seeds (``a[i]``, ``b[i]``: seed i)."""
@@ -102,6 +110,6 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool], level: f
 
 def verdict(comparison: Comparison, alpha: float = ALPHA) -> str:
     """``significant`` / ``not significant`` at ``alpha``, or why there is no test."""
-    if comparison.p_value is None:
-        return "no test (fewer than two seeds, or identical non-zero differences)"
+    if comparison.untested:
+        return f"no test ({comparison.untested})"
     return "significant" if comparison.p_value < alpha else "not significant"

@@ -92,6 +92,7 @@ def test_sentence_reads_plainly():
         "(paired t over 3 seeds).")
     sig = sentence({**row, "p_value": 0.01}, "HDKD", "Student", 3)
     assert sig.endswith("significant at 0.05 (paired t over 3 seeds).") and "not significant" not in sig
-    assert sentence({**row, "p_value": None}, "HDKD", "Student", 1).endswith("; no test (one seed).")
-    assert sentence({**row, "p_value": None}, "HDKD", "Student", 3).endswith(
-        "; no test (the difference is the same at all 3 seeds).")
+    one_seed = {**row, "ci_low": None, "ci_high": None, "p_value": None}  # what paired_t gives for one seed
+    assert sentence(one_seed, "HDKD", "Student", 1).endswith("; no test (one seed).")
+    constant = {**row, "ci_low": 0.0123, "ci_high": 0.0123, "p_value": None}  # the same difference at every seed
+    assert sentence(constant, "HDKD", "Student", 3).endswith("; no test (the same at every seed).")

@@ -9,7 +9,7 @@ from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
 
 from conftest import bundle_with
-from hdkd.evidence import runs_at
+from hdkd.evidence import runs_at, sentence
 from hdkd.io import DiskFullError
 from hdkd.plots import EXTRA_COLORS, model_color
 from hdkd.report import build
@@ -30,7 +30,7 @@ from hdkd.report.build import (
 from hdkd.report.check import Tolerance
 from hdkd.report.stage import stage_extras
 from hdkd.roster import ROSTER
-from hdkd.stats import Comparison
+from hdkd.stats import Comparison, paired_t
 from tests.params_fixtures import section
 
 REPORT = section("report")
@@ -108,7 +108,7 @@ def test_the_readme_says_whether_each_comparison_is_significant(tmp_path, bundle
             "3 seeds).\n") in text
     # student - teacher: -10, -12.5, -15 points; hdkd - teacher: -5 at every seed, so no test
     assert "- Student vs Teacher: -12.5 points accuracy [" in text and "not significant" not in text
-    assert "- HDKD vs Teacher: -5.0 points accuracy; no test (the difference is the same at all 3 seeds).\n" in text
+    assert "- HDKD vs Teacher: -5.0 points accuracy; no test (the same at every seed).\n" in text
 
 
 def test_per_class_csv_exact(bundle):
@@ -166,6 +166,15 @@ def test_points_difference_cells():
     assert points_difference(Comparison(-0.05, -0.05, -0.05, None, "paired_t")) == (
         "-5.00 (no test: the same at every seed)")
     assert points_difference(None) == "n/a"
+
+
+def test_a_difference_of_zero_at_every_seed_reads_the_same_in_a_table_and_a_sentence():
+    # One rule (Comparison.untested): both print the paired t's p = 1, neither says "no test".
+    zero = paired_t([0.75, 0.80, 0.70], [0.75, 0.80, 0.70])
+    row = {"metric": "accuracy", **zero.as_dict()}
+    assert points_difference(zero) == "+0.00 [+0.00, +0.00], p = 1"
+    assert sentence(row, "HDKD", "Student", 3) == (
+        "HDKD vs Student: +0.0 points accuracy [+0.0, +0.0], p = 1: not significant at 0.05 (paired t over 3 seeds).")
 
 
 def test_stage_ablation_rows_go_from_fewer_to_more_stages(bundle):

@@ -47,6 +47,8 @@ def test_paired_t_edge_cases():
     assert (same.difference_mean, same.p_value) == (0.0, 1.0)
     constant = paired_t([0.9, 0.8], [0.8, 0.7])
     assert constant.p_value is None and constant.ci_low == pytest.approx(0.1)
+    assert (one.untested, same.untested, constant.untested) == ("one seed", None, "the same at every seed")
+    assert verdict(constant) == "no test (the same at every seed)"
     with pytest.raises(ValueError, match="equal-length"):
         paired_t([0.9, 0.8], [0.9])
 

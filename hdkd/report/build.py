@@ -95,8 +95,8 @@ def points_difference(c: Comparison | None) -> str:
         return f"{round(100 * x, 2) + 0.0:+.2f}"  # + 0.0: a difference that rounds to zero prints +0.00, not -0.00
 
     head = points(c.difference_mean)
-    if c.p_value is None or c.ci_low is None or c.ci_low == c.ci_high:
-        return f"{head} (no test: " + ("one seed)" if c.ci_low is None else "the same at every seed)")
+    if c.untested:
+        return f"{head} (no test: {c.untested})"
     return f"{head} [{points(c.ci_low)}, {points(c.ci_high)}], p = {c.p_value:.3g}"
 
 
