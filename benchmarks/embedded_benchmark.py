@@ -100,13 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args, work: Path) -> dict:
     import torch
 
-    from hdkd.data.augment import eval_transform, train_transform
-    from hdkd.data.loader import PackedDataset
     from hdkd.data.packed import load_split
     from hdkd.data.prepare import prepare_dataset
     from hdkd.data.sources import fetch_dataset
     from hdkd.distributed import DistInfo
-    from hdkd.train import StagePaths, make_runtime, run_training, training_subset
+    from hdkd.train import StagePaths, make_runtime, run_training, training_data
 
     params = params_with(args.set + [f"data.root={work / 'raw'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"])
     t0, c0 = time.perf_counter(), time.process_time()
@@ -117,7 +115,7 @@ def run(args, work: Path) -> dict:
 
     size = params.data.image_size
     train = load_split(work / "prepared", "train", image_size=size)
-    val = PackedDataset(load_split(work / "prepared", "val", image_size=size), eval_transform())
+    val = load_split(work / "prepared", "val", image_size=size)
     test = load_split(work / "prepared", "test", image_size=size)
     print(f"splits: train {len(train)}, val {len(val)}, test {len(test)}; test class counts {test.class_counts()}")
     rt = make_runtime(params, torch.device("cpu"), DistInfo())
@@ -127,14 +125,13 @@ def run(args, work: Path) -> dict:
     for seed in args.seeds:
         run_params = params.model_copy(update={"seed": seed})
         for fraction in args.fractions:
-            part = train if fraction == 1 else training_subset(work / "prepared", params, seed, fraction)
-            train_set = PackedDataset(part, train_transform(params.augment), seed=seed)
             for role in args.roles:
                 out = work / "models" / f"seed{seed}" / f"frac{fraction}"
                 paths = StagePaths(work / "prepared", work / "prepared", out / role, out / f"{role}.json",
                                    work / "resume" / role, out / "teacher" / "model.pt" if role == "hdkd" else None)
+                (part, val, classes), hook = training_data(run_params, paths, rt, (seed, fraction))  # as the stages
                 t, c = time.perf_counter(), time.process_time()
-                summary = run_training(role, run_params, paths, (train_set, val, list(train.classes)), rt)
+                summary = run_training(role, run_params, paths, (part, val, classes), rt, batch_hook=hook)
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
                 row = {"role": role, "seed": seed, "fraction": fraction, "train_images": len(part),
                        **test_scores(out / role / "model.pt", test), "val_accuracy": summary["val_accuracy"],
