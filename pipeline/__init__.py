@@ -8,10 +8,17 @@ the mode off; the training code then checks that its own file's setting can hold
 A stage that runs out of disk space ends with one line naming the outputs and the space they need.
 """
 
+import atexit
+import gc
 import sys
 
 from hdkd import numerics
 from hdkd.io import disk_full_message
+
+# A stage's process spent 3 s exiting (measured: 3.4 s -> 0.5 s) in the garbage collections of the
+# interpreter's teardown, over torch's, timm's and MLflow's objects about to be freed anyway. Frozen
+# objects are never collected. Registered before torch loads, this runs after its exit handlers and MLflow's.
+atexit.register(gc.freeze)
 
 if numerics.reproducible_in("params.yaml"):
     numerics.apply_env()

@@ -76,6 +76,13 @@ def test_the_pipeline_package_sets_the_environment_from_params_yaml(tmp_path, pa
     assert run_python(code, tmp_path) == expected
 
 
+def test_a_stage_process_freezes_its_objects_at_exit(tmp_path):
+    # pipeline/__init__.py: the teardown's garbage collections over torch's and MLflow's objects took 3 s
+    code = "import atexit, gc, pipeline\nbefore = gc.get_freeze_count()\natexit._run_exitfuncs()\n" \
+           "print(before, gc.get_freeze_count() > 0)"
+    assert run_python(code, tmp_path) == "0 True"
+
+
 def test_the_mode_refuses_a_process_that_loaded_torch_first(tmp_path):
     code = ("import torch\nfrom hdkd import numerics\nassert not numerics.apply_env()\n"
             "numerics.apply_runtime(False)\nnumerics.apply_runtime(True)")
