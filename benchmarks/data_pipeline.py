@@ -209,7 +209,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     # For transparency: part of the gain is the oneDNN workaround, which the official path lacks.
     with native_cpu_convolution():
         r["official_aug_no_onednn_img_s"] = rate(official(official_transform(True)), len(paths), seconds)
-    # The batched form (meant for augment.on_gpu), here on the CPU: uint8 batches of 32.
+    # The batched form (augment.batched, the training default), here on the CPU: uint8 batches of 32.
     batch = (
         torch.from_numpy(np.ascontiguousarray(split.images[: min(32, len(split))]))
         .permute(0, 3, 1, 2)

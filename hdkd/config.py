@@ -100,7 +100,7 @@ class AugmentConfig(Section):
     contrast: float = Field(ge=0, le=1)
     sharpness: float = Field(ge=0)  # 0 or 1 = off
     blur_kernel: int = Field(ge=0)  # 0 = off; odd
-    on_gpu: bool  # augment whole batches on the GPU (CUDA only)
+    batched: bool  # whole batches on the training device, in a few kernels; false: image by image in the loader
 
     @field_validator("blur_kernel")
     @classmethod

@@ -155,7 +155,7 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, lo
     bar = tqdm(loader, desc=desc, leave=False, disable=None if rt.progress else True, dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar, 1):
         images, labels = rt.to_device(images, labels)
-        if batch_hook is not None:  # e.g. whole-batch augmentation on the GPU
+        if batch_hook is not None:  # whole-batch augmentation (augment.batched)
             images = batch_hook(images)
         with rt.autocast():
             parts, outputs = forward_loss(model, criterion, images, labels, teacher)

@@ -10,8 +10,8 @@ distributions, configured by :class:`~hdkd.config.AugmentConfig`, in two forms:
   :class:`~hdkd.data.loader.PackedDataset` calls, with a generator seeded from
   (seed, epoch, index), so that a sample's augmentation never depends on the worker, the batch
   or the order it is loaded in.
-- :func:`augment_batch`: a whole ``uint8`` batch on any device (the GPU option
-  ``augment.on_gpu``), every image with its own parameters, in a few batched kernels; equal to
+- :func:`augment_batch`: a whole ``uint8`` batch on any device (``augment.batched``, the
+  training default), every image with its own parameters, in a few batched kernels; equal to
   :func:`augment_image` for the same parameters up to float rounding; :class:`BatchAugment` is
   the training loop's batch hook around it.
 
@@ -197,7 +197,7 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
 
 
 class BatchAugment:
-    """The training batch hook of ``augment.on_gpu``: :func:`augment_batch` then :func:`normalize`.
+    """The training batch hook of ``augment.batched``: :func:`augment_batch` then :func:`normalize`.
 
     Its draws depend only on (seed, rank, epoch) — :meth:`set_epoch` selects them, as
     :meth:`PackedDataset.set_epoch <hdkd.data.loader.PackedDataset.set_epoch>` does per sample —

@@ -18,13 +18,13 @@
   N x S x S x 3), ``labels`` (int64), ``ids``, ``classes``; pickles as a reference.
 - ``PackedDataset(split, transform=None, seed=0)``: item ``i`` is ``(transform(uint8 3 x S x S),
   int64 label)``; with ``transform=None`` the raw ``uint8`` tensor (for :func:`augment_batch` on
-  the GPU, then :func:`normalize`). A random transform is called as ``transform(image,
+  the training device, then :func:`normalize`). A random transform is called as ``transform(image,
   generator)`` with a generator seeded from (seed, epoch, i) alone: the augmentation of a sample
   is the same for any ``num_workers``, batch size or order.
 - ``train_transform(cfg)``, ``eval_transform()``, ``normalize(uint8)``, ``augment_image``,
   ``augment_batch(uint8 B x 3 x H x W, cfg, generator)``: see :mod:`hdkd.data.augment`.
 
-With ``augment.on_gpu`` (CUDA), augment whole batches on the device instead::
+With ``augment.batched`` (the default), augment whole batches on the training device instead::
 
     train_ds = PackedDataset(train)                      # uint8 3 x S x S items
     generator = torch.Generator().manual_seed(params.seed)
