@@ -8,6 +8,7 @@ fingerprint, MLflow, and the files ``dvc.yaml`` declares. Runs as a plain proces
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -16,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -258,8 +260,50 @@ def _train_run(name: str, params: Params, paths: StagePaths, run: RunKey, regist
 
 def _mark_done(done: Path, fingerprint: str, future: Future) -> None:
     """Mark a worker's run done as soon as it finishes, so that a resume after a kill keeps it."""
-    if not future.cancelled() and future.exception() is None:
+    if future.exception() is None:
         write_json(done, {"fingerprint": fingerprint})
+
+
+def _train_side_by_side(name: str, params: Params, staged: dict[RunKey, StagePaths],
+                        todo: list[tuple[RunKey, str, Path]], workers: int) -> None:
+    """Train ``todo``'s runs (run, fingerprint, done mark) on ``workers`` CPU processes, this one included.
+
+    This process has imported everything and opened MLflow already, so it trains at once while the
+    others spawn and import (about 10 s). Every process takes the next run only when it is free: a
+    run queued ahead in a busy worker would leave a free process idle. After a failed run no other
+    starts; the error is raised once the running ones have finished."""
+    primary, threads = primary_run(params), max(1, (os.cpu_count() or 1) // workers)
+    queue, lock, futures = collections.deque(todo), threading.RLock(), []
+
+    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        def feed(finished: Future | None = None) -> None:  # a worker is free (or starts): its next run
+            with lock:
+                if finished is not None and finished.exception() is not None:
+                    queue.clear()
+                if queue:
+                    run, fingerprint, done = queue.popleft()
+                    future = pool.submit(_train_run, name, params, staged[run], run, run == primary, threads)
+                    future.add_done_callback(functools.partial(_mark_done, done, fingerprint))
+                    future.add_done_callback(feed)  # runs in the pool's thread when the run ends
+                    futures.append(future)
+
+        with lock:
+            mine = queue.popleft()  # the first run here: this process is ready first
+            for _ in range(workers - 1):
+                feed()
+        try:
+            while mine is not None:
+                run, fingerprint, done = mine
+                _train_run(name, params, staged[run], run, run == primary, threads)
+                write_json(done, {"fingerprint": fingerprint})
+                with lock:
+                    mine = queue.popleft() if queue else None
+        except BaseException:
+            with lock:
+                queue.clear()
+            raise
+    for future in futures:
+        future.result()  # a worker's error
 
 
 def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
@@ -292,21 +336,7 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
         # Side by side only on the CPU of one process: a GPU, or torchrun's ranks, train one run at a time.
         workers = min(params.train.run_workers or os.cpu_count() or 1, len(todo))
         if workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            # This process is one of the workers: it has imported everything and opened MLflow already, so
-            # it trains at once while the others spawn and import (about 10 s). The pool takes runs from the
-            # front of the list, this process from the back, each one no worker has started.
-            with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = []
-                for run, fingerprint, done in todo:
-                    futures.append(pool.submit(_train_run, name, params, staged[run], run, run == primary, threads))
-                    futures[-1].add_done_callback(functools.partial(_mark_done, done, fingerprint))
-                for (run, fingerprint, done), future in reversed(list(zip(todo, futures))):
-                    if future.cancel():
-                        _train_run(name, params, staged[run], run, run == primary, threads)
-                        write_json(done, {"fingerprint": fingerprint})
-                for future in futures:
-                    future.cancelled() or future.result()  # a worker's error, raised here
+            _train_side_by_side(name, params, staged, todo, workers)
         else:
             for run, fingerprint, done in todo:
                 _train_run(name, params, staged[run], run, run == primary)

@@ -5,6 +5,8 @@ that runs trained side by side give the bytes of runs trained one after another.
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -27,7 +29,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     raw = {**RUNS, "data": {"root": str(root / "raw"), "image_size": 32,
                             "synthetic": {"layout": "brain_tumor_mri", "num_images": 160, "native_size": 40}},
-           "augment": {"enabled": False}, "train": {"batch_size": 16}, "baselines": {},
+           "train": {"batch_size": 16}, "baselines": {},
            **{s: {"epochs": 2} for s in ("teacher", "student", "distill")},
            "tracking": {"enabled": False}}
     params = make_params(raw)
@@ -102,6 +104,46 @@ def test_a_stage_trains_every_run_side_by_side_as_one_after_another(workspace):
                for run in training_runs(params)}
     assert not np.array_equal(weights[(3, 1.0)].numpy(), weights[(1, 1.0)].numpy())
     assert not np.array_equal(weights[(3, 1.0)].numpy(), weights[(3, 0.5)].numpy())
+
+
+def _record_run(name, params, paths, run, register, threads=None):
+    """Stands in for ``hdkd.train._train_run``, in a spawned worker too: notes which process trained ``run``."""
+    paths.out_dir.mkdir(parents=True)  # twice: an error
+    (paths.out_dir / "pid").write_text(str(os.getpid()))
+    if run_name(run) in os.environ.get("TEST_FAILING_RUNS", "").split(","):  # the environment reaches a worker
+        raise RuntimeError(f"run {run} failed")
+    time.sleep(0.2)
+
+
+def _side_by_side(tmp_path, monkeypatch, failing=()):
+    import hdkd.train
+
+    monkeypatch.setattr(hdkd.train, "_train_run", _record_run)
+    monkeypatch.setenv("TEST_FAILING_RUNS", ",".join(failing))
+    params = make_params({"seeds": [0, 1, 2], "fractions": [0.5, 1.0], "tracking": {"enabled": False}})
+    runs = training_runs(params)
+    staged = {r: StagePaths(tmp_path, tmp_path, tmp_path / run_name(r), tmp_path / "m.json", tmp_path / "s")
+              for r in runs}
+    todo = [(r, f"fp-{run_name(r)}", tmp_path / f"{run_name(r)}.done") for r in runs]
+    return runs, todo, lambda: hdkd.train._train_side_by_side("teacher", params, staged, todo, 2)
+
+
+def test_side_by_side_runs_each_run_once_and_this_process_trains_too(tmp_path, monkeypatch):
+    runs, todo, train = _side_by_side(tmp_path, monkeypatch)
+    train()
+    pids = {r: int((tmp_path / run_name(r) / "pid").read_text()) for r in runs}
+    # The stage's process takes the first run (it is ready while the worker spawns), the worker the second.
+    assert pids[runs[0]] == os.getpid() and pids[runs[1]] != os.getpid()
+    assert all(json.loads(done.read_text()) == {"fingerprint": fp} for _, fp, done in todo)
+
+
+def test_side_by_side_stops_starting_runs_after_a_failure_and_raises_it(tmp_path, monkeypatch):
+    runs, todo, train = _side_by_side(tmp_path, monkeypatch, failing=["seed0-frac1", "seed1-frac1"])
+    with pytest.raises(RuntimeError, match=r"run \(0, 1.0\) failed"):
+        train()
+    # The first run failed here at once: only the run already given to the worker started.
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "pid").exists()) == ["seed0-frac1", "seed1-frac1"]
+    assert not any(done.exists() for _, _, done in todo)  # failed runs are never marked done
 
 
 def test_hdkd_run_distils_from_the_teachers_run_of_its_seed_and_fraction(workspace, monkeypatch):
