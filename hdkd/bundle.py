@@ -24,7 +24,9 @@ and read by the report stage. This module imports no torch, so reading a bundle 
           "history": [{"epoch": 1, "train_loss": .., "val_loss": .., "val_accuracy": .., "lr": ..}, ...],
           "runs": [                           # every (seed, fraction) run, the primary included
             {"seed": 0, "fraction": 1.0, "evaluation": {"accuracy": .., "f1_macro": .., ...},
-             "predictions": [3, 4, ...]}      # predicted label per test image
+             "predictions": [3, 4, ...],      # predicted label per test image
+             "history": [{"epoch": 1, "loss_ce": .., "grad_norm_ce": .., "val_pred_<class>": .., ...}]}
+                                              # the run's per-epoch history (absent in older bundles)
           ]
         }
       }

@@ -133,6 +133,9 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(gt=0)
     log_every: int = Field(ge=0)  # steps between log lines inside an epoch; 0 = per epoch only
     run_workers: int = Field(ge=0)  # CPU: (seed, fraction) runs trained side by side; 0 = one per core
+    # steps: every training fraction takes the full-data run's optimizer steps (epochs over a smaller
+    # share repeat); epochs: each takes the recipe's epochs over its own share (fewer steps).
+    budget: Literal["steps", "epochs"]
 
 
 class OptimConfig(Section):

@@ -75,15 +75,25 @@ def lr_at(cfg: OptimConfig, progress: float) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int):
-    """Per-step schedule (smooth warm-up even with few epochs)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step / steps_per_epoch) / cfg.lr)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Per-step schedule (smooth warm-up even with few epochs): ``cfg.epochs`` spread over ``total_steps``
+    optimizer steps, so that under an equal-steps budget a smaller training set runs through the same
+    curve (its epochs, shorter, are not the schedule's)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(cfg, step * cfg.epochs / total_steps) / cfg.lr)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps in one pass of :func:`fit`'s loader over ``num_samples`` (each of ``world`` processes
+    takes ``batch_size / world`` of a padded share; the last, partial batch is dropped when a full one fits)."""
+    per_rank, local = math.ceil(num_samples / world), batch_size // world
+    return per_rank // local if num_samples // world >= local else math.ceil(per_rank / local)
 
 
 @dataclass
@@ -120,6 +130,11 @@ class FitSettings:
     num_workers: int = 0
     grad_clip: float | None = None
     log_every: int = 0  # steps between log lines inside an epoch; 0 = per epoch only
+    # Optimizer steps of the whole run; None = ``optim.epochs`` passes over the training set. Given,
+    # the run takes as many passes as it needs and stops mid-pass at that count (train.budget: steps).
+    total_steps: int | None = None
+    class_names: tuple[str, ...] = ()  # validation logs the share of predictions per class under these names
+    grad_probes: int = 2  # steps per epoch whose loss terms' gradient norms into the trunk are measured; 0 = none
     resume_dir: Path | None = None  # where resume states go; None = none
     fingerprint: str = ""  # what a resume state must have been saved for (the inputs it is valid for)
     desc: str = "train"  # progress bars and log lines
@@ -134,31 +149,69 @@ class Optimisation:
     scaler: torch.amp.GradScaler
 
 
+def trunk_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters every loss term reaches: the shared convolutional stages of the paper's networks
+    (every trainable parameter of a network without them, a timm baseline)."""
+    net = unwrap(model)
+    return [p for p in getattr(net, "stages", net).parameters() if p.requires_grad]
+
+
+def term_grad_norms(terms: dict[str, torch.Tensor], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The L2 norm of the gradient that each loss term alone sends into ``params``.
+
+    One extra backward pass per term, through the kept graph: the step's own backward and the weights
+    are untouched (nothing accumulates into ``.grad``), so a probed run trains exactly as an unprobed one.
+    """
+    norms = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        norms[name] = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=term.device)
+    return norms
+
+
+def probe_steps(steps: int, probes: int) -> set[int]:
+    """The ``probes`` steps of an epoch of ``steps`` (1-based, evenly spaced from the first) that are probed."""
+    return {1 + i * steps // probes for i in range(min(probes, steps))}
+
+
 def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, loader: DataLoader, rt: Runtime,
                     settings: FitSettings, desc: str, teacher: nn.Module | None = None,
-                    batch_hook: Callable | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean loss parts, accuracy and throughput.
+                    batch_hook: Callable | None = None, steps: int | None = None) -> dict[str, float]:
+    """``steps`` optimizer steps (default: one pass over ``loader``); returns the epoch's mean loss parts,
+    each weighted loss term (``loss_<term>``), the gradient norm each term sends into the trunk on the
+    probed steps (``grad_norm_<term>``; single process only), accuracy and throughput.
 
     Every ``settings.log_every`` steps (0: never) rank 0 logs a line with the running mean loss.
     """
     optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
     grad_clip, log_every = settings.grad_clip, settings.log_every
+    steps = min(steps or len(loader), len(loader))
+    # Probing under DDP would run extra backward passes outside its gradient reducer: skipped there.
+    probed = probe_steps(steps, settings.grad_probes) if not rt.dist.enabled else set()
+    trunk = trunk_parameters(model) if probed else []
     model.train()
     # Sums stay on the device: reading a number back each step, or copying one there (a synchronous
     # host-to-device copy), would stall a GPU's queue. The sample count is known on the host.
     loss_sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # total, ce, logit_kd, feature (x samples)
+    term_sums: dict[str, torch.Tensor] = {}  # weighted term -> sum over samples
+    grad_sums: dict[str, torch.Tensor] = {}  # weighted term -> sum of its gradient norms over the probed steps
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     count = 0
-    refresh = max(1, len(loader) // 20)  # progress-bar updates (and NaN checks) per epoch
+    refresh = max(1, steps // 20)  # progress-bar updates (and NaN checks) per epoch
     start = time.perf_counter()
     # disable=None: no per-batch bar when stderr is not a terminal (DVC logs, CI), only the log lines.
-    bar = tqdm(loader, desc=desc, leave=False, disable=None if rt.progress else True, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, total=steps, leave=False, disable=None if rt.progress else True,
+               dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar, 1):
         images, labels = rt.to_device(images, labels)
         if batch_hook is not None:  # whole-batch augmentation (augment.batched)
             images = batch_hook(images)
         with rt.autocast():
             parts, outputs = forward_loss(model, criterion, images, labels, teacher)
+        if step in probed:
+            for name, norm in term_grad_norms(parts.terms, trunk).items():
+                grad_sums[name] = grad_sums.get(name, 0) + norm.double()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts.total).backward()
         if grad_clip:
@@ -170,10 +223,12 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, lo
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
         n = labels.shape[0]
         loss_sums += torch.stack([parts.total, parts.ce, parts.logit_kd, parts.feature]).detach().double() * n
+        for name, term in parts.terms.items():
+            term_sums[name] = term_sums.get(name, 0) + term.detach().double() * n
         correct += (logits.argmax(1) == labels).sum()
         count += n
         log_step = log_every and step % log_every == 0 and rt.dist.is_main
-        if log_step or step % refresh == 0 or step == len(loader):
+        if log_step or step % refresh == 0 or step == steps:
             # The running sum, not this step's loss: it stays non-finite once any step was (an fp16
             # grad scaler skips such a step without a trace in the weights).
             loss = loss_sums[0].item() / count
@@ -183,31 +238,49 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, lo
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if log_step:
-                log.info("%s step %d/%d  loss %.4f  lr %.2e", desc, step, len(loader), loss, lr)
+                log.info("%s step %d/%d  loss %.4f  lr %.2e", desc, step, steps, loss, lr)
+        if step == steps:
+            break
+    bar.close()
     seconds = time.perf_counter() - start
-    sums = torch.cat([loss_sums, correct.double().reshape(1), loss_sums.new_tensor([count])])
-    sums = all_reduce_sum(sums, rt.dist).cpu()  # total, ce, logit_kd, feature, correct, count
+    names = list(term_sums)
+    sums = torch.cat([loss_sums, correct.double().reshape(1), loss_sums.new_tensor([count]),
+                      *(term_sums[k].reshape(1) for k in names)])
+    sums = all_reduce_sum(sums, rt.dist).cpu()  # total, ce, logit_kd, feature, correct, count, terms...
     count = max(sums[5].item(), 1.0)
-    return {"train_loss": sums[0].item() / count, "train_ce": sums[1].item() / count,
-            "train_logit_kd": sums[2].item() / count, "train_feature_kd": sums[3].item() / count,
-            "train_accuracy": sums[4].item() / count, "epoch_time_s": seconds, "images_per_s": sums[5].item() / seconds}
+    row = {"train_loss": sums[0].item() / count, "train_ce": sums[1].item() / count,
+           "train_logit_kd": sums[2].item() / count, "train_feature_kd": sums[3].item() / count,
+           "train_accuracy": sums[4].item() / count, "epoch_time_s": seconds, "images_per_s": sums[5].item() / seconds}
+    row |= {f"loss_{k}": sums[6 + i].item() / count for i, k in enumerate(names)}
+    row |= {f"grad_norm_{k}": v.item() / len(probed) for k, v in grad_sums.items()}
+    return row
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, loader: DataLoader, rt: Runtime) -> dict[str, float]:
-    """Cross-entropy and accuracy of the inference-mode logits (HDKD: the average of its heads)."""
+def validate(model: nn.Module, loader: DataLoader, rt: Runtime, class_names: tuple[str, ...] = ()) -> dict[str, float]:
+    """Cross-entropy and accuracy of the inference-mode logits (HDKD: the average of its heads), and the
+    share of the predictions that falls on each class (``val_pred_<class>``): a collapse onto one class
+    shows there first."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)  # on the device: read once, at the end
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    predicted = None
     count = 0
     for images, labels in loader:
         images, labels = rt.to_device(images, labels)
         with rt.autocast():
             logits = model(images)
         loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+        pred = logits.argmax(1)
+        correct += (pred == labels).sum()
+        counts = torch.bincount(pred, minlength=logits.shape[1])
+        predicted = counts if predicted is None else predicted + counts
         count += labels.shape[0]
-    return {"val_loss": loss_sum.item() / max(count, 1), "val_accuracy": correct.item() / max(count, 1)}
+    row = {"val_loss": loss_sum.item() / max(count, 1), "val_accuracy": correct.item() / max(count, 1)}
+    if predicted is not None:
+        names = class_names or tuple(str(i) for i in range(len(predicted)))
+        row |= {f"val_pred_{name}": n / count for name, n in zip(names, predicted.tolist())}
+    return row
 
 
 @dataclass
@@ -228,7 +301,8 @@ def is_better(row: dict[str, float], best: dict[str, float] | None) -> bool:
 def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Dataset, rt: Runtime,
         settings: FitSettings, teacher: nn.Module | None = None, batch_hook: Callable | None = None,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
-    """Train ``model`` for ``settings.optim.epochs``, selecting on validation; resumable from
+    """Train ``model`` for ``settings.total_steps`` optimizer steps (default: ``settings.optim.epochs``
+    passes over ``train_set``), selecting on validation after each pass; resumable from
     ``settings.resume_dir``. ``on_epoch`` receives each epoch's row on rank 0."""
     cfg, seed, batch_size, desc = settings.optim, settings.seed, settings.batch_size, settings.desc
     resume_dir = settings.resume_dir
@@ -247,7 +321,10 @@ def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Data
 
     net = unwrap(model)
     optimizer = build_optimizer(net, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(loader))
+    steps_per_epoch = len(loader)
+    total_steps = settings.total_steps or cfg.epochs * steps_per_epoch
+    epochs_total = math.ceil(total_steps / steps_per_epoch)  # passes over the training set (the last may be cut)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
@@ -266,14 +343,14 @@ def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Data
             history, best, start_epoch = state["history"], state["best"], state["epoch"]
             best_state = state["best_state"]
             if rt.dist.is_main:
-                log.info("resuming from epoch %d of %d (%s)", start_epoch, cfg.epochs, last_path)
+                log.info("resuming from epoch %d of %d (%s)", start_epoch, epochs_total, last_path)
         # Only rank 0 writes resume states: on nodes that do not share the directory, the other
         # ranks would start afresh beside it and the run would hang or diverge.
         if not same_on_all_ranks(start_epoch, rt.dist, rt.device):
             raise RuntimeError(f"the ranks found different resume states in {resume_dir}: it must be on a file "
                                "system that every node shares (or remove it on every node to start afresh)")
 
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
+    epochs = tqdm(range(start_epoch, epochs_total), desc=desc, initial=start_epoch, total=epochs_total,
                   disable=None if rt.progress else True, dynamic_ncols=True)
     for epoch in epochs:
         # Every random draw of an epoch depends only on (seed, rank, epoch): dropout here, the data
@@ -286,9 +363,10 @@ def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Data
                 part.set_epoch(epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row |= train_one_epoch(model, criterion, Optimisation(optimizer, scheduler, scaler), loader, rt, settings,
-                               f"{desc} {epoch + 1}/{cfg.epochs}", teacher, batch_hook)
+                               f"{desc} {epoch + 1}/{epochs_total}", teacher, batch_hook,
+                               steps=min(steps_per_epoch, total_steps - epoch * steps_per_epoch))
         broadcast_buffers(net, rt.dist)
-        row |= validate(net, val_loader, rt)
+        row |= validate(net, val_loader, rt, settings.class_names)
         history.append(row)
         improved = is_better(row, best)
         if improved:
@@ -296,7 +374,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Data
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if rt.dist.is_main:
             log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val loss %.4f  val acc %.3f  lr %.2e  %.0f img/s%s",
-                     desc, row["epoch"], cfg.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+                     desc, row["epoch"], epochs_total, row["train_loss"], row["train_accuracy"], row["val_loss"],
                      row["val_accuracy"], row["lr"], row["images_per_s"], "  *best" if improved else "")
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", best=f"{best['val_accuracy']:.3f}")
         if rt.dist.is_main and resume_dir is not None:

@@ -182,8 +182,8 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
         results[name] = {"history": meta.get("history", []), "runs": []}
         others = {run: p for run, p in (runs or {}).get(name, {}).items() if run != primary}
         for run, run_path in {primary: path, **others}.items():  # one inference pass per run
-            run_model = model if run == primary else load_trained(run_path, class_names, params.data.image_size,
-                                                                  device)[0]
+            run_model, run_meta = (model, meta) if run == primary else load_trained(
+                run_path, class_names, params.data.image_size, device)
             y_true, probs = predict_proba(run_model, loader, device)
             # the seeds are the replicates of a run: no bootstrap but the primary run's, which has CIs
             evaluation = evaluation_of(y_true, probs, class_names, params.evaluate, params.seed,
@@ -192,7 +192,8 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
                 results[name]["evaluation"] = evaluation
             results[name]["runs"].append({"seed": run[0], "fraction": run[1],
                                           "evaluation": {k: evaluation[k] for k in RUN_METRICS},
-                                          "predictions": probs.argmax(axis=1).tolist()})
+                                          "predictions": probs.argmax(axis=1).tolist(),
+                                          "history": run_meta.get("history", [])})  # the loss terms' figure
             test_labels = y_true.tolist()
         results[name]["efficiency"] = measure_efficiency(model, params.data.image_size, params.evaluate, device)
     state = git_state()

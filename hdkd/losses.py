@@ -24,6 +24,9 @@ class LossParts(NamedTuple):
     ce: torch.Tensor  # cross-entropy of the class head with the labels
     logit_kd: torch.Tensor  # the distillation-head term (0 for type "none")
     feature: torch.Tensor  # L_F, before the λ weight (0 without feature distillation)
+    # The weighted terms whose sum is ``total``: ``ce``, ``kd`` (distillation only) and
+    # ``feature_stage<k>`` (λ·(i+1)^β·MSE of stage k) — what the training diagnostics log and probe.
+    terms: dict[str, torch.Tensor]
 
 
 class LogitDistillationLoss(nn.Module):
@@ -78,14 +81,22 @@ class FeatureDistillationLoss(nn.Module):
         self.stages = list(stages)
         self.weights = [(i + 1) ** beta for i in range(len(self.stages))]
 
-    def forward(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        loss = student_feats[0].new_zeros(())
+    def stage_losses(self, student_feats: Sequence[torch.Tensor],
+                     teacher_feats: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Stage -> its weighted term ``(i+1)^β · MSE``; :meth:`forward` is their sum."""
+        losses = {}
         for w, s in zip(self.weights, self.stages):
             fs, ft = student_feats[s - 1], teacher_feats[s - 1]
             if fs.shape != ft.shape:
                 raise ValueError(f"feature distillation needs equal shapes: student stage {s} is "
                                  f"{tuple(fs.shape)}, teacher stage {s} is {tuple(ft.shape)}")
-            loss = loss + w * F.mse_loss(fs, ft.detach())
+            losses[s] = w * F.mse_loss(fs, ft.detach())
+        return losses
+
+    def forward(self, student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        loss = student_feats[0].new_zeros(())
+        for term in self.stage_losses(student_feats, teacher_feats).values():
+            loss = loss + term
         return loss
 
 
@@ -105,8 +116,13 @@ class HDKDLoss(nn.Module):
                 student_feats: Sequence[torch.Tensor] | None = None,
                 teacher_feats: Sequence[torch.Tensor] | None = None) -> LossParts:
         logit, ce, kd = self.logit(outputs, labels, teacher_logits)
-        if self.needs_features:
-            feature = self.feature(student_feats, teacher_feats)
+        if self.logit.kind == "none":
+            terms = {"ce": logit}
         else:
-            feature = logit.new_zeros(())
-        return LossParts(logit + self.lambda_ * feature, logit, ce, kd, feature)
+            terms = {"ce": (1 - self.logit.alpha) * ce, "kd": self.logit.alpha * kd}
+        feature = logit.new_zeros(())
+        if self.needs_features:
+            for stage, term in self.feature.stage_losses(student_feats, teacher_feats).items():
+                feature = feature + term
+                terms[f"feature_stage{stage}"] = self.lambda_ * term
+        return LossParts(logit + self.lambda_ * feature, logit, ce, kd, feature, terms)

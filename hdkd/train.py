@@ -16,7 +16,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,7 +41,7 @@ from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import PackedSplit, load_split
 from hdkd.data.splits import nested_subsets
 from hdkd.distributed import DistInfo, device_type, init_distributed, resolve_device, shutdown
-from hdkd.engine import FitSettings, Runtime, fit, seed_everything
+from hdkd.engine import FitSettings, Runtime, fit, seed_everything, steps_per_epoch
 from hdkd.io import dvc_md5, output_set, read_json, write_json
 from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model, model_name
@@ -96,10 +98,9 @@ class StagePaths:
     teacher: Path | None = None  # a model that distils: the teacher's model.pt (a run), its directory (a stage)
 
 
-# Per-epoch columns kept with the model (and plotted by the evaluate stage); timings stay in
-# MLflow only, since they vary from run to run.
-HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_ce", "train_logit_kd", "train_feature_kd",
-                   "train_accuracy", "val_loss", "val_accuracy")
+# Per-epoch columns left out of the history kept with the model (and plotted by the evaluate stage):
+# timings vary from run to run, so they stay in MLflow only.
+TIMING_COLUMNS = ("epoch_time_s", "images_per_s")
 
 
 def load_teacher(path: Path | None, classes: list[str], student: nn.Module, stages, device) -> FrozenTeacher:
@@ -131,6 +132,20 @@ def input_fingerprint(name: str, params: Params, paths: StagePaths, run: RunKey 
     blob = json.dumps({"role": name, "params": own, "run": list(run or (params.seed, 1.0)),
                        "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # characters an MLflow metric name may not hold
+
+
+def step_budget(params: Params, cfg: OptimConfig, paths: StagePaths, fraction: float, world: int = 1) -> int | None:
+    """The run's optimizer steps under ``train.budget: steps``: those of ``cfg.epochs`` passes over the whole
+    training split (``paths.train``), whatever share of it the run trains on, so that the data-efficiency
+    curve varies the data alone, not the training too. ``None`` (``cfg.epochs`` passes over the run's own
+    share) under ``epochs``, and for the whole split, where both budgets are the same."""
+    if params.train.budget == "epochs" or fraction >= 1:
+        return None
+    full = load_split(paths.train, "train")  # memory-mapped: its length costs no image read
+    return cfg.epochs * steps_per_epoch(len(full), params.train.batch_size, world)
 
 
 def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[Dataset, Dataset, list[str]],
@@ -175,7 +190,10 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
              "hdkd.seed": str(seed), "hdkd.fraction": f"{fraction:g}"}
     settings = FitSettings(cfg, seed, params.train.batch_size, params.train.eval_batch_size,
                            params.train.num_workers, params.train.grad_clip, params.train.log_every,
-                           paths.resume_dir, fingerprint, desc=f"{name} {run_name((seed, fraction))}")
+                           total_steps=step_budget(params, cfg, paths, fraction, rt.dist.world_size),
+                           class_names=tuple(METRIC_UNSAFE.sub("_", c) for c in classes),
+                           resume_dir=paths.resume_dir, fingerprint=fingerprint,
+                           desc=f"{name} {run_name((seed, fraction))}")
     datasets = {str(paths.train): "training", str(paths.val): "validation"}
     with Tracker(tracking, params, entry.stage, extra_tags=extra, resume_run_id=resume_run,
                  datasets=datasets, run_name=f"{entry.stage} {run_name((seed, fraction))}") as tracker:
@@ -188,7 +206,10 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
         if rt.dist.is_main:
             # Outputs first (all three or none), MLflow after: tracking can never cost a finished checkpoint.
             model_path = paths.out_dir / "model.pt"
-            history = [{k: row[k] for k in HISTORY_COLUMNS} for row in result.history]
+            # Interned keys: pickle writes a string once and refers back to it after, by identity, so rows
+            # whose keys were built per epoch (f-strings) or read back from a resume state would else give
+            # other bytes for the same history.
+            history = [{sys.intern(k): v for k, v in row.items() if k not in TIMING_COLUMNS} for row in result.history]
             with output_set() as outputs:
                 save_model(outputs.file(model_path), model, network, classes, params.data.image_size, overrides,
                            summary, history)

@@ -1,6 +1,7 @@
 """DVC stage `report`: the paper tables and figures from results bundles, without retraining.
 
     python -m pipeline.report                        # reports/bundle.json + reports/ablations/*.json -> reports/
+                                                     # (and reports/study/bundle.json -> reports/study/, if there)
     python -m pipeline.report --collect-ablations    # MLflow runs -> reports/ablations/ (then `dvc repro report`)
     python -m pipeline.report --rev 1a2b3c4          # a commit's or DVC experiment's report -> runs/1a2b3c4/
     python -m pipeline.report --ablation exp-lambda-1 --ablation runs/b.json   # plus ablation runs
@@ -21,6 +22,7 @@ from hdkd.report.ablations import ABLATIONS, NoTrackedRuns, UnknownAblation, que
 from hdkd.report.build import build_report
 from hdkd.report.revisions import RevisionNotFound, export_for_revision
 from hdkd.report.stage import (
+    build_study_report,
     collect,
     other_runs,
     revision_inputs,
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> None:
         export, explain = stage_extras(args.export or args.bundle.parent / "export.json",
                                        args.explain or args.bundle.parent / "explain", out)
     written = build_report(bundle, out, cfg, ablations + other_runs(args.ablation, uri, args.repo), export, explain)
+    study = args.bundle.parent / "study"
+    if not args.rev and (study / "bundle.json").is_file():  # the study's report, from its committed bundle
+        written += build_study_report(study)
     print("\n".join(str(p) for p in written))
 
 

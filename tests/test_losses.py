@@ -83,6 +83,32 @@ def test_total_is_logit_plus_lambda_feature():
     assert parts.feature.item() > 0 and parts.logit_kd.item() > 0
 
 
+@pytest.mark.parametrize("stages", [(1, 2, 3), (2, 3)])
+def test_weighted_terms_sum_to_the_total_and_name_each_stage(stages):
+    torch.manual_seed(2)
+    teacher = FrozenTeacher(create_model("teacher_tiny", 3, image_size=32))
+    student = create_model("hdkd_tiny", 3, image_size=32).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    loss = HDKDLoss(LogitDistillationLoss("soft", alpha=0.3), FeatureDistillationLoss(stages), 7.0)
+    parts, _ = forward_loss(student, loss, x, y, teacher)
+    assert list(parts.terms) == ["ce", "kd", *(f"feature_stage{s}" for s in stages)]
+    torch.testing.assert_close(sum(parts.terms.values()), parts.total)
+    torch.testing.assert_close(parts.terms["ce"], 0.7 * parts.ce)
+    torch.testing.assert_close(parts.terms["kd"], 0.3 * parts.logit_kd)
+    _, teacher_feats = teacher(x)
+    _, student_feats = student(x, return_features=True)
+    for i, s in enumerate(stages):  # λ · (i+1)^β · MSE, β = 1, i the stage's position in the list
+        expected = 7.0 * (i + 1) * F.mse_loss(student_feats[s - 1], teacher_feats[s - 1])
+        torch.testing.assert_close(parts.terms[f"feature_stage{s}"], expected)
+
+
+def test_a_model_trained_alone_has_one_term():
+    student = create_model("student_tiny", 3, image_size=32).train()
+    parts, _ = forward_loss(student, HDKDLoss(LogitDistillationLoss("none"), None, 0.0), torch.randn(4, 3, 32, 32),
+                            torch.tensor([0, 1, 2, 0]))
+    assert list(parts.terms) == ["ce"] and parts.terms["ce"] is parts.total
+
+
 def test_one_pass_per_network_and_gradients_reach_only_the_student():
     teacher_net = create_model("teacher_tiny", 3, image_size=32)
     teacher = FrozenTeacher(teacher_net)

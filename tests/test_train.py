@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from hdkd.checkpoint import save_model
-from hdkd.engine import FitSettings, build_optimizer, fit, is_better, lr_at, validate
+from hdkd.engine import (
+    FitSettings,
+    build_optimizer,
+    fit,
+    is_better,
+    lr_at,
+    steps_per_epoch,
+    term_grad_norms,
+    validate,
+)
 from hdkd.io import read_json
 from hdkd.models import create_model
 from hdkd.tracking import Tracker
@@ -152,6 +161,104 @@ def test_hdkd_fit_logs_every_loss_part(tmp_path):
     assert row["train_ce"] > 0 and row["train_logit_kd"] > 0 and row["train_feature_kd"] > 0
     assert math.isclose(row["train_loss"], 0.5 * row["train_ce"] + 0.5 * row["train_logit_kd"]
                         + 10 * row["train_feature_kd"], rel_tol=1e-6)
+    # Each weighted term, and the gradient norm it sends into the shared trunk.
+    terms = ["ce", "kd", "feature_stage1", "feature_stage2", "feature_stage3"]
+    assert math.isclose(sum(row[f"loss_{t}"] for t in terms), row["train_loss"], rel_tol=1e-6)
+    assert math.isclose(row["loss_ce"], 0.5 * row["train_ce"], rel_tol=1e-6)
+    assert all(row[f"grad_norm_{t}"] > 0 for t in terms)
+    # The share of validation predictions per class (no names given: the class index).
+    shares = [row[f"val_pred_{k}"] for k in range(3)]
+    assert math.isclose(sum(shares), 1.0) and all(0 <= v <= 1 for v in shares)
+
+
+def test_term_grad_norms_are_the_norms_of_each_terms_gradient_alone():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    other = torch.nn.Parameter(torch.tensor([0.5]))
+    terms = {"linear": (w * torch.tensor([3.0, 4.0, 0.0])).sum(), "square": (w ** 2).sum() + other.sum(),
+             "unrelated": other.sum() * 2}
+    norms = term_grad_norms(terms, [w])
+    assert norms["linear"].item() == pytest.approx(5.0)  # |(3, 4, 0)|
+    assert norms["square"].item() == pytest.approx(2 * math.sqrt(1 + 4 + 9))  # |2w|
+    assert norms["unrelated"].item() == 0.0  # no path into w
+    assert w.grad is None and other.grad is None  # nothing accumulated: the step's backward is untouched
+
+
+def test_gradient_probes_leave_the_training_unchanged():
+    train, val = toy_split(48), toy_split(16, seed=1)
+    cfg = teacher_cfg(epochs=2)
+    weights, rows = [], []
+    for probes in (0, 2):
+        torch.manual_seed(0)
+        model = create_model("teacher_tiny", 3, image_size=32)
+        result = fit(model, build_criterion("teacher", cfg), train, val, CPU,
+                     FitSettings(cfg, seed=0, batch_size=16, grad_probes=probes))
+        weights.append(model.state_dict())
+        rows.append(result.history[-1])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert "grad_norm_ce" not in rows[0] and rows[1]["grad_norm_ce"] > 0
+    assert rows[0]["train_loss"] == rows[1]["train_loss"]
+
+
+@pytest.mark.parametrize("n,batch,world", [(48, 16, 1), (50, 16, 1), (10, 16, 1), (51, 16, 2), (7, 4, 2), (33, 8, 4)])
+def test_steps_per_epoch_is_the_length_of_fits_loader(n, batch, world):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    data = list(range(n))
+    sampler = DistributedSampler(data, num_replicas=world, rank=0, shuffle=False)
+    loader = DataLoader(data, batch_size=batch // world, sampler=sampler, drop_last=n // world >= batch // world)
+    assert steps_per_epoch(n, batch, world) == len(loader)
+
+
+def test_a_step_budget_trains_every_set_size_for_the_same_optimizer_steps():
+    cfg = section("student", epochs=3, optimizer="adamw", lr=2e-3, schedule="cosine", warmup_epochs=1,
+                  warmup_lr=1e-4, min_lr=1e-5)
+    val = toy_split(16, seed=1)
+    seen = {}
+    for n in (64, 16):  # 4 and 1 steps per pass at batch 16
+        steps, lrs = [], []
+
+        def hook(images, steps=steps):
+            steps.append(len(images))
+            return images
+
+        torch.manual_seed(0)
+        model = create_model("student_tiny", 3, image_size=32)
+        result = fit(model, build_criterion("student", cfg), toy_split(n), val, CPU,
+                     FitSettings(cfg, seed=0, batch_size=16, total_steps=12), batch_hook=hook,
+                     on_epoch=lambda row, lrs=lrs: lrs.append(row["lr"]))
+        seen[n] = (len(steps), len(result.history), lrs)
+    assert seen[64][:2] == (12, 3) and seen[16][:2] == (12, 12)  # the same steps; more, shorter passes
+    # The schedule runs over the steps, not the passes: the same learning rate at the same step.
+    assert seen[16][2][::4] == pytest.approx(seen[64][2])
+    # Without a budget: the recipe's epochs over the set itself.
+    torch.manual_seed(0)
+    result = fit(create_model("student_tiny", 3, image_size=32), build_criterion("student", cfg), toy_split(16), val,
+                 CPU, FitSettings(cfg, seed=0, batch_size=16))
+    assert len(result.history) == 3
+
+
+def test_a_step_budget_stops_mid_pass_and_resumes_to_the_same_weights(tmp_path):
+    cfg = teacher_cfg(epochs=1)
+    train, val = toy_split(48), toy_split(16, seed=1)
+
+    def run(resume_dir, stop_after=None):
+        torch.manual_seed(0)
+        model = create_model("teacher_tiny", 3, image_size=32)
+
+        def stop(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        settings = FitSettings(cfg, seed=0, batch_size=16, total_steps=7, resume_dir=resume_dir, fingerprint="f")
+        return fit(model, build_criterion("teacher", cfg), train, val, CPU, settings, on_epoch=stop), model
+
+    whole, model = run(None)
+    assert len(whole.history) == 3  # 3 + 3 + 1 steps
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, stop_after=2)
+    resumed, model2 = run(tmp_path)
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
 
 def test_teacher_checks_fail_early_and_clearly(tmp_path):

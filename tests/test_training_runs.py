@@ -11,14 +11,17 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hdkd.checkpoint import load_model
 from hdkd.data.packed import load_split
 from hdkd.data.prepare import prepare_dataset
 from hdkd.data.sources import fetch_dataset
 from hdkd.data.splits import nested_subsets
+from hdkd.distributed import DistInfo
+from hdkd.engine import steps_per_epoch
 from hdkd.roster import primary_run, run_file, run_files, run_name, training_runs
-from hdkd.train import StagePaths, train_stage, training_subset
+from hdkd.train import StagePaths, make_runtime, step_budget, train_stage, training_data, training_subset
 from tests.params_fixtures import make_params
 
 RUNS = {"seeds": [3, 1], "fractions": [0.5, 1.0]}
@@ -72,6 +75,25 @@ def test_a_fraction_trains_on_the_nested_stratified_subset_of_its_seed(workspace
         training_subset(root / "prepared", params, 1, 0.5).ids)  # another seed, another subset
 
 
+def test_every_fraction_takes_the_full_runs_optimizer_steps_on_the_same_nested_subset(workspace):
+    root, params = workspace
+    paths = stage_paths(root, "teacher", "budget")
+    full = len(load_split(root / "prepared", "train"))
+    expected = params.teacher.epochs * steps_per_epoch(full, params.train.batch_size)
+    assert expected > params.teacher.epochs  # more than one step per pass: the check below can fail
+    for fraction in (0.25, 0.5):
+        assert step_budget(params, params.teacher, paths, fraction) == expected
+    assert step_budget(params, params.teacher, paths, 1.0) is None  # the whole split: both budgets agree
+    epochs = params.model_copy(update={"train": params.train.model_copy(update={"budget": "epochs"})})
+    assert step_budget(epochs, params.teacher, paths, 0.5) is None  # the recipe's epochs over the share
+    # The budget changes the steps, never the data: each run's subset is the same under both, and nested.
+    rt = make_runtime(params, torch.device("cpu"), DistInfo())
+    for seed in RUNS["seeds"]:
+        sets = [training_data(p, paths, rt, (seed, 0.5))[0][0] for p in (params, epochs)]
+        assert [x.split.ids.tolist() for x in sets] == [sets[0].split.ids.tolist()] * 2
+        assert set(sets[0].split.ids) < set(load_split(root / "prepared", "train").ids)
+
+
 def test_a_stage_trains_every_run_side_by_side_as_one_after_another(workspace):
     root, params = workspace
     results = {}
@@ -99,6 +121,9 @@ def test_a_stage_trains_every_run_side_by_side_as_one_after_another(workspace):
                         for r in (results[1], results[2]))
             assert all(np.array_equal(a.numpy(), b.numpy())
                        for a, b in zip(one.state_dict().values(), two.state_dict().values())), (name, run)
+    # Every fraction trains the full-data run's optimizer steps (train.budget: steps): more, shorter passes.
+    histories = {run: load_model(run_file(teacher.out_dir, run, params))[1]["history"] for run in training_runs(params)}
+    assert len(histories[(1, 1.0)]) == params.teacher.epochs < len(histories[(1, 0.5)])
     # Runs differ: another seed, another fraction, other weights.
     weights = {run: next(iter(load_model(run_file(teacher.out_dir, run, params))[0].state_dict().values()))
                for run in training_runs(params)}

@@ -50,6 +50,7 @@ from hdkd.evidence import (
 from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
+from hdkd.report.diagnostics import ONE_CLASS_SHARE, diagnosis_sentence, diagnostics_rows, loss_terms_figure
 from hdkd.report.model_card import model_card
 from hdkd.roster import primary_run, roster
 from hdkd.stats import Comparison
@@ -191,8 +192,34 @@ def data_efficiency_table(bundle: Mapping[str, Any]) -> Table:
     note = ("Test accuracy and macro-F1 (fractions of 1) by share of the training split, mean and sample standard "
             "deviation over the seeds (n/a: one seed). The subsets are stratified by class, keep lesion groups "
             "whole, and are nested (each inside the next larger); every model of a seed trains on the same one. "
-            "Validation and test sets never shrink.")
+            "Validation and test sets never shrink. " + BUDGET_NOTES[bundle["params"]["train"].get("budget", "epochs")])
     return Table("data_efficiency", "Data efficiency", columns, rows, note)
+
+
+BUDGET_NOTES = {  # which training budget made the curve (bundles older than train.budget: epochs)
+    "steps": "Every fraction trained for the optimizer steps of the full-data run (train.budget: steps): a smaller "
+             "share takes more passes over its data, so the curve varies the data, not the training.",
+    "epochs": "Every fraction trained for the recipe's epochs over its own share (train.budget: epochs): a smaller "
+              "share also took fewer optimizer steps, so the curve mixes less data with less training.",
+}
+
+
+def diagnostics_table(bundle: Mapping[str, Any]) -> Table | None:
+    """Per model and fraction, from the runs' histories: passes, passes spent on one class, trunk-gradient ratio."""
+    rows = diagnostics_rows(bundle)
+    if not rows:
+        return None
+    run = roster(bundle["params"])
+    columns = ("Model", "Fraction (%)", "Seeds", "Passes", "Passes on one class",
+               "Trunk gradient feature / CE, first pass", "last pass")
+    cells = tuple((model_label(r["model"], run), f"{100 * r['fraction']:g}", str(r["seeds"]), fixed(r["passes"], 1),
+                   fixed(r["passes_one_class"], 1), fixed(r["ratio_first"], 1), fixed(r["ratio_last"], 1))
+                  for r in rows)
+    note = (f"Means over the seeds. A pass is on one class when at least {100 * ONE_CLASS_SHARE:g} % of its "
+            "validation predictions are one class. The ratio is the summed gradient norms that the weighted "
+            "feature-distillation terms send into the shared convolutional stages over the cross-entropy term's, "
+            "measured on probe batches of each pass (figures/hdkd_loss_terms.png).")
+    return Table("training_diagnostics", "Training diagnostics", columns, cells, note)
 
 
 def significance_table(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]]) -> Table | None:
@@ -414,7 +441,8 @@ def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | N
                   export: Mapping[str, Any] | None = None, comparisons: Sequence[Sequence[str]] = ()) -> list[Table]:
     ablation_groups = ablation_groups or {}
     tables = [main_table(bundle), data_efficiency_table(bundle), significance_table(bundle, comparisons),
-              metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle, export)]
+              metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle, export),
+              diagnostics_table(bundle)]
     tables += [ablation_table(a, bundle, ablation_groups[a.name]) for a in ABLATIONS if a.name in ablation_groups]
     return [t for t in tables if t is not None]
 
@@ -431,6 +459,7 @@ def report_figures(
         {m: bundle["models"][m]["history"] for m in model_names(bundle)}, roster(bundle["params"]))
     figures["per_class_f1.png"] = lambda: per_class_f1_figure(bundle)
     figures["data_efficiency.png"] = lambda: data_efficiency_figure(bundle)
+    figures["hdkd_loss_terms.png"] = lambda: loss_terms_figure(bundle)
     return figures
 
 
@@ -540,6 +569,9 @@ def readme(
            "for multiple comparisons; per-seed exact McNemar tests and every training fraction in the "
            "[paired comparisons](tables/significance.md)):", "", *(f"- {line}" for line in sentences), ""]
           if sentences else []),
+        *(["## How the models trained", "", diagnosis, "See the [training diagnostics](tables/training_diagnostics.md) "
+           "and [the loss terms per pass](figures/hdkd_loss_terms.png).", ""]
+          if (diagnosis := diagnosis_sentence(bundle)) else []),
         "## Tables",
         "",
         *(f"- [{t.title}](tables/{t.name}.md) ([csv](tables/{t.name}.csv))" for t in tables),

@@ -16,7 +16,7 @@ from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig
 from hdkd.io import read_json
 from hdkd.report.ablations import collect_ablations, summary
-from hdkd.report.build import Explanations
+from hdkd.report.build import Explanations, build_report
 from hdkd.report.revisions import ablations_for_revision, bundle_for_revision, params_for_revision
 from hdkd.tracking import experiment_name
 
@@ -74,3 +74,10 @@ def other_runs(paths_or_revs: Iterable[str], uri: str, repo: str | os.PathLike) 
     """A bundle per entry: the file it names, else the revision's bundle."""
     return [load_bundle(a) if Path(a).is_file() else bundle_for_revision(a, uri, repo) for a in paths_or_revs]
 
+
+
+def build_study_report(study_dir: str | os.PathLike) -> list[Path]:
+    """The tables, figures and README of a study (``pipeline/study.py``) from the bundle it left in
+    ``study_dir``, with the study's own report settings (its comparisons name its models)."""
+    bundle = load_bundle(Path(study_dir) / "bundle.json")
+    return build_report(bundle, study_dir, ReportConfig.model_validate(bundle["params"]["report"]))

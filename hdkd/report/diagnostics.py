@@ -1,0 +1,134 @@
+"""Training diagnostics from the runs' per-epoch histories: what each loss term weighs, what gradient it
+sends into the shared trunk, and how long a model predicts one class on validation.
+
+The histories are those the training stages keep with each run (:func:`hdkd.engine.fit`'s rows:
+``loss_<term>``, ``grad_norm_<term>``, ``val_pred_<class>``), carried by the results bundle per run.
+Older bundles have none: every function here then returns nothing. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from hdkd.bundle import model_names
+from hdkd.plots import model_color, model_label
+from hdkd.roster import roster
+
+ONE_CLASS_SHARE = 0.95  # a pass "predicts one class" when at least this share of validation predictions is one class
+FEATURE_PREFIX = "feature_stage"
+
+
+def _histories(bundle: Mapping[str, Any], model: str) -> dict[float, list[list[Mapping[str, Any]]]]:
+    """Fraction -> the histories of the model's runs at that fraction (one per seed), where the bundle has them."""
+    out: dict[float, list[list[Mapping[str, Any]]]] = {}
+    for run in bundle["models"].get(model, {}).get("runs", []):
+        if run.get("history"):
+            out.setdefault(run["fraction"], []).append(run["history"])
+    return dict(sorted(out.items()))
+
+
+def _one_class_share(row: Mapping[str, Any]) -> float | None:
+    shares = [v for k, v in row.items() if k.startswith("val_pred_")]
+    return max(shares) if shares else None
+
+
+def passes_on_one_class(history: Sequence[Mapping[str, Any]]) -> int:
+    """Passes (epochs) whose validation predictions fall on one class (≥ :data:`ONE_CLASS_SHARE`)."""
+    return sum(1 for row in history if (_one_class_share(row) or 0.0) >= ONE_CLASS_SHARE)
+
+
+def feature_to_ce_ratio(row: Mapping[str, Any]) -> float | None:
+    """The gradient norm the feature terms send into the trunk over the cross-entropy's (summed over stages:
+    an upper bound of their joint norm's share), in one epoch's row; ``None`` without both."""
+    feature = [v for k, v in row.items() if k.startswith(f"grad_norm_{FEATURE_PREFIX}")]
+    ce = row.get("grad_norm_ce")
+    return sum(feature) / ce if feature and ce else None
+
+
+def diagnostics_rows(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per model and fraction with histories: passes, passes on one class (mean over seeds), and for a
+    distilled model the trunk-gradient ratio feature / CE in the first and the last pass (mean over seeds)."""
+    rows = []
+    for model in model_names(bundle):
+        for fraction, histories in _histories(bundle, model).items():
+            first = [r for h in histories if (r := feature_to_ce_ratio(h[0])) is not None]
+            last = [r for h in histories if (r := feature_to_ce_ratio(h[-1])) is not None]
+            rows.append({"model": model, "fraction": fraction, "seeds": len(histories),
+                         "passes": float(np.mean([len(h) for h in histories])),
+                         "passes_one_class": float(np.mean([passes_on_one_class(h) for h in histories])),
+                         "ratio_first": float(np.mean(first)) if first else None,
+                         "ratio_last": float(np.mean(last)) if last else None})
+    return rows
+
+
+def diagnosis_sentence(bundle: Mapping[str, Any], model: str = "hdkd", reference: str = "student") -> str | None:
+    """One sentence on the distilled model's training at its smallest fraction, against the plain student."""
+    rows = {(r["model"], r["fraction"]): r for r in diagnostics_rows(bundle)}
+    fractions = sorted(f for m, f in rows if m == model)
+    if not fractions or rows[(model, fractions[0])]["ratio_first"] is None:
+        return None
+    f = fractions[0]
+    mine, theirs = rows[(model, f)], rows.get((reference, f))
+    lam = bundle["params"].get("distill", {}).get("lambda")
+    budget = bundle["params"].get("train", {}).get("budget", "epochs")
+    text = (f"In its first pass the feature-distillation terms (λ = {lam:g}) send {mine['ratio_first']:.0f}× the "
+            f"cross-entropy's gradient into HDKD's shared trunk ({mine['ratio_last']:.0f}× in its last); at "
+            f"{100 * f:g} % of the data HDKD predicts one class on validation in {mine['passes_one_class']:.1f} of its "
+            f"{mine['passes']:.0f} passes")
+    if theirs is not None:
+        text += f", the student in {theirs['passes_one_class']:.1f} of {theirs['passes']:.0f}"
+    return text + f" (mean over {mine['seeds']} seeds; {budget} budget)."
+
+
+def loss_terms_figure(bundle: Mapping[str, Any], model: str = "hdkd") -> Figure | None:
+    """Per fraction (columns), mean over the seeds per pass: the weighted loss terms, the gradient norm each
+    sends into the trunk, and the largest share of validation predictions on one class (every model)."""
+    by_fraction = _histories(bundle, model)
+    if not by_fraction or not any("grad_norm_ce" in h[0] for hs in by_fraction.values() for h in hs):
+        return None
+    run, models = roster(bundle["params"]), model_names(bundle)
+    fig = Figure(figsize=(3.6 * len(by_fraction), 8.4), layout="constrained")
+    axes = fig.subplots(3, len(by_fraction), squeeze=False, sharey="row")
+    for col, (fraction, histories) in enumerate(by_fraction.items()):
+        terms = [k.removeprefix("loss_") for k in histories[0][0] if k.startswith("loss_")]
+        for row, (prefix, title) in enumerate((("loss_", "weighted loss term"), ("grad_norm_", "trunk gradient norm"))):
+            ax = axes[row][col]
+            for i, term in enumerate(terms):
+                x, y = _mean_curve(histories, prefix + term)
+                ax.plot(x, y, marker=".", color=f"C{i}", label=term.replace("_", " "))
+            ax.set_yscale("log")
+            ax.set(title=f"{model_label(model, run)}, {100 * fraction:g} % of the data" if row == 0 else None,
+                   ylabel=title if col == 0 else None)
+            ax.grid(alpha=0.3)
+        ax = axes[2][col]
+        for m in models:
+            histories_m = _histories(bundle, m).get(fraction)
+            if histories_m:
+                x, y = _mean_curve(histories_m, None)
+                ax.plot(x, y, marker=".", color=model_color(m, models, run), label=model_label(m, run))
+        ax.axhline(ONE_CLASS_SHARE, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="pass over the training data (epoch)", ylim=(0, 1.02),
+               ylabel="largest class share of val predictions" if col == 0 else None)
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="outside upper center",
+               ncols=len(axes[0][0].get_lines()))
+    fig.legend(*axes[2][0].get_legend_handles_labels(), fontsize=8, loc="outside lower center",
+               ncols=min(len(models), 5))
+    return fig
+
+
+def _mean_curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str | None) -> tuple[list[int], list[float]]:
+    """Per pass, the mean of ``key`` over the runs that have it (``None``: the largest validation class share)."""
+    length = max(len(h) for h in histories)
+    x, y = [], []
+    for i in range(length):
+        values = [(_one_class_share(h[i]) if key is None else h[i].get(key)) for h in histories if i < len(h)]
+        values = [v for v in values if v is not None]
+        if values:
+            x.append(i + 1)
+            y.append(float(np.mean(values)))
+    return x, y
