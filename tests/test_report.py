@@ -200,12 +200,12 @@ def test_runs_are_grouped_by_the_params_they_change(bundle):
     alpha_tau = bundle_with({"distill": {"alpha": 0.25, "tau": 2.0}})
     confounded = bundle_with({"distill": {"lambda": 1.0}, "model": {"block": "mbconv"}})
     same = bundle_with({"tracking": {"uri": "sqlite:///elsewhere.db"}, "train": {"num_workers": 4}})
-    half = bundle_with({"data": {"train_fraction": 0.5}})
-    groups, unused = group_ablations(bundle, [l5, l1, l1_again, alpha, alpha_tau, confounded, same, half])
+    stride = bundle_with({"model": {"stem_stride": 4}})
+    groups, unused = group_ablations(bundle, [l5, l1, l1_again, alpha, alpha_tau, confounded, same, stride])
     assert {name: sorted(b["params_hash"] for b in runs) for name, runs in groups.items()} == {
         "lambda": sorted([l5["params_hash"], l1["params_hash"]]),
         "alpha_tau": sorted([alpha["params_hash"], alpha_tau["params_hash"]]),
-        "train_fraction": [half["params_hash"]],
+        "stem_stride": [stride["params_hash"]],
     }
     assert sorted(diff for _, diff in unused) == [[], ["distill.lambda"], ["distill.lambda", "model.block"]]
 
@@ -218,8 +218,8 @@ def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
 
 
 def build_full(out, bundle):
-    halves = [bundle_with({"data": {"train_fraction": f}}, shift=-0.2 * (1 - f)) for f in (0.25, 0.5)]
-    return build_report(bundle, out, REPORT, [*lambda_runs(), *halves])
+    stages = [bundle_with({"distill": {"stages": s}}, shift=-0.05 * len(s)) for s in ([3], [2, 3])]
+    return build_report(bundle, out, REPORT, [*lambda_runs(), *stages])
 
 
 def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
@@ -227,7 +227,7 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
     written = build_full(out, bundle)
     names = sorted(p.relative_to(out).as_posix() for p in written)
     tables = ["main", "data_efficiency", "significance", "metrics", "per_class", "efficiency", "ablation_lambda",
-              "ablation_train_fraction"]
+              "ablation_stages"]
     figures = ["confusion_teacher", "confusion_student", "confusion_hdkd", "training_curves", "per_class_f1",
                "data_efficiency"]
     assert names == sorted([f"tables/{t}.{s}" for t in tables for s in ("md", "csv")]
@@ -248,7 +248,7 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
         assert f"(figures/{name}.png)" in readme
     assert "## Other runs" in readme  # every ablation run, with what it differs in and where it is used
     assert readme.count("| distill.lambda | ablation_lambda |\n") == 2
-    assert readme.count("| data.train_fraction | ablation_train_fraction |\n") == 2
+    assert readme.count("| distill.stages | ablation_stages |\n") == 2
 
 
 def test_report_is_byte_deterministic(tmp_path, bundle):

@@ -166,7 +166,7 @@ def pipeline_repo(tmp_path_factory):
     repo.mkdir()
     run_git(repo, "init", "-q", "-b", "main")
     ablations = [bundle_with({"distill": {"lambda": 1.0}}, shift=-0.1, dvc_exp_name="abl-lambda-1"),
-                 bundle_with({"data": {"train_fraction": 0.5}}, shift=-0.2)]
+                 bundle_with({"model": {"stem_stride": 4}}, shift=-0.2)]
     write_ablations(ablation_labels(ablations), repo / "reports" / "ablations")
     plain = bundle_with(shift=0.01)
     build_report(plain, repo / "reports", REPORT, ablations)
@@ -203,7 +203,7 @@ def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, 
     report_cli(["--rev", rev, "--tracking-uri", pipeline_repo["uri"], "--repo", str(repo),
                 "--params", str(PARAMS_YAML)])
     committed = committed_report(repo, pipeline_repo[source])
-    assert {"ablation_lambda.md", "ablation_train_fraction.csv"} <= set(committed)
+    assert {"ablation_lambda.md", "ablation_stem_stride.csv"} <= set(committed)
     assert rebuilt_report(tmp_path / "runs" / rev) == committed  # default --out: runs/<rev>, not reports/
     assert (tmp_path / "runs" / rev / "figures" / "data_efficiency.png").is_file()
 

@@ -62,8 +62,6 @@ ABLATIONS = (
              grid=({"model.block": "mbconv"},), show_macs=True),
     Ablation("stem_stride", "stem stride", ("model.stem_stride",), ("Stem stride",), MODEL_NAMES,
              grid=({"model.stem_stride": 4},), show_macs=True),
-    Ablation("train_fraction", "fraction of training data", ("data.train_fraction",), ("Train fraction",), None,
-             grid=({"data.train_fraction": 0.25}, {"data.train_fraction": 0.5})),
 )
 AblationGroups = Mapping[str, Sequence[Mapping[str, Any]]]  # ablation name -> its runs
 

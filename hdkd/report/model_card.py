@@ -95,8 +95,8 @@ def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
         f"- Dataset `{bundle['dataset']}`, {len(classes)} classes: {', '.join(classes)}.",
         f"- Splits: {100 * data['val_fraction']:.0f} % validation and {100 * data['test_fraction']:.0f} % test "
         f"(stratified, whole lesions where the dataset groups images by lesion); "
-        f"{100 * data['train_fraction']:.0f} % of the rest trained on; split seed {params['seed']}; "
-        f"trained once per seed {params['seeds']}.",
+        f"the rest trained on, whole and in nested shares of it (training fractions {params['fractions']}); "
+        f"split seed {params['seed']}; trained once per seed {params['seeds']}.",
         f"- Test split: {ev['n']} images ({', '.join(f'{c} {support[c]}' for c in classes)}).",
         "",
         "## Metrics (test split)",
