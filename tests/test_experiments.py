@@ -70,6 +70,8 @@ def test_collect_keeps_the_newest_run_of_each_one_ablation_params(tracked, tmp_p
     done = collect_ablations(b["reference"], uri, EXPERIMENT, out)
     expected = {"abl-lambda-1": b["lambda"], "abl-alpha-tau": b["alpha_tau"], b["block"]["params_hash"][:12]: b["block"],
                 b["two_stages"]["params_hash"][:12]: b["two_stages"]}
+    # with the bundle they were grouped against, which the ablation tables compare them with
+    expected["reference"] = b["reference"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", *(f"{k}.json" for k in expected)])
     for label, bundle in expected.items():
         assert json.loads((out / f"{label}.json").read_text()) == bundle
@@ -101,6 +103,8 @@ def test_labels_are_experiment_names_made_unique_by_hash():
     d = bundle_with({"distill": {"alpha": 0.1}})
     assert ablation_labels([a, c, d]) == {f"exp-x-{a['params_hash'][:12]}": a, f"exp-x-{c['params_hash'][:12]}": c,
                                           d["params_hash"][:12]: d}
+    named_reference = bundle_with({"distill": {"tau": 2.0}}, dvc_exp_name="reference")  # reference.json is taken
+    assert ablation_labels([named_reference]) == {f"reference-{named_reference['params_hash'][:12]}": named_reference}
 
 
 def test_report_uses_every_collected_ablation(tracked, tmp_path):
@@ -110,7 +114,8 @@ def test_report_uses_every_collected_ablation(tracked, tmp_path):
     common = ["--bundle", str(bundle_file), "--ablations-dir", str(ablations_dir), "--params", str(PARAMS_YAML)]
     report_cli(["--collect-ablations", "--tracking-uri", uri, *common])
     report_cli(["--out", str(tmp_path / "cli"), *common])
-    build_report(b["reference"], tmp_path / "direct", section("report"), [b[k] for k in ("lambda", "alpha_tau", "two_stages", "block")])
+    build_report(b["reference"], tmp_path / "direct", section("report"),
+                 [b[k] for k in ("lambda", "alpha_tau", "two_stages", "block")], ablation_reference=b["reference"])
     tables = sorted(p.name for p in (tmp_path / "cli" / "tables").iterdir())
     assert [t for t in tables if t.startswith("ablation_")] == [
         f"ablation_{name}.{ext}" for name in ("alpha_tau", "block", "lambda", "stages") for ext in ("csv", "md")]

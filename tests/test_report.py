@@ -291,6 +291,20 @@ def test_ablations_are_compared_with_their_own_reference(tmp_path, bundle):
     assert "Its results params are this report's run's." in (tmp_path / "same" / "README.md").read_text()
 
 
+def test_the_working_tree_ablations_keep_their_reference_apart(tmp_path, bundle):
+    from hdkd.io import write_json
+    from hdkd.report.stage import working_tree_inputs
+
+    reference, (l5, l1) = bundle_with(shift=0.1), lambda_runs()
+    write_json(tmp_path / "bundle.json", bundle)
+    for name, b in (("reference", reference), ("abl-lambda-5", l5), ("abl-lambda-1", l1)):
+        write_json(tmp_path / "ablations" / f"{name}.json", b)
+    main, runs, own = working_tree_inputs(tmp_path / "bundle.json", tmp_path / "ablations")
+    assert (main, runs, own) == (bundle, [l1, l5], reference)
+    (tmp_path / "ablations" / "reference.json").unlink()
+    assert working_tree_inputs(tmp_path / "bundle.json", tmp_path / "ablations")[2] is None
+
+
 def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
     same = bundle_with({"tracking": {"enabled": False}})
     written = build_report(bundle, tmp_path, REPORT, [same])
