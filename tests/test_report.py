@@ -92,6 +92,17 @@ def test_a_model_that_did_not_learn_is_marked(bundle):
     assert ("hdkd vs student", "0.5", "none") in flagged
 
 
+def test_the_data_efficiency_figure_opens_the_markers_of_a_model_that_did_not_learn(bundle):
+    def open_markers(fig):
+        return [(line.get_xdata().tolist(), line.get_label()) for line in fig.axes[0].get_lines()
+                if line.get_markerfacecolor() == "white"]
+
+    assert open_markers(build.data_efficiency_figure(bundle)) == []
+    fig = build.data_efficiency_figure(one_class(bundle, "hdkd", {0, 1}, fraction=0.25))
+    assert [x for x, _ in open_markers(fig)] == [[25.0], []]  # HDKD's 25 % point, and the legend's entry
+    assert "did not learn" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
 def test_data_efficiency_table_follows_the_contract(bundle):
     table = data_efficiency_table(bundle)
     assert table.columns == ("fraction", "model", "accuracy_mean", "accuracy_std", "f1_macro_mean", "f1_macro_std",

@@ -428,7 +428,8 @@ def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
 
 
 def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
-    """Accuracy and macro-F1 by training fraction: mean over the seeds, ± one std as a band."""
+    """Accuracy and macro-F1 by training fraction: mean over the seeds, ± one std as a band; an open marker where
+    the model did not learn (:func:`hdkd.evidence.not_learned`)."""
     fractions = fractions_of(bundle)
     if len(fractions) < 2:
         return None
@@ -445,6 +446,10 @@ def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
             color = model_color(m, models, run)
             ax.plot(x, mean, marker="o", color=color, label=model_label(m, run))
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            flagged = np.array([r["did_not_learn"] for r in points], dtype=bool)
+            if flagged.any():
+                ax.plot(x[flagged], mean[flagged], linestyle="none", marker="o", markerfacecolor="white",
+                        markeredgecolor=color, zorder=3)
         ax.set_xscale("log")
         ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
         ax.minorticks_off()
@@ -452,8 +457,12 @@ def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
         ax.grid(alpha=0.3)
     n = max(r["n_seeds"] for r in rows)
     fig.suptitle(f"Data efficiency: mean ± std over {n} seed{'s' if n != 1 else ''}")
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(len(models), 5),
-               loc="outside lower center")  # never over the curves
+    if any(r["did_not_learn"] for r in rows):  # one legend entry for the open markers
+        axes[0].plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="0.3",
+                     label="did not learn")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the axes: never over the curves
+    fig.legend(handles, labels, fontsize=8, ncols=min(len(handles), 5), loc="outside lower center")
     return fig
 
 
