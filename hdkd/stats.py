@@ -18,7 +18,7 @@ Policies (stated once, relied on by the report):
   counts are not independent and neither summing them nor combining their p-values (Fisher,
   Stouffer) would keep the stated error rate. Each seed's test is reported on its own row.
 - **Multiple comparisons**: the paired t p-values of one table (every comparison at every fraction
-  and metric of the significance table; every cell of one ablation table) are one family, Holm-adjusted
+  and metric of the significance table; every Δ cell of one ablation table) are one family, Holm-adjusted
   (:func:`holm`, statsmodels' ``multipletests``), and the verdicts use the adjusted p. Holm controls the
   family-wise error rate under any dependence between the tests, which these share (the same runs
   appear in several comparisons). The McNemar rows are per-seed detail, outside the family.
