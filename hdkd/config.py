@@ -65,7 +65,6 @@ class DataConfig(Section):
     image_size: int = Field(ge=16, le=1024)
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)  # only for sources without an official test split
-    train_fraction: float = Field(gt=0, le=1)  # data-efficiency ablation: share of train kept
     dermamnist_size: Literal[28, 64, 128, 224]
     urls: dict[str, str]  # file name -> URL override (mirrors, tests)
     synthetic: SyntheticConfig

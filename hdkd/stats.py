@@ -9,14 +9,19 @@ Policies (stated once, relied on by the report):
   differences are the paired observations; the seeds are independent replicates of the whole
   training, which is what a t-interval needs. ``scipy.stats.ttest_rel`` gives the interval and
   the two-sided p-value. It needs at least two seeds and differences that vary (``None`` otherwise;
-  differences that are all zero get p = 1).
+  differences that are all zero get p = 1). Its **effect size** is the mean difference over the
+  sample std of the differences (``ddof=1``; Cohen's d_z), ``None`` for one seed or no spread.
 - **Exact McNemar per seed** tests, for one trained pair, whether the two models err on the same
   test images (statsmodels' exact binomial McNemar on the discordant pairs). Its interval is the
   conditional exact (Clopper-Pearson) interval of the accuracy difference given the number of
   discordant images. Seeds are **not pooled**: they share the test images, so their discordant
   counts are not independent and neither summing them nor combining their p-values (Fisher,
   Stouffer) would keep the stated error rate. Each seed's test is reported on its own row.
-- No correction for multiple comparisons is applied; the report says so.
+- **Multiple comparisons**: the paired t p-values of one table (every comparison at every fraction
+  and metric of the significance table; every Δ cell of one ablation table) are one family, Holm-adjusted
+  (:func:`holm`, statsmodels' ``multipletests``), and the verdicts use the adjusted p. Holm controls the
+  family-wise error rate under any dependence between the tests, which these share (the same runs
+  appear in several comparisons). The McNemar rows are per-seed detail, outside the family.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
 ALPHA = 0.05  # the significance level of the report's verdicts
+NO_SPREAD = 1e-12  # differences within this of each other are equal (rounding): no t, no effect size
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -53,6 +60,7 @@ class Comparison:
     ci_high: float | None
     p_value: float | None
     test: str
+    effect_size: float | None = None  # paired t: mean difference / its sample std
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,12 +83,33 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Com
     if diff.size < 2:
         return Comparison(float(diff.mean()), None, None, None, "paired_t")
     mean = float(diff.mean())
-    if np.ptp(diff) <= 1e-12:  # zero variance (up to rounding): t is undefined; all-zero is no evidence
-        p = 1.0 if abs(mean) <= 1e-12 else None
+    if np.ptp(diff) <= NO_SPREAD:  # zero variance (up to rounding): t is undefined; all-zero is no evidence
+        p = 1.0 if abs(mean) <= NO_SPREAD else None
         return Comparison(mean, mean, mean, p, "paired_t")
     result = sps.ttest_rel(a, b)
     ci = result.confidence_interval(confidence_level=level)
-    return Comparison(mean, float(ci.low), float(ci.high), _finite_or_none(result.pvalue), "paired_t")
+    return Comparison(mean, float(ci.low), float(ci.high), _finite_or_none(result.pvalue), "paired_t",
+                      effect_size(diff))
+
+
+def effect_size(differences: Sequence[float]) -> float | None:
+    """Mean paired difference over the sample std of the differences (``ddof=1``); ``None`` where that is
+    undefined: one difference, or no spread."""
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2 or np.ptp(d) <= NO_SPREAD:
+        return None
+    return float(d.mean() / d.std(ddof=1))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjusted p-values of one family, in the given order; ``None`` (no test) stays ``None`` and is not
+    counted in the family."""
+    tested = [i for i, p in enumerate(p_values) if p is not None]
+    adjusted: list[float | None] = [None] * len(p_values)
+    if tested:
+        for i, p in zip(tested, multipletests([p_values[i] for i in tested], method="holm")[1]):
+            adjusted[i] = float(p)
+    return adjusted
 
 
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool], level: float = 0.95,

@@ -1,6 +1,7 @@
 """DVC stage `report`: the paper tables and figures from results bundles, without retraining.
 
     python -m pipeline.report                        # reports/bundle.json + reports/ablations/*.json -> reports/
+                                                     # (ablations compared with reports/ablations/reference.json)
                                                      # (and reports/study/bundle.json -> reports/study/, if there)
     python -m pipeline.report --collect-ablations    # MLflow runs -> reports/ablations/ (then `dvc repro report`)
     python -m pipeline.report --rev 1a2b3c4          # a commit's or DVC experiment's report -> runs/1a2b3c4/
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablation", action="append", default=[], metavar="PATH_OR_REV",
                    help="a bundle file or a revision of another run; repeatable")
     p.add_argument("--ablations-dir", type=Path, default=REPORTS_DIR / "ablations",
-                   help="collected ablation bundles: every *.json is used (without --rev); "
-                        "--collect-ablations fills it")
+                   help="collected ablation bundles: every *.json is used, reference.json as the run they are "
+                        "compared with (without --rev); --collect-ablations fills it")
     p.add_argument("--export", type=Path, help="the export stage's report, for ONNX Runtime latency in the efficiency "
                                                "table (default: export.json beside --bundle; without --rev)")
     p.add_argument("--explain", type=Path, help="the explain stage's output, for where the models look in README.md "
@@ -89,16 +90,17 @@ def run(args: argparse.Namespace) -> None:
         print(collect(args.bundle, args.ablations_dir, params.tracking, uri))
         return
     if args.rev:
-        bundle, ablations = revision_inputs(args.rev, uri, args.repo)
+        bundle, ablations, reference = revision_inputs(args.rev, uri, args.repo)
         out = revision_dir(args.rev) if args.out == REPORTS_DIR else args.out
         cfg = revision_report_config(bundle, params.report, args.rev, args.repo)
         export, explain = export_for_revision(args.rev, args.repo), None  # its figure is not in runs/<rev>
     else:
-        bundle, ablations = working_tree_inputs(args.bundle, args.ablations_dir)
+        bundle, ablations, reference = working_tree_inputs(args.bundle, args.ablations_dir)
         out, cfg = args.out, params.report
         export, explain = stage_extras(args.export or args.bundle.parent / "export.json",
                                        args.explain or args.bundle.parent / "explain", out)
-    written = build_report(bundle, out, cfg, ablations + other_runs(args.ablation, uri, args.repo), export, explain)
+    written = build_report(bundle, out, cfg, ablations + other_runs(args.ablation, uri, args.repo), export, explain,
+                           reference)
     study = args.bundle.parent / "study"
     if not args.rev and (study / "bundle.json").is_file():  # the study's report, from its committed bundle
         written += build_study_report(study)

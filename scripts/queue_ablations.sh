@@ -3,7 +3,7 @@
 # params.yaml, is the baseline itself). The grids are defined once, in hdkd/report/ablations.py (ABLATIONS).
 #
 #   scripts/queue_ablations.sh                    # every grid
-#   scripts/queue_ablations.sh lambda alpha_tau   # some of: lambda alpha_tau stages block stem_stride train_fraction
+#   scripts/queue_ablations.sh lambda alpha_tau   # some of: lambda alpha_tau stages block stem_stride
 #   python -m pipeline.report --queue-ablations --dry-run   # the commands, without queueing
 #   dvc queue start -j 2                          # run them (in .dvc/tmp/exps); `dvc queue status`, `dvc queue logs <name>`
 #   python -m pipeline.report --collect-ablations && dvc repro report    # ablation tables, data-efficiency figure

@@ -65,15 +65,6 @@ def test_same_seed_same_packs_other_seed_other_split(tmp_path):
     assert file_md5(tmp_path / "a/test/index.csv") != file_md5(tmp_path / "c/test/index.csv")
 
 
-def test_train_fraction_shrinks_only_train(tmp_path):
-    full = _prepare(tmp_path, out="full")["splits"]
-    part = _prepare(tmp_path, out="part", train_fraction=0.5)["splits"]
-    assert part["counts"]["val"] == full["counts"]["val"] and part["counts"]["test"] == full["counts"]["test"]
-    assert abs(part["sizes"]["train"] - full["sizes"]["train"] / 2) <= 7
-    assert part["unused_training_images"] == full["sizes"]["train"] - part["sizes"]["train"]
-    assert all(n >= 1 for n in part["counts"]["train"].values())
-
-
 def test_corrupt_file_is_quarantined_not_fatal(tmp_path):
     p = params(tmp_path)
     fetch_dataset(p.data, tmp_path / "record")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from hdkd.data.errors import DataError
-from hdkd.data.splits import UNUSED, assign_splits, carve, nested_subsets
+from hdkd.data.splits import assign_splits, carve, nested_subsets
 
 
 def _lesions(seed: int = 0, per_class=(600, 120, 40, 12)) -> pd.DataFrame:
@@ -44,7 +46,7 @@ def test_carve_keeps_every_class_on_both_sides_when_it_can():
 
 def test_assign_splits_is_deterministic_and_grouped():
     items = _lesions()
-    kwargs = dict(val_fraction=0.15, test_fraction=0.15, train_fraction=1.0)
+    kwargs = dict(val_fraction=0.15, test_fraction=0.15)
     a = assign_splits(items, seed=7, **kwargs)
     assert (a == assign_splits(items, seed=7, **kwargs)).all()
     assert (a != assign_splits(items, seed=8, **kwargs)).any()
@@ -57,27 +59,25 @@ def test_official_splits_are_kept_and_val_is_carved_from_train():
     items = _lesions()
     items.loc[::5, "split"] = "test"
     items.loc[items.split == "", "split"] = "train"
-    got = assign_splits(items, val_fraction=0.2, test_fraction=0.15, train_fraction=1.0, seed=0)
+    got = assign_splits(items, val_fraction=0.2, test_fraction=0.15, seed=0)
     assert (got[items.split == "test"] == "test").all()
     assert set(got[items.split == "train"]) == {"train", "val"}
 
 
-def test_train_fraction_keeps_a_stratified_share_of_train_only():
-    items = _lesions()
-    full = assign_splits(items, val_fraction=0.15, test_fraction=0.15, train_fraction=1.0, seed=0)
-    part = assign_splits(items, val_fraction=0.15, test_fraction=0.15, train_fraction=0.25, seed=0)
-    assert ((full == "val") == (part == "val")).all() and ((full == "test") == (part == "test")).all()
-    assert set(part[full == "train"]) == {"train", UNUSED}
-    for label in range(4):
-        kept = ((part == "train") & (items.label == label)).sum()
-        total = ((full == "train") & (items.label == label)).sum()
-        assert kept >= 1 and abs(kept - 0.25 * total) <= 3
+def test_splits_are_those_of_the_pipeline_before_train_fraction_went():
+    # digests of assign_splits(train_fraction=1.0) before data.train_fraction was removed: existing data keeps
+    # its splits (the streams that carve test and val did not shift)
+    digests = {0: "9b267d052e4a875a6279d71f2cf32b66ea99015275719464a83b4d25e8e7c812",
+               7: "09f6916c124f56fd20bffe2344603c8d16b3a1c200829343d2511a73d5df51a2"}
+    for seed, digest in digests.items():
+        split = assign_splits(_lesions(), val_fraction=0.15, test_fraction=0.15, seed=seed)
+        assert hashlib.sha256("\n".join(split).encode()).hexdigest() == digest, seed
 
 
 def test_unknown_split_name_is_an_error():
     items = _lesions().assign(split="validation")
     with pytest.raises(DataError, match="unknown split name"):
-        assign_splits(items, val_fraction=0.1, test_fraction=0.1, train_fraction=1.0, seed=0)
+        assign_splits(items, val_fraction=0.1, test_fraction=0.1, seed=0)
 
 
 @pytest.mark.parametrize("seed", range(6))

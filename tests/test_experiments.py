@@ -43,13 +43,13 @@ def tracked(tmp_path_factory):
         "lambda_old": bundle_with({"distill": {"lambda": 1.0}}, shift=-0.2, dvc_exp_name="abl-lambda-1"),
         "lambda": bundle_with({"distill": {"lambda": 1.0}}, shift=-0.1, dvc_exp_name="abl-lambda-1"),
         "alpha_tau": bundle_with({"distill": {"alpha": 0.9, "tau": 2.0}}, dvc_exp_name="abl alpha/tau"),
-        "half": bundle_with({"data": {"train_fraction": 0.5}}, shift=-0.05),  # no experiment: labelled by hash
+        "two_stages": bundle_with({"distill": {"stages": [2, 3]}}, shift=-0.05),  # no experiment: labelled by hash
         "two_groups": bundle_with({"distill": {"lambda": 1.0, "alpha": 0.9}}, dvc_exp_name="abl-mixed"),
         "block": bundle_with({"model": {"block": "mbconv"}}, shift=-0.01),
         "stages": bundle_with({"distill": {"stages": [3]}}),
         "stride": bundle_with({"model": {"stem_stride": 4}}),
     }
-    for t, name in enumerate(("reference", "lambda_old", "lambda", "alpha_tau", "half", "two_groups", "block")):
+    for t, name in enumerate(("reference", "lambda_old", "lambda", "alpha_tau", "two_stages", "two_groups", "block")):
         log_run(client, eid, evaluate_tags(b[name]), 1000 * (t + 1), b[name], tmp_path, "evaluate" if t % 2 else None)
     log_run(client, eid, evaluate_tags(b["block"]), 9000)  # newest of its params, but failed before the bundle
     log_run(client, eid, evaluate_tags(b["stages"], "train_hdkd"), 9000, b["stages"], tmp_path)  # not an evaluate run
@@ -69,7 +69,9 @@ def test_collect_keeps_the_newest_run_of_each_one_ablation_params(tracked, tmp_p
     (out / "abl-gone.json").write_text("{}\n")  # from an earlier collection: stale
     done = collect_ablations(b["reference"], uri, EXPERIMENT, out)
     expected = {"abl-lambda-1": b["lambda"], "abl-alpha-tau": b["alpha_tau"], b["block"]["params_hash"][:12]: b["block"],
-                b["half"]["params_hash"][:12]: b["half"]}
+                b["two_stages"]["params_hash"][:12]: b["two_stages"]}
+    # with the bundle they were grouped against, which the ablation tables compare them with
+    expected["reference"] = b["reference"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", *(f"{k}.json" for k in expected)])
     for label, bundle in expected.items():
         assert json.loads((out / f"{label}.json").read_text()) == bundle
@@ -101,6 +103,8 @@ def test_labels_are_experiment_names_made_unique_by_hash():
     d = bundle_with({"distill": {"alpha": 0.1}})
     assert ablation_labels([a, c, d]) == {f"exp-x-{a['params_hash'][:12]}": a, f"exp-x-{c['params_hash'][:12]}": c,
                                           d["params_hash"][:12]: d}
+    named_reference = bundle_with({"distill": {"tau": 2.0}}, dvc_exp_name="reference")  # reference.json is taken
+    assert ablation_labels([named_reference]) == {f"reference-{named_reference['params_hash'][:12]}": named_reference}
 
 
 def test_report_uses_every_collected_ablation(tracked, tmp_path):
@@ -110,10 +114,11 @@ def test_report_uses_every_collected_ablation(tracked, tmp_path):
     common = ["--bundle", str(bundle_file), "--ablations-dir", str(ablations_dir), "--params", str(PARAMS_YAML)]
     report_cli(["--collect-ablations", "--tracking-uri", uri, *common])
     report_cli(["--out", str(tmp_path / "cli"), *common])
-    build_report(b["reference"], tmp_path / "direct", section("report"), [b[k] for k in ("lambda", "alpha_tau", "half", "block")])
+    build_report(b["reference"], tmp_path / "direct", section("report"),
+                 [b[k] for k in ("lambda", "alpha_tau", "two_stages", "block")], ablation_reference=b["reference"])
     tables = sorted(p.name for p in (tmp_path / "cli" / "tables").iterdir())
     assert [t for t in tables if t.startswith("ablation_")] == [
-        f"ablation_{name}.{ext}" for name in ("alpha_tau", "block", "lambda", "train_fraction") for ext in ("csv", "md")]
+        f"ablation_{name}.{ext}" for name in ("alpha_tau", "block", "lambda", "stages") for ext in ("csv", "md")]
     assert (tmp_path / "cli" / "figures" / "data_efficiency.png").is_file()
     for path in sorted((tmp_path / "direct").rglob("*.*")):
         assert (tmp_path / "cli" / path.relative_to(tmp_path / "direct")).read_bytes() == path.read_bytes(), path.name

@@ -9,7 +9,7 @@ from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
 
 from conftest import bundle_with
-from hdkd.evidence import runs_at, sentence
+from hdkd.evidence import runs_at, sentence, significance_rows
 from hdkd.io import DiskFullError
 from hdkd.plots import EXTRA_COLORS, model_color
 from hdkd.report import build
@@ -20,6 +20,7 @@ from hdkd.report.build import (
     build_report,
     data_efficiency_table,
     efficiency_table,
+    learned,
     main_table,
     per_class_table,
     points_difference,
@@ -50,52 +51,92 @@ def test_main_table_markdown_exact(bundle):
         "## Main comparison\n"
         "\n"
         "| Model | Params (M) | MACs (M) | Accuracy (%) | Accuracy 95% CI | Precision (%) | Recall (%) | F1 (%) "
-        "| F1 95% CI | Accuracy mean ± std (%) | F1 mean ± std (%) | Seeds |\n"
-        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| F1 95% CI | Accuracy mean ± std (%) | F1 mean ± std (%) | Seeds | Learned |\n"
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
         "| Teacher | 3.949 | 5812.3 | 90.00 | [85.00, 95.00] | 80.00 | 70.00 | 75.00 | [70.00, 80.00] "
-        "| 87.50 ± 2.50 | 77.50 ± 2.50 | 3 |\n"
+        "| 87.50 ± 2.50 | 77.50 ± 2.50 | 3 | yes |\n"
         "| Student | 3.725 | 2050.0 | 80.00 | [75.00, 85.00] | 70.00 | 60.00 | 65.00 | [60.00, 70.00] "
-        "| 75.00 ± 5.00 | 65.00 ± 5.00 | 3 |\n"
+        "| 75.00 ± 5.00 | 65.00 ± 5.00 | 3 | yes |\n"
         "| HDKD | 3.727 | 2060.0 | 85.00 | [80.00, 90.00] | 75.00 | 65.00 | 70.00 | [65.00, 75.00] "
-        "| 82.50 ± 2.50 | 72.50 ± 2.50 | 3 |\n"
+        "| 82.50 ± 2.50 | 72.50 ± 2.50 | 3 | yes |\n"
         "\n"
         "Test split of toy, every model trained on the whole training split. Accuracy to F1 CI: seed 0's run; "
         "mean ± std: mean and sample standard deviation over the training seeds. Precision, recall and F1 are "
         "macro averages over all 3 classes; MACs for one image. CI: percentile bootstrap over test images, 1000 "
-        "resamples, seed 0. Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the "
+        "resamples, seed 0. Did not learn: at least 95 % of a run's test predictions are one class (more than that "
+        "class's share of the test labels); a model did not learn at a training fraction when most of its seeds did "
+        "not, and gets no verdict. Teacher: CNN; Student: hybrid CNN + transformer; HDKD: the student distilled from the "
         "teacher.\n"
     )
+
+
+def one_class(bundle, model, seeds, fraction=1.0):
+    """``bundle`` with ``model``'s runs at ``seeds`` answering nv (half the test images) for every image."""
+    for run in bundle["models"][model]["runs"]:
+        if run["seed"] in seeds and run["fraction"] == fraction:
+            run["predictions"] = [2] * len(run["predictions"])
+    return bundle
+
+
+def test_a_model_that_did_not_learn_is_marked(bundle):
+    one_class(bundle, "student", {0, 1})
+    one_class(bundle, "hdkd", {2})
+    assert [row[-1] for row in main_table(bundle).rows] == ["yes", "no (2 of 3 seeds)", "yes (1 of 3 seeds did not)"]
+    assert learned(bundle, "student", 0.5) == "yes"
+    rows = {(r[0], r[1]): r[-2:] for r in data_efficiency_table(bundle).rows}
+    assert rows["1", "student"] == ("2", "yes") and rows["1", "hdkd"] == ("1", "no") and rows["0.5", "student"] == (
+        "0", "no")
+    table = significance_table(significance_rows(bundle, [("hdkd", "student"), ("hdkd", "teacher")]))
+    flagged = {(r[0], r[1], r[-1]) for r in table.rows}
+    assert ("hdkd vs student", "1", "student") in flagged and ("hdkd vs teacher", "1", "none") in flagged
+    assert ("hdkd vs student", "0.5", "none") in flagged
+
+
+def test_the_data_efficiency_figure_opens_the_markers_of_a_model_that_did_not_learn(bundle):
+    def open_markers(fig):
+        return [(line.get_xdata().tolist(), line.get_label()) for line in fig.axes[0].get_lines()
+                if line.get_markerfacecolor() == "white"]
+
+    assert open_markers(build.data_efficiency_figure(bundle)) == []
+    fig = build.data_efficiency_figure(one_class(bundle, "hdkd", {0, 1}, fraction=0.25))
+    assert [x for x, _ in open_markers(fig)] == [[25.0], []]  # HDKD's 25 % point, and the legend's entry
+    assert "did not learn" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 def test_data_efficiency_table_follows_the_contract(bundle):
     table = data_efficiency_table(bundle)
     assert table.columns == ("fraction", "model", "accuracy_mean", "accuracy_std", "f1_macro_mean", "f1_macro_std",
-                             "n_seeds")
+                             "n_seeds", "seeds_did_not_learn", "did_not_learn")
     rows = {(r[0], r[1]): r[2:] for r in table.rows}
     assert len(rows) == 4 * 3
-    assert rows[("1", "student")] == ("0.7500", "0.0500", "0.6500", "0.0500", "3")
+    assert rows[("1", "student")] == ("0.7500", "0.0500", "0.6500", "0.0500", "3", "0", "no")
     # teacher at 10 %: k = round(40 (1 - 0.9 * 0.73)) + s = 14, 15, 16 errors of 40
     assert rows[("0.1", "teacher")][:2] == ("0.6250", "0.0250")
 
 
 def test_significance_table_rows_are_scipys_and_statsmodels(bundle):
-    table = significance_table(bundle, [("hdkd", "student")])
-    assert table.columns == ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "p_value",
-                             "test")
-    row = next(r for r in table.rows if r[1] == "1" and r[2] == "accuracy" and r[7] == "paired_t")
+    table = significance_table(significance_rows(bundle, [("hdkd", "student")]))
+    assert table.columns == ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "effect_size",
+                             "p_value", "p_value_holm", "test", "did_not_learn")
+    row = next(r for r in table.rows if r[1] == "1" and r[2] == "accuracy" and r[9] == "paired_t")
     hdkd = [r["evaluation"]["accuracy"] for r in bundle["models"]["hdkd"]["runs"] if r["fraction"] == 1.0]
     student = [r["evaluation"]["accuracy"] for r in bundle["models"]["student"]["runs"] if r["fraction"] == 1.0]
     t = sps.ttest_rel(hdkd, student)
     ci = t.confidence_interval(0.95)
-    assert row[3:7] == (f"{np.mean(hdkd) - np.mean(student):.4f}", f"{ci.low:.4f}", f"{ci.high:.4f}",
-                        f"{t.pvalue:.4g}")
-    seed0 = next(r for r in table.rows if r[1] == "1" and r[7] == "mcnemar_exact_seed0")
+    assert row[3:6] + row[7:8] == (f"{np.mean(hdkd) - np.mean(student):.4f}", f"{ci.low:.4f}", f"{ci.high:.4f}",
+                                   f"{t.pvalue:.4g}")
+    # differences +5, +7.5, +10 points: mean 7.5 over sample sd 2.5
+    assert row[6] == "3.000"
+    # Holm over the table's 8 paired t-tests (4 fractions x 2 metrics); the smallest p is this one: 8 x p
+    assert row[8] == f"{8 * t.pvalue:.4g}" == "0.2808"
+    seed0 = next(r for r in table.rows if r[1] == "1" and r[9] == "mcnemar_exact_seed0")
     runs = {m: next(r for r in bundle["models"][m]["runs"] if r["fraction"] == 1.0 and r["seed"] == 0)
             for m in ("hdkd", "student")}
     labels = np.asarray(bundle["test_labels"])
     a, b = (np.asarray(runs[m]["predictions"]) == labels for m in ("hdkd", "student"))
     table_2x2 = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
-    assert seed0[6] == f"{mcnemar(table_2x2, exact=True).pvalue:.4g}"
+    assert seed0[7] == f"{mcnemar(table_2x2, exact=True).pvalue:.4g}"
+    assert (seed0[6], seed0[8]) == ("n/a", "n/a")  # McNemar rows: per-seed detail, outside the Holm family
 
 
 def test_the_readme_says_whether_each_comparison_is_significant(tmp_path, bundle):
@@ -103,11 +144,17 @@ def test_the_readme_says_whether_each_comparison_is_significant(tmp_path, bundle
     text = (tmp_path / "README.md").read_text(encoding="utf-8")
     # hdkd - student per seed: 85-80, 82.5-75, 80-70 points -> mean +7.5
     assert "- HDKD vs Student: +7.5 points accuracy [" in text
-    # t(2) = 5.196 -> half-width 6.21 points, p = 0.0351 (by hand and scipy, as in test_model_card)
-    assert ("- HDKD vs Student: +7.5 points accuracy [+1.3, +13.7], p = 0.0351: significant at 0.05 (paired t over "
-            "3 seeds).\n") in text
+    # t(2) = 5.196 -> half-width 6.21 points, p = 0.0351 (by hand and scipy, as in test_model_card); Holm over the
+    # 16 tests with a p (hdkd vs student and student vs teacher at 4 fractions x 2 metrics; hdkd vs teacher differs
+    # by the same at every seed): the 8 student vs teacher p-values are smaller (0.0131, 0.0202), so 0.0351 is the
+    # 9th smallest: (16 - 8) x 0.0351 = 0.281, above those before it; the verdict is the adjusted p's
+    assert ("- HDKD vs Student: +7.5 points accuracy [+1.3, +13.7], p = 0.0351 (Holm-adjusted 0.281): not "
+            "significant at 0.05 (paired t over 3 seeds).\n") in text
+    assert "p Holm-adjusted over the 16 paired t-tests of the [paired comparisons]" in text
     # student - teacher: -10, -12.5, -15 points; hdkd - teacher: -5 at every seed, so no test
-    assert "- Student vs Teacher: -12.5 points accuracy [" in text and "not significant" not in text
+    # 0.0131 is the smallest p: 16 x 0.0131 = 0.209
+    assert ("- Student vs Teacher: -12.5 points accuracy [-18.7, -6.3], p = 0.0131 (Holm-adjusted 0.209): not "
+            "significant at 0.05 (paired t over 3 seeds).\n") in text
     assert "- HDKD vs Teacher: -5.0 points accuracy; no test (the same at every seed).\n" in text
 
 
@@ -125,7 +172,7 @@ def test_missing_efficiency_and_ci_print_na(bundle):
     bundle["models"]["hdkd"]["efficiency"] = None
     bundle["models"]["hdkd"]["evaluation"]["ci"] = None
     assert main_table(bundle).rows[2] == ("HDKD", "n/a", "n/a", "85.00", "n/a", "75.00", "65.00", "70.00", "n/a",
-                                          "82.50 ± 2.50", "72.50 ± 2.50", "3")
+                                          "82.50 ± 2.50", "72.50 ± 2.50", "3", "yes")
 
 
 def lambda_runs():
@@ -134,11 +181,14 @@ def lambda_runs():
 
 def test_ablation_table_exact(bundle):
     l5, l1 = lambda_runs()
-    # λ = 1 loses 5, 10 and 15 points to the reference at seeds 0, 1, 2 (λ = 5: 5 points at every seed):
-    # mean -10, sd 5, t(2) = -3.464 -> half-width 4.303 * 5 / sqrt(3) = 12.42 points, p = 0.0742 (scipy.stats.ttest_rel)
+    # λ = 1 loses 5, 10 and 15 points to the reference at seeds 0, 1, 2, λ = 5 half as much: mean -10 (-5), sd 5
+    # (2.5), t(2) = -3.464 -> half-width 4.303 * 5 / sqrt(3) = 12.42 points (6.21), p = 0.0742 (scipy.stats.ttest_rel)
+    # for both. Holm over the table's 2 tests: 2 x 0.0742 = 0.148 for the smaller p, max(0.148, 0.0742) for the other
     reference_runs = runs_at(bundle, "hdkd", 1.0)
     for seed, run in runs_at(l1, "hdkd", 1.0).items():
         run["evaluation"]["accuracy"] = reference_runs[seed]["evaluation"]["accuracy"] - 0.05 * (seed + 1)
+    for seed, run in runs_at(l5, "hdkd", 1.0).items():
+        run["evaluation"]["accuracy"] = reference_runs[seed]["evaluation"]["accuracy"] - 0.025 * (seed + 1)
     lam = next(a for a in ABLATIONS if a.name == "lambda")
     assert table_markdown(ablation_table(lam, bundle, [l5, l1])) == (
         "## Ablation: feature distillation weight λ\n"
@@ -146,35 +196,49 @@ def test_ablation_table_exact(bundle):
         "| λ | Run (params hash) | Reference | HDKD Accuracy mean ± std (%) | HDKD F1 mean ± std (%) "
         "| HDKD Accuracy Δ vs reference (points) | HDKD Accuracy (%) | HDKD Accuracy 95% CI | HDKD F1 (%) |\n"
         "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-        f"| 1 | {l1['params_hash']} | no | 72.50 ± 7.50 | 62.50 ± 2.50 | -10.00 [-22.42, +2.42], p = 0.0742 | 75.00 "
-        "| [70.00, 80.00] | 70.00 |\n"
-        f"| 5 | {l5['params_hash']} | no | 77.50 ± 2.50 | 67.50 ± 2.50 | -5.00 (no test: the same at every seed) "
+        f"| 1 | {l1['params_hash']} | no | 72.50 ± 7.50 | 62.50 ± 2.50 | -10.00 [-22.42, +2.42], p = 0.0742 "
+        "(Holm 0.148) | 75.00 | [70.00, 80.00] | 70.00 |\n"
+        f"| 5 | {l5['params_hash']} | no | 77.50 ± 5.00 | 67.50 ± 2.50 | -5.00 [-11.21, +1.21], p = 0.0742 (Holm 0.148) "
         "| 80.00 | [75.00, 85.00] | 70.00 |\n"
         f"| 10 | {bundle['params_hash']} | yes | 82.50 ± 2.50 | 72.50 ± 2.50 | reference | 85.00 | [80.00, 90.00] "
         "| 70.00 |\n"
         "\n"
         "Runs differing from the reference only in distill.lambda; F1 is macro. Mean ± sample std over each run's "
         "training seeds, on the whole training split. Δ: the run's accuracy minus the reference's, paired by seed on "
-        "the same test images: mean [95% CI], p of the paired t over the seeds both ran (no correction for multiple "
-        "comparisons). The other columns: seed 0's run.\n"
+        "the same test images: mean [95% CI], p of the paired t over the seeds both ran, and (Holm) that p adjusted "
+        "over this table's 2 paired t-tests. The other columns: seed 0's run. Did not learn: at least 95 % of a run's "
+        "test predictions are one class (more than that class's share of the test labels); a model did not learn at "
+        "a training fraction when most of its seeds did not, and gets no verdict.\n"
     )
 
 
+def test_ablation_cells_of_a_run_that_did_not_learn_say_so(bundle):
+    l5, l1 = lambda_runs()
+    one_class(l1, "hdkd", {0, 1, 2})
+    lam = next(a for a in ABLATIONS if a.name == "lambda")
+    cells = {row[0]: row[5] for row in ablation_table(lam, bundle, [l5, l1]).rows}
+    assert cells["1"].endswith("; did not learn") and not cells["5"].endswith("did not learn")
+    assert cells["10"] == "reference"
+    assert ablation_table(lam, one_class(bundle, "hdkd", {0, 1}), [l5]).rows[-1][5] == "reference; did not learn"
+
+
 def test_points_difference_cells():
-    assert points_difference(Comparison(-1e-9, -0.0062, 0.0062, 1.0, "paired_t")) == "+0.00 [-0.62, +0.62], p = 1"
-    assert points_difference(Comparison(0.05, None, None, None, "paired_t")) == "+5.00 (no test: one seed)"
-    assert points_difference(Comparison(-0.05, -0.05, -0.05, None, "paired_t")) == (
+    assert points_difference(Comparison(-1e-9, -0.0062, 0.0062, 0.5, "paired_t"), 1.0) == (
+        "+0.00 [-0.62, +0.62], p = 0.5 (Holm 1)")
+    assert points_difference(Comparison(0.05, None, None, None, "paired_t"), None) == "+5.00 (no test: one seed)"
+    assert points_difference(Comparison(-0.05, -0.05, -0.05, None, "paired_t"), None) == (
         "-5.00 (no test: the same at every seed)")
-    assert points_difference(None) == "n/a"
+    assert points_difference(None, None) == "n/a"
 
 
 def test_a_difference_of_zero_at_every_seed_reads_the_same_in_a_table_and_a_sentence():
     # One rule (Comparison.untested): both print the paired t's p = 1, neither says "no test".
     zero = paired_t([0.75, 0.80, 0.70], [0.75, 0.80, 0.70])
-    row = {"metric": "accuracy", **zero.as_dict()}
-    assert points_difference(zero) == "+0.00 [+0.00, +0.00], p = 1"
-    assert sentence(row, "HDKD", "Student", 3) == (
-        "HDKD vs Student: +0.0 points accuracy [+0.0, +0.0], p = 1: not significant at 0.05 (paired t over 3 seeds).")
+    row = {"metric": "accuracy", **zero.as_dict(), "p_value_holm": 1.0, "n_seeds": 3}
+    assert points_difference(zero, 1.0) == "+0.00 [+0.00, +0.00], p = 1 (Holm 1)"
+    assert sentence(row, "HDKD", "Student") == (
+        "HDKD vs Student: +0.0 points accuracy [+0.0, +0.0], p = 1 (Holm-adjusted 1): not significant at 0.05 "
+        "(paired t over 3 seeds).")
 
 
 def test_stage_ablation_rows_go_from_fewer_to_more_stages(bundle):
@@ -200,14 +264,56 @@ def test_runs_are_grouped_by_the_params_they_change(bundle):
     alpha_tau = bundle_with({"distill": {"alpha": 0.25, "tau": 2.0}})
     confounded = bundle_with({"distill": {"lambda": 1.0}, "model": {"block": "mbconv"}})
     same = bundle_with({"tracking": {"uri": "sqlite:///elsewhere.db"}, "train": {"num_workers": 4}})
-    half = bundle_with({"data": {"train_fraction": 0.5}})
-    groups, unused = group_ablations(bundle, [l5, l1, l1_again, alpha, alpha_tau, confounded, same, half])
+    stride = bundle_with({"model": {"stem_stride": 4}})
+    groups, unused = group_ablations(bundle, [l5, l1, l1_again, alpha, alpha_tau, confounded, same, stride])
     assert {name: sorted(b["params_hash"] for b in runs) for name, runs in groups.items()} == {
         "lambda": sorted([l5["params_hash"], l1["params_hash"]]),
         "alpha_tau": sorted([alpha["params_hash"], alpha_tau["params_hash"]]),
-        "train_fraction": [half["params_hash"]],
+        "stem_stride": [stride["params_hash"]],
     }
     assert sorted(diff for _, diff in unused) == [[], ["distill.lambda"], ["distill.lambda", "model.block"]]
+
+
+def test_ablations_are_compared_with_their_own_reference(tmp_path, bundle):
+    # ablations run at an earlier default (train.grad_clip 1): against the report's run they differ in two keys
+    earlier = {"train": {"grad_clip": 1.0}}
+    reference = bundle_with(earlier, shift=-0.05, git_commit="e" * 40)
+    runs = [bundle_with(earlier | {"distill": {"lambda": 1.0}}, shift=-0.1)]
+    build_report(bundle, tmp_path / "own", REPORT, runs, ablation_reference=reference)
+    table = (tmp_path / "own" / "tables" / "ablation_lambda.csv").read_text(encoding="utf-8").splitlines()
+    assert [line.split(",")[1:3] for line in table[1:]] == [[runs[0]["params_hash"], "no"],
+                                                            [reference["params_hash"], "yes"]]
+    assert bundle["params_hash"] not in "\n".join(table)
+    readme = (tmp_path / "own" / "README.md").read_text(encoding="utf-8")
+    assert (f"The ablation tables compare each run with the reference run {'e' * 12} (commit `{'e' * 40}`, params "
+            f"hash `{reference['params_hash']}`, `ablations/reference.json`). The ablations were run at an earlier "
+            "default than this report's run, which differs in train.grad_clip: to rerun them at this one, "
+            "`scripts/queue_ablations.sh`, `dvc queue start`, then `python -m pipeline.report --collect-ablations`."
+            ) in readme
+    assert f"| `{runs[0]['params_hash']}` | distill.lambda | ablation_lambda |" in readme
+    # without a reference of their own, they are compared with the report's run, and are no ablation of it
+    written = build_report(bundle, tmp_path / "main", REPORT, runs)
+    assert not [p for p in written if "ablation" in p.name]
+    readme = (tmp_path / "main" / "README.md").read_text(encoding="utf-8")
+    assert f"params hash `{bundle['params_hash']}`)." in readme and "earlier default" not in readme
+    assert f"| `{runs[0]['params_hash']}` | distill.lambda, train.grad_clip | not used |" in readme
+    # a reference of the report's params (another run of them) is said to be so
+    build_report(bundle, tmp_path / "same", REPORT, lambda_runs(), ablation_reference=bundle_with(shift=0.1))
+    assert "Its results params are this report's run's." in (tmp_path / "same" / "README.md").read_text()
+
+
+def test_the_working_tree_ablations_keep_their_reference_apart(tmp_path, bundle):
+    from hdkd.io import write_json
+    from hdkd.report.stage import working_tree_inputs
+
+    reference, (l5, l1) = bundle_with(shift=0.1), lambda_runs()
+    write_json(tmp_path / "bundle.json", bundle)
+    for name, b in (("reference", reference), ("abl-lambda-5", l5), ("abl-lambda-1", l1)):
+        write_json(tmp_path / "ablations" / f"{name}.json", b)
+    main, runs, own = working_tree_inputs(tmp_path / "bundle.json", tmp_path / "ablations")
+    assert (main, runs, own) == (bundle, [l1, l5], reference)
+    (tmp_path / "ablations" / "reference.json").unlink()
+    assert working_tree_inputs(tmp_path / "bundle.json", tmp_path / "ablations")[2] is None
 
 
 def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
@@ -218,8 +324,8 @@ def test_no_ablation_table_without_differing_runs(tmp_path, bundle):
 
 
 def build_full(out, bundle):
-    halves = [bundle_with({"data": {"train_fraction": f}}, shift=-0.2 * (1 - f)) for f in (0.25, 0.5)]
-    return build_report(bundle, out, REPORT, [*lambda_runs(), *halves])
+    stages = [bundle_with({"distill": {"stages": s}}, shift=-0.05 * len(s)) for s in ([3], [2, 3])]
+    return build_report(bundle, out, REPORT, [*lambda_runs(), *stages])
 
 
 def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
@@ -227,7 +333,7 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
     written = build_full(out, bundle)
     names = sorted(p.relative_to(out).as_posix() for p in written)
     tables = ["main", "data_efficiency", "significance", "metrics", "per_class", "efficiency", "ablation_lambda",
-              "ablation_train_fraction"]
+              "ablation_stages"]
     figures = ["confusion_teacher", "confusion_student", "confusion_hdkd", "training_curves", "per_class_f1",
                "data_efficiency"]
     assert names == sorted([f"tables/{t}.{s}" for t in tables for s in ("md", "csv")]
@@ -248,7 +354,7 @@ def test_build_report_writes_tables_figures_and_readme(tmp_path, bundle):
         assert f"(figures/{name}.png)" in readme
     assert "## Other runs" in readme  # every ablation run, with what it differs in and where it is used
     assert readme.count("| distill.lambda | ablation_lambda |\n") == 2
-    assert readme.count("| data.train_fraction | ablation_train_fraction |\n") == 2
+    assert readme.count("| distill.stages | ablation_stages |\n") == 2
 
 
 def test_report_is_byte_deterministic(tmp_path, bundle):

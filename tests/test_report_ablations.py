@@ -84,9 +84,9 @@ def test_the_queue_script_runs_the_generated_commands(tmp_path):
     fake.chmod(0o755)
     env = {**os.environ, "DVC_LOG": str(log), "PYTHONPATH": str(ROOT),
            "PATH": os.pathsep.join([str(fake.parent), os.path.dirname(sys.executable), os.environ["PATH"]])}
-    subprocess.run(["bash", str(ROOT / "scripts" / "queue_ablations.sh"), "lambda", "train_fraction"], env=env,
+    subprocess.run(["bash", str(ROOT / "scripts" / "queue_ablations.sh"), "lambda", "block"], env=env,
                    check=True, capture_output=True, text=True)
-    expected = [" ".join(c[1:]) for c in queue_commands(["lambda", "train_fraction"])] + ["queue status"]
+    expected = [" ".join(c[1:]) for c in queue_commands(["lambda", "block"])] + ["queue status"]
     assert log.read_text().splitlines() == expected
 
 

@@ -156,7 +156,8 @@ def test_git_state_ignores_pipeline_outputs(git_repo, tmp_path, monkeypatch):
 def pipeline_repo(tmp_path_factory):
     """Reports as the pipeline writes them, with ablation bundles in reports/ablations: commit C, and a
     DVC experiment committed on its ref (refs/exps/...). No bundle.json is committed, so the main
-    bundles can only come from their evaluate runs in MLflow."""
+    bundles can only come from their evaluate runs in MLflow. The ablations were run against an earlier
+    default (train.grad_clip 1), their reference.json: grouped against the main run, they would be no ablation."""
     from mlflow.tracking import MlflowClient
 
     from hdkd.report.ablations import ablation_labels, write_ablations
@@ -165,14 +166,16 @@ def pipeline_repo(tmp_path_factory):
     repo = tmp / "repo"
     repo.mkdir()
     run_git(repo, "init", "-q", "-b", "main")
-    ablations = [bundle_with({"distill": {"lambda": 1.0}}, shift=-0.1, dvc_exp_name="abl-lambda-1"),
-                 bundle_with({"data": {"train_fraction": 0.5}}, shift=-0.2)]
-    write_ablations(ablation_labels(ablations), repo / "reports" / "ablations")
+    earlier = {"train": {"grad_clip": 1.0}}
+    reference = bundle_with(earlier, shift=0.03, git_commit="e" * 40)
+    ablations = [bundle_with(earlier | {"distill": {"lambda": 1.0}}, shift=-0.1, dvc_exp_name="abl-lambda-1"),
+                 bundle_with(earlier | {"model": {"stem_stride": 4}}, shift=-0.2)]
+    write_ablations(ablation_labels(ablations), repo / "reports" / "ablations", reference)
     plain = bundle_with(shift=0.01)
-    build_report(plain, repo / "reports", REPORT, ablations)
+    build_report(plain, repo / "reports", REPORT, ablations, ablation_reference=reference)
     commit = commit_all(repo, "Reports with ablations")
     exp = bundle_with(shift=0.02, git_commit=commit, dvc_exp_name="exp-again")  # `dvc exp run` of the same params
-    build_report(exp, repo / "reports", REPORT, ablations)
+    build_report(exp, repo / "reports", REPORT, ablations, ablation_reference=reference)
     exp_commit = commit_all(repo, "exp-again")
     run_git(repo, "update-ref", f"refs/exps/{commit[:2]}/{commit[2:]}/exp-again", exp_commit)
     run_git(repo, "reset", "-q", "--hard", commit)
@@ -203,7 +206,9 @@ def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, 
     report_cli(["--rev", rev, "--tracking-uri", pipeline_repo["uri"], "--repo", str(repo),
                 "--params", str(PARAMS_YAML)])
     committed = committed_report(repo, pipeline_repo[source])
-    assert {"ablation_lambda.md", "ablation_train_fraction.csv"} <= set(committed)
+    assert {"ablation_lambda.md", "ablation_stem_stride.csv"} <= set(committed)  # only against reference.json
+    assert b"were run at an earlier default than this report's run, which differs in train.grad_clip" in committed[
+        "README.md"]
     assert rebuilt_report(tmp_path / "runs" / rev) == committed  # default --out: runs/<rev>, not reports/
     assert (tmp_path / "runs" / rev / "figures" / "data_efficiency.png").is_file()
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
-from hdkd.stats import mcnemar_exact, mean_std, paired_t, verdict
+from hdkd.stats import effect_size, holm, mcnemar_exact, mean_std, paired_t, verdict
 
 
 def test_mean_and_sample_std():
@@ -32,6 +33,30 @@ def test_paired_t_hand_computed():
     assert c.p_value == pytest.approx(sps.ttest_rel(a, b).pvalue)
     assert c.test == "paired_t"
     assert verdict(c) == "not significant"  # p = 0.057
+
+
+def test_holm_hand_computed():
+    # sorted p 0.01, 0.03, 0.04 times 3, 2, 1: 0.03, 0.06, 0.04 -> made monotone: 0.03, 0.06, 0.06; back in order
+    p = [0.01, 0.04, 0.03]
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]))
+    # a row without a test stays without one and is not counted in the family
+    assert holm([0.01, None, 0.04, 0.03]) == [pytest.approx(0.03), None, pytest.approx(0.06), pytest.approx(0.06)]
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([None]) == [None] and holm([]) == []
+
+
+def test_effect_size_hand_computed():
+    # differences 0.10, 0.05, 0.05: mean 1/15, sample sd 0.05/sqrt(3) -> d = 4/sqrt(3)
+    assert effect_size([0.10, 0.05, 0.05]) == pytest.approx(4 / math.sqrt(3))
+    assert effect_size([-0.10, -0.05, -0.05]) == pytest.approx(-4 / math.sqrt(3))
+    c = paired_t([0.90, 0.80, 0.85], [0.80, 0.75, 0.80])
+    assert c.effect_size == pytest.approx(4 / math.sqrt(3))
+    assert c.effect_size == pytest.approx(c.difference_mean / np.std([0.10, 0.05, 0.05], ddof=1))
+    # undefined: one seed, or no spread
+    assert effect_size([0.1]) is None and effect_size([0.1, 0.1]) is None
+    assert paired_t([0.9], [0.8]).effect_size is None and paired_t([0.9, 0.8], [0.8, 0.7]).effect_size is None
+    assert mcnemar_exact([True, False], [False, False]).effect_size is None  # McNemar rows have none
 
 
 def test_paired_t_sign_follows_the_order():

@@ -32,7 +32,7 @@ from hdkd.data.formats import Catalog
 from hdkd.data.images import decode_resized
 from hdkd.data.packed import IMAGES, MANIFEST, NpyWriter, read_rows, write_labels_and_index
 from hdkd.data.sources import get_source
-from hdkd.data.splits import SPLITS, UNUSED, assign_splits
+from hdkd.data.splits import SPLITS, assign_splits
 from hdkd.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,10 @@ def prepare_dataset(
         items,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
-        train_fraction=cfg.train_fraction,
         seed=seed,
     )
-    used = items[items["split"] != UNUSED].reset_index(drop=True)
-    log.info(
-        "%s: %d images, %d used (%s)",
-        catalog.where,
-        len(items),
-        len(used),
-        used["split"].value_counts().to_dict(),
-    )
+    used = items.reset_index(drop=True)
+    log.info("%s: %d images (%s)", catalog.where, len(used), used["split"].value_counts().to_dict())
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -108,8 +101,6 @@ def prepare_dataset(
                 "sizes": {s: sum(c.values()) for s, c in counts.items()},
                 "val_fraction": cfg.val_fraction,
                 "test_fraction": cfg.test_fraction,
-                "train_fraction": cfg.train_fraction,
-                "unused_training_images": int((items["split"] == UNUSED).sum()),
                 "seed": seed,
             },
             "source": {"where": catalog.where, **record},
@@ -182,8 +173,6 @@ def _check_split_classes(catalog: Catalog, counts: dict[str, dict[str, int]], qu
     lost = int(quarantined["label"].map(lambda i: catalog.classes[i]).isin(missing).sum())
     if lost:
         hints.append(f"{lost} of their images were unreadable: restore them (see {QUARANTINE})")
-    if any(counts["train"][c] == 0 for c in missing):
-        hints.append("for the train split, raise data.train_fraction")
     raise DataError(
         f"{catalog.where}: {'; '.join(problems)}. Every class needs images in train, val and test: "
         + "; ".join(hints) + "."

@@ -14,7 +14,6 @@ import pandas as pd
 from hdkd.data.errors import DataError
 
 SPLITS = ("train", "val", "test")
-UNUSED = "unused"  # training images left out by data.train_fraction
 
 
 def _group_classes(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,14 +32,13 @@ def carve(
     groups: np.ndarray,
     fraction: float,
     rng: np.random.Generator,
-    at_least_one: bool = True,
 ) -> np.ndarray:
     """Boolean mask of about ``fraction`` of each class's samples, taking whole groups.
 
     A group belongs to the class most of its samples have (a lesion has one diagnosis). Per class,
     groups are visited in a random order and taken while that brings the count closer to
-    ``round(fraction * class size)`` (with ``at_least_one``, at least one group, the smallest if
-    every group overshoots, so that a small validation or test split still sees every class). One
+    ``round(fraction * class size)``, and at least one group (the smallest if every group overshoots,
+    so that a small validation or test split still sees every class). One
     group is always left behind: the remaining side keeps every class.
     """
     group_of, size, group_label = _group_classes(labels, groups)
@@ -51,7 +49,7 @@ def carve(
         if len(members) < 2:
             continue
         members = rng.permutation(members)
-        target = max(int(at_least_one), round(fraction * size[members].sum()))
+        target = max(1, round(fraction * size[members].sum()))
         taken = 0
         for g in members[:-1]:
             if taken >= target:
@@ -59,21 +57,21 @@ def carve(
             if taken + size[g] - target < target - taken:  # closer to the target with this group
                 chosen[g] = True
                 taken += size[g]
-        if at_least_one and not taken:  # every group visited overshot: the smallest still beats none
+        if not taken:  # every group visited overshot: the smallest still beats none
             chosen[members[np.argmin(size[members])]] = True
     return chosen[group_of]
 
 
 def assign_splits(
-    items: pd.DataFrame, *, val_fraction: float, test_fraction: float, train_fraction: float, seed: int
+    items: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int
 ) -> np.ndarray:
     """Return each item's split: its official one where the source has it, else carved.
 
     ``items`` has ``label``, ``group`` and ``split`` (``train``/``val``/``test``, or ``""`` for
     "no official split"). Without an official test split, ``test_fraction`` of all images is
     carved out; without an official validation split, ``val_fraction`` of the training images.
-    ``train_fraction < 1`` then keeps that share of the training split (the rest is ``unused``).
-    Each step draws from its own stream of ``seed``.
+    Each step draws from its own stream of ``seed`` (the share of the training split a run trains on:
+    :func:`nested_subsets`, at training time).
     """
     split = items["split"].to_numpy(dtype=object).copy()
     unknown = set(split) - {"", *SPLITS}
@@ -84,19 +82,14 @@ def assign_splits(
     if not (split == "train").any():
         raise DataError("the source has no training images")
 
-    def carve_from(pool: np.ndarray, fraction: float, stream: int, at_least_one: bool = True) -> np.ndarray:
+    def carve_from(pool: np.ndarray, fraction: float, stream: int) -> np.ndarray:
         idx = np.flatnonzero(pool)
-        picked = carve(
-            labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]), at_least_one
-        )
-        return idx[picked]
+        return idx[carve(labels[idx], groups[idx], fraction, np.random.default_rng([seed, stream]))]
 
     if not (split == "test").any():
         split[carve_from(split == "train", test_fraction, 0)] = "test"
     if not (split == "val").any():
         split[carve_from(split == "train", val_fraction, 1)] = "val"
-    if train_fraction < 1:  # drop the rest; what is kept keeps every class
-        split[carve_from(split == "train", 1 - train_fraction, 2, at_least_one=False)] = UNUSED
     return split.astype(str)
 
 
@@ -116,7 +109,9 @@ def nested_subsets(
     if bad:
         raise ValueError(f"training fractions must lie in (0, 1]; got {bad}")
     group_of, size, group_label = _group_classes(labels, groups)
-    rng = np.random.default_rng([seed, 3])  # stream 3: streams 0-2 carve test, val and data.train_fraction
+    # stream 3: streams 0 and 1 carve test and val; 2 was the removed data.train_fraction's, left unused so
+    # that the subsets of existing data stay the same
+    rng = np.random.default_rng([seed, 3])
     orders = {c: rng.permutation(np.flatnonzero(group_label == c)) for c in np.unique(group_label)}
     subsets = {}
     for f in sorted(set(fractions)):

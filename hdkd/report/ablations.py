@@ -12,9 +12,13 @@ Collect (``python -m pipeline.report --collect-ablations``, then ``dvc repro rep
 3. those differing from the reference bundle (the working tree's ``reports/bundle.json``) in the
    keys of exactly one ablation of :data:`ABLATIONS`;
 4. written to ``reports/ablations/<label>.json`` (label: the DVC experiment name, else the params
-   hash prefix), each file atomically; other ``*.json`` there are stale and removed.
+   hash prefix), each file atomically, with the reference itself as ``reference.json``
+   (:data:`REFERENCE_LABEL`, which no run's label takes); other ``*.json`` there are stale and removed.
 
-The folder is git-tracked: commit it with the reports so that ``--rev`` finds the same ablations.
+The ablation tables compare the runs with that ``reference.json`` (a folder without one, collected
+before it was written: with the report's own bundle), so a set of ablations keeps its reference when
+the default params, and the main run, move on; the report says when they differ. The folder is
+git-tracked: commit it with the reports so that ``--rev`` finds the same ablations and reference.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from hdkd.tracking import TAG, find_runs
 EVALUATE_STAGE = "evaluate"
 UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 EXPERIMENT_PREFIX = "abl-"
+REFERENCE_LABEL = "reference"  # <ablations dir>/reference.json: the bundle the ablation runs were grouped against
 
 @dataclass(frozen=True)
 class Ablation:
@@ -62,10 +67,13 @@ ABLATIONS = (
              grid=({"model.block": "mbconv"},), show_macs=True),
     Ablation("stem_stride", "stem stride", ("model.stem_stride",), ("Stem stride",), MODEL_NAMES,
              grid=({"model.stem_stride": 4},), show_macs=True),
-    Ablation("train_fraction", "fraction of training data", ("data.train_fraction",), ("Train fraction",), None,
-             grid=({"data.train_fraction": 0.25}, {"data.train_fraction": 0.5})),
 )
 AblationGroups = Mapping[str, Sequence[Mapping[str, Any]]]  # ablation name -> its runs
+
+
+def split_reference(files: Mapping[str, Mapping[str, Any]]) -> tuple[Mapping[str, Any] | None, list[Mapping[str, Any]]]:
+    """An ablations folder's bundles by file stem -> (its reference bundle or ``None``, the ablation runs by stem)."""
+    return files.get(REFERENCE_LABEL), [b for stem, b in sorted(files.items()) if stem != REFERENCE_LABEL]
 
 
 class NoTrackedRuns(LookupError):
@@ -194,7 +202,8 @@ def select_ablations(
 
 def ablation_labels(bundles: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """File label -> bundle: the DVC experiment name (file-name safe), else the params hash prefix;
-    an experiment name used twice (experiments of different baselines) gets the hash appended."""
+    an experiment name used twice (experiments of different baselines), or named :data:`REFERENCE_LABEL`,
+    gets the hash appended."""
     bundles = list(bundles)
     names = [UNSAFE_FILE_CHARS.sub("-", b.get("dvc_exp_name") or "").strip("-.") for b in bundles]
     labels = {}
@@ -202,21 +211,24 @@ def ablation_labels(bundles: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[s
         short_hash = bundle["params_hash"][:12]
         if not name:
             labels[short_hash] = bundle
-        elif names.count(name) > 1:
+        elif names.count(name) > 1 or name == REFERENCE_LABEL:
             labels[f"{name}-{short_hash}"] = bundle
         else:
             labels[name] = bundle
     return labels
 
 
-def write_ablations(bundles: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike) -> Collected:
-    """Write ``<label>.json`` per bundle into ``out_dir`` (atomically each) and remove stale ``*.json``."""
+def write_ablations(bundles: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike,
+                    reference: Mapping[str, Any]) -> Collected:
+    """Write ``<label>.json`` per bundle and ``reference.json`` into ``out_dir`` (atomically each) and remove
+    stale ``*.json``."""
     out = Path(out_dir)
     done = Collected(written={out / f"{label}.json": b for label, b in bundles.items()})
-    for path, bundle in done.written.items():
+    reference_path = out / f"{REFERENCE_LABEL}.json"
+    for path, bundle in (*done.written.items(), (reference_path, reference)):
         write_json(path, bundle)
     for path in sorted(out.glob("*.json")):
-        if path not in done.written:
+        if path not in done.written and path != reference_path:
             path.unlink()
             done.removed.append(path)
     return done
@@ -234,15 +246,17 @@ def collect_ablations(
         older = f" (only {len(old)} of an older pipeline's bundle schema)" if old else ""
         raise NoTrackedRuns(f"no evaluate run with a results bundle in MLflow experiment {experiment!r} at "
                             f"{tracking_uri}{older}: nothing collected, {out_dir} left as it is")
-    chosen, skipped = select_ablations(validate_bundle(reference), tracked)
-    done = write_ablations(ablation_labels(chosen), out_dir)
+    reference = validate_bundle(reference)
+    chosen, skipped = select_ablations(reference, tracked)
+    done = write_ablations(ablation_labels(chosen), out_dir, reference)
     done.skipped = skipped + old
     return done
 
 
 def summary(done: Collected, reference: Mapping[str, Any]) -> str:
     """Human-readable account of a collection, one line per file and per run left out."""
-    lines = [f"{len(done.written)} ablation run(s) of reference {reference['params_hash']}:"]
+    lines = [f"{len(done.written)} ablation run(s) of reference {reference['params_hash']} (written as "
+             f"{REFERENCE_LABEL}.json):"]
     lines += [f"  wrote   {p}  ({', '.join(differing_params(reference, b))})" for p, b in done.written.items()]
     lines += [f"  removed {p} (stale)" for p in done.removed]
     lines += [f"  skipped {b.get('dvc_exp_name') or b['params_hash']}: {why}" for b, why in done.skipped]

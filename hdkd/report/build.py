@@ -39,10 +39,14 @@ from matplotlib.ticker import MaxNLocator
 from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
 from hdkd.evidence import (
+    FULL,
+    ONE_CLASS_SHARE,
     aggregate,
     data_efficiency_rows,
     fractions_of,
+    not_learned,
     paired_sentences,
+    seeds_not_learned,
     seeds_of,
     significance_rows,
     versus_reference,
@@ -50,10 +54,10 @@ from hdkd.evidence import (
 from hdkd.io import csv_text, output_set, write_bytes, write_text
 from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
-from hdkd.report.diagnostics import ONE_CLASS_SHARE, diagnosis_sentence, diagnostics_rows, loss_terms_figure
+from hdkd.report.diagnostics import diagnosis_sentence, diagnostics_rows, loss_terms_figure
 from hdkd.report.model_card import model_card
 from hdkd.roster import primary_run, roster
-from hdkd.stats import Comparison
+from hdkd.stats import Comparison, holm
 
 NA = "n/a"
 
@@ -88,8 +92,9 @@ def pct_spread(mean: float, std: float | None) -> str:
     return pct(mean) if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def points_difference(c: Comparison | None) -> str:
-    """``+1.25 [-0.50, +3.00], p = 0.12`` (percentage points); why there is no test when there is none."""
+def points_difference(c: Comparison | None, p_holm: float | None) -> str:
+    """``+1.25 [-0.50, +3.00], p = 0.12 (Holm 0.36)`` (percentage points; ``p_holm``: the Holm-adjusted p);
+    why there is no test when there is none."""
     if c is None:
         return NA
     def points(x: float) -> str:
@@ -98,7 +103,23 @@ def points_difference(c: Comparison | None) -> str:
     head = points(c.difference_mean)
     if c.untested:
         return f"{head} (no test: {c.untested})"
-    return f"{head} [{points(c.ci_low)}, {points(c.ci_high)}], p = {c.p_value:.3g}"
+    return f"{head} [{points(c.ci_low)}, {points(c.ci_high)}], p = {c.p_value:.3g} (Holm {p_holm:.3g})"
+
+
+def learned(bundle: Mapping[str, Any], model: str, fraction: float = FULL) -> str:
+    """``yes``, ``yes (1 of 3 seeds did not)``, or ``no (2 of 3 seeds)`` when the model did not learn
+    (:func:`hdkd.evidence.not_learned`)."""
+    failed, seeds = seeds_not_learned(bundle, model, fraction)
+    if not failed:
+        return "yes"
+    if not_learned(bundle, model, fraction):
+        return f"no ({failed} of {seeds} seeds)"
+    return f"yes ({failed} of {seeds} seeds did not)"
+
+
+NOT_LEARNED_NOTE = (f"Did not learn: at least {100 * ONE_CLASS_SHARE:g} % of a run's test predictions are one class "
+                    "(more than that class's share of the test labels); a model did not learn at a training fraction "
+                    "when most of its seeds did not, and gets no verdict.")
 
 
 def fixed(x: float | None, digits: int) -> str:
@@ -166,7 +187,7 @@ def main_table(bundle: Mapping[str, Any]) -> Table:
     ci = _ci_label(bundle)
     seed, _ = primary_run(bundle["params"])
     columns = ("Model", "Params (M)", "MACs (M)", "Accuracy (%)", f"Accuracy {ci}", "Precision (%)", "Recall (%)",
-               "F1 (%)", f"F1 {ci}", "Accuracy mean ± std (%)", "F1 mean ± std (%)", "Seeds")
+               "F1 (%)", f"F1 {ci}", "Accuracy mean ± std (%)", "F1 mean ± std (%)", "Seeds", "Learned")
     rows = []
     for m in model_names(bundle):
         ev, eff, agg = bundle["models"][m]["evaluation"], _efficiency(bundle, m), aggregate(bundle, m)
@@ -174,25 +195,28 @@ def main_table(bundle: Mapping[str, Any]) -> Table:
                      pct_interval(_interval(ev, "accuracy")), pct(ev["precision_macro"]), pct(ev["recall_macro"]),
                      pct(ev["f1_macro"]), pct_interval(_interval(ev, "f1_macro")),
                      pct_spread(agg["accuracy_mean"], agg["accuracy_std"]),
-                     pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]), str(agg["n_seeds"])))
+                     pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]), str(agg["n_seeds"]), learned(bundle, m)))
     n = len(bundle["class_names"])
     note = (f"Test split of {bundle['dataset']}, every model trained on the whole training split. Accuracy to F1 "
             f"CI: seed {seed}'s run; mean ± std: mean and sample standard deviation over the training seeds. "
             f"Precision, recall and F1 are macro averages over all {n} classes; MACs for one image. "
-            f"{_ci_note(bundle)} {models_note(bundle)}")
+            f"{_ci_note(bundle)} {NOT_LEARNED_NOTE} {models_note(bundle)}")
     return Table("main", "Main comparison", columns, tuple(rows), note)
 
 
 def data_efficiency_table(bundle: Mapping[str, Any]) -> Table:
     """Every model at every training fraction, over the seeds (the columns: ``data_efficiency.csv``'s contract)."""
-    columns = ("fraction", "model", "accuracy_mean", "accuracy_std", "f1_macro_mean", "f1_macro_std", "n_seeds")
+    columns = ("fraction", "model", "accuracy_mean", "accuracy_std", "f1_macro_mean", "f1_macro_std", "n_seeds",
+               "seeds_did_not_learn", "did_not_learn")
     rows = tuple((format(r["fraction"], "g"), r["model"], fixed(r["accuracy_mean"], 4), fixed(r["accuracy_std"], 4),
-                  fixed(r["f1_macro_mean"], 4), fixed(r["f1_macro_std"], 4), str(r["n_seeds"]))
+                  fixed(r["f1_macro_mean"], 4), fixed(r["f1_macro_std"], 4), str(r["n_seeds"]),
+                  str(r["seeds_did_not_learn"]), "yes" if r["did_not_learn"] else "no")
                  for r in data_efficiency_rows(bundle, model_names(bundle)))
     note = ("Test accuracy and macro-F1 (fractions of 1) by share of the training split, mean and sample standard "
             "deviation over the seeds (n/a: one seed). The subsets are stratified by class, keep lesion groups "
             "whole, and are nested (each inside the next larger); every model of a seed trains on the same one. "
-            "Validation and test sets never shrink. " + BUDGET_NOTES[bundle["params"]["train"].get("budget", "epochs")])
+            f"Validation and test sets never shrink. {BUDGET_NOTES[bundle['params']['train'].get('budget', 'epochs')]} "
+            f"{NOT_LEARNED_NOTE}")
     return Table("data_efficiency", "Data efficiency", columns, rows, note)
 
 
@@ -222,18 +246,33 @@ def diagnostics_table(bundle: Mapping[str, Any]) -> Table | None:
     return Table("training_diagnostics", "Training diagnostics", columns, cells, note)
 
 
-def significance_table(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]]) -> Table | None:
-    """A − B for each comparison at each fraction (the columns: ``significance.csv``'s contract)."""
-    rows = significance_rows(bundle, comparisons)
+def significance_table(rows: Sequence[Mapping[str, Any]]) -> Table | None:
+    """A − B for each comparison at each fraction, from :func:`hdkd.evidence.significance_rows` (the columns:
+    ``significance.csv``'s contract)."""
     if not rows:
         return None
-    columns = ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "p_value", "test")
+    columns = ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "effect_size", "p_value",
+               "p_value_holm", "test", "did_not_learn")
     cells = tuple((r["comparison"], format(r["fraction"], "g"), r["metric"], fixed(r["difference_mean"], 4),
-                   fixed(r["ci_low"], 4), fixed(r["ci_high"], 4), NA if r["p_value"] is None else f"{r['p_value']:.4g}",
-                   r["test"]) for r in rows)
-    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} No correction for multiple "
-            "comparisons.")
+                   fixed(r["ci_low"], 4), fixed(r["ci_high"], 4), fixed(r["effect_size"], 3), _p(r["p_value"]),
+                   _p(r["p_value_holm"]), r["test"], ", ".join(r["did_not_learn"]) or "none") for r in rows)
+    family = _tests(r["p_value_holm"] for r in rows)
+    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} `p_value_holm`: the paired t "
+            f"p-values of this table are one family of {family}, Holm-adjusted (statsmodels multipletests); the "
+            "verdicts use the adjusted p. `effect_size`: the mean paired difference over the sample standard "
+            "deviation of the per-seed differences (n/a: one seed, or no spread). "
+            f"`did_not_learn`: the models of the pair that did not learn at that fraction. {NOT_LEARNED_NOTE}")
     return Table("significance", "Paired comparisons", columns, cells, note)
+
+
+def _tests(adjusted: Iterable[float | None]) -> str:
+    """``3 paired t-tests``: the size of a Holm family, from its adjusted p-values."""
+    n = sum(p is not None for p in adjusted)
+    return f"{n} paired t-test{'' if n == 1 else 's'}"
+
+
+def _p(p: float | None) -> str:
+    return NA if p is None else f"{p:.4g}"
 
 
 _SIGNIFICANCE_METHOD = (
@@ -241,14 +280,16 @@ _SIGNIFICANCE_METHOD = (
     "t-interval (95 %) and two-sided p-value over the per-seed differences (scipy.stats.ttest_rel), the "
     "verdict's test. `mcnemar_exact_seed<s>`: exact McNemar test on per-image correctness of seed s's pair "
     "(statsmodels), with the exact conditional interval of the accuracy difference; seeds are not pooled, "
-    "since they share the test images and their counts are not independent.")
+    "since they share the test images and their counts are not independent; per-seed detail, not adjusted.")
 
 
-def significance_sentences(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]]) -> list[str]:
-    """One plain sentence per comparison: the accuracy difference on the whole training split."""
+def significance_sentences(bundle: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+                           comparisons: Sequence[Sequence[str]]) -> list[str]:
+    """One plain sentence per comparison: the accuracy difference on the whole training split, from the
+    significance table's ``rows`` (so with its Holm adjustment)."""
     run = roster(bundle["params"])
     return [line for a, b in comparisons
-            for line in paired_sentences(bundle, a, b, (model_label(a, run), model_label(b, run)), ("accuracy",))]
+            for line in paired_sentences(rows, a, b, (model_label(a, run), model_label(b, run)), ("accuracy",))]
 
 
 def metrics_table(bundle: Mapping[str, Any]) -> Table:
@@ -338,8 +379,13 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
                  f"Accuracy {ci}", "F1 (%)") + (("MACs (M)",) if ablation.show_macs else ())
     columns = ablation.headers + ("Run (params hash)", "Reference") + tuple(
         f"{model_label(m, roster(reference['params']))} {c}" for m in models for c in per_model)
+    series = _ablation_series(ablation, reference, runs)
+    effects = {(i, m): versus_reference(bundle, reference, m) for i, (_, bundle, is_reference) in enumerate(series)
+               if not is_reference for m in models if m in bundle["models"]}
+    # one family per table: every Δ with a p-value
+    adjusted = dict(zip(effects, holm([c.p_value if c else None for c in effects.values()])))
     rows = []
-    for values, bundle, is_reference in _ablation_series(ablation, reference, runs):
+    for i, (values, bundle, is_reference) in enumerate(series):
         cells = [param_value(v) for v in values] + [bundle["params_hash"], "yes" if is_reference else "no"]
         for m in models:
             result = bundle["models"].get(m)
@@ -347,7 +393,9 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
                 cells += [NA] * len(per_model)
                 continue
             ev, agg = result["evaluation"], aggregate(bundle, m)
-            effect = "reference" if is_reference else points_difference(versus_reference(bundle, reference, m))
+            effect = "reference" if is_reference else points_difference(effects[i, m], adjusted[i, m])
+            if not_learned(bundle, m):
+                effect += "; did not learn"
             cells += [pct_spread(agg["accuracy_mean"], agg["accuracy_std"]),
                       pct_spread(agg["f1_macro_mean"], agg["f1_macro_std"]), effect,
                       pct(ev["accuracy"]), pct_interval(_interval(ev, "accuracy")), pct(ev["f1_macro"])]
@@ -358,7 +406,8 @@ def ablation_table(ablation: Ablation, reference: Mapping[str, Any], runs: Seque
     note = (f"Runs differing from the reference only in {', '.join(ablation.keys)}; F1 is macro. Mean ± sample std "
             f"over each run's training seeds, on the whole training split. Δ: the run's accuracy minus the "
             f"reference's, paired by seed on the same test images: mean [95% CI], p of the paired t over the seeds "
-            f"both ran (no correction for multiple comparisons). The other columns: seed {seed}'s run.")
+            f"both ran, and (Holm) that p adjusted over this table's {_tests(adjusted.values())}. The other columns: "
+            f"seed {seed}'s run. {NOT_LEARNED_NOTE}")
     return Table(f"ablation_{ablation.name}", f"Ablation: {ablation.title}", columns, tuple(rows), note)
 
 
@@ -407,7 +456,8 @@ def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
 
 
 def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
-    """Accuracy and macro-F1 by training fraction: mean over the seeds, ± one std as a band."""
+    """Accuracy and macro-F1 by training fraction: mean over the seeds, ± one std as a band; an open marker where
+    the model did not learn (:func:`hdkd.evidence.not_learned`)."""
     fractions = fractions_of(bundle)
     if len(fractions) < 2:
         return None
@@ -424,6 +474,10 @@ def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
             color = model_color(m, models, run)
             ax.plot(x, mean, marker="o", color=color, label=model_label(m, run))
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            flagged = np.array([r["did_not_learn"] for r in points], dtype=bool)
+            if flagged.any():
+                ax.plot(x[flagged], mean[flagged], linestyle="none", marker="o", markerfacecolor="white",
+                        markeredgecolor=color, zorder=3)
         ax.set_xscale("log")
         ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
         ax.minorticks_off()
@@ -431,19 +485,27 @@ def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
         ax.grid(alpha=0.3)
     n = max(r["n_seeds"] for r in rows)
     fig.suptitle(f"Data efficiency: mean ± std over {n} seed{'s' if n != 1 else ''}")
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=min(len(models), 5),
-               loc="outside lower center")  # never over the curves
+    if any(r["did_not_learn"] for r in rows):  # one legend entry for the open markers
+        axes[0].plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="0.3",
+                     label="did not learn")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the axes: never over the curves
+    fig.legend(handles, labels, fontsize=8, ncols=min(len(handles), 5), loc="outside lower center")
     return fig
 
 
 # ---------------------------------------------------------------------------------------- report
 def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None,
-                  export: Mapping[str, Any] | None = None, comparisons: Sequence[Sequence[str]] = ()) -> list[Table]:
+                  export: Mapping[str, Any] | None = None, significance: Sequence[Mapping[str, Any]] = (),
+                  ablation_reference: Mapping[str, Any] | None = None) -> list[Table]:
+    """The tables of one run: ``significance``, the rows of :func:`hdkd.evidence.significance_rows`; the ablation
+    tables compare ``ablation_groups`` with ``ablation_reference`` (default: ``bundle``)."""
     ablation_groups = ablation_groups or {}
-    tables = [main_table(bundle), data_efficiency_table(bundle), significance_table(bundle, comparisons),
+    tables = [main_table(bundle), data_efficiency_table(bundle), significance_table(significance),
               metrics_table(bundle), per_class_table(bundle), efficiency_table(bundle, export),
               diagnostics_table(bundle)]
-    tables += [ablation_table(a, bundle, ablation_groups[a.name]) for a in ABLATIONS if a.name in ablation_groups]
+    tables += [ablation_table(a, ablation_reference or bundle, ablation_groups[a.name])
+               for a in ABLATIONS if a.name in ablation_groups]
     return [t for t in tables if t is not None]
 
 
@@ -470,17 +532,21 @@ def build_report(
     ablations: Iterable[Mapping[str, Any]] = (),
     export: Mapping[str, Any] | None = None,
     explain: Explanations | None = None,
+    ablation_reference: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write the tables, figures and README of one run (plus ablations of other runs); return the paths.
 
     ``export``: the export stage's report (ONNX Runtime latency in the efficiency table); ``explain``:
-    the explain stage's results (a README section on where the models look)."""
+    the explain stage's results (a README section on where the models look); ``ablation_reference``: the
+    bundle the ablations were run against (``reports/ablations/reference.json``; default: ``bundle``)."""
     bundle = validate_bundle(bundle)
-    groups, unused = group_ablations(bundle, [validate_bundle(b) for b in ablations])
+    reference = validate_bundle(ablation_reference) if ablation_reference else bundle
+    groups, unused = group_ablations(reference, [validate_bundle(b) for b in ablations])
     out = Path(out_dir)
     written: list[Path] = []
     comparisons = [pair for pair in cfg.comparisons if all(m in bundle["models"] for m in pair)]
-    tables = report_tables(bundle, groups, export, comparisons)
+    significance = significance_rows(bundle, comparisons)
+    tables = report_tables(bundle, groups, export, significance, reference)
     # All of it or none; tables/ and figures/ are replaced whole, so a table or figure that is no
     # longer made (an ablation dropped) does not linger.
     with output_set() as outputs:
@@ -498,10 +564,11 @@ def build_report(
                 written.append(out / "figures" / name)
         if "hdkd" in bundle["models"]:
             written.append(out / "model_card.md")
-            write_text(outputs.file(written[-1]), model_card(bundle))
+            write_text(outputs.file(written[-1]), model_card(bundle, significance))
         written.append(out / "README.md")
         write_text(outputs.file(written[-1]), readme(bundle, tables, figures, groups, unused, explain,
-                                                     significance_sentences(bundle, comparisons)))
+                                                     significance_sentences(bundle, significance, comparisons),
+                                                     _tests(r["p_value_holm"] for r in significance), reference))
     return written
 
 
@@ -538,6 +605,22 @@ def explanation_lines(explain: Explanations) -> list[str]:
     return lines
 
 
+def ablation_reference_lines(bundle: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
+    """Which run the ablation tables compare with, and, when it is not this report's run, what differs and how
+    to rerun them at this one's params."""
+    lines = [f"The ablation tables compare each run with the reference run {run_label(reference)} (commit "
+             f"`{reference.get('git_commit') or 'unknown'}`, params hash `{reference['params_hash']}`"
+             + (")." if reference is bundle else ", `ablations/reference.json`).")]
+    diff = differing_params(bundle, reference)
+    if diff:
+        lines[0] += (f" The ablations were run at an earlier default than this report's run, which differs in "
+                     f"{', '.join(diff)}: to rerun them at this one, `scripts/queue_ablations.sh`, "
+                     "`dvc queue start`, then `python -m pipeline.report --collect-ablations`.")
+    elif reference is not bundle:
+        lines[0] += " Its results params are this report's run's."
+    return lines
+
+
 def readme(
     bundle: Mapping[str, Any],
     tables: Sequence[Table],
@@ -546,10 +629,17 @@ def readme(
     unused: Sequence[tuple[Mapping[str, Any], list[str]]],
     explain: Explanations | None = None,
     sentences: Sequence[str] = (),
+    tests: str = "",
+    ablation_reference: Mapping[str, Any] | None = None,
 ) -> str:
-    """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
+    """The generated index of ``reports/``; names its source run so anyone can regenerate it.
+
+    ``sentences``: the verdicts (:func:`significance_sentences`), Holm-adjusted over ``tests`` (``30 paired t-tests``);
+    ``groups`` and ``unused``: the ablation runs, as they differ from ``ablation_reference`` (default: ``bundle``)."""
     dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
-    used = [(b, differing_params(bundle, b), f"ablation_{a.name}") for a in ABLATIONS for b in groups.get(a.name, [])]
+    reference = ablation_reference or bundle
+    used = [(b, differing_params(reference, b), f"ablation_{a.name}")
+            for a in ABLATIONS for b in groups.get(a.name, [])]
     rev = bundle.get("dvc_exp_name") or "<the commit holding these reports>"
     regenerate = f"python -m pipeline.report --rev {rev}"  # with the ablations committed in reports/ablations
     lines = [
@@ -565,9 +655,11 @@ def readme(
         "",
         *(["## Does HDKD help?", "",
            f"Paired by seed on the same test images, every model trained on the whole training split "
-           f"(seeds {', '.join(map(str, seeds_of(bundle)))}; 95 % paired t-interval over the seeds; no correction "
-           "for multiple comparisons; per-seed exact McNemar tests and every training fraction in the "
-           "[paired comparisons](tables/significance.md)):", "", *(f"- {line}" for line in sentences), ""]
+           f"(seeds {', '.join(map(str, seeds_of(bundle)))}; 95 % paired t-interval over the seeds; p and, for the "
+           f"verdict, p Holm-adjusted over the {tests} of the [paired comparisons]"
+           "(tables/significance.md), which also hold every training fraction and per-seed exact McNemar tests; "
+           f"a model whose test predictions are at least {100 * ONE_CLASS_SHARE:g} % one class at most seeds did "
+           "not learn and gets no verdict):", "", *(f"- {line}" for line in sentences), ""]
           if sentences else []),
         *(["## How the models trained", "", diagnosis, "See the [training diagnostics](tables/training_diagnostics.md) "
            "and [the loss terms per pass](figures/hdkd_loss_terms.png).", ""]
@@ -591,7 +683,8 @@ def readme(
         "- `plots/`: DVC plots data (confusion matrices, training curves)",
     ]
     if used or unused:
-        lines += ["", "## Other runs", "", "| Run | Params hash | Differs in | Used in |", "|:---|:---|:---|:---|"]
+        lines += ["", "## Other runs", "", *ablation_reference_lines(bundle, reference), "",
+                  "| Run | Params hash | Differs in | Used in |", "|:---|:---|:---|:---|"]
         for b, diff, where in used + [(b, diff, "not used") for b, diff in unused]:
             lines.append(f"| {run_label(b)} | `{b['params_hash']}` | {', '.join(diff) or 'nothing'} | {where} |")
     return "\n".join(lines) + "\n"

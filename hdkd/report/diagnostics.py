@@ -15,10 +15,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hdkd.bundle import model_names
+from hdkd.evidence import ONE_CLASS_SHARE  # the rule a run did not learn by, applied to a pass
 from hdkd.plots import model_color, model_label
 from hdkd.roster import roster
 
-ONE_CLASS_SHARE = 0.95  # a pass "predicts one class" when at least this share of validation predictions is one class
 FEATURE_PREFIX = "feature_stage"
 
 

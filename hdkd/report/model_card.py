@@ -7,11 +7,11 @@ the plain student's, per-class weak spots, efficiency, provenance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hdkd.bundle import model_names
-from hdkd.evidence import aggregate, paired_sentences
+from hdkd.evidence import aggregate, not_learned, paired_sentences
 from hdkd.plots import model_label
 from hdkd.roster import primary_run, roster, roster_entry
 
@@ -34,15 +34,16 @@ def _with_ci(ev: Mapping[str, Any], key: str) -> str:
     return _pct(ev[key]) + interval
 
 
-def comparison(bundle: Mapping[str, Any], model: str, other: str) -> str:
-    """Does ``model`` beat ``other``? The paired t verdicts over seeds on accuracy and macro-F1
-    (:func:`hdkd.evidence.compare`), on the whole training split."""
+def comparison(bundle: Mapping[str, Any], significance: Sequence[Mapping[str, Any]], model: str, other: str) -> str:
+    """Does ``model`` beat ``other``? The paired t verdicts over seeds on accuracy and macro-F1 on the whole
+    training split, from the significance table's rows (so Holm-adjusted as there); empty when it has none."""
     labels = tuple(model_label(m, roster(bundle["params"])) for m in (model, other))
-    return " ".join(paired_sentences(bundle, model, other, labels))
+    return " ".join(paired_sentences(significance, model, other, labels))
 
 
-def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
-    """The card of ``model`` (the HDKD student), in Markdown."""
+def model_card(bundle: Mapping[str, Any], significance: Sequence[Mapping[str, Any]], model: str = MODEL) -> str:
+    """The card of ``model`` (the HDKD student), in Markdown; ``significance``: the rows of
+    :func:`hdkd.evidence.significance_rows` (the report's paired comparisons)."""
     params, models = bundle["params"], bundle["models"]
     seed, _ = primary_run(params)
     entry = roster_entry(model)
@@ -95,8 +96,8 @@ def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
         f"- Dataset `{bundle['dataset']}`, {len(classes)} classes: {', '.join(classes)}.",
         f"- Splits: {100 * data['val_fraction']:.0f} % validation and {100 * data['test_fraction']:.0f} % test "
         f"(stratified, whole lesions where the dataset groups images by lesion); "
-        f"{100 * data['train_fraction']:.0f} % of the rest trained on; split seed {params['seed']}; "
-        f"trained once per seed {params['seeds']}.",
+        f"the rest trained on, whole and in nested shares of it (training fractions {params['fractions']}); "
+        f"split seed {params['seed']}; trained once per seed {params['seeds']}.",
         f"- Test split: {ev['n']} images ({', '.join(f'{c} {support[c]}' for c in classes)}).",
         "",
         "## Metrics (test split)",
@@ -107,13 +108,18 @@ def model_card(bundle: Mapping[str, Any], model: str = MODEL) -> str:
     ]
     for m in [model, *others]:
         e, agg = models[m]["evaluation"], aggregate(bundle, m)
-        lines.append(f"| {model_label(m, roster(params))} | {_spread(agg, 'accuracy')} | {_spread(agg, 'f1_macro')} "
+        flag = " (did not learn)" if not_learned(bundle, m) else ""
+        lines.append(f"| {model_label(m, roster(params))}{flag} | {_spread(agg, 'accuracy')} "
+                     f"| {_spread(agg, 'f1_macro')} "
                      f"| {agg['n_seeds']} | {_with_ci(e, 'accuracy')} | {_with_ci(e, 'f1_macro')} "
                      f"| {_pct(e['balanced_accuracy'])} |")
     lines += [""]
-    lines += [f"- {comparison(bundle, model, o)}" for o in ("student", entry.teacher) if o in models]
+    lines += [f"- {line}" for o in ("student", entry.teacher) if o in models
+              if (line := comparison(bundle, significance, model, o))]
     lines += ["- Mean ± sample standard deviation over the training seeds; the verdicts are paired t-tests over "
-              f"those seeds. The seed-{seed} columns are one run, with bootstrap intervals over the test images "
+              "those seeds, Holm-adjusted over the report's [paired comparisons](tables/significance.md); a model "
+              "marked *did not learn* answers (nearly) always one class at most seeds, and gets no verdict. "
+              f"The seed-{seed} columns are one run, with bootstrap intervals over the test images "
               "(not over training runs). Every training fraction: [data efficiency](tables/data_efficiency.md), "
               "[paired comparisons](tables/significance.md).", ""]
     weakest = sorted(ev["per_class"], key=lambda r: (r["f1"], r["class"]))[:WEAK_SPOTS]

@@ -12,7 +12,8 @@ or a DVC experiment name):
    ``refs/exps/.../<rev>``).
 
 The ablation bundles of ``rev`` (:func:`ablations_for_revision`) are the ``reports/ablations/*.json``
-committed at ``rev`` or in its experiment ref: what the report stage of that revision read; so is its
+committed at ``rev`` or in its experiment ref, their reference ``reference.json`` among them: what the
+report stage of that revision read; so is its
 export report (:func:`export_for_revision`), for the same efficiency table.
 
 Nothing found: :class:`RevisionNotFound`, listing the revisions that are available.
@@ -64,18 +65,18 @@ def bundle_for_revision(
     raise RevisionNotFound(available_revisions_message(rev, tracking_uri, repo_root))
 
 
-def ablations_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> list[dict[str, Any]] | None:
-    """The ablation bundles committed at ``rev`` (``reports/ablations/*.json``, by file name);
-    ``None`` when git knows no such commit or experiment."""
+def ablations_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> dict[str, dict[str, Any]] | None:
+    """The bundles committed at ``rev`` in ``reports/ablations/``, by file stem (``reference`` among them where
+    the collection wrote one); ``None`` when git knows no such commit or experiment."""
     ref = git_ref(rev, repo_root)
     if ref is None:
         return None
     try:
         listing = git("ls-tree", "--name-only", ref, f"{ABLATIONS_PATH}/", repo_root=repo_root).decode()
     except GitError:
-        return []
-    paths = sorted(p for p in listing.splitlines() if PurePosixPath(p).suffix == ".json")
-    return [validate_bundle(parse_json(git_show(ref, p, repo_root), f"{ref}:{p}")) for p in paths]
+        return {}
+    paths = sorted(PurePosixPath(p) for p in listing.splitlines() if PurePosixPath(p).suffix == ".json")
+    return {p.stem: validate_bundle(parse_json(git_show(ref, str(p), repo_root), f"{ref}:{p}")) for p in paths}
 
 
 def export_for_revision(rev: str, repo_root: str | os.PathLike = ".") -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from typing import Any
 from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig
 from hdkd.io import read_json
-from hdkd.report.ablations import collect_ablations, summary
+from hdkd.report.ablations import collect_ablations, split_reference, summary
 from hdkd.report.build import Explanations, build_report
 from hdkd.report.revisions import ablations_for_revision, bundle_for_revision, params_for_revision
 from hdkd.tracking import experiment_name
@@ -29,10 +29,14 @@ def collect(reference_path: str | os.PathLike, ablations_dir: str | os.PathLike,
     return summary(collect_ablations(reference, uri, experiment, ablations_dir), reference)
 
 
-def working_tree_inputs(bundle_path: str | os.PathLike, ablations_dir: str | os.PathLike
-                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The bundle at ``bundle_path`` and every ``*.json`` of ``ablations_dir`` (by file name)."""
-    return load_bundle(bundle_path), [load_bundle(p) for p in sorted(Path(ablations_dir).glob("*.json"))]
+Inputs = tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]  # bundle, ablation runs, their reference
+
+
+def working_tree_inputs(bundle_path: str | os.PathLike, ablations_dir: str | os.PathLike) -> Inputs:
+    """The bundle at ``bundle_path``, the ablation runs of ``ablations_dir`` (every ``*.json``, by file name)
+    and their reference (its ``reference.json``, or ``None``)."""
+    reference, runs = split_reference({p.stem: load_bundle(p) for p in Path(ablations_dir).glob("*.json")})
+    return load_bundle(bundle_path), runs, reference
 
 
 def stage_extras(export_path: str | os.PathLike, explain_dir: str | os.PathLike, out_dir: str | os.PathLike
@@ -47,14 +51,15 @@ def stage_extras(export_path: str | os.PathLike, explain_dir: str | os.PathLike,
     return export, explain
 
 
-def revision_inputs(rev: str, uri: str, repo: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The bundle of ``rev`` and the ablation bundles committed at that revision."""
+def revision_inputs(rev: str, uri: str, repo: str | os.PathLike) -> Inputs:
+    """The bundle of ``rev``, and the ablation runs and their reference committed at that revision."""
     bundle = bundle_for_revision(rev, uri, repo)
     ablations = ablations_for_revision(rev, repo)
     if ablations is None:
         print(f"note: git knows no commit or experiment {rev!r}, so not its ablation bundles "
               "(add them with --ablation)", file=sys.stderr)
-    return bundle, ablations or []
+    reference, runs = split_reference(ablations or {})
+    return bundle, runs, reference
 
 
 def revision_report_config(bundle: dict[str, Any], fallback: ReportConfig, rev: str | None = None,
