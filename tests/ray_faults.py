@@ -9,12 +9,15 @@ training loop, :func:`hdkd.train.fit`. ``$HDKD_TEST_FAULTS`` is a directory wher
 * ``<run>.fail``: the run raises after its first epoch, at every attempt.
 * ``<run>.attempts``: a line per attempt at the run; ``<run>.trained``: written when the run's
   training loop ends, holding the epoch it resumed from.
+* ``node-local``: every task removes the files it wrote once it has returned their bytes, as on a
+  node whose disk the driver does not see (the driver must write them from the bytes).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -24,9 +27,16 @@ class InjectedFault(RuntimeError):
 
 
 def install() -> None:
+    import hdkd.ray_executor
     import hdkd.train
 
-    faults, real = Path(os.environ["HDKD_TEST_FAULTS"]), hdkd.train.fit
+    faults, real, task = Path(os.environ["HDKD_TEST_FAULTS"]), hdkd.train.fit, hdkd.ray_executor._run_task
+
+    def run_task(name, params, paths, *args):
+        files = task(name, params, paths, *args)
+        if (faults / "node-local").exists():
+            shutil.rmtree(paths.out_dir)
+        return files
 
     def fit(*args, **kwargs):
         bound = inspect.signature(real).bind(*args, **kwargs)
@@ -52,4 +62,4 @@ def install() -> None:
         marker("trained").write_text(str(result.resumed_from))
         return result
 
-    hdkd.train.fit = fit
+    hdkd.train.fit, hdkd.ray_executor._run_task = fit, run_task
