@@ -20,7 +20,7 @@ import pytest
 
 from hdkd.config import ConfigError, is_result_param, parse_params
 from hdkd.io import file_md5, read_json
-from hdkd.ray_executor import _run_task, check_tracking
+from hdkd.ray_executor import _run_task, check_tracking, connect, task_resources, train_on_ray
 from hdkd.roster import run_name, training_runs
 from hdkd.train import StagePaths, input_fingerprint, train_stage
 from tests.params_fixtures import make_params, params_dict, params_without
@@ -90,6 +90,31 @@ def test_the_local_executor_never_imports_ray():
     code = "import sys, pipeline.train_hdkd, hdkd.train; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_run_asks_ray_for_a_gpu_where_cuda_is_wanted_else_a_cpu(monkeypatch):
+    import ray
+
+    gpus = {"CPU": 8.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: gpus)
+    assert [task_resources(make_params({"train": {"device": d}})) for d in ("cpu", "cuda", "auto")] == [
+        {"num_cpus": 1}, {"num_gpus": 1}, {"num_cpus": 1}]
+    gpus["GPU"] = 4.0  # auto: CUDA on a cluster with GPUs, though this machine has none
+    assert task_resources(make_params({"train": {"device": "auto"}})) == {"num_gpus": 1}
+
+
+def test_the_cluster_is_train_ray_address_and_a_connection_is_kept_and_refused_under_torchrun(monkeypatch, tmp_path):
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert connect("ray://head:10001") and calls[0]["address"] == "ray://head:10001"
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # already connected (a caller's cluster): kept
+    assert not connect(None) and len(calls) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"under torchrun set train\.executor: local"):
+        train_on_ray("teacher", make_params({"train": {"executor": "ray"}}), {}, [((0, 1.0), "f", tmp_path / "d")])
 
 
 @pytest.mark.parametrize("uri, addresses, refused", [
