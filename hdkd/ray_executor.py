@@ -59,13 +59,13 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
         options = {"max_retries": params.train.ray_retries, "retry_exceptions": False,
                    "runtime_env": {"env_vars": worker_env(params, root)}, **task_resources(params)}
         pending = {task.options(name=f"{stage} {run_name(run)}", **options).remote(
-            name, params, staged[run], run, run == primary, fingerprint, root): (run, fingerprint, done)
+            name, params, staged[run], run, run == primary, fingerprint, root): (fingerprint, done)
             for run, fingerprint, done in todo}
         logger.info("%s: %d runs submitted to Ray (%s)", stage, len(pending), ray.cluster_resources())
         error = None
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            run, fingerprint, done = pending.pop(ref)
+            fingerprint, done = pending.pop(ref)
             try:
                 files = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the task's error (or its cancellation), raised below
