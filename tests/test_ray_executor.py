@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hdkd.config import ConfigError, is_result_param, parse_params
 from hdkd.io import file_md5, read_json
@@ -24,6 +25,7 @@ from hdkd.ray_executor import _run_task, check_tracking, connect, task_resources
 from hdkd.roster import run_name, training_runs
 from hdkd.train import StagePaths, input_fingerprint, train_stage
 from tests.params_fixtures import make_params, params_dict, params_without
+from tests.pipeline_fixtures import make_scratch_repo
 from tests.ray_faults import InjectedFault
 from tests.test_training_runs import stage_paths, workspace  # noqa: F401 - workspace: a fixture
 
@@ -266,3 +268,20 @@ def test_runs_on_ray_log_every_run_tag_and_model_to_a_tracking_server(workspace,
     assert version.run_id == primary.info.run_id and version.tags["hdkd.params_hash"] == p.digest()
     checkpoint = client.download_artifacts(primary.info.run_id, "checkpoint/model.pt", str(tmp_path))
     assert file_md5(checkpoint) == file_md5(paths.out_dir / "model.pt")
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_ray_writes_the_local_outputs_and_switching_executors_reruns_nothing(tmp_path, monkeypatch):
+    # As users run it: `dvc repro` of a scratch copy, the stage starting (and stopping) its own local Ray instance.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    repo = make_scratch_repo(tmp_path / "repo", {"train": {"executor": "ray"}, "tracking": {"enabled": False}})
+    assert "runs submitted to Ray" in repo.dvc("repro", "train_teacher")
+    models = repo.root / "models" / "teacher"
+    on_ray = {p.relative_to(models).as_posix(): file_md5(p) for p in models.rglob("*.pt")}
+    assert sorted(on_ray) == ["model.pt", "runs/seed1-frac1.pt"]
+    params = repo.params
+    params["train"]["executor"] = "local"
+    (repo.root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert json.loads(repo.dvc("status", "--json", "train_teacher")) == {}  # not a param of the stage
+    assert "runs submitted to Ray" not in repo.dvc("repro", "--force", "--single-item", "train_teacher")
+    assert {p.relative_to(models).as_posix(): file_md5(p) for p in models.rglob("*.pt")} == on_ray
