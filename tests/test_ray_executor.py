@@ -179,6 +179,19 @@ def test_a_worker_killed_mid_run_is_retried_and_resumes_to_the_same_bytes(worksp
 
 
 @pytest.mark.slow
+def test_with_no_retries_left_a_killed_worker_fails_the_stage_and_its_run_is_not_done(workspace, faults):  # noqa: F811
+    from ray.exceptions import WorkerCrashedError
+
+    root, params = workspace
+    (faults / "teacher-seed1-frac0.5.kill").touch()
+    paths = stage_paths(root, "teacher", "ray-no-retries")
+    with pytest.raises(WorkerCrashedError):
+        train_stage("teacher", with_train(params, executor="ray", ray_retries=0), paths)
+    assert len(recorded(faults, "attempts")["teacher-seed1-frac0.5"].split()) == 1
+    assert not (paths.resume_dir / "seed1-frac0.5" / "done.json").exists() and not paths.metrics.exists()
+
+
+@pytest.mark.slow
 def test_a_failed_run_is_never_marked_done_and_a_rerun_trains_only_the_others(workspace, faults, local_teacher):  # noqa: F811
     root, params = workspace
     # The last run submitted fails: the first ones have finished by then (on 2 CPUs), or are cancelled.
