@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from hdkd.ray_executor import _run_task, check_tracking, connect, task_resources
 from hdkd.roster import run_name, training_runs
 from hdkd.train import StagePaths, input_fingerprint, train_stage
 from tests.params_fixtures import make_params, params_dict, params_without
-from tests.pipeline_fixtures import make_scratch_repo
+from tests.pipeline_fixtures import kill_group, make_scratch_repo
 from tests.ray_faults import InjectedFault
 from tests.test_training_runs import stage_paths, workspace  # noqa: F401 - workspace: a fixture
 
@@ -284,14 +285,26 @@ def test_runs_on_ray_log_every_run_tag_and_model_to_a_tracking_server(workspace,
 
 
 @pytest.mark.slow
-def test_dvc_repro_on_ray_writes_the_local_outputs_and_switching_executors_reruns_nothing(tmp_path, monkeypatch):
-    # As users run it: `dvc repro` of a scratch copy, the stage starting (and stopping) its own local Ray instance.
+def test_dvc_repro_on_ray_resumes_after_a_kill_writes_the_local_outputs_and_switching_executors_reruns_nothing(
+        tmp_path, monkeypatch):
+    # As users run it: `dvc repro` of a scratch copy, the stage starting (and stopping) its own local Ray instance;
+    # 3 runs on 2 CPUs, so that the last one still trains when the first is done; the local executor's runs one
+    # after another (spawning a process would cost more than the runs).
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    repo = make_scratch_repo(tmp_path / "repo", {"train": {"executor": "ray"}, "tracking": {"enabled": False}})
-    assert "runs submitted to Ray" in repo.dvc("repro", "train_teacher")
+    repo = make_scratch_repo(tmp_path / "repo", {"seeds": [0, 1, 2], "train": {"executor": "ray", "run_workers": 1},
+                                                 "tracking": {"enabled": False}})
+    repo.dvc("repro", "prepare")
+    proc = repo.start_dvc("repro", "train_teacher", log=tmp_path / "killed.log")
+    deadline = time.monotonic() + 300
+    while not list((repo.root / "checkpoints" / "teacher").glob("*/done.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+        time.sleep(0.05)
+    kill_group(proc)  # the driver, its local Ray instance and the tasks: kill -9 mid-stage
+    log = repo.dvc("repro", "train_teacher")
+    assert "runs submitted to Ray" in log and re.search(r"train_teacher: 3 runs \([12] trained now\)", log), log
     models = repo.root / "models" / "teacher"
     on_ray = {p.relative_to(models).as_posix(): file_md5(p) for p in models.rglob("*.pt")}
-    assert sorted(on_ray) == ["model.pt", "runs/seed1-frac1.pt"]
+    assert sorted(on_ray) == ["model.pt", "runs/seed1-frac1.pt", "runs/seed2-frac1.pt"]
     params = repo.params
     params["train"]["executor"] = "local"
     (repo.root / "params.yaml").write_text(yaml.safe_dump(params))
