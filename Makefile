@@ -37,7 +37,7 @@ lock:                 ## regenerate requirements.lock: pyproject.toml's dependen
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip setuptools
-	.lock-venv/bin/python -m pip install --quiet '.[dev]'
+	.lock-venv/bin/python -m pip install --quiet '.[dev,ray]'
 	{ grep '^#' $(LOCK); .lock-venv/bin/python -m pip freeze --all --exclude hdkd; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf .lock-venv

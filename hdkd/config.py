@@ -33,7 +33,7 @@ DATASETS = ("synthetic", "imagefolder", "ham10000", "brain_tumor_mri", "dermamni
 # that differ only in these are the same run: the report's ablations, the training stages' resume
 # fingerprint and their params lists in dvc.yaml leave them out.
 NON_RESULT_PARAMS = ("tracking.*", "report.*", "evaluate.latency_*", "train.num_workers", "train.log_every",
-                     "train.run_workers",
+                     "train.run_workers", "train.executor", "train.ray_*",
                      "data.root", "data.urls*")
 
 
@@ -135,6 +135,9 @@ class TrainConfig(Section):
     # steps: every training fraction takes the full-data run's optimizer steps (epochs over a smaller
     # share repeat); epochs: each takes the recipe's epochs over its own share (fewer steps).
     budget: Literal["steps", "epochs"]
+    executor: Literal["local", "ray"]  # ray: each (seed, fraction) run a task on a Ray cluster (hdkd.ray_executor)
+    ray_address: str | None  # the Ray cluster (auto, ray://host:10001); null: RAY_ADDRESS, else a local instance
+    ray_retries: int = Field(ge=0)  # a run whose Ray worker or node dies is retried this often
 
 
 class OptimConfig(Section):

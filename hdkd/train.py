@@ -334,7 +334,8 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
     Each run trains into ``<resume_dir>/<run_name>/`` (outside DVC's outputs, so a killed stage
     keeps its finished runs and resumes the unfinished one); the outputs (``run_file`` of every run,
     the primary's ``run.json``, the metrics with every run's summary) appear together at the end.
-    On the CPU, ``train.run_workers`` runs train side by side, one process and one thread each.
+    On the CPU, ``train.run_workers`` runs train side by side, one process and one thread each; with
+    ``train.executor: ray``, each run is a task on a Ray cluster (:mod:`hdkd.ray_executor`).
     """
     entry = roster_entry(name, params)
     primary = primary_run(params)
@@ -347,7 +348,8 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
         fingerprint, done = input_fingerprint(name, params, staged[run], run), work / "done.json"
         if not (done.is_file() and read_json(done).get("fingerprint") == fingerprint):
             todo.append((run, fingerprint, done))
-    dist = init_distributed(device_type(params.train.device))
+    ray = params.train.executor == "ray"  # the runs train in Ray tasks, on the cluster's devices
+    dist = init_distributed("cpu" if ray else device_type(params.train.device))
     if dist.is_main and todo:  # the experiment and parent run exist before runs start side by side
         parent = Tracker(params.tracking, params, entry.stage)
         parent.open_parent()
@@ -356,7 +358,11 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
     try:
         # Side by side only on the CPU of one process: a GPU, or torchrun's ranks, train one run at a time.
         workers = min(params.train.run_workers or os.cpu_count() or 1, len(todo))
-        if workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
+        if ray:
+            from hdkd.ray_executor import train_on_ray  # Ray is an optional extra: imported only when asked for
+
+            train_on_ray(name, params, staged, todo)
+        elif workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
             _train_side_by_side(name, params, staged, todo, workers)
         else:
             for run, fingerprint, done in todo:
