@@ -285,13 +285,12 @@ def test_runs_on_ray_log_every_run_tag_and_model_to_a_tracking_server(workspace,
 
 
 @pytest.mark.slow
-def test_dvc_repro_on_ray_resumes_after_a_kill_writes_the_local_outputs_and_switching_executors_reruns_nothing(
-        tmp_path, monkeypatch):
+def test_dvc_repro_on_ray_resumes_after_a_kill_and_switching_executors_reruns_nothing(tmp_path, monkeypatch):
     # As users run it: `dvc repro` of a scratch copy, the stage starting (and stopping) its own local Ray instance;
-    # 3 runs on 2 CPUs, so that the last one still trains when the first is done; the local executor's runs one
-    # after another (spawning a process would cost more than the runs).
+    # 3 runs on 2 CPUs, so that the last one still trains when the first is done. (That the bytes are the local
+    # executor's, after a resume too, the tests above show at a fraction of the time.)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    repo = make_scratch_repo(tmp_path / "repo", {"seeds": [0, 1, 2], "train": {"executor": "ray", "run_workers": 1},
+    repo = make_scratch_repo(tmp_path / "repo", {"seeds": [0, 1, 2], "train": {"executor": "ray"},
                                                  "tracking": {"enabled": False}})
     repo.dvc("repro", "prepare")
     proc = repo.start_dvc("repro", "train_teacher", log=tmp_path / "killed.log")
@@ -303,11 +302,9 @@ def test_dvc_repro_on_ray_resumes_after_a_kill_writes_the_local_outputs_and_swit
     log = repo.dvc("repro", "train_teacher")
     assert "runs submitted to Ray" in log and re.search(r"train_teacher: 3 runs \([12] trained now\)", log), log
     models = repo.root / "models" / "teacher"
-    on_ray = {p.relative_to(models).as_posix(): file_md5(p) for p in models.rglob("*.pt")}
-    assert sorted(on_ray) == ["model.pt", "runs/seed1-frac1.pt", "runs/seed2-frac1.pt"]
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*.pt")) == [
+        "model.pt", "runs/seed1-frac1.pt", "runs/seed2-frac1.pt"]
     params = repo.params
     params["train"]["executor"] = "local"
     (repo.root / "params.yaml").write_text(yaml.safe_dump(params))
     assert json.loads(repo.dvc("status", "--json", "train_teacher")) == {}  # not a param of the stage
-    assert "runs submitted to Ray" not in repo.dvc("repro", "--force", "--single-item", "train_teacher")
-    assert {p.relative_to(models).as_posix(): file_md5(p) for p in models.rglob("*.pt")} == on_ray
