@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from hdkd.bundle import model_names
 from hdkd.evidence import ONE_CLASS_SHARE  # the rule a run did not learn by, applied to a pass
@@ -116,8 +117,13 @@ def loss_terms_figure(bundle: Mapping[str, Any], model: str = "hdkd") -> Figure 
         ax.grid(alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="outside upper center",
                ncols=len(axes[0][0].get_lines()))
-    fig.legend(*axes[2][0].get_legend_handles_labels(), fontsize=8, loc="outside lower center",
-               ncols=min(len(models), 5))
+    shown = {}  # every model of any column (the baselines train on the whole split alone), once
+    for ax in axes[2]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            shown.setdefault(label, handle)
+    fig.legend(list(shown.values()), list(shown), fontsize=8, loc="outside lower center", ncols=min(len(shown), 5))
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
