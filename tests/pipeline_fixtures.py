@@ -59,7 +59,8 @@ SHRUNK = {
     "distill": {"epochs": 2},
     "baselines": {  # shallow (the student's 2 epochs): the end-to-end tests cover their stages, not what they learn
         "vit": {"timm": "deit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1,
-                                                           "num_heads": 2}},
+                                                           "num_heads": 2},
+                "optim": {"warmup_epochs": 1}},  # its warmup fits the shrunk epochs
         "resnet": {"timm": "resnet10t", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8}},
     },
     "evaluate": {"bootstrap": 20, "latency_batch_sizes": [1], "latency_iters": 1, "latency_warmup": 0},

@@ -12,6 +12,7 @@ def test_benchmark_trains_each_seed_fraction_and_model_and_estimates_the_pipelin
     bench = load_benchmark("embedded_benchmark")
     settings = ["data.image_size=16", "data.synthetic.num_images=80", "data.synthetic.native_size=24",
                 "data.synthetic.ambiguity=0.3", "teacher.epochs=1", "student.epochs=2", "distill.epochs=2",
+                "baselines.vit.optim.warmup_epochs=1",
                 "train.batch_size=8", "tracking.enabled=false"]
     bench.main(["--set", *settings, "--seeds", "0", "--fractions", "0.5", "1.0",
                 "--workdir", str(tmp_path), "--pipeline-seeds", "3", "--pipeline-models", "5"])

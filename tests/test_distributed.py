@@ -33,7 +33,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     teacher, student, data = ddp_step.setup()
     criterion = build_criterion("hdkd", ddp_step.CFG)
     optimizer = build_optimizer(student, ddp_step.CFG)
-    scheduler = build_scheduler(optimizer, ddp_step.CFG, steps_per_epoch=1)
+    scheduler = build_scheduler(optimizer, ddp_step.CFG, total_steps=ddp_step.CFG.epochs)  # a step a pass
     student.train()
     losses = []
     for rank in (0, 1):

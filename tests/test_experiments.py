@@ -126,7 +126,7 @@ def test_report_uses_every_collected_ablation(tracked, tmp_path):
 
 # ------------------------------------------------------------------------------------- slow: DVC
 SHRUNK = ("seeds=[0, 1]", "fractions=[1.0]", "data.synthetic.num_images=300", "data.image_size=32", "teacher.epochs=1",
-          "student.epochs=2",
+          "student.epochs=2", "baselines.vit.optim.warmup_epochs=1",  # the ViT's warmup fits the shrunk epochs
           "distill.epochs=2", "evaluate.bootstrap=20", "evaluate.latency_iters=1", "evaluate.latency_warmup=0",
           "evaluate.latency_batch_sizes=[1]")
 

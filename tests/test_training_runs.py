@@ -32,7 +32,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     raw = {**RUNS, "data": {"root": str(root / "raw"), "image_size": 32,
                             "synthetic": {"layout": "brain_tumor_mri", "num_images": 160, "native_size": 40}},
-           "train": {"batch_size": 16}, "baselines": {},
+           "train": {"batch_size": 16},
+           "baselines": {"vit": {"optim": {"warmup_epochs": 1}}},  # the ViT's warmup fits the shrunk epochs
            **{s: {"epochs": 2} for s in ("teacher", "student", "distill")},
            "tracking": {"enabled": False}}
     params = make_params(raw)
