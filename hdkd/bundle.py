@@ -43,6 +43,17 @@ from hdkd.config import Params
 from hdkd.io import read_json
 from hdkd.roster import roster
 
+# What a run's per-epoch history keeps in the bundle: what the training diagnostics read
+# (hdkd.report.diagnostics). The rest of it stays in the run's model.pt; the primary run's whole history is
+# the model's ``history``. A bundle holds every run, so this is what keeps a study's bundle small.
+RUN_HISTORY_KEYS = ("epoch", "loss_", "grad_norm_", "val_pred_")
+
+
+def run_history(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The part of a run's history a bundle keeps (:data:`RUN_HISTORY_KEYS`, as prefixes)."""
+    return [{k: v for k, v in row.items() if k.startswith(RUN_HISTORY_KEYS)} for row in history]
+
+
 SCHEMA_VERSION = 2  # 2: runs per (seed, fraction) and test_labels
 BUNDLE_ARTIFACT = "results_bundle.json"  # the bundle's name among the evaluate run's MLflow artifacts
 

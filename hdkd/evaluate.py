@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hdkd import numerics
-from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle, model_names, validate_bundle
+from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle, model_names, run_history, validate_bundle
 from hdkd.checkpoint import load_trained
 from hdkd.config import EvaluateConfig, Params
 from hdkd.data.augment import eval_transform
@@ -193,7 +193,7 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
             results[name]["runs"].append({"seed": run[0], "fraction": run[1],
                                           "evaluation": {k: evaluation[k] for k in RUN_METRICS},
                                           "predictions": probs.argmax(axis=1).tolist(),
-                                          "history": run_meta.get("history", [])})  # the loss terms' figure
+                                          "history": run_history(run_meta.get("history", []))})
             test_labels = y_true.tolist()
         results[name]["efficiency"] = measure_efficiency(model, params.data.image_size, params.evaluate, device)
     state = git_state()
