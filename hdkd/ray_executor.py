@@ -26,11 +26,11 @@ from urllib.parse import urlsplit
 
 from hdkd import numerics
 from hdkd.config import ConfigError, Params
-from hdkd.io import output_set, write_json
+from hdkd.io import output_set
 from hdkd.provenance import repo_root
 from hdkd.roster import RunKey, primary_run, roster_entry, run_name
 from hdkd.tracking import resolve_tracking_uri
-from hdkd.train import StagePaths, _train_run, input_fingerprint
+from hdkd.train import PendingRun, StagePaths, _train_run, input_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ FORWARDED_ENV = ("DVC_EXP_NAME", "DVC_ROOT")
 
 
 def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
-                 todo: list[tuple[RunKey, str, Path]]) -> None:
-    """Train ``todo``'s runs (run, fingerprint, done mark) as Ray tasks; their files land in ``staged``.
+                 todo: list[PendingRun]) -> None:
+    """Train ``todo``'s runs as Ray tasks; their files land in ``staged``.
 
     After a failed run the tasks not finished are cancelled (a finished one still counts) and the
     first error is raised."""
@@ -58,14 +58,13 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
         task, primary, stage = ray.remote(_run_task), primary_run(params), roster_entry(name, params).stage
         options = {"max_retries": params.train.ray_retries, "retry_exceptions": False,
                    "runtime_env": {"env_vars": worker_env(params, root)}, **task_resources(params)}
-        pending = {task.options(name=f"{stage} {run_name(run)}", **options).remote(
-            name, params, staged[run], run, run == primary, fingerprint, root): (fingerprint, done)
-            for run, fingerprint, done in todo}
+        pending = {task.options(name=f"{stage} {run_name(p.run)}", **options).remote(
+            name, params, staged[p.run], p.run, p.run == primary, p.fingerprint, root): p for p in todo}
         logger.info("%s: %d runs submitted to Ray (%s)", stage, len(pending), ray.cluster_resources())
         error = None
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            fingerprint, done = pending.pop(ref)
+            finished = pending.pop(ref)
             try:
                 files = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - the task's error (or its cancellation), raised below
@@ -75,7 +74,7 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
                         ray.cancel(other)
                 continue
             store(files)
-            write_json(done, {"fingerprint": fingerprint})
+            finished.mark_done()
         if error is not None:
             raise error
     finally:

@@ -98,6 +98,23 @@ class StagePaths:
     teacher: Path | None = None  # a model that distils: the teacher's model.pt (a run), its directory (a stage)
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    """A (seed, fraction) run of a stage and its done mark: ``done.json`` in the run's resume directory,
+    holding the fingerprint of the inputs it was trained from (the one place that reads or writes it)."""
+
+    run: RunKey
+    fingerprint: str
+    mark: Path
+
+    def is_done(self) -> bool:
+        return self.mark.is_file() and read_json(self.mark).get("fingerprint") == self.fingerprint
+
+    def mark_done(self) -> None:
+        """Written once the run's files are in place (never for a failed run): a resume after a kill keeps it."""
+        write_json(self.mark, {"fingerprint": self.fingerprint})
+
+
 # Per-epoch columns left out of the history kept with the model (and plotted by the evaluate stage):
 # timings vary from run to run, so they stay in MLflow only.
 TIMING_COLUMNS = ("epoch_time_s", "images_per_s")
@@ -279,15 +296,15 @@ def _train_run(name: str, params: Params, paths: StagePaths, run: RunKey, regist
     return run_training(name, params, paths, datasets, rt, batch_hook=hook, run=run, register=register)
 
 
-def _mark_done(done: Path, fingerprint: str, future: Future) -> None:
+def _mark_done(pending: PendingRun, future: Future) -> None:
     """Mark a worker's run done as soon as it finishes, so that a resume after a kill keeps it."""
     if future.exception() is None:
-        write_json(done, {"fingerprint": fingerprint})
+        pending.mark_done()
 
 
-def _train_side_by_side(name: str, params: Params, staged: dict[RunKey, StagePaths],
-                        todo: list[tuple[RunKey, str, Path]], workers: int) -> None:
-    """Train ``todo``'s runs (run, fingerprint, done mark) on ``workers`` CPU processes, this one included.
+def _train_side_by_side(name: str, params: Params, staged: dict[RunKey, StagePaths], todo: list[PendingRun],
+                        workers: int) -> None:
+    """Train ``todo``'s runs on ``workers`` CPU processes, this one included.
 
     This process has imported everything and opened MLflow already, so it trains at once while the
     others spawn and import (about 10 s). Every process takes the next run only when it is free: a
@@ -302,9 +319,10 @@ def _train_side_by_side(name: str, params: Params, staged: dict[RunKey, StagePat
                 if finished is not None and finished.exception() is not None:
                     queue.clear()
                 if queue:
-                    run, fingerprint, done = queue.popleft()
+                    pending = queue.popleft()
+                    run = pending.run
                     future = pool.submit(_train_run, name, params, staged[run], run, run == primary, threads)
-                    future.add_done_callback(functools.partial(_mark_done, done, fingerprint))
+                    future.add_done_callback(functools.partial(_mark_done, pending))
                     future.add_done_callback(feed)  # runs in the pool's thread when the run ends
                     futures.append(future)
 
@@ -314,9 +332,8 @@ def _train_side_by_side(name: str, params: Params, staged: dict[RunKey, StagePat
                 feed()
         try:
             while mine is not None:
-                run, fingerprint, done = mine
-                _train_run(name, params, staged[run], run, run == primary, threads)
-                write_json(done, {"fingerprint": fingerprint})
+                _train_run(name, params, staged[mine.run], mine.run, mine.run == primary, threads)
+                mine.mark_done()
                 with lock:
                     mine = queue.popleft() if queue else None
         except BaseException:
@@ -340,14 +357,14 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
     entry = roster_entry(name, params)
     primary = primary_run(params)
     staged: dict[RunKey, StagePaths] = {}
-    todo = []  # (run, fingerprint, its done mark) of the runs not finished for these inputs
+    todo = []  # the runs not finished for these inputs
     for run in training_runs(params, name):
         work = paths.resume_dir / run_name(run)
         staged[run] = StagePaths(paths.train, paths.val, work / "out", work / "out" / "metrics.json", work / "state",
                                  run_file(paths.teacher, run, params) if paths.teacher else None)
-        fingerprint, done = input_fingerprint(name, params, staged[run], run), work / "done.json"
-        if not (done.is_file() and read_json(done).get("fingerprint") == fingerprint):
-            todo.append((run, fingerprint, done))
+        pending = PendingRun(run, input_fingerprint(name, params, staged[run], run), work / "done.json")
+        if not pending.is_done():
+            todo.append(pending)
     ray = params.train.executor == "ray"  # the runs train in Ray tasks, on the cluster's devices
     dist = init_distributed("cpu" if ray else device_type(params.train.device))
     if dist.is_main and todo:  # the experiment and parent run exist before runs start side by side
@@ -365,10 +382,10 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
         elif workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
             _train_side_by_side(name, params, staged, todo, workers)
         else:
-            for run, fingerprint, done in todo:
-                _train_run(name, params, staged[run], run, run == primary)
+            for pending in todo:
+                _train_run(name, params, staged[pending.run], pending.run, pending.run == primary)
                 if dist.is_main:
-                    write_json(done, {"fingerprint": fingerprint})
+                    pending.mark_done()
     finally:
         shutdown(dist)
     if not dist.is_main:

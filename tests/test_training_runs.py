@@ -21,7 +21,7 @@ from hdkd.data.splits import nested_subsets
 from hdkd.distributed import DistInfo
 from hdkd.engine import steps_per_epoch
 from hdkd.roster import primary_run, run_file, run_files, run_name, training_runs
-from hdkd.train import StagePaths, make_runtime, step_budget, train_stage, training_data, training_subset
+from hdkd.train import PendingRun, StagePaths, make_runtime, step_budget, train_stage, training_data, training_subset
 from tests.params_fixtures import make_params
 
 RUNS = {"seeds": [3, 1], "fractions": [0.5, 1.0]}
@@ -132,6 +132,28 @@ def test_a_stage_trains_every_run_side_by_side_as_one_after_another(workspace):
     assert not np.array_equal(weights[(3, 1.0)].numpy(), weights[(3, 0.5)].numpy())
 
 
+def test_per_image_augmentation_trains_a_run_reproducibly(workspace):
+    """``augment.batched: false``: the loader augments image by image (no batch hook), a stage trains on it,
+    byte for byte the same when repeated, and on other images than the batched path's."""
+    root, params = workspace
+    one_run = {"seeds": [3], "fractions": [1.0], "train": params.train.model_copy(update={"run_workers": 1})}
+    batched = params.model_copy(update=one_run)
+    per_image = batched.model_copy(update={"augment": params.augment.model_copy(update={"batched": False})})
+    rt = make_runtime(per_image, torch.device("cpu"), DistInfo())
+    (train_set, _, _), hook = training_data(per_image, stage_paths(root, "teacher", "per-image"), rt)
+    assert hook is None and train_set.transform is not None  # the per-image transform, in the loader
+    assert training_data(batched, stage_paths(root, "teacher", "per-image"), rt)[1] is not None
+    weights = {}
+    for tag, p in (("per-image-a", per_image), ("per-image-b", per_image), ("batched", batched)):
+        paths = stage_paths(root, "teacher", tag)
+        train_stage("teacher", p, paths)
+        model, meta = load_model(paths.out_dir / "model.pt")
+        assert len(meta["history"]) == p.teacher.epochs and all(np.isfinite(h["train_loss"]) for h in meta["history"])
+        weights[tag] = [t.numpy() for t in model.state_dict().values()]
+    assert all(np.array_equal(a, b) for a, b in zip(weights["per-image-a"], weights["per-image-b"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights["per-image-a"], weights["batched"]))
+
+
 def _record_run(name, params, paths, run, register, threads=None):
     """Stands in for ``hdkd.train._train_run``, in a spawned worker too: notes which process trained ``run``."""
     paths.out_dir.mkdir(parents=True)  # twice: an error
@@ -150,7 +172,7 @@ def _side_by_side(tmp_path, monkeypatch, failing=()):
     runs = training_runs(params)
     staged = {r: StagePaths(tmp_path, tmp_path, tmp_path / run_name(r), tmp_path / "m.json", tmp_path / "s")
               for r in runs}
-    todo = [(r, f"fp-{run_name(r)}", tmp_path / f"{run_name(r)}.done") for r in runs]
+    todo = [PendingRun(r, f"fp-{run_name(r)}", tmp_path / f"{run_name(r)}.done") for r in runs]
     return runs, todo, lambda: hdkd.train._train_side_by_side("teacher", params, staged, todo, 2)
 
 
@@ -160,7 +182,7 @@ def test_side_by_side_runs_each_run_once_and_this_process_trains_too(tmp_path, m
     pids = {r: int((tmp_path / run_name(r) / "pid").read_text()) for r in runs}
     # The stage's process takes the first run (it is ready while the worker spawns), the worker the second.
     assert pids[runs[0]] == os.getpid() and pids[runs[1]] != os.getpid()
-    assert all(json.loads(done.read_text()) == {"fingerprint": fp} for _, fp, done in todo)
+    assert all(json.loads(p.mark.read_text()) == {"fingerprint": p.fingerprint} and p.is_done() for p in todo)
 
 
 def test_side_by_side_stops_starting_runs_after_a_failure_and_raises_it(tmp_path, monkeypatch):
@@ -169,7 +191,7 @@ def test_side_by_side_stops_starting_runs_after_a_failure_and_raises_it(tmp_path
         train()
     # The first run failed here at once: only the run already given to the worker started.
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "pid").exists()) == ["seed0-frac1", "seed1-frac1"]
-    assert not any(done.exists() for _, _, done in todo)  # failed runs are never marked done
+    assert not any(p.mark.exists() or p.is_done() for p in todo)  # failed runs are never marked done
 
 
 def test_hdkd_run_distils_from_the_teachers_run_of_its_seed_and_fraction(workspace, monkeypatch):
