@@ -6,7 +6,12 @@ LOCK   := requirements.lock
 BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-all lint bench lock clean-venv
+# Tests run on every core (pytest-xdist): one worker per core, a module's tests on one worker (its module
+# fixtures are built once); the scratch pipelines, once for all workers (tests/pipeline_fixtures.py:built_once).
+# `pytest` alone runs them one after another.
+XDIST  := -n auto --dist loadscope
+
+.PHONY: install run test test-slow test-all coverage lint bench lock clean-venv
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +24,19 @@ install: $(BIN)/.installed
 run: install          ## download -> prepare -> balance -> train_teacher -> train_student -> train_hdkd -> evaluate -> report
 	dvc repro
 
-test: install         ## the fast suite (slow end-to-end tests: make test-all)
-	python -m pytest
+test: install         ## the fast suite (slow end-to-end tests: make test-slow; both: make test-all)
+	python -m pytest $(XDIST)
+
+test-slow: install
+	python -m pytest -m slow $(XDIST)
 
 test-all: install
-	python -m pytest -m "slow or not slow"
+	python -m pytest -m "slow or not slow" $(XDIST)
+
+coverage: install     ## line and branch coverage of hdkd/ by both suites, stage subprocesses included, per package
+	rm -f .coverage .coverage.*
+	python -m pytest -m "slow or not slow" $(XDIST) --cov --cov-report=
+	python scripts/coverage_by_package.py
 
 lint: install         ## ruff: pyflakes, pycodestyle, bugbear, pyupgrade, import order (pyproject.toml)
 	ruff check .

@@ -40,12 +40,18 @@ def interruptible_fit(make_model: Callable[[], nn.Module], criterion: str, cfg: 
     return fit(model, build_criterion(criterion, cfg), train, val, CPU, settings, on_epoch=stop), model
 
 
-def load_benchmark(name: str):
-    """``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package)."""
+def load_script(relpath: str):
+    """A script of the project (``benchmarks/<name>.py``, ``scripts/<name>.py``: not packages) as a module."""
     import importlib.util
+    import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str):
+    return load_script(f"benchmarks/{name}.py")

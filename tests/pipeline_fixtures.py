@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hdkd.io import read_json
+from hdkd.io import read_json, write_json
 from hdkd.provenance import git, stage_definition
 from tests.data_fixtures import refused_url
 from tests.params_fixtures import merged
@@ -184,22 +184,43 @@ def reproduced(directory: Path, params: dict | None = None) -> ScratchRepo:
     return repo
 
 
-# Whole shrunk pipelines, run once per test session and shared by the end-to-end test modules.
+def built_once(tmp_path_factory, name: str, build) -> Any:
+    """``build(directory)``'s JSON result, built once per test session in ``<session tmp>/<name>``: under
+    pytest-xdist by whichever worker asks first, while the others wait for it and then reuse it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    record = directory / "built.json"
+    with FileLock(f"{directory}.lock"):
+        if not record.is_file():
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker that crashed mid-build left
+            result = build(directory)
+            write_json(record, result)
+    return read_json(record)
+
+
+# Whole shrunk pipelines, run once per test session and shared by the end-to-end test modules (and their workers).
 @pytest.fixture(scope="session")
 def tracked_pipeline(tmp_path_factory) -> ScratchRepo:
     """Default tracking: every stage logs to the repo's own sqlite store."""
-    return reproduced(tmp_path_factory.mktemp("tracked") / "repo")
+    return ScratchRepo(Path(built_once(tmp_path_factory, "tracked", lambda d: str(reproduced(d / "repo").root))))
 
 
 @pytest.fixture(scope="session")
 def untracked_pipeline(tmp_path_factory) -> ScratchRepo:
     """``tracking.enabled: false``."""
-    return reproduced(tmp_path_factory.mktemp("untracked") / "repo", {"tracking": {"enabled": False}})
+    return ScratchRepo(Path(built_once(tmp_path_factory, "untracked", lambda d: str(
+        reproduced(d / "repo", {"tracking": {"enabled": False}}).root))))
 
 
 @pytest.fixture(scope="session")
 def unreachable_tracking_pipeline(tmp_path_factory) -> tuple[ScratchRepo, str]:
     """``tracking.uri`` names a server that is down (nothing listens on its port); also the output
     of ``dvc repro``."""
-    repo = make_scratch_repo(tmp_path_factory.mktemp("unreachable") / "repo", {"tracking": {"uri": refused_url()}})
-    return repo, repo.dvc("repro")
+    def build(directory: Path) -> dict[str, str]:
+        repo = make_scratch_repo(directory / "repo", {"tracking": {"uri": refused_url()}})
+        return {"root": str(repo.root), "output": repo.dvc("repro")}
+
+    built = built_once(tmp_path_factory, "unreachable", build)
+    return ScratchRepo(Path(built["root"])), built["output"]

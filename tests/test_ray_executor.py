@@ -24,7 +24,7 @@ from hdkd.config import ConfigError, is_result_param, parse_params
 from hdkd.io import file_md5, read_json
 from hdkd.ray_executor import _run_task, check_tracking, connect, task_resources, train_on_ray
 from hdkd.roster import run_name, training_runs
-from hdkd.train import StagePaths, input_fingerprint, train_stage
+from hdkd.train import PendingRun, StagePaths, input_fingerprint, train_stage
 from tests.params_fixtures import make_params, params_dict, params_without
 from tests.pipeline_fixtures import kill_group, make_scratch_repo
 from tests.ray_faults import InjectedFault
@@ -117,7 +117,8 @@ def test_the_cluster_is_train_ray_address_and_a_connection_is_kept_and_refused_u
     assert not connect(None) and len(calls) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"under torchrun set train\.executor: local"):
-        train_on_ray("teacher", make_params({"train": {"executor": "ray"}}), {}, [((0, 1.0), "f", tmp_path / "d")])
+        train_on_ray("teacher", make_params({"train": {"executor": "ray"}}), {},
+                     [PendingRun((0, 1.0), "f", tmp_path / "d")])
 
 
 @pytest.mark.parametrize("uri, addresses, refused", [
