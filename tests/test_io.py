@@ -1,3 +1,4 @@
+import argparse
 import errno
 import hashlib
 import os
@@ -7,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ from hdkd.io import (
     read_yaml,
     remove_stale_temporaries,
     save_torch,
+    write_json,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +54,35 @@ def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_json_is_written_stable_and_numpy_values_as_plain_ones(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"b": np.float32(0.5), "a": {"d": np.arange(2), "c": torch.tensor(3)}, "p": Path("x/y")})
+    assert path.read_bytes() == b'{\n  "a": {\n    "c": 3,\n    "d": [\n      0,\n      1\n    ]\n  },\n  "b": 0.5,\n  "p": "x/y"\n}\n'
+    with pytest.raises(TypeError, match="not JSON serialisable: object"):
+        write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_outputs_are_fsynced_and_get_the_usual_permissions(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with output_set() as outputs:
+        outputs.file(tmp_path / "a.txt").write_text("a")
+        (outputs.dir(tmp_path / "d") / "b.txt").write_text("b")
+    assert synced == [(tmp_path / "a.txt").stat().st_ino]  # the file's temporary, renamed since
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # mkstemp's 0600 is not kept
+
+
+def test_a_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
+    # weights_only=True: unpickling an arbitrary class could run code from an untrusted checkpoint
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "unsafe.pt")
+    with pytest.raises(ValueError, match=f"cannot load checkpoint {re.escape(str(tmp_path / 'unsafe.pt'))}"):
+        load_torch(tmp_path / "unsafe.pt")
 
 
 @pytest.mark.parametrize("content", [b'{"models": {"teacher": ', b"\xff\xfe not text"])

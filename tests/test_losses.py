@@ -102,6 +102,17 @@ def test_weighted_terms_sum_to_the_total_and_name_each_stage(stages):
         torch.testing.assert_close(parts.terms[f"feature_stage{s}"], expected)
 
 
+def test_no_feature_term_at_lambda_0():
+    # λ = 0 (the logit-only ablation): no feature term is computed, reported, or needs the stage maps
+    student = create_model("hdkd_tiny", 3, image_size=32).train()
+    loss = HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 0.0)
+    assert not loss.needs_features and HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 1.0).needs_features
+    outputs = student(torch.randn(4, 3, 32, 32))
+    parts = loss(outputs, torch.tensor([0, 1, 2, 0]), torch.randn(4, 3))  # no feature maps given
+    assert list(parts.terms) == ["ce", "kd"]
+    torch.testing.assert_close(parts.total, parts.logit)
+
+
 def test_a_model_trained_alone_has_one_term():
     student = create_model("student_tiny", 3, image_size=32).train()
     parts, _ = forward_loss(student, HDKDLoss(LogitDistillationLoss("none"), None, 0.0), torch.randn(4, 3, 32, 32),

@@ -9,7 +9,7 @@ import pytest
 from conftest import bundle_with, commit_all
 from hdkd.evaluate import write_evaluation
 from hdkd.report.build import build_report
-from hdkd.report.check import DirTree, GitTree, Tolerance, check, check_reports, compare_trees
+from hdkd.report.check import DirTree, GitTree, Tolerance, check, check_reports, compare_json, compare_trees
 from pipeline.check_reports import main as cli
 from tests.params_fixtures import section
 
@@ -116,6 +116,13 @@ def test_json_structure_and_files(committed, fresh):
         "[structure] tables/extra.csv: not in the committed reports",
         "[structure] metrics.json: hdkd: keys only in fresh: ['brier']",
     ]
+
+
+@pytest.mark.parametrize("committed_list, fresh_list", [([1, 2, 3], [1, 2]), ([1, 2], [1, 2, 3])])
+def test_a_list_of_another_length_fails_whichever_is_longer(committed_list, fresh_list):
+    diffs = compare_json("x.json", {"v": committed_list}, {"v": fresh_list}, Tolerance(rtol=1.0, atol=1e9))
+    assert [str(d) for d in diffs] == [
+        f"[structure] x.json: v: {len(committed_list)} items committed vs {len(fresh_list)} fresh"]
 
 
 def test_timing_and_provenance_are_not_compared(committed, fresh):
