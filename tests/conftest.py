@@ -17,6 +17,10 @@ numerics.apply_env()
 
 import torch
 
+# Under pytest-xdist the workers share the cores: torch's default (every core in each worker) oversubscribes
+# the machine, and OpenMP's spinning threads then slow every worker (the fast suite varied by 15 % run to run).
+torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 from hdkd.bundle import BUNDLE_ARTIFACT, make_bundle
 from hdkd.io import write_json
 from tests.params_fixtures import make_params

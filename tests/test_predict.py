@@ -175,6 +175,7 @@ def test_mlflow_model_uri(capsys, model_file, folder, tmp_path, monkeypatch):
     import mlflow.pytorch
 
     from hdkd.checkpoint import load_model
+    from hdkd.tracking import model_requirements
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -184,9 +185,12 @@ def test_mlflow_model_uri(capsys, model_file, folder, tmp_path, monkeypatch):
     metadata = {k: meta[k] for k in CHECKPOINT_KEYS}
     with mlflow.start_run() as run:
         # MLflow's default "pt2" format (a torch.export graph) and the pickled module
+        # the stages' pins (else MLflow infers them in a subprocess that imports the model: 5 s each)
+        pins = model_requirements()
         mlflow.pytorch.log_model(model.eval(), name="model", metadata=metadata, registered_model_name="hdkd-tiny",
-                                 input_example=np.zeros((2, 3, SIZE, SIZE), np.float32))
-        mlflow.pytorch.log_model(model, name="pickled", metadata=metadata, serialization_format="pickle")
+                                 input_example=np.zeros((2, 3, SIZE, SIZE), np.float32), pip_requirements=pins)
+        mlflow.pytorch.log_model(model, name="pickled", metadata=metadata, serialization_format="pickle",
+                                 pip_requirements=pins)
     try:
         _, from_file, _ = predict(capsys, "--model", model_file, "--format", "json", folder / "a.png")
         for uri in (f"runs:/{run.info.run_id}/model", "models:/hdkd-tiny/1", f"runs:/{run.info.run_id}/pickled"):
