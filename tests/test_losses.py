@@ -106,7 +106,8 @@ def test_no_feature_term_at_lambda_0():
     # λ = 0 (the logit-only ablation): no feature term is computed, reported, or needs the stage maps
     student = create_model("hdkd_tiny", 3, image_size=32).train()
     loss = HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 0.0)
-    assert not loss.needs_features and HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 1.0).needs_features
+    assert not loss.needs_features
+    assert HDKDLoss(LogitDistillationLoss("soft"), FeatureDistillationLoss(), 1.0).needs_features
     outputs = student(torch.randn(4, 3, 32, 32))
     parts = loss(outputs, torch.tensor([0, 1, 2, 0]), torch.randn(4, 3))  # no feature maps given
     assert list(parts.terms) == ["ce", "kd"]

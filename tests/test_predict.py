@@ -183,10 +183,9 @@ def test_mlflow_model_uri(capsys, model_file, folder, tmp_path, monkeypatch):
     mlflow.set_experiment("predict")
     model, meta = load_model(model_file)
     metadata = {k: meta[k] for k in CHECKPOINT_KEYS}
+    pins = model_requirements()  # the stages' pins (else MLflow infers them in a subprocess: 5 s a model)
     with mlflow.start_run() as run:
         # MLflow's default "pt2" format (a torch.export graph) and the pickled module
-        # the stages' pins (else MLflow infers them in a subprocess that imports the model: 5 s each)
-        pins = model_requirements()
         mlflow.pytorch.log_model(model.eval(), name="model", metadata=metadata, registered_model_name="hdkd-tiny",
                                  input_example=np.zeros((2, 3, SIZE, SIZE), np.float32), pip_requirements=pins)
         mlflow.pytorch.log_model(model, name="pickled", metadata=metadata, serialization_format="pickle",
