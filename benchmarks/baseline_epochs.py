@@ -23,11 +23,11 @@ import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from hdkd.config import load_params  # noqa: E402
-from hdkd.efficiency import count_macs, count_parameters  # noqa: E402
-from hdkd.engine import FitSettings, Runtime, fit  # noqa: E402
+from hdkd.evaluation.efficiency import count_macs, count_parameters  # noqa: E402
 from hdkd.models import create_model  # noqa: E402
 from hdkd.roster import roster  # noqa: E402
-from hdkd.train import build_criterion, network_spec  # noqa: E402
+from hdkd.training.engine import FitSettings, Runtime, fit  # noqa: E402
+from hdkd.training.run import build_criterion, network_spec  # noqa: E402
 
 N_TRAIN, N_VAL, CLASSES = 2167, 383, 7  # 3,000 images: 15 % test, then 15 % of the rest for validation
 

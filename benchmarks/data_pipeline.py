@@ -44,7 +44,7 @@ def smote_child(workdir: Path) -> None:
     from hdkd.data.balance import balance_training_split
     from hdkd.data.formats import HAM_CLASSES, HAM_COUNTS
     from hdkd.data.packed import IMAGES, LABELS, MANIFEST, NpyWriter, write_labels_and_index
-    from hdkd.io import write_json
+    from hdkd.infra.io import write_json
 
     prepared = workdir / "prepared"
     (prepared / "train").mkdir(parents=True)
@@ -173,7 +173,7 @@ def run_speed(workdir: Path, n_images: int, seconds: float) -> dict:
     from hdkd.data.images import decode_resized
     from hdkd.data.loader import PackedDataset
     from hdkd.data.packed import IMAGES, MANIFEST, NpyWriter, load_split, write_labels_and_index
-    from hdkd.io import write_json
+    from hdkd.infra.io import write_json
 
     torch.set_num_threads(1)  # per core
     augment = load_params(PARAMS).augment

@@ -24,9 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hdkd.engine import forward_loss
-from hdkd.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 from hdkd.models import FrozenTeacher, create_model, model_name
+from hdkd.training.engine import forward_loss
+from hdkd.training.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 
 CONFIGS = {  # size, image side, batch, timed rounds
     "paper": dict(size="paper", image_size=224, batch=16, rounds=8),  # page-fault-heavy: median of 8

@@ -3,8 +3,8 @@
 Generates the synthetic dataset with the given settings through the real stage functions
 (``fetch_dataset``, ``prepare_dataset``) in a scratch directory, then for each seed trains the
 teacher, the plain student and HDKD (distilled from that seed's and fraction's teacher) on nested
-training subsets (:func:`hdkd.train.training_subset`, as the training stages draw them) through
-``hdkd.train.run_training``, and prints, per training: test accuracy and macro-F1, wall seconds,
+training subsets (:func:`hdkd.training.run.training_subset`, as the training stages draw them) through
+``hdkd.training.run.run_training``, and prints, per training: test accuracy and macro-F1, wall seconds,
 and CPU seconds (``time.process_time``, all threads). On a shared machine wall time is inflated;
 CPU seconds / cores estimates the uncontended time. The last line is a JSON object with every
 row and the estimated time of the default pipeline's trainings (seeds x fractions x models).
@@ -30,7 +30,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from hdkd import numerics  # noqa: E402
+from hdkd.infra import numerics  # noqa: E402
 
 numerics.apply_env()  # before torch loads, as pipeline/__init__.py does for the stages
 
@@ -56,9 +56,9 @@ def test_scores(model_path: Path, test) -> dict[str, float]:
     import torch
     from sklearn.metrics import accuracy_score, f1_score
 
-    from hdkd.checkpoint import load_model
     from hdkd.data.augment import eval_transform
     from hdkd.data.loader import PackedDataset
+    from hdkd.models.checkpoint import load_model
 
     model, _ = load_model(model_path, torch.device("cpu"))
     model.eval()
@@ -103,8 +103,8 @@ def run(args, work: Path) -> dict:
     from hdkd.data.packed import load_split
     from hdkd.data.prepare import prepare_dataset
     from hdkd.data.sources import fetch_dataset
-    from hdkd.distributed import DistInfo
-    from hdkd.train import StagePaths, make_runtime, run_training, training_data
+    from hdkd.infra.distributed import DistInfo
+    from hdkd.training.run import StagePaths, make_runtime, run_training, training_data
 
     params = params_with(args.set + [f"data.root={work / 'raw'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"])
     t0, c0 = time.perf_counter(), time.process_time()

@@ -5,7 +5,7 @@
   JPEGs, with the tiny HDKD student at ``--size`` (random weights: speed does not depend on them),
   through ``model.pt`` and through its ONNX export.
 - Latency: one batch of zeros through PyTorch and through ONNX Runtime (the export stage's
-  :func:`hdkd.export.compare_latency`, same thread count) at batch 1 and 32.
+  :func:`hdkd.use.export.compare_latency`, same thread count) at batch 1 and 32.
 
 PyTorch runs on ``--threads`` threads (default 1: figures per core, which stay meaningful on a shared
 machine, where PyTorch's OpenMP threads stall each other); ONNX Runtime in the latency comparison on
@@ -30,12 +30,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from hdkd.checkpoint import load_model, save_model
-from hdkd.cli import main as hdkd
 from hdkd.data.formats import HAM_CLASSES
-from hdkd.export import compare_latency, export_onnx
-from hdkd.inference import OnnxClassifier
 from hdkd.models import create_model
+from hdkd.models.checkpoint import load_model, save_model
+from hdkd.use.cli import main as hdkd
+from hdkd.use.export import compare_latency, export_onnx
+from hdkd.use.inference import OnnxClassifier
 
 
 def write_images(folder: Path, n: int) -> None:

@@ -1,6 +1,6 @@
 """What running a training stage's runs as Ray tasks costs beside the local executor, on one machine.
 
-The teacher stage (``hdkd.train.train_stage``) on a tiny embedded dataset, tracking off, reproducible
+The teacher stage (``hdkd.training.stage.train_stage``) on a tiny embedded dataset, tracking off, reproducible
 mode: with ``train.executor: local``, one run after another in this process (the training alone),
 then ``--workers`` side by side (this process and spawned ones, which import torch first); then with
 ``ray`` on a local Ray instance of ``--workers`` CPUs, twice: cold (the instance just started, its
@@ -24,14 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from hdkd import numerics  # noqa: E402
+from hdkd.infra import numerics  # noqa: E402
 
-numerics.apply_env()  # before torch loads (hdkd.train imports it), as pipeline/__init__.py does
+numerics.apply_env()  # before torch loads (hdkd.training.stage imports it), as pipeline/__init__.py does
 
 from hdkd.config import parse_params, read_params_yaml  # noqa: E402
 from hdkd.data.prepare import prepare_dataset  # noqa: E402
 from hdkd.data.sources import fetch_dataset  # noqa: E402
-from hdkd.train import StagePaths, train_stage  # noqa: E402
+from hdkd.training.run import StagePaths  # noqa: E402
+from hdkd.training.stage import train_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

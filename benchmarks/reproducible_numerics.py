@@ -1,4 +1,4 @@
-"""Reproducible CPU numerics (hdkd.numerics, ``train.reproducible``): what the mode costs per training step.
+"""Reproducible CPU numerics (hdkd.infra.numerics, ``train.reproducible``): what the mode costs per training step.
 
 Each measurement is a fresh process (the mode's environment acts only before torch loads) that
 trains the teacher, the plain student and the HDKD student for a few AdamW steps on one fixed batch
@@ -10,7 +10,7 @@ interleaved rounds on the same machine:
 
 Usage: python benchmarks/reproducible_numerics.py [--configs tiny paper] [--rounds N] [--steps N]
        python benchmarks/reproducible_numerics.py --worker --mode on|off [--threads N] [--steps N] ...
-The worker prints one JSON line; tests/test_numerics.py runs it under emulated CPUs (instruction sets
+The worker prints one JSON line; tests/unit/infra/test_numerics.py runs it under emulated CPUs (instruction sets
 capped with ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY; other thread counts).
 The last line the benchmark prints is a JSON object of the figures.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from hdkd import numerics  # noqa: E402 (torch-free; must act before torch loads)
+from hdkd.infra import numerics  # noqa: E402 (torch-free; must act before torch loads)
 
 CONFIGS = {  # model size, image side, batch, steps timed per process (the first, untimed warm-up step comes on top)
     "tiny": {"size": "tiny", "image_size": 64, "batch": 16, "steps": 10},
@@ -44,10 +44,10 @@ def train_and_hash(size: str, image_size: int, batch: int, steps: int) -> dict:
     import torch
 
     from hdkd.config import load_params
-    from hdkd.engine import build_optimizer, forward_loss
     from hdkd.models import FrozenTeacher, create_model, model_name
     from hdkd.roster import roster_entry
-    from hdkd.train import build_criterion, recipe
+    from hdkd.training.engine import build_optimizer, forward_loss
+    from hdkd.training.run import build_criterion, recipe
 
     params = load_params(ROOT / "params.yaml")  # the default pipeline's losses and optimisers
     g = torch.Generator().manual_seed(0)

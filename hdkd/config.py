@@ -128,14 +128,14 @@ class TrainConfig(Section):
     amp: bool  # CUDA only: bf16 where supported, else fp16 with a grad scaler
     channels_last: bool  # CUDA only
     compile: bool
-    reproducible: bool  # CPU only: bit-identical results on any x86-64 CPU with AVX2 (hdkd.numerics)
+    reproducible: bool  # CPU only: bit-identical results on any x86-64 CPU with AVX2 (hdkd.infra.numerics)
     grad_clip: float | None = Field(gt=0)
     log_every: int = Field(ge=0)  # steps between log lines inside an epoch; 0 = per epoch only
     run_workers: int = Field(ge=0)  # CPU: (seed, fraction) runs trained side by side; 0 = one per core
     # steps: every training fraction takes the full-data run's optimizer steps (epochs over a smaller
     # share repeat); epochs: each takes the recipe's epochs over its own share (fewer steps).
     budget: Literal["steps", "epochs"]
-    executor: Literal["local", "ray"]  # ray: each (seed, fraction) run a task on a Ray cluster (hdkd.ray_executor)
+    executor: Literal["local", "ray"]  # ray: each (seed, fraction) run a Ray task (hdkd.training.ray_executor)
     ray_address: str | None  # the Ray cluster (auto, ray://host:10001); null: RAY_ADDRESS, else a local instance
     ray_retries: int = Field(ge=0)  # a run whose Ray worker or node dies is retried this often
 
@@ -185,7 +185,8 @@ class BaselineConfig(Section):
 
     ``optim`` holds the student section's values, with those given here replacing them: the same
     protocol unless a baseline says otherwise. The name and kwargs are checked against timm by
-    :func:`check_baselines` (it imports timm, so the stages that build a baseline call it).
+    :func:`hdkd.models.baselines.check_baselines` (it imports timm, so the stages that build a baseline
+    call it).
     """
 
     timm: str  # architecture name, as in timm.list_models()
@@ -196,80 +197,6 @@ class BaselineConfig(Section):
 # Names of the paper's models: a baseline may not take one (its outputs would overwrite theirs).
 # A baseline's name becomes a path component, a DVC stage suffix and an MLflow run name.
 BASELINE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-# Set by the pipeline (classes and input from the data; weights never downloaded), or changing what
-# the model returns: not for params.yaml.
-RESERVED_KWARGS = ("num_classes", "img_size", "in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
-                   "checkpoint_path", "cache_dir", "features_only")
-_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
-# The timm helpers below live here, not in hdkd.models, so that validating params.yaml imports no
-# project module beyond this one; timm itself is imported only when a baseline is checked or built.
-
-
-def build_timm(arch: str, num_classes: int, image_size: int, kwargs: dict[str, Any]):
-    """``timm.create_model`` from scratch (never pretrained), with ``img_size`` where the architecture takes it."""
-    import timm
-
-    try:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=image_size, **kwargs)
-    except TypeError as e:
-        # timm's entry points pass keywords through to the model class, which names the one it lacks;
-        # classes without an input size (ResNet, EfficientNet) reject img_size, and are built without.
-        if _unexpected_keyword(e) != "img_size":
-            raise
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-
-
-def _unexpected_keyword(error: TypeError) -> str | None:
-    match = _UNEXPECTED.search(str(error))
-    return match.group(1) if match else None
-
-
-def timm_spec_problem(arch: str, kwargs: dict[str, Any]) -> tuple[str, str] | None:
-    """``(key, message)`` if ``arch`` is not a bare timm architecture or ``kwargs`` holds a reserved key."""
-    import difflib
-
-    import timm
-
-    known = timm.list_models()
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=3)
-        hint = f"; close matches: {', '.join(close)}" if close else " (see timm.list_models())"
-        return "timm", f"unknown timm architecture {arch!r} (a bare name, no pretrained tag or hub prefix){hint}"
-    for key in kwargs:
-        if key in RESERVED_KWARGS:
-            return f"kwargs.{key}", ("set by the pipeline (classes and input size come from the data; weights are "
-                                     "never downloaded), not in params.yaml")
-    return None
-
-
-def baseline_problem(spec: BaselineConfig, image_size: int) -> tuple[str, str] | None:
-    """``(key, message)`` for the first problem with a baseline, the key relative to it; ``None`` if it builds.
-
-    The model is built on the meta device (no memory, no initialisation); a constructor that needs
-    real values (``.item()``) fails there, so a failure is confirmed by a CPU build before it is reported.
-    """
-    import torch
-
-    problem = timm_spec_problem(spec.timm, spec.kwargs)
-    if problem:
-        return problem
-    try:
-        with torch.device("meta"):
-            build_timm(spec.timm, 2, image_size, spec.kwargs)
-        return None
-    except Exception:  # noqa: BLE001 - any constructor error is confirmed (and reported) below
-        pass
-    try:
-        build_timm(spec.timm, 2, image_size, spec.kwargs)
-    except TypeError as e:
-        name = _unexpected_keyword(e)
-        if name in spec.kwargs:
-            return f"kwargs.{name}", f"{spec.timm} takes no argument {name!r}"
-        return "kwargs", f"timm rejects these kwargs for {spec.timm}: {e}"
-    except Exception as e:  # noqa: BLE001 - timm validates with asserts, ValueErrors, RuntimeErrors...
-        return "kwargs", (f"timm rejects these kwargs for {spec.timm} at image size {image_size}: "
-                          f"{type(e).__name__}: {e}")
-    return None
 
 
 # ----------------------------------------------------------------------- evaluation, tracking
@@ -445,17 +372,6 @@ def parse_params(raw: dict[str, Any] | None, source: str | os.PathLike | None = 
     return params
 
 
-def check_baselines(params: Params, source: str | os.PathLike | None = None) -> None:
-    """Each baseline is a known timm architecture whose constructor accepts its kwargs (built on the meta
-    device: no weights are allocated); else :class:`ConfigError` naming the key. The download stage calls
-    it, so a bad baseline fails before the pipeline does any work, and so does each baseline's stage."""
-    problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
-                if (p := baseline_problem(spec, params.data.image_size))]
-    if problems:
-        where = f" in {source}" if source else ""
-        raise ConfigError(f"invalid params{where}:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))
-
-
 def load_params(path: str | os.PathLike) -> Params:
     """Read and validate a params file; an empty file or a duplicated key is an error too."""
     path = Path(path)
@@ -528,13 +444,14 @@ def merge_overlay(
 
 def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLike) -> str:
     """The text of ``params_path`` with the values of the overlay ``overlay_path`` (``params/paper-*.yaml``)
-    set in place, its comments and layout kept; the merged params are validated first."""
+    set in place, its comments and layout kept; the merged params are validated against the schema first (their
+    baselines against timm: :func:`hdkd.models.baselines.check_baselines`)."""
     load_params(params_path)  # the file it overlays must be complete and valid on its own
     base, overlay = read_params_yaml(params_path), read_params_yaml(overlay_path)
     if not isinstance(overlay, dict) or not overlay:
         raise ConfigError(f"{overlay_path} must hold a mapping of the sections it changes")
     where = f"{params_path} with {overlay_path}"
-    check_baselines(parse_params(merge_overlay(base, overlay, overlay_path), where), where)
+    parse_params(merge_overlay(base, overlay, overlay_path), where)
     rt = YAML()  # round-trip: keeps params.yaml's comments, order and number formats
     rt.width = 4096  # a flow list stays on its line
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))

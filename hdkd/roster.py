@@ -4,7 +4,7 @@ A model's name names everything it owns: its DVC stage ``train_<name>``, ``model
 ``reports/train/<name>.json`` and its MLflow run. Its training recipe is the params section it
 names (the HDKD student's is ``distill``: the recipe *and* the distillation loss, so that
 ``dvc exp run -S distill.alpha=..`` reads as what it changes). Adding a model is one entry here
-(and its stage in ``dvc.yaml``, which ``tests/test_roster.py`` holds to this table).
+(and its stage in ``dvc.yaml``, which ``tests/unit/test_roster.py`` holds to this table).
 
 A run's models are these plus one entry per comparison baseline of its params (:func:`roster`):
 ``params.yaml``'s ``baselines.<key>`` trained by the stage ``train_baseline@<key>`` (a ``foreach``

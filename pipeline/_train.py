@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hdkd.config import check_baselines, load_params
+from hdkd.config import load_params
+from hdkd.models.baselines import check_baselines
 from hdkd.roster import roster_entry
-from hdkd.train import StagePaths, train_stage
+from hdkd.training.run import StagePaths
+from hdkd.training.stage import train_stage
 
 
 def main(name: str | None, argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from hdkd.config import check_baselines, load_params
+from hdkd.config import load_params
 from hdkd.data.sources import fetch_dataset
+from hdkd.models.baselines import check_baselines
 
 
 def main(argv: list[str] | None = None) -> None:

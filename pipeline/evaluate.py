@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hdkd.evaluate import evaluate_stage
+from hdkd.evaluation.evaluate import evaluate_stage
 from pipeline import _models
 
 

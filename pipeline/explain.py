@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from hdkd.config import load_params
-from hdkd.explain import explain_test_split
 from hdkd.roster import require_trained
+from hdkd.use.explain import explain_test_split
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,10 +2,10 @@
 timed -> reports/export.json.
 
 ONNX Runtime must match PyTorch on every test image (max |Δ probability| <= 1e-4, same top-1) or the
-stage fails; CPU latency of both runtimes at evaluate.latency_batch_sizes (see hdkd.export).
+stage fails; CPU latency of both runtimes at evaluate.latency_batch_sizes (see hdkd.use.export).
 """
 
-from hdkd.export import export_stage
+from hdkd.use.export import export_stage
 from pipeline import _models
 
 

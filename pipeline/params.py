@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hdkd.config import apply_overlay
-from hdkd.io import write_text
+import yaml
+
+from hdkd.config import apply_overlay, parse_params
+from hdkd.infra.io import write_text
+from hdkd.models.baselines import check_baselines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="where to write the merged params (default: --params, in place)")
     args = p.parse_args(argv)
     out = args.out or args.params
-    write_text(out, apply_overlay(args.params, args.apply))
+    text = apply_overlay(args.params, args.apply)
+    check_baselines(parse_params(yaml.safe_load(text)), f"{args.params} with {args.apply}")
+    write_text(out, text)
     print(f"{out}: {args.params} with the values of {args.apply}")
 
 

@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 from hdkd.config import load_params
-from hdkd.provenance import repo_root
+from hdkd.infra.mlflow_store import resolve_tracking_uri
+from hdkd.infra.provenance import repo_root
 from hdkd.report.ablations import ABLATIONS, NoTrackedRuns, UnknownAblation, queue_commands
 from hdkd.report.build import build_report
 from hdkd.report.revisions import RevisionNotFound, export_for_revision
@@ -31,7 +32,6 @@ from hdkd.report.stage import (
     stage_extras,
     working_tree_inputs,
 )
-from hdkd.tracking import resolve_tracking_uri
 
 REPORTS_DIR = Path("reports")
 REVISIONS_DIR = Path("runs")  # git-ignored: a rebuilt revision never overwrites the working tree's reports/

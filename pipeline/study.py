@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from hdkd.config import apply_overlay
-from hdkd.io import output_set, write_text
-from hdkd.provenance import git, repo_root
+from hdkd.infra.io import output_set, write_text
+from hdkd.infra.provenance import git, repo_root
 from hdkd.report.stage import build_study_report
 
 STUDY_FILES = ("bundle.json", "metrics.json")  # what a study leaves in --out; the rest is built from them

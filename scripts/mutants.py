@@ -1,8 +1,8 @@
 """Test power: a fixed set of mutants of the code the results depend on, and which of them the fast
 tests kill.
 
-The statistics (hdkd/stats.py), the reports check (hdkd/report/check.py), the losses, the splits and
-the atomic writes (hdkd/io.py) each get a list of small, plausible bugs: a flipped comparison, a
+The statistics (hdkd/evidence/stats.py), the reports check (hdkd/report/check.py), the losses, the splits and
+the atomic writes (hdkd/infra/io.py) each get a list of small, plausible bugs: a flipped comparison, a
 dropped term, an off-by-one, a missing fsync. Each mutant is applied alone to a git worktree of
 ``--rev`` (``../shared`` linked beside it, so the reference tests run), then that module's fast tests
 run with ``-x``; a failing test kills it. The same mutants against two revisions compare two test
@@ -31,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The fast tests that exercise each module (tests of a module's users too, since they catch its bugs).
 TESTS = {
-    "hdkd/stats.py": ["tests/test_stats.py", "tests/test_evidence.py"],
-    "hdkd/report/check.py": ["tests/test_report_check.py"],
-    "hdkd/losses.py": ["tests/test_losses.py", "tests/test_reference.py"],
-    "hdkd/data/splits.py": ["tests/test_data_splits.py", "tests/test_data_prepare.py"],
-    "hdkd/io.py": ["tests/test_io.py", "tests/test_data_prepare.py"],
+    "hdkd/evidence/stats.py": ["tests/unit/evidence/test_stats.py", "tests/unit/evidence/test_aggregate.py"],
+    "hdkd/report/check.py": ["tests/unit/report/test_check.py"],
+    "hdkd/training/losses.py": ["tests/unit/training/test_losses.py", "tests/unit/models/test_reference.py"],
+    "hdkd/data/splits.py": ["tests/unit/data/test_splits.py", "tests/unit/data/test_prepare.py"],
+    "hdkd/infra/io.py": ["tests/unit/infra/test_io.py", "tests/unit/data/test_prepare.py"],
+    "hdkd/infra/torch_io.py": ["tests/unit/infra/test_io.py"],
 }
 
 
@@ -49,20 +50,22 @@ class Mutant:
 
 MUTANTS = [
     # statistics
-    Mutant("hdkd/stats.py", "float(v.std(ddof=1))", "float(v.std(ddof=0))", "population std in aggregates"),
-    Mutant("hdkd/stats.py", "if v.size > 1 else None", "if v.size > 0 else None", "std of one seed"),
-    Mutant("hdkd/stats.py", "    diff = a - b\n", "    diff = b - a\n", "difference sign"),
-    Mutant("hdkd/stats.py", "p = 1.0 if abs(mean) <= NO_SPREAD else None", "p = None", "all-zero differences untested"),
-    Mutant("hdkd/stats.py", "result = sps.ttest_rel(a, b)", "result = sps.ttest_ind(a, b)", "unpaired t"),
-    Mutant("hdkd/stats.py", "return float(d.mean() / d.std(ddof=1))", "return float(d.mean() / d.std(ddof=0))",
+    Mutant("hdkd/evidence/stats.py", "float(v.std(ddof=1))", "float(v.std(ddof=0))", "population std in aggregates"),
+    Mutant("hdkd/evidence/stats.py", "if v.size > 1 else None", "if v.size > 0 else None", "std of one seed"),
+    Mutant("hdkd/evidence/stats.py", "    diff = a - b\n", "    diff = b - a\n", "difference sign"),
+    Mutant("hdkd/evidence/stats.py",
+           "p = 1.0 if abs(mean) <= NO_SPREAD else None", "p = None", "all-zero differences untested"),
+    Mutant("hdkd/evidence/stats.py", "result = sps.ttest_rel(a, b)", "result = sps.ttest_ind(a, b)", "unpaired t"),
+    Mutant("hdkd/evidence/stats.py", "return float(d.mean() / d.std(ddof=1))", "return float(d.mean() / d.std(ddof=0))",
            "effect size with population std"),
-    Mutant("hdkd/stats.py", 'method="holm"', 'method="bonferroni"', "Bonferroni for Holm"),
-    Mutant("hdkd/stats.py", "n10 = int(np.sum(ca & ~cb))", "n10 = int(np.sum(ca & cb))", "McNemar discordant count"),
-    Mutant("hdkd/stats.py", "return Comparison(0.0, 0.0, 0.0, 1.0, label)",
+    Mutant("hdkd/evidence/stats.py", 'method="holm"', 'method="bonferroni"', "Bonferroni for Holm"),
+    Mutant("hdkd/evidence/stats.py",
+           "n10 = int(np.sum(ca & ~cb))", "n10 = int(np.sum(ca & cb))", "McNemar discordant count"),
+    Mutant("hdkd/evidence/stats.py", "return Comparison(0.0, 0.0, 0.0, 1.0, label)",
            "return Comparison(0.0, 0.0, 0.0, None, label)",
            "no discordant pairs untested"),
-    Mutant("hdkd/stats.py", 'method="exact")', 'method="wilson")', "Wilson for Clopper-Pearson"),
-    Mutant("hdkd/stats.py", 'if comparison.p_value < alpha else', 'if comparison.p_value <= 2 * alpha else',
+    Mutant("hdkd/evidence/stats.py", 'method="exact")', 'method="wilson")', "Wilson for Clopper-Pearson"),
+    Mutant("hdkd/evidence/stats.py", 'if comparison.p_value < alpha else', 'if comparison.p_value <= 2 * alpha else',
            "verdict threshold"),
     # reports check
     Mutant("hdkd/report/check.py", "if abs(y - x) <= allowed or", "if abs(y - x) < allowed * 10 or", "tolerance x10"),
@@ -83,22 +86,24 @@ MUTANTS = [
     Mutant("hdkd/report/check.py", "if not bundle[\"params\"][\"train\"][\"reproducible\"]:", "if False:",
            "non-reproducible runs compared exactly"),
     # losses
-    Mutant("hdkd/losses.py", "kd = kl * (t * t) /", "kd = kl * t /", "tau instead of tau squared"),
-    Mutant("hdkd/losses.py", "(z_dist.numel() if self.reduction == \"numel\" else z_dist.shape[0])",
+    Mutant("hdkd/training/losses.py", "kd = kl * (t * t) /", "kd = kl * t /", "tau instead of tau squared"),
+    Mutant("hdkd/training/losses.py", "(z_dist.numel() if self.reduction == \"numel\" else z_dist.shape[0])",
            "(z_dist.shape[0] if self.reduction == \"numel\" else z_dist.shape[0])", "batch for numel reduction"),
-    Mutant("hdkd/losses.py", "return (1 - self.alpha) * ce + self.alpha * kd, ce, kd",
+    Mutant("hdkd/training/losses.py", "return (1 - self.alpha) * ce + self.alpha * kd, ce, kd",
            "return self.alpha * ce + (1 - self.alpha) * kd, ce, kd", "alpha on the wrong term"),
-    Mutant("hdkd/losses.py", "kd = F.cross_entropy(z_dist, teacher_logits.argmax(dim=1))",
+    Mutant("hdkd/training/losses.py", "kd = F.cross_entropy(z_dist, teacher_logits.argmax(dim=1))",
            "kd = F.cross_entropy(z_cls, teacher_logits.argmax(dim=1))", "hard KD on the class head"),
-    Mutant("hdkd/losses.py", "self.weights = [(i + 1) ** beta for i", "self.weights = [i ** beta + 1 for i",
+    Mutant("hdkd/training/losses.py", "self.weights = [(i + 1) ** beta for i", "self.weights = [i ** beta + 1 for i",
            "stage weights"),
-    Mutant("hdkd/losses.py", "fs, ft = student_feats[s - 1], teacher_feats[s - 1]",
+    Mutant("hdkd/training/losses.py", "fs, ft = student_feats[s - 1], teacher_feats[s - 1]",
            "fs, ft = student_feats[s - 1], teacher_feats[s - 1].flip(0)", "teacher features of other images"),
-    Mutant("hdkd/losses.py", "return LossParts(logit + self.lambda_ * feature,", "return LossParts(logit + feature,",
+    Mutant("hdkd/training/losses.py",
+           "return LossParts(logit + self.lambda_ * feature,", "return LossParts(logit + feature,",
            "lambda ignored"),
-    Mutant("hdkd/losses.py", "return self.feature is not None and self.lambda_ > 0", "return self.feature is not None",
+    Mutant("hdkd/training/losses.py",
+           "return self.feature is not None and self.lambda_ > 0", "return self.feature is not None",
            "features at lambda 0"),
-    Mutant("hdkd/losses.py", "log_target=True)", "log_target=False)", "KL target as probabilities"),
+    Mutant("hdkd/training/losses.py", "log_target=True)", "log_target=False)", "KL target as probabilities"),
     # splits
     Mutant("hdkd/data/splits.py", "return group_of, size, counts.argmax(axis=1)",
            "return group_of, size, counts.argmin(axis=1)",
@@ -117,19 +122,21 @@ MUTANTS = [
            "bad = [f for f in fractions if f > 1]",
            "fraction 0 accepted"),
     # atomic writes
-    Mutant("hdkd/io.py", "                    os.fsync(f.fileno())\n", "                    pass\n", "no fsync"),
-    Mutant("hdkd/io.py", "os.chmod(tmp, 0o666 & ~_UMASK)", "os.chmod(tmp, 0o600)", "outputs left private"),
-    Mutant("hdkd/io.py", "        yield outputs\n        outputs.commit()\n",
+    Mutant("hdkd/infra/io.py", "                    os.fsync(f.fileno())\n", "                    pass\n", "no fsync"),
+    Mutant("hdkd/infra/io.py", "os.chmod(tmp, 0o666 & ~_UMASK)", "os.chmod(tmp, 0o600)", "outputs left private"),
+    Mutant("hdkd/infra/io.py", "        yield outputs\n        outputs.commit()\n",
            "        outputs.commit()\n        yield outputs\n", "committed before written"),
-    Mutant("hdkd/io.py", "        for old in aside:\n            shutil.rmtree(old)\n",
+    Mutant("hdkd/infra/io.py", "        for old in aside:\n            shutil.rmtree(old)\n",
            "", "old directory left behind"),
-    Mutant("hdkd/io.py", "remove_stale_temporaries(path.parent, path.name)  # what", "(path.parent, path.name)  # what",
+    Mutant("hdkd/infra/io.py",
+           "remove_stale_temporaries(path.parent, path.name)  # what", "(path.parent, path.name)  # what",
            "stale temporaries kept"),
-    Mutant("hdkd/io.py", "if m and name in (None, m[\"name\"]):", "if m:", "other outputs' temporaries removed"),
-    Mutant("hdkd/io.py", "json.dumps(obj, indent=2, sort_keys=True,", "json.dumps(obj, indent=2, sort_keys=False,",
+    Mutant("hdkd/infra/io.py", "if m and name in (None, m[\"name\"]):", "if m:", "other outputs' temporaries removed"),
+    Mutant("hdkd/infra/io.py",
+           "json.dumps(obj, indent=2, sort_keys=True,", "json.dumps(obj, indent=2, sort_keys=False,",
            "unsorted JSON keys"),
-    Mutant("hdkd/io.py", "weights_only=True)", "weights_only=False)", "unsafe checkpoint loading"),
-    Mutant("hdkd/io.py", "if hasattr(o, \"tolist\"):", "if False:", "numpy values not serialisable"),
+    Mutant("hdkd/infra/torch_io.py", "weights_only=True)", "weights_only=False)", "unsafe checkpoint loading"),
+    Mutant("hdkd/infra/io.py", "if hasattr(o, \"tolist\"):", "if False:", "numpy values not serialisable"),
 ]
 
 

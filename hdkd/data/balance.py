@@ -43,7 +43,7 @@ from hdkd.data.packed import (
     write_labels_and_index,
 )
 from hdkd.data.seeding import derive_seed
-from hdkd.io import atomic_dir, read_json, write_json
+from hdkd.infra.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from hdkd.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
-from hdkd.io import atomic_dir, file_md5, read_json, write_json
+from hdkd.infra.io import atomic_dir, file_md5, read_json, write_json
 
 log = logging.getLogger(__name__)
 

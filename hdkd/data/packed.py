@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from hdkd.data.errors import DataError
-from hdkd.io import read_json
+from hdkd.infra.io import read_json
 
 IMAGES, LABELS, INDEX, MANIFEST = "images.npy", "labels.npy", "index.csv", "manifest.json"
 

@@ -33,7 +33,7 @@ from hdkd.data.images import decode_resized
 from hdkd.data.packed import IMAGES, MANIFEST, NpyWriter, read_rows, write_labels_and_index
 from hdkd.data.sources import get_source
 from hdkd.data.splits import SPLITS, assign_splits
-from hdkd.io import atomic_dir, read_json, write_json
+from hdkd.infra.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from hdkd.data.formats import (
     read_ham_tree,
 )
 from hdkd.data.synthetic import generate
-from hdkd.io import atomic_dir, dvc_md5, remove_stale_temporaries, write_json
+from hdkd.infra.io import atomic_dir, dvc_md5, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from hdkd.data.formats import (
     HAM_PARTS,
 )
 from hdkd.data.seeding import derive_seed
-from hdkd.io import atomic_dir, dvc_md5, read_json, write_json
+from hdkd.infra.io import atomic_dir, dvc_md5, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hdkd.bundle import UnsupportedBundle, validate_bundle
 from hdkd.config import flatten, is_result_param
-from hdkd.io import write_json
+from hdkd.evidence.bundle import UnsupportedBundle, validate_bundle
+from hdkd.infra.io import write_json
+from hdkd.infra.mlflow_runs import find_runs
+from hdkd.infra.mlflow_store import TAG
 from hdkd.report.revisions import tracked_bundle
 from hdkd.roster import MODEL_NAMES
-from hdkd.tracking import TAG, find_runs
 
 EVALUATE_STAGE = "evaluate"
 UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")

@@ -1,4 +1,4 @@
-"""Paper tables and figures, built from results bundles alone (see :mod:`hdkd.bundle`).
+"""Paper tables and figures, built from results bundles alone (see :mod:`hdkd.evidence.bundle`).
 
 :func:`build_report` writes under ``out_dir`` (the report stage's: ``reports/``)::
 
@@ -36,9 +36,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from hdkd.bundle import model_names, validate_bundle
 from hdkd.config import ReportConfig, flatten
-from hdkd.evidence import (
+from hdkd.evidence.aggregate import (
     FULL,
     ONE_CLASS_SHARE,
     aggregate,
@@ -51,13 +50,14 @@ from hdkd.evidence import (
     significance_rows,
     versus_reference,
 )
-from hdkd.io import csv_text, output_set, write_bytes, write_text
-from hdkd.plots import figure_png, model_color, model_label, training_curves_figure
+from hdkd.evidence.bundle import model_names, validate_bundle
+from hdkd.evidence.plots import figure_png, model_color, model_label, training_curves_figure
+from hdkd.evidence.stats import Comparison, holm
+from hdkd.infra.io import csv_text, output_set, write_bytes, write_text
 from hdkd.report.ablations import ABLATIONS, Ablation, AblationGroups, differing_params, group_ablations, run_label
 from hdkd.report.diagnostics import diagnosis_sentence, diagnostics_rows, loss_terms_figure
 from hdkd.report.model_card import model_card
 from hdkd.roster import primary_run, roster
-from hdkd.stats import Comparison, holm
 
 NA = "n/a"
 
@@ -108,7 +108,7 @@ def points_difference(c: Comparison | None, p_holm: float | None) -> str:
 
 def learned(bundle: Mapping[str, Any], model: str, fraction: float = FULL) -> str:
     """``yes``, ``yes (1 of 3 seeds did not)``, or ``no (2 of 3 seeds)`` when the model did not learn
-    (:func:`hdkd.evidence.not_learned`)."""
+    (:func:`hdkd.evidence.aggregate.not_learned`)."""
     failed, seeds = seeds_not_learned(bundle, model, fraction)
     if not failed:
         return "yes"
@@ -247,7 +247,7 @@ def diagnostics_table(bundle: Mapping[str, Any]) -> Table | None:
 
 
 def significance_table(rows: Sequence[Mapping[str, Any]]) -> Table | None:
-    """A − B for each comparison at each fraction, from :func:`hdkd.evidence.significance_rows` (the columns:
+    """A − B for each comparison at each fraction, from :func:`hdkd.evidence.aggregate.significance_rows` (the columns:
     ``significance.csv``'s contract)."""
     if not rows:
         return None
@@ -457,7 +457,7 @@ def per_class_f1_figure(bundle: Mapping[str, Any]) -> Figure:
 
 def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
     """Accuracy and macro-F1 by training fraction: mean over the seeds, ± one std as a band; an open marker where
-    the model did not learn (:func:`hdkd.evidence.not_learned`)."""
+    the model did not learn (:func:`hdkd.evidence.aggregate.not_learned`)."""
     fractions = fractions_of(bundle)
     if len(fractions) < 2:
         return None
@@ -498,7 +498,8 @@ def data_efficiency_figure(bundle: Mapping[str, Any]) -> Figure | None:
 def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | None = None,
                   export: Mapping[str, Any] | None = None, significance: Sequence[Mapping[str, Any]] = (),
                   ablation_reference: Mapping[str, Any] | None = None) -> list[Table]:
-    """The tables of one run: ``significance``, the rows of :func:`hdkd.evidence.significance_rows`; the ablation
+    """The tables of one run: ``significance``, the rows of
+    :func:`hdkd.evidence.aggregate.significance_rows`; the ablation
     tables compare ``ablation_groups`` with ``ablation_reference`` (default: ``bundle``)."""
     ablation_groups = ablation_groups or {}
     tables = [main_table(bundle), data_efficiency_table(bundle), significance_table(significance),

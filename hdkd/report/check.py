@@ -44,8 +44,8 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 
-from hdkd.io import parse_json
-from hdkd.provenance import git, git_show
+from hdkd.infra.io import parse_json
+from hdkd.infra.provenance import git, git_show
 
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-6
@@ -262,7 +262,7 @@ def statistical_differences(a: dict[str, Any] | None, b: dict[str, Any] | None, 
     do not vary, must be equal."""
     from scipy import stats as sps
 
-    from hdkd.evidence import METRICS, fractions_of, runs_at
+    from hdkd.evidence.aggregate import METRICS, fractions_of, runs_at
 
     if a is None or b is None:
         return []  # reported as a missing file by compare_trees

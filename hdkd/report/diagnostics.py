@@ -1,7 +1,7 @@
 """Training diagnostics from the runs' per-epoch histories: what each loss term weighs, what gradient it
 sends into the shared trunk, and how long a model predicts one class on validation.
 
-The histories are those the training stages keep with each run (:func:`hdkd.engine.fit`'s rows:
+The histories are those the training stages keep with each run (:func:`hdkd.training.engine.fit`'s rows:
 ``loss_<term>``, ``grad_norm_<term>``, ``val_pred_<class>``), carried by the results bundle per run.
 Older bundles have none: every function here then returns nothing. Torch-free.
 """
@@ -15,9 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from hdkd.bundle import model_names
-from hdkd.evidence import ONE_CLASS_SHARE  # the rule a run did not learn by, applied to a pass
-from hdkd.plots import model_color, model_label
+from hdkd.evidence.aggregate import ONE_CLASS_SHARE  # the rule a run did not learn by, applied to a pass
+from hdkd.evidence.bundle import model_names
+from hdkd.evidence.plots import model_color, model_label
 from hdkd.roster import roster
 
 FEATURE_PREFIX = "feature_stage"

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hdkd.bundle import model_names
-from hdkd.evidence import aggregate, not_learned, paired_sentences
-from hdkd.plots import model_label
+from hdkd.evidence.aggregate import aggregate, not_learned, paired_sentences
+from hdkd.evidence.bundle import model_names
+from hdkd.evidence.plots import model_label
 from hdkd.roster import primary_run, roster, roster_entry
 
 MODEL = "hdkd"
@@ -43,7 +43,7 @@ def comparison(bundle: Mapping[str, Any], significance: Sequence[Mapping[str, An
 
 def model_card(bundle: Mapping[str, Any], significance: Sequence[Mapping[str, Any]], model: str = MODEL) -> str:
     """The card of ``model`` (the HDKD student), in Markdown; ``significance``: the rows of
-    :func:`hdkd.evidence.significance_rows` (the report's paired comparisons)."""
+    :func:`hdkd.evidence.aggregate.significance_rows` (the report's paired comparisons)."""
     params, models = bundle["params"], bundle["models"]
     seed, _ = primary_run(params)
     entry = roster_entry(model)

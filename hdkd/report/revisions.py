@@ -17,7 +17,7 @@ report stage of that revision read; so is its
 export report (:func:`export_for_revision`), for the same efficiency table.
 
 Nothing found: :class:`RevisionNotFound`, listing the revisions that are available.
-MLflow is read through :mod:`hdkd.tracking`, the only module that talks to it.
+MLflow is read through :mod:`hdkd.infra.tracking`, the only module that talks to it.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from hdkd.bundle import BUNDLE_ARTIFACT, validate_bundle
-from hdkd.io import parse_json
-from hdkd.provenance import GitError, git, git_show, resolve_commit
-from hdkd.tracking import TAG, find_artifact, find_runs, read_json_artifact, tracking_store_exists
+from hdkd.evidence.bundle import BUNDLE_ARTIFACT, validate_bundle
+from hdkd.infra.io import parse_json
+from hdkd.infra.mlflow_runs import find_artifact, find_runs, read_json_artifact
+from hdkd.infra.mlflow_store import TAG, tracking_store_exists
+from hdkd.infra.provenance import GitError, git, git_show, resolve_commit
 
 BUNDLE_PATH = "reports/bundle.json"
 ABLATIONS_PATH = "reports/ablations"
 EXPORT_PATH = "reports/export.json"
-COMMIT_TAG = f"{TAG}git_commit"  # as hdkd.tracking.Tracker tags every run
+COMMIT_TAG = f"{TAG}git_commit"  # as hdkd.infra.tracking.Tracker tags every run
 EXP_TAG = f"{TAG}dvc_exp_name"
 HEX = re.compile(r"[0-9a-f]{4,40}")
 

@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hdkd.bundle import load_bundle
 from hdkd.config import ReportConfig, TrackingConfig
-from hdkd.io import read_json
+from hdkd.evidence.bundle import load_bundle
+from hdkd.infra.io import read_json
+from hdkd.infra.mlflow_store import experiment_name
 from hdkd.report.ablations import collect_ablations, split_reference, summary
 from hdkd.report.build import Explanations, build_report
 from hdkd.report.revisions import ablations_for_revision, bundle_for_revision, params_for_revision
-from hdkd.tracking import experiment_name
 
 
 def collect(reference_path: str | os.PathLike, ablations_dir: str | os.PathLike, tracking: TrackingConfig,
