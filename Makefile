@@ -7,11 +7,11 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 # Tests run on every core (pytest-xdist): one worker per core, a module's tests on one worker (its module
-# fixtures are built once); the scratch pipelines, once for all workers (tests/pipeline_fixtures.py:built_once).
+# fixtures are built once); the scratch pipelines, once for all workers (tests/helpers/pipeline.py:built_once).
 # `pytest` alone runs them one after another.
 XDIST  := -n auto --dist loadscope
 
-.PHONY: install run test test-slow test-all coverage lint bench lock clean-venv
+.PHONY: install run test test-slow test-all coverage lint docs bench lock clean-venv
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,8 @@ run: install          ## download -> prepare -> balance -> train_teacher -> trai
 test: install         ## the fast suite (slow end-to-end tests: make test-slow; both: make test-all)
 	python -m pytest $(XDIST)
 
-test-slow: install
-	python -m pytest -m slow $(XDIST)
+test-slow: install   ## the end-to-end pipelines of tests/pipeline/ and the units' slow tests (Ray, torchrun, SMOTE at scale)
+	python -m pytest -m slow $(XDIST) tests/pipeline tests/unit tests/tools
 
 test-all: install
 	python -m pytest -m "slow or not slow" $(XDIST)
@@ -38,8 +38,12 @@ coverage: install     ## line and branch coverage of hdkd/ by both suites, stage
 	python -m pytest -m "slow or not slow" $(XDIST) --cov --cov-report=
 	python scripts/coverage_by_package.py
 
-lint: install         ## ruff: pyflakes, pycodestyle, bugbear, pyupgrade, import order (pyproject.toml)
+lint: install         ## ruff (pyproject.toml), and the wings' layering as import contracts (.importlinter)
 	ruff check .
+	lint-imports --no-cache
+
+docs: install         ## the docs site (docs/, mkdocs.yml) into site/; a broken link or reference fails it
+	mkdocs build --strict --site-dir site
 
 bench: install        ## speed and memory benchmarks (figures in the README)
 	python benchmarks/distill_step.py
