@@ -26,7 +26,7 @@ from hdkd.config import load_params  # noqa: E402
 from hdkd.evaluation.efficiency import count_macs, count_parameters  # noqa: E402
 from hdkd.models import create_model  # noqa: E402
 from hdkd.roster import roster  # noqa: E402
-from hdkd.training.engine import FitSettings, Runtime, fit  # noqa: E402
+from hdkd.training.engine import FitData, FitSettings, Runtime, fit  # noqa: E402
 from hdkd.training.run import build_criterion, network_spec  # noqa: E402
 
 N_TRAIN, N_VAL, CLASSES = 2167, 383, 7  # 3,000 images: 15 % test, then 15 % of the rest for validation
@@ -51,7 +51,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(name, CLASSES, size, **overrides)
         wall, cpu = time.perf_counter(), time.process_time()
-        fit(model, build_criterion("student", cfg), train, val, Runtime(torch.device("cpu"), progress=False), settings)
+        fit(model, build_criterion("student", cfg), FitData(train, val), Runtime(torch.device("cpu"), progress=False),
+            settings)
         key = entry.name
         rows[key] = {"params": count_parameters(model)["total"], "macs": count_macs(model, (3, size, size)),
                      "epoch_cpu_s": round(time.process_time() - cpu, 2),

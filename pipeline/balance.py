@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from hdkd.config import load_params
-from hdkd.data.balance import balance_training_split
+from pipeline import start
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hdkd.config import load_params
+    from hdkd.data.balance import balance_training_split
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prepared", default="data/prepared")
@@ -21,4 +23,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    start()
     main()

@@ -5,15 +5,15 @@
     python -m pipeline.check_reports --statistical --alpha 0.05  # force the comparison by the seeds' spread
 """
 
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 
-from hdkd.report.check import DEFAULT_ALPHA, DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, check
+from pipeline import start
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
+    from hdkd.report.check import DEFAULT_ALPHA, DEFAULT_ATOL, DEFAULT_IGNORE, DEFAULT_RTOL, Tolerance, check
+
     p = argparse.ArgumentParser(prog="python -m pipeline.check_reports", description=__doc__.split("\n")[0])
     p.add_argument("--fresh", type=Path, default=Path("reports"), help="freshly produced reports")
     p.add_argument("--committed", type=Path, help="committed reports as a directory (default: --prefix at --rev)")
@@ -24,24 +24,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help=f"also skip locations matching GLOB; always skipped: {' '.join(DEFAULT_IGNORE)}")
-    kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--exact", dest="mode", action="store_const", const="exact",
-                      help="every number within the tolerances (default when both runs used the reproducible "
-                           "CPU numerics mode)")
+    kind = p.add_mutually_exclusive_group()  # default: exact when both runs used the reproducible CPU numerics mode
+    kind.add_argument("--exact", dest="mode", action="store_const", const="exact", help="every number within tolerance")
     kind.add_argument("--statistical", dest="mode", action="store_const", const="statistical",
-                      help="numbers by Welch's t-test over the seeds (default when either run did not: "
-                           "train.reproducible off, or a GPU)")
-    p.set_defaults(mode="auto")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"level of the statistical comparison (default {DEFAULT_ALPHA:g})")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+                      help="numbers by Welch's t-test over the seeds (default when either run was not reproducible)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"statistical level (default {DEFAULT_ALPHA:g})")
+    args = p.parse_args(argv)
+    args.mode = args.mode or "auto"
     tol = Tolerance(args.rtol, args.atol, DEFAULT_IGNORE + tuple(args.ignore))
     return check(args.fresh, args.committed, args.rev, args.repo, args.prefix, tol, args.mode, args.alpha)
 
 
 if __name__ == "__main__":
+    start()
     raise SystemExit(main())

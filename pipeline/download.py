@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from hdkd.config import load_params
-from hdkd.data.sources import fetch_dataset
-from hdkd.models.baselines import check_baselines
+from pipeline import start
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hdkd.config import load_params
+    from hdkd.data.sources import fetch_dataset
+    from hdkd.models.baselines import check_baselines
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="data/raw", help="where the source record goes (the stage's output)")
@@ -23,4 +25,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    start()
     main()

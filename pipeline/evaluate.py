@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from hdkd.evaluation.evaluate import evaluate_stage
-from pipeline import _models
+from pipeline import _models, start
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from hdkd.evaluation.evaluate import evaluate_stage
+
     args, params = _models.parse("pipeline.evaluate", __doc__, "reports", argv)
     return evaluate_stage(params, args.data, args.models, args.out)
 
 
 if __name__ == "__main__":
+    start()
     main()

@@ -5,18 +5,18 @@ from the class and distillation tokens) and reports/explain/explain.json (the sa
 rank correlation of each map with a randomly initialised network's; teacher-student agreement).
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 from pathlib import Path
 
-from hdkd.config import load_params
-from hdkd.roster import require_trained
-from hdkd.use.explain import explain_test_split
+from pipeline import start
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from hdkd.config import load_params
+    from hdkd.roster import require_trained
+    from hdkd.use.explain import explain_test_split
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="seed: the random networks of the sanity check")
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher/model.pt"))
@@ -35,4 +35,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    start()
     main()

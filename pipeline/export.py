@@ -5,15 +5,17 @@ ONNX Runtime must match PyTorch on every test image (max |Δ probability| <= 1e-
 stage fails; CPU latency of both runtimes at evaluate.latency_batch_sizes (see hdkd.use.export).
 """
 
-from hdkd.use.export import export_stage
-from pipeline import _models
+from pipeline import _models, start
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from hdkd.use.export import export_stage
+
     args, params = _models.parse("pipeline.export", __doc__, "reports/export.json", argv,
                                  exports=("exports", "<dir>/<model>/model.onnx"))
     return export_stage(params, args.data, args.models, args.exports, args.out)
 
 
 if __name__ == "__main__":
+    start()
     main()

@@ -7,19 +7,19 @@ params.yaml is the one source of defaults; an overlay holds only the values that
 its keys must exist in params.yaml. The merged params are validated before anything is written.
 """
 
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 
-import yaml
-
-from hdkd.config import apply_overlay, parse_params
-from hdkd.infra.io import write_text
-from hdkd.models.baselines import check_baselines
+from pipeline import start
 
 
 def main(argv: list[str] | None = None) -> None:
+    import yaml
+
+    from hdkd.config import apply_overlay, parse_params
+    from hdkd.infra.io import write_text
+    from hdkd.models.baselines import check_baselines
+
     p = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--apply", type=Path, required=True, metavar="OVERLAY", help="overlay file (params/paper-*.yaml)")
@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="where to write the merged params (default: --params, in place)")
     args = p.parse_args(argv)
     out = args.out or args.params
-    text = apply_overlay(args.params, args.apply)
+    text = apply_overlay(args.params, args.apply)  # validated against the schema, then against timm
     check_baselines(parse_params(yaml.safe_load(text)), f"{args.params} with {args.apply}")
     write_text(out, text)
     print(f"{out}: {args.params} with the values of {args.apply}")
 
 
 if __name__ == "__main__":
+    start()
     main()

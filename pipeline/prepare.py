@@ -6,12 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from hdkd.config import load_params
-from hdkd.data.prepare import prepare_dataset
-from hdkd.data.sources import SOURCE_RECORD
+from pipeline import start
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hdkd.config import load_params
+    from hdkd.data.prepare import prepare_dataset
+    from hdkd.data.sources import SOURCE_RECORD
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw", default="data/raw", help="the download stage's output (its source record)")
@@ -23,4 +25,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    start()
     main()

@@ -6,7 +6,9 @@ architecture, from scratch, cross-entropy, like the plain student) -> models/<ke
 Options (paths, resume directory): `python -m pipeline.train_baseline <key> --help`.
 """
 
+from pipeline import start
 from pipeline._train import main
 
 if __name__ == "__main__":
+    start()
     main(None)

@@ -4,7 +4,9 @@
 Options (paths, resume directory): `python -m pipeline.train_teacher --help`.
 """
 
+from pipeline import start
 from pipeline._train import main
 
 if __name__ == "__main__":
+    start()
     main("teacher")

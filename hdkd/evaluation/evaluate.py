@@ -197,9 +197,8 @@ def run_evaluation(params: Params, models: Mapping[str, str | os.PathLike], test
             test_labels = y_true.tolist()
         results[name]["efficiency"] = measure_efficiency(model, params.data.image_size, params.evaluate, device)
     state = git_state()
-    bundle = make_bundle(results, params, class_names, test_labels=test_labels, git_commit=state["git_commit"],
-                         git_dirty=state["git_dirty"], dvc_exp_name=dvc_exp_name(),
-                         numerics=numerics.numerics_versions())
+    provenance = {**state, "dvc_exp_name": dvc_exp_name(), "numerics": numerics.numerics_versions()}
+    bundle = make_bundle(results, params, class_names, test_labels=test_labels, provenance=provenance)
     write_evaluation(bundle, out_dir)  # on disk first: tracking can never cost the result
     with Tracker(params.tracking, params, "evaluate", datasets=datasets) as tracker:
         for name in model_names(bundle):

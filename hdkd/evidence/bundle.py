@@ -64,23 +64,24 @@ def make_bundle(
     class_names: Sequence[str],
     *,
     dataset: str | None = None,
-    git_commit: str | None = None,
-    git_dirty: bool | None = None,
-    dvc_exp_name: str | None = None,
-    numerics: Mapping[str, str] | None = None,
     test_labels: Sequence[int] = (),
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history, runs;
-    ``numerics``: the versions that decide the numbers (:func:`hdkd.infra.numerics.numerics_versions`)."""
+    """Assemble and validate a results bundle; ``models[name]`` holds evaluation, efficiency, history, runs.
+
+    ``provenance``: ``git_commit``, ``git_dirty`` and ``dvc_exp_name`` (each ``None`` when not given), and
+    ``numerics``, the versions that decide the numbers (:func:`hdkd.infra.numerics.numerics_versions`)."""
+    provenance = provenance or {}
+    numerics = provenance.get("numerics")
     bundle = {
         "schema_version": SCHEMA_VERSION,
         "dataset": dataset or params.data.dataset,
         "class_names": list(class_names),
         "params": params.to_dict(),
         "params_hash": params.digest(),
-        "git_commit": git_commit,
-        "git_dirty": git_dirty,
-        "dvc_exp_name": dvc_exp_name,
+        "git_commit": provenance.get("git_commit"),
+        "git_dirty": provenance.get("git_dirty"),
+        "dvc_exp_name": provenance.get("dvc_exp_name"),
         **({"numerics": dict(numerics)} if numerics else {}),
         "test_labels": [int(y) for y in test_labels],
         "models": {

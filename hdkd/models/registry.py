@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from hdkd.models.networks import HybridStudent, TeacherCNN
+from hdkd.models.networks import HybridStudent, StagedNetwork, TeacherCNN, build_network
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 TIMM_PREFIX = "timm:"
@@ -24,9 +24,9 @@ TINY_TRUNK = dict(depths=(2, 2, 3), widths=(16, 24, 32))
 TINY_STUDENT = dict(depths=(1, 1, 2), widths=(16, 24, 32), dim=64, depth=2, heads=2, dim_head=16)
 
 
-def register(name: str, cls: type[nn.Module], **defaults) -> None:
-    def build(**kwargs) -> nn.Module:
-        return cls(**{**defaults, **kwargs})
+def register(name: str, cls: type[StagedNetwork], **defaults) -> None:
+    def build(num_classes: int, image_size: int, **kwargs) -> nn.Module:
+        return build_network(cls, num_classes, image_size, **{**defaults, **kwargs})
 
     _REGISTRY[name] = build
 
@@ -59,4 +59,4 @@ def create_model(name: str, num_classes: int, image_size: int = 224, **overrides
         return create_baseline(name.removeprefix(TIMM_PREFIX), num_classes, image_size, **overrides)
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, image_size=image_size, **overrides)
+    return _REGISTRY[name](num_classes, image_size, **overrides)

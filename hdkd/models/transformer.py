@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hdkd.geometry import PATCH_SIZE
 
 
 class PatchEmbed(nn.Module):
@@ -85,6 +89,18 @@ class TransformerLayer(nn.Module):
         return self.mlp(x) + x
 
 
+@dataclass(frozen=True)
+class TransformerSpec:
+    """The student's transformer (DFLT): token width, layers, heads, patch side on the stage-3 map, MLP ratio."""
+
+    dim: int = 256
+    depth: int = 3
+    heads: int = 8
+    dim_head: int = 32
+    patch_size: int = PATCH_SIZE
+    mlp_ratio: int = 4
+
+
 class DFLT(nn.Module):
     """Patch tokens of a (C, H, W) map, class (+ distillation) token, ``depth`` layers, final LayerNorm.
 
@@ -92,9 +108,10 @@ class DFLT(nn.Module):
     distillation token when ``distillation`` is on.
     """
 
-    def __init__(self, channels: int, resolution: int, dim: int, depth: int, heads: int, dim_head: int,
-                 patch_size: int = 2, mlp_ratio: int = 4, distillation: bool = True, dropout: float = 0.0):
+    def __init__(self, channels: int, resolution: int, spec: TransformerSpec = TransformerSpec(),
+                 distillation: bool = True, dropout: float = 0.0):
         super().__init__()
+        dim, patch_size = spec.dim, spec.patch_size
         if resolution % patch_size:
             raise ValueError(f"feature map side {resolution} is not divisible by the patch size {patch_size}")
         num_patches = (resolution // patch_size) ** 2
@@ -104,7 +121,8 @@ class DFLT(nn.Module):
         self.dist_token = nn.Parameter(torch.randn(1, 1, dim)) if distillation else None
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + (2 if distillation else 1), dim))
         self.pos_drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(TransformerLayer(dim, heads, dim_head, mlp_ratio, dropout) for _ in range(depth))
+        self.layers = nn.ModuleList(TransformerLayer(dim, spec.heads, spec.dim_head, spec.mlp_ratio, dropout)
+                                    for _ in range(spec.depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

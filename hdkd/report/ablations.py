@@ -1,11 +1,11 @@
 """The ablations: their definitions (:data:`ABLATIONS`, the one place the grids are spelled), the
 DVC experiments that run them, and their collection from MLflow into the bundles the report reads.
 
-Queue (``python -m pipeline.report --queue-ablations [names]``, what ``scripts/queue_ablations.sh``
-runs): one ``dvc exp run --queue -n abl-<variant> -S key=value evaluate`` per variant of each grid
-(:func:`queue_commands`); the reference value (that of params.yaml) is the baseline itself.
+Queue (``python -m pipeline.ablations queue [names]``): one ``dvc exp run --queue -n abl-<variant> -S key=value
+evaluate`` per variant of each grid (:func:`queue_commands`); the reference value (that of params.yaml) is the
+baseline itself.
 
-Collect (``python -m pipeline.report --collect-ablations``, then ``dvc repro report``):
+Collect (``python -m pipeline.ablations collect``, then ``dvc repro report``):
 
 1. the evaluate runs of the dataset's MLflow experiment that carry ``results_bundle.json``;
 2. for each params hash, the newest one;

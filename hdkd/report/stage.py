@@ -1,4 +1,5 @@
-"""The report stage as plain functions; its command line is ``pipeline/report.py``.
+"""The report stage and the report's maintenance commands as plain functions; their command lines are
+``pipeline/report.py`` (the DVC stage), ``pipeline/revision_report.py`` and ``pipeline/ablations.py``.
 
 Tables and figures come from results bundles, without retraining: the working tree's bundle and
 collected ablations, or a revision's (:mod:`hdkd.report.revisions`), plus any other runs named.
@@ -7,26 +8,44 @@ collected ablations, or a revision's (:mod:`hdkd.report.revisions`), plus any ot
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hdkd.config import ReportConfig, TrackingConfig
+from hdkd.config import Params, ReportConfig, TrackingConfig
 from hdkd.evidence.bundle import load_bundle
 from hdkd.infra.io import read_json
-from hdkd.infra.mlflow_store import experiment_name
-from hdkd.report.ablations import collect_ablations, split_reference, summary
+from hdkd.infra.mlflow_store import experiment_name, resolve_tracking_uri
+from hdkd.infra.provenance import repo_root
+from hdkd.report.ablations import collect_ablations, queue_commands, split_reference, summary
 from hdkd.report.build import Explanations, build_report
-from hdkd.report.revisions import ablations_for_revision, bundle_for_revision, params_for_revision
+from hdkd.report.revisions import (
+    ablations_for_revision,
+    bundle_for_revision,
+    export_for_revision,
+    params_for_revision,
+)
 
 
 def collect(reference_path: str | os.PathLike, ablations_dir: str | os.PathLike, tracking: TrackingConfig,
-            uri: str) -> str:
-    """Fill ``ablations_dir`` with the ablation runs of the bundle at ``reference_path``; the summary."""
+            uri: str | None = None) -> str:
+    """Fill ``ablations_dir`` with the ablation runs of the bundle at ``reference_path`` found in MLflow (at
+    ``uri``, default ``tracking.uri``); the summary."""
     reference = load_bundle(reference_path)
+    uri = uri or resolve_tracking_uri(tracking.uri, repo_root(Path(".")))
     experiment = experiment_name(tracking, reference["params"]["data"]["dataset"])
     return summary(collect_ablations(reference, uri, experiment, ablations_dir), reference)
+
+
+def queue_ablations(names: Sequence[str], echo: Callable[[list[str]], None], dry_run: bool = False) -> None:
+    """Queue every variant of the named ablations (all when none) as a DVC experiment, each command echoed
+    first; all are checked before the first is queued."""
+    for command in queue_commands(names):
+        echo(command)
+        if not dry_run:
+            subprocess.run(command, check=True)
 
 
 Inputs = tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]  # bundle, ablation runs, their reference
@@ -79,6 +98,33 @@ def other_runs(paths_or_revs: Iterable[str], uri: str, repo: str | os.PathLike) 
     """A bundle per entry: the file it names, else the revision's bundle."""
     return [load_bundle(a) if Path(a).is_file() else bundle_for_revision(a, uri, repo) for a in paths_or_revs]
 
+
+
+def report_stage(bundle_path: str | os.PathLike, ablations_dir: str | os.PathLike, out: str | os.PathLike,
+                 cfg: ReportConfig, extra_runs: Sequence[dict[str, Any]] = ()) -> list[Path]:
+    """The report stage: the bundle at ``bundle_path`` with the ablation runs of ``ablations_dir`` (and
+    ``extra_runs``), the export and explain stages' results beside the bundle where they ran -> ``out``; then
+    the study's report where a study left its bundle (``study/`` beside the bundle). The files written."""
+    bundle_path = Path(bundle_path)
+    bundle, ablations, reference = working_tree_inputs(bundle_path, ablations_dir)
+    export, explain = stage_extras(bundle_path.parent / "export.json", bundle_path.parent / "explain", out)
+    written = build_report(bundle, out, cfg, [*ablations, *extra_runs], export, explain, reference)
+    study = bundle_path.parent / "study"
+    if (study / "bundle.json").is_file():  # the study's report, from its committed bundle
+        written += build_study_report(study)
+    return written
+
+
+def revision_report(rev: str, out: str | os.PathLike, params: Params, tracking_uri: str | None = None,
+                    repo: str | os.PathLike = ".", others: Sequence[str] = ()) -> list[Path]:
+    """The report of a git commit or DVC experiment ``rev`` -> ``out``: its bundle (from MLflow at
+    ``tracking_uri``, default the params', else the commit's), the ablation runs committed at that revision and
+    ``others`` (bundle files or revisions), with the report settings it ran with (else ``params.report``)."""
+    uri = tracking_uri or resolve_tracking_uri(params.tracking.uri, repo_root(repo))
+    bundle, ablations, reference = revision_inputs(rev, uri, repo)
+    cfg = revision_report_config(bundle, params.report, rev, repo)
+    export = export_for_revision(rev, repo)  # its explanations figure is not in ``out``
+    return build_report(bundle, out, cfg, [*ablations, *other_runs(others, uri, repo)], export, None, reference)
 
 
 def build_study_report(study_dir: str | os.PathLike) -> list[Path]:

@@ -140,6 +140,27 @@ class FitSettings:
     desc: str = "train"  # progress bars and log lines
 
 
+@dataclass(frozen=True)
+class FitData:
+    """What :func:`fit` trains and selects on: the training and validation sets, and the whole-batch augmentation
+    the training batches go through on the device (``augment.batched``), if any."""
+
+    train_set: Dataset
+    val_set: Dataset
+    batch_hook: Callable | None = None
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One pass of :func:`train_one_epoch`: ``steps`` batches of ``loader`` (default: all of them), each through
+    ``batch_hook`` when given; ``desc`` names the pass in progress bars and log lines."""
+
+    loader: DataLoader
+    desc: str = "train"
+    steps: int | None = None
+    batch_hook: Callable | None = None
+
+
 @dataclass
 class Optimisation:
     """What one optimiser step uses: the optimiser, its per-step schedule and the grad scaler."""
@@ -175,10 +196,9 @@ def probe_steps(steps: int, probes: int) -> set[int]:
     return {1 + i * steps // probes for i in range(min(probes, steps))}
 
 
-def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, loader: DataLoader, rt: Runtime,
-                    settings: FitSettings, desc: str, teacher: nn.Module | None = None,
-                    batch_hook: Callable | None = None, steps: int | None = None) -> dict[str, float]:
-    """``steps`` optimizer steps (default: one pass over ``loader``); returns the epoch's mean loss parts,
+def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, epoch: Epoch, rt: Runtime,
+                    settings: FitSettings, teacher: nn.Module | None = None) -> dict[str, float]:
+    """``epoch.steps`` optimizer steps (default: one pass over its loader); returns the epoch's mean loss parts,
     each weighted loss term (``loss_<term>``), the gradient norm each term sends into the trunk on the
     probed steps (``grad_norm_<term>``; single process only), accuracy and throughput.
 
@@ -186,7 +206,8 @@ def train_one_epoch(model: nn.Module, criterion: HDKDLoss, opt: Optimisation, lo
     """
     optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
     grad_clip, log_every = settings.grad_clip, settings.log_every
-    steps = min(steps or len(loader), len(loader))
+    loader, desc, batch_hook = epoch.loader, epoch.desc, epoch.batch_hook
+    steps = min(epoch.steps or len(loader), len(loader))
     # Probing under DDP would run extra backward passes outside its gradient reducer: skipped there.
     probed = probe_steps(steps, settings.grad_probes) if not rt.dist.enabled else set()
     trunk = trunk_parameters(model) if probed else []
@@ -298,12 +319,12 @@ def is_better(row: dict[str, float], best: dict[str, float] | None) -> bool:
     return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
 
 
-def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Dataset, rt: Runtime,
-        settings: FitSettings, teacher: nn.Module | None = None, batch_hook: Callable | None = None,
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, settings: FitSettings,
+        teacher: nn.Module | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Train ``model`` for ``settings.total_steps`` optimizer steps (default: ``settings.optim.epochs``
-    passes over ``train_set``), selecting on validation after each pass; resumable from
+    passes over ``data.train_set``), selecting on ``data.val_set`` after each pass; resumable from
     ``settings.resume_dir``. ``on_epoch`` receives each epoch's row on rank 0."""
+    train_set, val_set, batch_hook = data.train_set, data.val_set, data.batch_hook
     cfg, seed, batch_size, desc = settings.optim, settings.seed, settings.batch_size, settings.desc
     resume_dir = settings.resume_dir
     world = rt.dist.world_size
@@ -362,9 +383,10 @@ def fit(model: nn.Module, criterion: HDKDLoss, train_set: Dataset, val_set: Data
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row |= train_one_epoch(model, criterion, Optimisation(optimizer, scheduler, scaler), loader, rt, settings,
-                               f"{desc} {epoch + 1}/{epochs_total}", teacher, batch_hook,
-                               steps=min(steps_per_epoch, total_steps - epoch * steps_per_epoch))
+        this_pass = Epoch(loader, f"{desc} {epoch + 1}/{epochs_total}",
+                          min(steps_per_epoch, total_steps - epoch * steps_per_epoch), batch_hook)
+        row |= train_one_epoch(model, criterion, Optimisation(optimizer, scheduler, scaler), this_pass, rt, settings,
+                               teacher)
         broadcast_buffers(net, rt.dist)
         row |= validate(net, val_loader, rt, settings.class_names)
         history.append(row)

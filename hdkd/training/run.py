@@ -40,7 +40,7 @@ from hdkd.infra.tracking import Tracker
 from hdkd.models import FrozenTeacher, create_model, model_name
 from hdkd.models.checkpoint import CHECKPOINT_KEYS, load_model, save_model
 from hdkd.roster import ModelEntry, RunKey, roster, roster_entry, run_name
-from hdkd.training.engine import FitSettings, Runtime, fit, seed_everything, steps_per_epoch
+from hdkd.training.engine import FitData, FitResult, FitSettings, Runtime, fit, seed_everything, steps_per_epoch
 from hdkd.training.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
 
 logger = logging.getLogger(__name__)
@@ -173,8 +173,6 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
     seed and fraction; ``register``: the network is logged as an MLflow model and registered); other
     ranks only train.
     """
-    from hdkd.evidence.plots import figure_png, training_curves_figure  # matplotlib only where figures are drawn
-
     entry = roster_entry(name, params)
     cfg = recipe(params, entry)
     train_set, val_set, classes = datasets
@@ -193,10 +191,12 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
         train_model = DistributedDataParallel(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                               else None, find_unused_parameters=unused)
 
+    # The order of a run, each step held by a test (tests/unit/training/test_run.py): (1) the fingerprint of its
+    # inputs first, so that nothing saved for other inputs is reused; (2) its files, all of them or none; (3) MLflow
+    # after, so that tracking can never cost a finished run; (4) its resume state removed last, so that a failure
+    # anywhere before leaves the run resumable.
     fingerprint = input_fingerprint(name, params, paths, (seed, fraction))
-    run_file = paths.resume_dir / "mlflow_run.json"
-    previous = read_json(run_file) if run_file.is_file() else {}
-    resume_run = previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
+    resume_run = resumable_run_id(paths.resume_dir, fingerprint)
     tracking = params.tracking if rt.dist.is_main else params.tracking.model_copy(update={"enabled": False})
     extra = {"hdkd.model": network, "hdkd.world_size": str(rt.dist.world_size), "hdkd.device": str(rt.device),
              "hdkd.seed": str(seed), "hdkd.fraction": f"{fraction:g}"}
@@ -206,42 +206,82 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
                            class_names=tuple(METRIC_UNSAFE.sub("_", c) for c in classes),
                            resume_dir=paths.resume_dir, fingerprint=fingerprint,
                            desc=f"{name} {run_name((seed, fraction))}")
-    datasets = {str(paths.train): "training", str(paths.val): "validation"}
+    inputs = {str(paths.train): "training", str(paths.val): "validation"}
     with Tracker(tracking, params, entry.stage, extra_tags=extra, resume_run_id=resume_run,
-                 datasets=datasets, run_name=f"{entry.stage} {run_name((seed, fraction))}") as tracker:
+                 datasets=inputs, run_name=f"{entry.stage} {run_name((seed, fraction))}") as tracker:
         if rt.dist.is_main and tracker.run_id:
-            write_json(run_file, {"fingerprint": fingerprint, "run_id": tracker.run_id})
-        result = fit(train_model, build_criterion(entry, cfg), train_set, val_set, rt, settings, teacher, batch_hook,
-                     on_epoch=lambda row: tracker.log_metrics(row, step=int(row["epoch"])))
+            write_json(paths.resume_dir / MLFLOW_RUN, {"fingerprint": fingerprint, "run_id": tracker.run_id})
+        result = fit(train_model, build_criterion(entry, cfg), FitData(train_set, val_set, batch_hook), rt, settings,
+                     teacher, on_epoch=lambda row: tracker.log_metrics(row, step=int(row["epoch"])))
         summary = {"val_accuracy": result.best["val_accuracy"], "val_loss": result.best["val_loss"],
                    "best_epoch": result.best_epoch, "epochs": cfg.epochs}
+        # Interned keys: pickle writes a string once and refers back to it after, by identity, so rows whose keys
+        # were built per epoch (f-strings) or read back from a resume state would else give other bytes.
+        history = [{sys.intern(k): v for k, v in row.items() if k not in TIMING_COLUMNS} for row in result.history]
+        trained = TrainedRun(name, network, overrides, classes, (seed, fraction), model, summary, history)
         if rt.dist.is_main:
-            # Outputs first (all three or none), MLflow after: tracking can never cost a finished checkpoint.
-            model_path = paths.out_dir / "model.pt"
-            # Interned keys: pickle writes a string once and refers back to it after, by identity, so rows
-            # whose keys were built per epoch (f-strings) or read back from a resume state would else give
-            # other bytes for the same history.
-            history = [{sys.intern(k): v for k, v in row.items() if k not in TIMING_COLUMNS} for row in result.history]
-            with output_set() as outputs:
-                save_model(outputs.file(model_path), model, network, classes, params.data.image_size, overrides,
-                           summary, history)
-                write_json(outputs.file(paths.metrics), summary)
-                write_json(outputs.file(paths.out_dir / "run.json"), {
-                    **tracker.info(), "params_hash": params.digest(), "model": network, "seed": seed,
-                    "fraction": fraction, **summary})
-            tracker.log_metrics({f"best_{k}": v for k, v in summary.items()})
-            if result.resumed_from:  # an epoch saved just before a kill may not have reached MLflow
-                tracker.log_missing_steps(result.history[:result.resumed_from])
-            tracker.log_dict(result.history, "history.json")
-            if register:  # the run that stands for the model: its files too (the others' are DVC outputs)
-                tracker.log_artifact(model_path, "checkpoint")
-                curves = training_curves_figure({name: history}, roster(params))  # a baseline's label and colour too
-                tracker.log_bytes(figure_png(curves), "training_curves.png")
-                logged, meta = load_model(model_path)  # the saved weights, on the CPU
-                tracker.log_model(logged, {k: meta[k] for k in CHECKPOINT_KEYS},
-                                  registered_model_name(params.data.dataset, name))
-            shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
+            write_run_files(trained, params, paths, tracker.info())
+            track_run(tracker, trained, params, paths.out_dir / "model.pt", result, register)
+    if rt.dist.is_main:
+        shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     return {**summary, "history": result.history, "resumed_from": result.resumed_from}
+
+
+MLFLOW_RUN = "mlflow_run.json"  # in a run's resume directory: the MLflow run it logs to, and for which inputs
+
+
+def resumable_run_id(resume_dir: Path, fingerprint: str) -> str | None:
+    """The MLflow run an interrupted run logged to, if it was for the same inputs (``fingerprint``); else ``None``."""
+    record = resume_dir / MLFLOW_RUN
+    previous = read_json(record) if record.is_file() else {}
+    return previous.get("run_id") if previous.get("fingerprint") == fingerprint else None
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished run: its model's name, network and overrides (how to rebuild it), classes, (seed, fraction),
+    best weights, summary and per-epoch history."""
+
+    name: str
+    network: str
+    overrides: dict[str, Any]
+    classes: list[str]
+    run: RunKey
+    model: nn.Module
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def write_run_files(trained: TrainedRun, params: Params, paths: StagePaths, tracking: dict[str, Any]) -> None:
+    """The run's files, all three or none: ``model.pt`` (best weights and history), the metrics JSON and
+    ``run.json`` (``tracking``: the MLflow run it was logged to)."""
+    seed, fraction = trained.run
+    with output_set() as outputs:
+        save_model(outputs.file(paths.out_dir / "model.pt"), trained.model, trained.network, trained.classes,
+                   params.data.image_size, trained.overrides, trained.summary, trained.history)
+        write_json(outputs.file(paths.metrics), trained.summary)
+        write_json(outputs.file(paths.out_dir / "run.json"), {
+            **tracking, "params_hash": params.digest(), "model": trained.network, "seed": seed,
+            "fraction": fraction, **trained.summary})
+
+
+def track_run(tracker: Tracker, trained: TrainedRun, params: Params, model_path: Path, result: FitResult,
+              register: bool) -> None:
+    """Log a finished run to MLflow: its best metrics, the epochs a kill kept from MLflow, its history; with
+    ``register``, the run that stands for the model, also its checkpoint, curves and registered MLflow model."""
+    from hdkd.evidence.plots import figure_png, training_curves_figure  # matplotlib only where figures are drawn
+
+    tracker.log_metrics({f"best_{k}": v for k, v in trained.summary.items()})
+    if result.resumed_from:  # an epoch saved just before a kill may not have reached MLflow
+        tracker.log_missing_steps(result.history[:result.resumed_from])
+    tracker.log_dict(result.history, "history.json")
+    if register:  # its files too (the other runs' are DVC outputs)
+        tracker.log_artifact(model_path, "checkpoint")
+        curves = training_curves_figure({trained.name: trained.history}, roster(params))  # a baseline's label too
+        tracker.log_bytes(figure_png(curves), "training_curves.png")
+        logged, meta = load_model(model_path)  # the saved weights, on the CPU
+        tracker.log_model(logged, {k: meta[k] for k in CHECKPOINT_KEYS},
+                          registered_model_name(params.data.dataset, trained.name))
 
 
 def training_data(params: Params, paths: StagePaths, rt: Runtime, run: RunKey | None = None

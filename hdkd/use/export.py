@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hdkd.config import Params
+from hdkd.config import EvaluateConfig, Params
 from hdkd.data.augment import eval_transform
 from hdkd.data.loader import PackedDataset
 from hdkd.data.packed import load_split
@@ -125,10 +125,11 @@ def compare_latency(model: nn.Module, onnx: OnnxClassifier, image_size: int, bat
 
 
 def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_names: Sequence[str],
-                  exports_dir: str | Path, *, image_size: int, batch_size: int, latency_batch_sizes: Sequence[int],
-                  warmup: int, iters: int, tolerance: float = TOLERANCE) -> dict[str, Any]:
+                  exports_dir: str | Path, *, image_size: int, batch_size: int, latency: EvaluateConfig,
+                  tolerance: float = TOLERANCE) -> dict[str, Any]:
     """The export stage: each ``models[name]`` (a ``model.pt``) -> ``<exports_dir>/<name>/model.onnx``,
-    checked on ``test_set`` and timed; returns the report (module docstring). Raises
+    checked on ``test_set`` and timed (``latency``: the ``evaluate.latency_*`` settings); returns the report
+    (module docstring). Raises
     :class:`ParityError`, naming every failing model, after all were checked. (Not beside the
     ``model.pt``: ``models/`` holds what the training stages write, which evaluate depends on.)"""
     import onnxruntime
@@ -154,8 +155,8 @@ def export_models(models: Mapping[str, str | Path], test_set: Dataset, class_nam
                             f"{check['n_images']} test images")
         report["models"][name] = {
             "onnx": str(onnx_path), "opset": opset, "parity": check,
-            "timing_cpu": {f"bs{b}": compare_latency(model, exported, meta["image_size"], b, warmup, iters)
-                            for b in latency_batch_sizes},
+            "timing_cpu": {f"bs{b}": compare_latency(model, exported, meta["image_size"], b, latency.latency_warmup,
+                                                     latency.latency_iters) for b in latency.latency_batch_sizes},
         }
     if failures:
         raise ParityError("ONNX export disagrees with PyTorch: " + "; ".join(failures))
@@ -168,13 +169,11 @@ def export_stage(params: Params, data_dir: str | os.PathLike, models_dir: str | 
     test split -> ``out`` (the baselines are timm models, used for comparison only, and are not exported)."""
     models = model_files(models_dir)
     test = load_split(data_dir, "test", image_size=params.data.image_size)
-    ev = params.evaluate
     with output_set() as outputs:  # the ONNX files and their checks together, or neither
         staged = outputs.dir(exports_dir)
         report = export_models(models, PackedDataset(test, eval_transform()), list(test.classes), staged,
                                image_size=params.data.image_size, batch_size=params.train.eval_batch_size,
-                               latency_batch_sizes=ev.latency_batch_sizes, warmup=ev.latency_warmup,
-                               iters=ev.latency_iters)
+                               latency=params.evaluate)
         for entry in report["models"].values():  # where the files will be, not where they were checked
             entry["onnx"] = str(Path(exports_dir) / Path(entry["onnx"]).relative_to(staged))
         write_json(outputs.file(out), report)

@@ -79,7 +79,7 @@ def bundle_with(overrides: dict | None = None, shift: float = 0.0, **provenance)
     """A results bundle of params.yaml with ``overrides`` ({"distill": {"lambda": 1.0}})."""
     provenance = {"git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False} | provenance
     return make_bundle(hand_models(shift), make_params(overrides), CLASSES, dataset="toy", test_labels=TEST_LABELS,
-                       **provenance)
+                       provenance=provenance)
 
 
 def log_run(client, experiment_id, tags, start_time, bundle=None, tmp=None, artifact_dir=None) -> str:

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 from hdkd.infra.distributed import init_distributed, shutdown
 from hdkd.models import FrozenTeacher, create_model
-from hdkd.training.engine import FitSettings, Runtime, fit
+from hdkd.training.engine import FitData, FitSettings, Runtime, fit
 from hdkd.training.run import build_criterion
 from tests.helpers.params import section
 
@@ -40,7 +40,7 @@ def main(out: Path):
     info = init_distributed("cpu")
     teacher, student, data = setup()
     rt = Runtime(torch.device("cpu"), info, progress=False)
-    result = fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), data, data, rt,
+    result = fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), FitData(data, data), rt,
                  FitSettings(CFG, seed=0, batch_size=GLOBAL_BATCH), teacher=teacher)
     torch.save(student.state_dict(), out / f"rank{info.rank}.pt")
     torch.save({k: result.history[0][k] for k in ("val_loss", "val_accuracy")}, out / f"val{info.rank}.pt")
@@ -52,11 +52,11 @@ def unshared_resume(out: Path):
     teacher, student, data = setup()
     rt = Runtime(torch.device("cpu"), info, progress=False)
     settings = FitSettings(CFG, seed=0, batch_size=GLOBAL_BATCH, resume_dir=out / "shared", fingerprint="f")
-    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), data, data, rt, settings, teacher=teacher)
+    fit(DistributedDataParallel(student), build_criterion("hdkd", CFG), FitData(data, data), rt, settings, teacher=teacher)
     longer = CFG.model_copy(update={"epochs": 2})
     settings = replace(settings, optim=longer, resume_dir=out / ("shared" if info.is_main else "node1"))
     try:
-        fit(DistributedDataParallel(student), build_criterion("hdkd", longer), data, data, rt, settings, teacher=teacher)
+        fit(DistributedDataParallel(student), build_criterion("hdkd", longer), FitData(data, data), rt, settings, teacher=teacher)
     except RuntimeError as e:
         (out / f"error{info.rank}.txt").write_text(str(e))
     shutdown(info)

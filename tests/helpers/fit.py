@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from hdkd.config import OptimConfig
-from hdkd.training.engine import FitResult, FitSettings, Runtime, fit
+from hdkd.training.engine import FitData, FitResult, FitSettings, Runtime, fit
 from hdkd.training.run import build_criterion
 from tests.helpers import ROOT
 
@@ -38,7 +38,7 @@ def interruptible_fit(make_model: Callable[[], nn.Module], criterion: str, cfg: 
             raise KeyboardInterrupt
 
     settings = FitSettings(cfg, seed=seed, batch_size=16, resume_dir=resume_dir, fingerprint=fingerprint)
-    return fit(model, build_criterion(criterion, cfg), train, val, CPU, settings, on_epoch=stop), model
+    return fit(model, build_criterion(criterion, cfg), FitData(train, val), CPU, settings, on_epoch=stop), model
 
 
 def load_script(relpath: str):

@@ -15,6 +15,7 @@ from hdkd.report.ablations import ablation_labels, collect_ablations
 from hdkd.report.build import build_report
 from hdkd.report.revisions import git_ref
 from hdkd.roster import roster
+from pipeline.ablations import main as ablations_cli
 from pipeline.report import main as report_cli
 from tests.helpers.bundles import bundle_with, log_run
 from tests.helpers.git import GIT_ENV, commit_all, run_git
@@ -91,11 +92,11 @@ def test_collecting_from_an_empty_store_leaves_the_ablations_alone(tmp_path):
     kept = tmp_path / "ablations" / "abl-lambda-1.json"
     kept.parent.mkdir()
     kept.write_text("{}\n")
-    args = ["--collect-ablations", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--ablations-dir",
+    args = ["collect", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--ablations-dir",
             str(kept.parent), "--bundle", str(tmp_path / "bundle.json"), "--params", str(PARAMS_YAML)]
     (tmp_path / "bundle.json").write_text(json.dumps(bundle_with()))
     with pytest.raises(SystemExit, match="no evaluate run with a results bundle in MLflow experiment 'hdkd-synthetic'"):
-        report_cli(args)
+        ablations_cli(args)
     assert kept.read_text() == "{}\n" and not (tmp_path / "none.db").exists()
 
 
@@ -114,7 +115,7 @@ def test_report_uses_every_collected_ablation(tracked, tmp_path):
     bundle_file, ablations_dir = tmp_path / "bundle.json", tmp_path / "ablations"
     bundle_file.write_text(json.dumps(b["reference"]))
     common = ["--bundle", str(bundle_file), "--ablations-dir", str(ablations_dir), "--params", str(PARAMS_YAML)]
-    report_cli(["--collect-ablations", "--tracking-uri", uri, *common])
+    ablations_cli(["collect", "--tracking-uri", uri, *common])
     report_cli(["--out", str(tmp_path / "cli"), *common])
     build_report(b["reference"], tmp_path / "direct", section("report"),
                  [b[k] for k in ("lambda", "alpha_tau", "two_stages", "block")], ablation_reference=b["reference"])
@@ -177,7 +178,7 @@ def test_dvc_experiment_is_tracked_and_its_report_rebuilt(tmp_path):
     assert {r.data.tags["hdkd.git_commit"] for r in runs} == {baseline}
     assert {r.data.tags["hdkd.git_dirty"] for r in runs} == {"false"}  # -S edits params.yaml, not code
 
-    run(sys.executable, "-m", "pipeline.report", "--rev", name)
+    run(sys.executable, "-m", "pipeline.revision_report", name)
     ref = git_ref(name, repo)
     tables = run_git(repo, "ls-tree", "--name-only", ref, "reports/tables/").split()
     assert "reports/tables/main.md" in tables

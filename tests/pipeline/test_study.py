@@ -12,7 +12,7 @@ from hdkd.config import apply_overlay, load_params
 from hdkd.evidence.bundle import load_bundle
 from hdkd.infra.io import write_json
 from hdkd.report.stage import build_study_report
-from pipeline.study import prepare_worktree
+from hdkd.report.study import prepare_worktree
 from tests.helpers import ROOT
 from tests.helpers.git import commit_all, run_git
 

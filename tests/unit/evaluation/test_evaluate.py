@@ -163,7 +163,7 @@ def test_a_missing_baseline_names_its_stage(tmp_path):
 
 
 def test_a_baseline_is_evaluated_and_reported_like_the_other_models(tmp_path):
-    from hdkd.report.build import main_table, table_csv  # matplotlib: only where the report is built
+    from hdkd.report.tables import main_table, table_csv  # matplotlib: only where the report is built
 
     vit = {"timm": "deit_tiny_patch16_224", "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
            "optim": {}}

@@ -183,7 +183,8 @@ def test_an_error_that_is_not_a_full_disk_passes_unchanged(tmp_path):
 def test_a_real_full_disk_under_torch_is_named_in_one_line(tmp_path):
     # /dev/full fails every write with ENOSPC, as a full disk does; torch wraps it in its own errors.
     script = textwrap.dedent("""
-        import pipeline  # what every stage imports first
+        import pipeline
+        pipeline.start()  # what every stage does first
         import sys, torch
         from hdkd.infra.io import output_set
         if sys.argv[1] == "output":

@@ -69,16 +69,17 @@ def run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     ("train: {batch_size: 16}\n", "COMPATIBLE"),  # the mode is the default
     (None, "COMPATIBLE"),
 ])
-def test_the_pipeline_package_sets_the_environment_from_params_yaml(tmp_path, params_text, expected):
+def test_a_stages_start_sets_the_environment_from_params_yaml(tmp_path, params_text, expected):
     if params_text is not None:
         (tmp_path / "params.yaml").write_text(params_text)
-    code = "import os, sys, pipeline; assert 'torch' not in sys.modules; print(os.environ.get('MKL_CBWR'))"
-    assert run_python(code, tmp_path) == expected
+    code = ("import os, sys, pipeline; before = os.environ.get('MKL_CBWR'); pipeline.start()\n"
+            "assert 'torch' not in sys.modules; print(before, os.environ.get('MKL_CBWR'))")
+    assert run_python(code, tmp_path) == f"None {expected}"  # importing pipeline alone changes nothing
 
 
 def test_a_stage_process_freezes_its_objects_at_exit(tmp_path):
-    # pipeline/__init__.py: the teardown's garbage collections over torch's and MLflow's objects took 3 s
-    code = "import atexit, gc, pipeline\nbefore = gc.get_freeze_count()\natexit._run_exitfuncs()\n" \
+    # pipeline.start(): the teardown's garbage collections over torch's and MLflow's objects took 3 s
+    code = "import atexit, gc, pipeline\npipeline.start()\nbefore = gc.get_freeze_count()\natexit._run_exitfuncs()\n" \
            "print(before, gc.get_freeze_count() > 0)"
     assert run_python(code, tmp_path) == "0 True"
 

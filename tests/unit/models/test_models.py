@@ -3,7 +3,7 @@ import torch
 
 from hdkd.config import ConfigError
 from hdkd.geometry import PATCH_SIZE, image_size_step
-from hdkd.models import FrozenTeacher, HybridStudent, create_model, list_models, model_name
+from hdkd.models import FrozenTeacher, HybridStudent, StageSpec, TransformerSpec, create_model, list_models, model_name
 from tests.helpers.params import make_params
 
 PAPER_PARAMS = {  # SPEC §2: the official implementation's counts
@@ -108,8 +108,8 @@ def test_unknown_model_lists_known_ones():
 
 
 def test_every_size_is_a_constructor_argument():
-    model = HybridStudent(num_classes=2, image_size=48, depths=(1, 2, 1), widths=(8, 16, 24), dim=32, depth=1,
-                          heads=4, dim_head=8, patch_size=3, dropout=0.1)
+    model = HybridStudent(2, 48, StageSpec(depths=(1, 2, 1), widths=(8, 16, 24)),
+                          TransformerSpec(dim=32, depth=1, heads=4, dim_head=8, patch_size=3), dropout=0.1)
     assert len(model.stages[1]) == 2 and len(model.transformer.layers) == 1
     assert model.transformer.patch_embed.proj.in_features == 24 * 9
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hdkd.models import FrozenTeacher, HybridStudent, InvertedResidual, TeacherCNN
+from hdkd.models import FrozenTeacher, HybridStudent, InvertedResidual, StageSpec, TeacherCNN, TransformerSpec
 from hdkd.models.compat import (
     CheckpointMismatchError,
     load_official_checkpoint,
@@ -25,13 +25,14 @@ def construct(reference, role):
     common = dict(num_classes=meta["num_classes"], image_size=meta["image_size"])
     if role == "teacher":
         cfg = meta["teacher_config"]
-        return TeacherCNN(depths=cfg["num_blocks"], widths=cfg["channels"], **common)
+        return TeacherCNN(stages=StageSpec(depths=cfg["num_blocks"], widths=cfg["channels"]), **common)
     cfg = meta["student_config"]
     patch = cfg["patch_size"]
     patch = patch[0] if isinstance(patch, list) else patch
-    return HybridStudent(depths=cfg["num_blocks"][:3], widths=cfg["channels"][:3], dim=cfg["channels"][3],
-                         depth=cfg["num_blocks"][3], heads=cfg["heads"], dim_head=cfg["dim_head"],
-                         patch_size=patch, distillation=role == "hdkd", **common)
+    transformer = TransformerSpec(dim=cfg["channels"][3], depth=cfg["num_blocks"][3], heads=cfg["heads"],
+                                  dim_head=cfg["dim_head"], patch_size=patch)
+    return HybridStudent(stages=StageSpec(depths=cfg["num_blocks"][:3], widths=cfg["channels"][:3]),
+                         transformer=transformer, distillation=role == "hdkd", **common)
 
 
 def build(reference, role):
@@ -137,5 +138,5 @@ def test_untrusted_checkpoint_is_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"stage1.0.0.weight": Evil()}, path)
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
-        load_official_checkpoint(TeacherCNN(7, 64, depths=(1, 1, 1), widths=(8, 8, 8)), path)
+    with pytest.raises(ValueError, match=r"unsafe content refused: .*evil\.pth .*\(print\)"):
+        load_official_checkpoint(TeacherCNN(7, 64, StageSpec(depths=(1, 1, 1), widths=(8, 8, 8))), path)

@@ -12,12 +12,14 @@ from hdkd.evidence.aggregate import runs_at, sentence, significance_rows
 from hdkd.evidence.plots import EXTRA_COLORS, model_color
 from hdkd.evidence.stats import Comparison, paired_t
 from hdkd.infra.io import DiskFullError
-from hdkd.report import build
+from hdkd.report import build, figures
 from hdkd.report.ablations import ABLATIONS, group_ablations
-from hdkd.report.build import (
-    Explanations,
+from hdkd.report.build import build_report
+from hdkd.report.check import Tolerance
+from hdkd.report.readme import Explanations
+from hdkd.report.stage import stage_extras
+from hdkd.report.tables import (
     ablation_table,
-    build_report,
     data_efficiency_table,
     efficiency_table,
     learned,
@@ -28,8 +30,6 @@ from hdkd.report.build import (
     table_csv,
     table_markdown,
 )
-from hdkd.report.check import Tolerance
-from hdkd.report.stage import stage_extras
 from hdkd.roster import ROSTER
 from tests.helpers.bundles import bundle_with
 from tests.helpers.params import section
@@ -97,8 +97,8 @@ def test_the_data_efficiency_figure_opens_the_markers_of_a_model_that_did_not_le
         return [(line.get_xdata().tolist(), line.get_label()) for line in fig.axes[0].get_lines()
                 if line.get_markerfacecolor() == "white"]
 
-    assert open_markers(build.data_efficiency_figure(bundle)) == []
-    fig = build.data_efficiency_figure(one_class(bundle, "hdkd", {0, 1}, fraction=0.25))
+    assert open_markers(figures.data_efficiency_figure(bundle)) == []
+    fig = figures.data_efficiency_figure(one_class(bundle, "hdkd", {0, 1}, fraction=0.25))
     assert [x for x, _ in open_markers(fig)] == [[25.0], []]  # HDKD's 25 % point, and the legend's entry
     assert "did not learn" in [t.get_text() for t in fig.legends[0].get_texts()]
 
@@ -288,7 +288,7 @@ def test_ablations_are_compared_with_their_own_reference(tmp_path, bundle):
     assert (f"The ablation tables compare each run with the reference run {'e' * 12} (commit `{'e' * 40}`, params "
             f"hash `{reference['params_hash']}`, `ablations/reference.json`). The ablations were run at an earlier "
             "default than this report's run, which differs in train.grad_clip: to rerun them at this one, "
-            "`scripts/queue_ablations.sh`, `dvc queue start`, then `python -m pipeline.report --collect-ablations`."
+            "`python -m pipeline.ablations queue`, `dvc queue start`, then `python -m pipeline.ablations collect`."
             ) in readme
     assert f"| `{runs[0]['params_hash']}` | distill.lambda | ablation_lambda |" in readme
     # without a reference of their own, they are compared with the report's run, and are no ablation of it

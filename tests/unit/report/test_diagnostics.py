@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from hdkd.report.build import build_report, diagnostics_table
+from hdkd.report.build import build_report
 from hdkd.report.diagnostics import (
     diagnosis_sentence,
     diagnostics_rows,
@@ -15,6 +15,7 @@ from hdkd.report.diagnostics import (
     loss_terms_figure,
     passes_on_one_class,
 )
+from hdkd.report.tables import diagnostics_table
 from tests.helpers.params import make_params
 
 

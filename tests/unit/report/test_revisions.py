@@ -12,6 +12,7 @@ from hdkd.infra.provenance import git_state
 from hdkd.report.build import build_report
 from hdkd.report.revisions import COMMIT_TAG, EXP_TAG, RevisionNotFound, bundle_for_revision, export_for_revision
 from pipeline.report import main as report_cli
+from pipeline.revision_report import main as revision_report_cli
 from tests.helpers.bundles import bundle_with, log_run
 from tests.helpers.git import commit_all, run_git
 from tests.helpers.params import PARAMS_YAML, section
@@ -116,7 +117,7 @@ def test_rebuild_from_a_revision_is_byte_identical(store, tmp_path):
     assert "ablation_lambda.md" in direct
     assert table_bytes(tmp_path / "regenerated") == direct
 
-    report_cli(["--rev", store["B"][:10], "--ablation", "exp-lambda-1", "--out", str(tmp_path / "cli"),
+    revision_report_cli([store["B"][:10], "--ablation", "exp-lambda-1", "--out", str(tmp_path / "cli"),
                 "--tracking-uri", store["uri"], "--repo", str(store["repo"]),
                 "--params", str(PARAMS_YAML)])
     assert table_bytes(tmp_path / "cli") == direct
@@ -204,7 +205,7 @@ def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, 
     repo = pipeline_repo["repo"]
     rev = pipeline_repo["commit"][:9] if rev == "commit" else rev
     monkeypatch.chdir(tmp_path)
-    report_cli(["--rev", rev, "--tracking-uri", pipeline_repo["uri"], "--repo", str(repo),
+    revision_report_cli([rev, "--tracking-uri", pipeline_repo["uri"], "--repo", str(repo),
                 "--params", str(PARAMS_YAML)])
     committed = committed_report(repo, pipeline_repo[source])
     assert {"ablation_lambda.md", "ablation_stem_stride.csv"} <= set(committed)  # only against reference.json
@@ -216,7 +217,7 @@ def test_revision_rebuilt_with_its_committed_ablations(pipeline_repo, tmp_path, 
 
 def test_unknown_revision_is_a_clear_error_listing_the_available_ones(pipeline_repo, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        report_cli(["--rev", "exp-nope", "--tracking-uri", pipeline_repo["uri"], "--repo", str(pipeline_repo["repo"]),
+        revision_report_cli(["exp-nope", "--tracking-uri", pipeline_repo["uri"], "--repo", str(pipeline_repo["repo"]),
                     "--out", str(tmp_path / "out"), "--params", str(PARAMS_YAML)])
     message = str(exit_info.value.code)
     assert message.startswith("error: no results bundle found for revision 'exp-nope'. Available:")

@@ -10,6 +10,7 @@ from hdkd.infra.tracking import Tracker
 from hdkd.models import create_model
 from hdkd.models.checkpoint import save_model
 from hdkd.training.engine import (
+    FitData,
     FitSettings,
     build_optimizer,
     fit,
@@ -61,7 +62,7 @@ def test_teacher_learns_and_is_deterministic():
     def run():
         torch.manual_seed(0)
         model = create_model("teacher_tiny", 3, image_size=32)
-        return fit(model, build_criterion("teacher", teacher_cfg()), train, val, CPU,
+        return fit(model, build_criterion("teacher", teacher_cfg()), FitData(train, val), CPU,
                    FitSettings(teacher_cfg(), seed=0, batch_size=16)), model
 
     (first, model), (second, _) = run(), run()
@@ -123,9 +124,9 @@ def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
     cfg = teacher_cfg(epochs=1)
     model = create_model("teacher_tiny", 3, image_size=32)
     settings = FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="old")
-    fit(model, build_criterion("teacher", cfg), train, val, CPU, settings)
+    fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU, settings)
     with caplog.at_level(logging.INFO):
-        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val,
+        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val),
                      CPU, FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="new"))
     assert result.resumed_from == 0 and "starting afresh" in caplog.text
 
@@ -135,7 +136,7 @@ def test_a_corrupt_best_checkpoint_is_discarded_with_the_rest_of_the_resume_stat
 
     def run(epochs):
         cfg = teacher_cfg(epochs=epochs)
-        return fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val, CPU,
+        return fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val), CPU,
                    FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="f"))
 
     run(2)
@@ -155,7 +156,7 @@ def test_hdkd_fit_logs_every_loss_part(tmp_path):
                   **{"lambda": 10.0})
     teacher = load_teacher(teacher_path, ["a", "b", "c"], student, cfg.stages, "cpu")
     rows = []
-    fit(student, build_criterion("hdkd", cfg), train, val, CPU, FitSettings(cfg, seed=0, batch_size=16),
+    fit(student, build_criterion("hdkd", cfg), FitData(train, val), CPU, FitSettings(cfg, seed=0, batch_size=16),
         teacher=teacher, on_epoch=rows.append)
     (row,) = rows
     assert row["train_ce"] > 0 and row["train_logit_kd"] > 0 and row["train_feature_kd"] > 0
@@ -190,7 +191,7 @@ def test_gradient_probes_leave_the_training_unchanged():
     for probes in (0, 2):
         torch.manual_seed(0)
         model = create_model("teacher_tiny", 3, image_size=32)
-        result = fit(model, build_criterion("teacher", cfg), train, val, CPU,
+        result = fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU,
                      FitSettings(cfg, seed=0, batch_size=16, grad_probes=probes))
         weights.append(model.state_dict())
         rows.append(result.history[-1])
@@ -223,8 +224,8 @@ def test_a_step_budget_trains_every_set_size_for_the_same_optimizer_steps():
 
         torch.manual_seed(0)
         model = create_model("student_tiny", 3, image_size=32)
-        result = fit(model, build_criterion("student", cfg), toy_split(n), val, CPU,
-                     FitSettings(cfg, seed=0, batch_size=16, total_steps=12), batch_hook=hook,
+        result = fit(model, build_criterion("student", cfg), FitData(toy_split(n), val, batch_hook=hook), CPU,
+                     FitSettings(cfg, seed=0, batch_size=16, total_steps=12),
                      on_epoch=lambda row, lrs=lrs: lrs.append(row["lr"]))
         seen[n] = (len(steps), len(result.history), lrs)
     assert seen[64][:2] == (12, 3) and seen[16][:2] == (12, 12)  # the same steps; more, shorter passes
@@ -232,7 +233,7 @@ def test_a_step_budget_trains_every_set_size_for_the_same_optimizer_steps():
     assert seen[16][2][::4] == pytest.approx(seen[64][2])
     # Without a budget: the recipe's epochs over the set itself.
     torch.manual_seed(0)
-    result = fit(create_model("student_tiny", 3, image_size=32), build_criterion("student", cfg), toy_split(16), val,
+    result = fit(create_model("student_tiny", 3, image_size=32), build_criterion("student", cfg), FitData(toy_split(16), val),
                  CPU, FitSettings(cfg, seed=0, batch_size=16))
     assert len(result.history) == 3
 
@@ -250,7 +251,7 @@ def test_a_step_budget_stops_mid_pass_and_resumes_to_the_same_weights(tmp_path):
                 raise KeyboardInterrupt
 
         settings = FitSettings(cfg, seed=0, batch_size=16, total_steps=7, resume_dir=resume_dir, fingerprint="f")
-        return fit(model, build_criterion("teacher", cfg), train, val, CPU, settings, on_epoch=stop), model
+        return fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU, settings, on_epoch=stop), model
 
     whole, model = run(None)
     assert len(whole.history) == 3  # 3 + 3 + 1 steps
@@ -278,7 +279,7 @@ def test_teacher_checks_fail_early_and_clearly(tmp_path):
 def test_a_split_too_small_for_batchnorm_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
-            toy_split(1), toy_split(4), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
+            FitData(toy_split(1), toy_split(4)), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
 
 
 def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume(tmp_path, monkeypatch):
@@ -314,7 +315,7 @@ def test_log_every_logs_running_loss_lines_inside_an_epoch(caplog):
     train, val = toy_split(64), toy_split(16, seed=1)
     cfg = teacher_cfg(epochs=1)
     with caplog.at_level(logging.INFO, logger="hdkd.training.engine"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), train, val, CPU,
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val), CPU,
             FitSettings(cfg, seed=0, batch_size=8, log_every=3))
     steps = [m[1] for r in caplog.records if (m := re.search(r" step (\d+/\d+)  loss \d", r.getMessage()))]
     assert steps == ["3/8", "6/8"]
@@ -325,7 +326,7 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     train.tensors[0][5] = float("nan")  # one corrupt sample poisons its batch's loss
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
         fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
-            train, toy_split(8), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
+            FitData(train, toy_split(8)), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
 
 
 def test_resume_fingerprint_ignores_exactly_the_params_that_never_change_a_result(tmp_path):
@@ -340,3 +341,76 @@ def test_resume_fingerprint_ignores_exactly_the_params_that_never_change_a_resul
     assert fingerprint(train={"num_workers": 4, "log_every": 5}, tracking={"enabled": False}) == base
     assert fingerprint(train={"batch_size": 8}) != base
     assert fingerprint(distill={"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "alpha": 0.9}) != base
+
+
+# ----------------------------------------------------------------------------- the order of one run
+def _one_run(tmp_path, epochs=2):
+    """A tiny run of the teacher, untracked: its params, paths and datasets."""
+    params = make_params({"data": {"image_size": 32}, "tracking": {"enabled": False},
+                          "teacher": {"epochs": epochs, "optimizer": "adam", "lr": 3e-3}})
+    for split in ("train", "val"):  # the fingerprinted inputs
+        (tmp_path / split).mkdir(exist_ok=True)
+    paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "metrics.json",
+                       tmp_path / "resume")
+    return params, paths, (toy_split(48), toy_split(16, seed=1), ["a", "b", "c"])
+
+
+def test_an_mlflow_run_is_resumed_only_for_the_same_inputs(tmp_path, monkeypatch):
+    import hdkd.training.run as run_module
+
+    params, paths, datasets = _one_run(tmp_path)
+    fingerprint = input_fingerprint("teacher", params, paths, (params.seed, 1.0))
+    paths.resume_dir.mkdir()
+    write = (paths.resume_dir / run_module.MLFLOW_RUN).write_text
+    seen = []
+
+    class Recording(Tracker):
+        def __init__(self, *args, resume_run_id=None, **kwargs):
+            seen.append(resume_run_id)
+            super().__init__(*args, resume_run_id=resume_run_id, **kwargs)
+
+    monkeypatch.setattr(run_module, "Tracker", Recording)
+    write('{"fingerprint": "other inputs", "run_id": "stale"}')
+    with pytest.raises(RuntimeError, match="stop"):  # stopped in the first epoch: the record is still there
+        monkeypatch.setattr(run_module, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+        run_training("teacher", params, paths, datasets, CPU)
+    write(f'{{"fingerprint": "{fingerprint}", "run_id": "same"}}')
+    with pytest.raises(RuntimeError, match="stop"):
+        run_training("teacher", params, paths, datasets, CPU)
+    assert seen == [None, "same"]
+
+
+def test_a_runs_files_are_in_place_before_mlflow_hears_of_it(tmp_path, monkeypatch):
+    import hdkd.training.run as run_module
+
+    params, paths, datasets = _one_run(tmp_path)
+    files = [paths.out_dir / "model.pt", paths.out_dir / "run.json", paths.metrics]
+
+    def tracking_crashes(*args):
+        assert all(f.is_file() for f in files), "MLflow was told before the run's files were written"
+        raise RuntimeError("the tracking server fell over")
+
+    monkeypatch.setattr(run_module, "track_run", tracking_crashes)
+    with pytest.raises(RuntimeError, match="fell over"):
+        run_training("teacher", params, paths, datasets, CPU)
+    assert all(f.is_file() for f in files)
+    assert (paths.resume_dir / "last.pt").is_file()  # not finished: still resumable
+
+
+def test_a_runs_resume_state_is_removed_last_and_only_once_its_files_are_written(tmp_path, monkeypatch):
+    import hdkd.training.run as run_module
+
+    params, paths, datasets = _one_run(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "save_model", disk_full)
+    with pytest.raises(OSError, match="(?i)no space left on device"):
+        run_training("teacher", params, paths, datasets, CPU)
+    assert (paths.resume_dir / "last.pt").is_file()  # nothing lost
+    assert not any(f.is_file() for f in (paths.out_dir / "model.pt", paths.out_dir / "run.json", paths.metrics))
+    monkeypatch.setattr(run_module, "save_model", save_model)
+    done = run_training("teacher", params, paths, datasets, CPU)
+    assert done["resumed_from"] == 2  # both epochs kept: nothing trained again
+    assert (paths.out_dir / "model.pt").is_file() and not paths.resume_dir.exists()

@@ -31,7 +31,7 @@ from hdkd.use.cli import main as cli
 from hdkd.use.export import ParityError, export_models, export_onnx
 from hdkd.use.inference import ONNX_METADATA, OnnxClassifier, read_image
 from pipeline.export import main as export_stage
-from tests.helpers.params import make_params, params_dict
+from tests.helpers.params import make_params, params_dict, section
 
 SIZE = 32
 
@@ -120,7 +120,8 @@ def test_a_parity_failure_fails_the_stage(workspace, tmp_path, monkeypatch):
     (tmp_path / "student").mkdir()  # export_onnx (replaced here) writes through io, which makes the folder
     with pytest.raises(ParityError, match=rf"{tmp_path / 'student' / 'model.onnx'}: max \|Δ probability\| .* top-1 differs on"):
         export_models({"student": tmp_path / "model.pt"}, PackedDataset(test, eval_transform()), list(test.classes),
-                      tmp_path, image_size=SIZE, batch_size=64, latency_batch_sizes=[1], warmup=0, iters=1)
+                      tmp_path, image_size=SIZE, batch_size=64,
+                      latency=section("evaluate", latency_batch_sizes=[1], latency_warmup=0, latency_iters=1))
 
 
 def test_an_onnx_file_without_hdkd_metadata_is_a_clear_error(workspace, tmp_path):

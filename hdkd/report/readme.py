@@ -1,0 +1,144 @@
+"""The generated index of a report (``reports/README.md``): its source run, the verdicts, the tables and
+figures, where the models look, and the other runs (ablations) it used or left out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdkd.evidence.aggregate import (
+    ONE_CLASS_SHARE,
+    seeds_of,
+)
+from hdkd.report.ablations import ABLATIONS, AblationGroups, differing_params, run_label
+from hdkd.report.diagnostics import diagnosis_sentence
+from hdkd.report.tables import (
+    Table,
+)
+
+
+@dataclass(frozen=True)
+class Explanations:
+    """The explain stage's results (``explain.json``) and its figure, as a link relative to the report."""
+
+    results: Mapping[str, Any]
+    figure: str
+
+
+# Above this mean rank correlation with a randomly re-initialised network's map, a map barely depends
+# on the learned weights (Adebayo et al., 2018, "Sanity Checks for Saliency Maps").
+SANITY_LIMIT = 0.5
+MAP_LABELS = {"teacher_gradcam": "Teacher Grad-CAM", "hdkd_gradcam": "HDKD Grad-CAM",
+              "hdkd_rollout_cls": "HDKD attention rollout (class token)",
+              "hdkd_rollout_dist": "HDKD attention rollout (distillation token)"}
+
+
+def explanation_lines(explain: Explanations) -> list[str]:
+    """The README section on where the models look: the figure, the sanity check, the agreement."""
+    sanity = explain.results["sanity_trained_vs_random"]
+    agreement = explain.results["agreement_teacher_vs_hdkd_gradcam"]
+    lines = ["## Where the models look", "",
+             f"![Grad-CAM of the teacher and the HDKD student, attention rollout of the student]({explain.figure})", "",
+             "Sanity check: mean Spearman correlation of each map with the same network's after random "
+             f"re-initialisation, over {next(iter(sanity.values()))['defined']} test images (near 0: the map "
+             f"depends on what was learned; above {SANITY_LIMIT}: it barely does, and says little).", ""]
+    for key, summary in sanity.items():
+        verdict = "fails the check" if summary["mean_spearman"] > SANITY_LIMIT else "passes"
+        lines.append(f"- {MAP_LABELS.get(key, key)}: {summary['mean_spearman']:.3f} ({verdict})")
+    lines += ["", f"Teacher and HDKD Grad-CAM agree with mean Spearman {agreement['mean_spearman']:.3f} "
+              "(1: the student looks where the teacher looks).", ""]
+    return lines
+
+
+def ablation_reference_lines(bundle: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
+    """Which run the ablation tables compare with, and, when it is not this report's run, what differs and how
+    to rerun them at this one's params."""
+    lines = [f"The ablation tables compare each run with the reference run {run_label(reference)} (commit "
+             f"`{reference.get('git_commit') or 'unknown'}`, params hash `{reference['params_hash']}`"
+             + (")." if reference is bundle else ", `ablations/reference.json`).")]
+    diff = differing_params(bundle, reference)
+    if diff:
+        lines[0] += (f" The ablations were run at an earlier default than this report's run, which differs in "
+                     f"{', '.join(diff)}: to rerun them at this one, `python -m pipeline.ablations queue`, "
+                     "`dvc queue start`, then `python -m pipeline.ablations collect`.")
+    elif reference is not bundle:
+        lines[0] += " Its results params are this report's run's."
+    return lines
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """The verdict sentences (:func:`hdkd.report.tables.significance_sentences`) and the tests Holm's adjustment
+    ran over (``"30 paired t-tests"``)."""
+
+    sentences: Sequence[str] = ()
+    tests: str = ""
+
+
+@dataclass(frozen=True)
+class OtherRuns:
+    """The ablation runs: ``groups`` used in ablation tables, ``unused`` with what they differ in, both as they
+    differ from ``reference`` (default: the report's bundle)."""
+
+    groups: AblationGroups = field(default_factory=dict)
+    unused: Sequence[tuple[Mapping[str, Any], list[str]]] = ()
+    reference: Mapping[str, Any] | None = None
+
+
+def readme(bundle: Mapping[str, Any], tables: Sequence[Table], figures: Sequence[str], others: OtherRuns = OtherRuns(),
+           explain: Explanations | None = None, verdicts: Verdicts = Verdicts()) -> str:
+    """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
+    groups, unused, sentences, tests = others.groups, others.unused, verdicts.sentences, verdicts.tests
+    dirty = {True: "yes", False: "no", None: "unknown"}[bundle.get("git_dirty")]
+    reference = others.reference or bundle
+    used = [(b, differing_params(reference, b), f"ablation_{a.name}")
+            for a in ABLATIONS for b in groups.get(a.name, [])]
+    rev = bundle.get("dvc_exp_name") or "<the commit holding these reports>"
+    regenerate = f"python -m pipeline.revision_report {rev}"  # with the ablations committed in reports/ablations
+    lines = [
+        "# HDKD results",
+        "",
+        "Generated by `hdkd.report` from the results bundle `bundle.json`; do not edit by hand.",
+        "",
+        f"- Dataset: {bundle['dataset']} ({len(bundle['class_names'])} classes: {', '.join(bundle['class_names'])})",
+        f"- Git commit evaluated: `{bundle.get('git_commit') or 'unknown'}` (code modified: {dirty})",
+        f"- DVC experiment: {bundle.get('dvc_exp_name') or 'none'}",
+        f"- Params hash: `{bundle['params_hash']}`",
+        f"- Regenerate without retraining: `{regenerate}`",
+        "",
+        *(["## Does HDKD help?", "",
+           f"Paired by seed on the same test images, every model trained on the whole training split "
+           f"(seeds {', '.join(map(str, seeds_of(bundle)))}; 95 % paired t-interval over the seeds; p and, for the "
+           f"verdict, p Holm-adjusted over the {tests} of the [paired comparisons]"
+           "(tables/significance.md), which also hold every training fraction and per-seed exact McNemar tests; "
+           f"a model whose test predictions are at least {100 * ONE_CLASS_SHARE:g} % one class at most seeds did "
+           "not learn and gets no verdict):", "", *(f"- {line}" for line in sentences), ""]
+          if sentences else []),
+        *(["## How the models trained", "", diagnosis, "See the [training diagnostics](tables/training_diagnostics.md) "
+           "and [the loss terms per pass](figures/hdkd_loss_terms.png).", ""]
+          if (diagnosis := diagnosis_sentence(bundle)) else []),
+        "## Tables",
+        "",
+        *(f"- [{t.title}](tables/{t.name}.md) ([csv](tables/{t.name}.csv))" for t in tables),
+        "",
+        "## Figures",
+        "",
+        *(f"- [{name.removesuffix('.png').replace('_', ' ')}](figures/{name})" for name in figures),
+        "",
+        *(explanation_lines(explain) if explain else []),
+        *(["## Model card", "", "- [HDKD student](model_card.md): intended use, limits, weak spots, provenance", ""]
+          if "hdkd" in bundle["models"] else []),
+        "## Evaluation data",
+        "",
+        "- `bundle.json`: everything above is derived from it",
+        "- `metrics.json`: DVC metrics, one key per model",
+        "- `eval/<model>.json`: per-model detail (per-class, confusion matrix, CIs, efficiency)",
+        "- `plots/`: DVC plots data (confusion matrices, training curves)",
+    ]
+    if used or unused:
+        lines += ["", "## Other runs", "", *ablation_reference_lines(bundle, reference), "",
+                  "| Run | Params hash | Differs in | Used in |", "|:---|:---|:---|:---|"]
+        for b, diff, where in used + [(b, diff, "not used") for b, diff in unused]:
+            lines.append(f"| {run_label(b)} | `{b['params_hash']}` | {', '.join(diff) or 'nothing'} | {where} |")
+    return "\n".join(lines) + "\n"
