@@ -6,8 +6,9 @@ embedded default exercises exactly the code that reads the real datasets.
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,17 +85,7 @@ def read_ham_tree(directory: Path) -> Catalog:
         raise DataError(
             f"{meta_path} not found: run the download stage (dvc repro download) or check data.root"
         )
-    meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    missing_cols = [c for c in ("lesion_id", "image_id", "dx") if c not in meta.columns]
-    if missing_cols:
-        raise DataError(f"{meta_path} lacks column(s) {missing_cols}; columns are {list(meta.columns)}")
-    unknown = sorted(set(meta["dx"]) - set(HAM_CLASSES))
-    if unknown:
-        examples = meta.loc[meta["dx"].isin(unknown), "image_id"].head(3).tolist()
-        raise DataError(
-            f"unknown label(s) {unknown} in column dx of {meta_path} (e.g. images {examples}); "
-            f"expected one of {list(HAM_CLASSES)}"
-        )
+    meta = read_ham_metadata(meta_path.read_bytes(), str(meta_path))
     files: dict[str, Path] = {}
     for p in sorted(directory.rglob("ISIC_*")):
         if p.suffix.lower() in IMAGE_EXTENSIONS:
@@ -108,16 +99,60 @@ def read_ham_tree(directory: Path) -> Catalog:
     extra = len(files) - len(meta)
     if extra > 0:
         log.warning("%s: %d image file(s) not listed in %s are ignored", directory, extra, HAM_METADATA)
-    items = pd.DataFrame(
-        {
-            "image_id": meta["image_id"],
-            "label": meta["dx"].map({c: i for i, c in enumerate(HAM_CLASSES)}).astype(np.int64),
-            "group": meta["lesion_id"],
-            "split": "",
-            "ref": [str(files[i]) for i in meta["image_id"]],
-        }
+    return ham_catalog(meta, {i: str(files[i]) for i in meta["image_id"]}, Image.open, str(directory))
+
+
+def read_ham_metadata(raw: bytes, where: str) -> pd.DataFrame:
+    """The rows of a HAM10000 metadata file (all values strings), checked for the columns the split
+    needs and for diagnoses outside the seven classes.
+
+    Comma-separated (the csv of the Harvard Dataverse and of Kaggle) or tab-separated (the Dataverse's
+    ``.tab`` export, values quoted), with or without a byte-order mark. ``where`` names the file in
+    messages.
+    """
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not a UTF-8 text file ({e}): not a HAM10000 metadata file") from None
+    header = text.split("\n", 1)[0]
+    try:
+        meta = pd.read_csv(
+            io.StringIO(text), sep="\t" if "\t" in header else ",", dtype=str, keep_default_na=False
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{where} cannot be read as a table: {e}") from None
+    missing_cols = [c for c in ("lesion_id", "image_id", "dx") if c not in meta.columns]
+    if missing_cols:
+        raise DataError(f"{where} lacks column(s) {missing_cols}; columns are {list(meta.columns)}")
+    unknown = sorted(set(meta["dx"]) - set(HAM_CLASSES))
+    if unknown:
+        examples = meta.loc[meta["dx"].isin(unknown), "image_id"].head(3).tolist()
+        raise DataError(
+            f"unknown label(s) {unknown} in column dx of {where} (e.g. images {examples}); "
+            f"expected one of {list(HAM_CLASSES)}"
+        )
+    return meta
+
+
+def ham_catalog(
+    meta: pd.DataFrame, refs: Mapping[str, Any], open_image: Callable[[Any], Image.Image], where: str
+) -> Catalog:
+    """The catalog of HAM10000 metadata rows ``meta`` (:func:`read_ham_metadata`), in their order:
+    groups are ``lesion_id``, no official split; ``refs`` maps every image id to what ``open_image`` opens."""
+    return Catalog(
+        HAM_CLASSES,
+        pd.DataFrame(
+            {
+                "image_id": meta["image_id"],
+                "label": meta["dx"].map({c: i for i, c in enumerate(HAM_CLASSES)}).astype(np.int64),
+                "group": meta["lesion_id"],
+                "split": "",
+                "ref": [refs[i] for i in meta["image_id"]],
+            }
+        ),
+        open_image,
+        where,
     )
-    return Catalog(HAM_CLASSES, items, Image.open, str(directory))
 
 
 def read_class_tree(

@@ -14,9 +14,14 @@ dataset        raw data                                         verified by
 synthetic      generated under ``root/synthetic_<layout>``      its settings; same readers as the real
 imagefolder    ``root/{train,test}/<class>/<image>`` as is      content digest of the tree
 ham10000       Harvard Dataverse zips + csv, ``root/ham10000``  MD5 of each file
+               or a copy ``root`` holds, read in place          metadata MD5 (or rows), every image
 brain_tumor... Kaggle (kagglehub / API) or Zenodo zip           image counts per split and class
+               or a copy ``root`` holds, read in place          image counts per split and class
 dermamnist     Zenodo npz, ``root/dermamnist``                  MD5
 ============== ================================================ =====================================
+
+A copy already on disk (the Dataverse's or Kaggle's layouts, zipped or extracted) is found at the top
+of ``data.root`` and used where it is, without network access: see :mod:`hdkd.data.copies`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ import pandas as pd
 from PIL import Image
 
 from hdkd.config import DataConfig
+from hdkd.data.copies import (
+    HamRelease,
+    brain_copy_catalog,
+    brain_copy_counts,
+    brain_copy_record,
+    find_brain_copy,
+    find_ham_copy,
+    ham_copy_catalog,
+    is_ham_copy,
+    verify_ham_copy,
+)
 from hdkd.data.download import download_file, extract_archive
 from hdkd.data.errors import DataError
 from hdkd.data.formats import (
@@ -41,6 +57,7 @@ from hdkd.data.formats import (
     BRAIN_COUNTS,
     BRAIN_SPLIT_DIRS,
     HAM_CLASSES,
+    HAM_COUNTS,
     IMAGEFOLDER_SPLIT_DIRS,
     Catalog,
     count_class_tree,
@@ -185,17 +202,40 @@ HAM10000_FILES = (
 )
 
 
+# HAM10000 as released: a copy's metadata file is checked against it (hdkd.data.copies.HamRelease).
+# content_md5 (hdkd.data.copies.ham_content_md5 of the sorted image_id, lesion_id, dx rows) was computed
+# from two public renderings of the metadata that agree on it: one with the Dataverse's eight columns
+# (with "dataset") and one with Kaggle's seven; both have 10,015 rows, 7,470 lesions and HAM_COUNTS.
+HAM_RELEASE = HamRelease(
+    metadata_md5={HAM10000_FILES[2].md5: "the Harvard Dataverse's HAM10000_metadata.csv"},
+    content_md5="5bc94ad7371b995879a70378bd4a2549",
+    images=10_015,
+    lesions=7_470,
+    counts=dict(HAM_COUNTS),
+)
+
+
 @dataclass
 class Ham10000(Source):
-    """HAM10000 from Harvard Dataverse: two image zips (extracted next to them) and the metadata csv."""
+    """HAM10000 from Harvard Dataverse: two image zips (extracted next to them) and the metadata csv;
+    or a copy ``data.root`` holds (:mod:`hdkd.data.copies`), verified against ``release`` and read in place."""
 
     name: ClassVar[str] = "ham10000"
     files: tuple[RemoteFile, ...] = HAM10000_FILES
+    release: HamRelease = HAM_RELEASE
 
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return self.files
 
+    def directory(self, cfg: DataConfig) -> Path:
+        return cfg.root if is_ham_copy(cfg.root) else super().directory(cfg)
+
+    def scratch_dirs(self, cfg: DataConfig) -> tuple[Path, ...]:
+        return () if is_ham_copy(cfg.root) else super().scratch_dirs(cfg)  # a copy is never written
+
     def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
+        if is_ham_copy(cfg.root):
+            return verify_ham_copy(find_ham_copy(cfg.root), self.release)
         directory = self.directory(cfg)
         for f in self.files:
             path = f.fetch(cfg, directory)
@@ -205,6 +245,8 @@ class Ham10000(Source):
         return {"files": {f.name: f.md5 for f in self.files}}
 
     def catalog(self, cfg: DataConfig) -> Catalog:
+        if is_ham_copy(cfg.root):
+            return ham_copy_catalog(find_ham_copy(cfg.root))
         return read_ham_tree(self.directory(cfg))
 
 
@@ -235,7 +277,19 @@ class BrainTumorMri(Source):
     def remote_files(self, cfg: DataConfig) -> tuple[RemoteFile, ...]:
         return (self.mirror,)
 
+    def directory(self, cfg: DataConfig) -> Path:
+        return cfg.root if find_brain_copy(cfg.root) is not None else super().directory(cfg)
+
+    def scratch_dirs(self, cfg: DataConfig) -> tuple[Path, ...]:
+        return () if find_brain_copy(cfg.root) is not None else super().scratch_dirs(cfg)  # never written
+
     def _fetch(self, cfg: DataConfig) -> dict[str, Any]:
+        copy = find_brain_copy(cfg.root)
+        if copy is not None:
+            counts = brain_copy_counts(copy)
+            self._check_counts(counts, copy.where, "Restore the images, or point data.root at a complete copy.")
+            log.info("%s: Brain Tumor MRI copy (%s) verified by its counts", copy.where, copy.layout)
+            return {**brain_copy_record(copy), "counts": counts}
         directory = self.directory(cfg)
         if self._tree_root(directory) is None:
             extracted = directory / "dataset"
@@ -250,27 +304,34 @@ class BrainTumorMri(Source):
                 f"the download is not the expected dataset"
             )
         counts = count_class_tree(root, BRAIN_SPLIT_DIRS)
-        if counts != self.expected_counts:
-            diff = [
-                f"{s}/{c}: {counts.get(s, {}).get(c, 0)} (expected {n})"
-                for s, per in self.expected_counts.items()
-                for c, n in per.items()
-                if counts.get(s, {}).get(c, 0) != n
-            ]
-            extra = [
-                f"{s}/{c}"
-                for s, per in counts.items()
-                for c in per
-                if c not in self.expected_counts.get(s, {})
-            ]
-            raise DataError(
-                f"{root} does not hold the expected images: "
-                f"{'; '.join(diff + [f'unexpected {e}' for e in extra])}. "
-                f"Delete {directory} and run the download stage again."
-            )
+        self._check_counts(counts, str(root), f"Delete {directory} and run the download stage again.")
         return {"counts": counts, "tree_digest": dvc_md5(root)}
 
+    def _check_counts(self, counts: dict[str, dict[str, int]], where: str, remedy: str) -> None:
+        """Every split and class holds the expected number of images; the error lists each that does not."""
+        if counts == self.expected_counts:
+            return
+        diff = [
+            f"{s}/{c}: {counts.get(s, {}).get(c, 0)} (expected {n})"
+            for s, per in self.expected_counts.items()
+            for c, n in per.items()
+            if counts.get(s, {}).get(c, 0) != n
+        ]
+        extra = [
+            f"{s}/{c}"
+            for s, per in counts.items()
+            for c in per
+            if c not in self.expected_counts.get(s, {})
+        ]
+        raise DataError(
+            f"{where} does not hold the expected images: "
+            f"{'; '.join(diff + [f'unexpected {e}' for e in extra])}. {remedy}"
+        )
+
     def catalog(self, cfg: DataConfig) -> Catalog:
+        copy = find_brain_copy(cfg.root)
+        if copy is not None:
+            return brain_copy_catalog(copy)
         root = self._tree_root(self.directory(cfg))
         if root is None:
             raise DataError(
