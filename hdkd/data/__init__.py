@@ -14,4 +14,6 @@ transforms of :mod:`hdkd.data.augment`.
 Callers import the submodules they use: only ``loader`` and ``augment`` import torch, so the
 download, prepare and SMOTE paths never load it (importing it costs ~0.7 GB of resident memory, a
 third of SMOTE's 2 GB budget).
+
+May import: :mod:`hdkd.infra` and the top-level modules.
 """

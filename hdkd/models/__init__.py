@@ -1,4 +1,9 @@
-"""HDKD networks: blocks, the CNN teacher, the hybrid student and a registry of named configurations."""
+"""HDKD networks: blocks, the CNN teacher, the hybrid student and a registry of named configurations; the timm
+baselines, model files (:mod:`~hdkd.models.checkpoint`) and the official implementation's checkpoints
+(:mod:`~hdkd.models.compat`).
+
+May import: :mod:`hdkd.infra` and the top-level modules.
+"""
 
 from hdkd.models.blocks import CBAM, InvertedResidual, SqueezeExcite, StemBlock, make_stage
 from hdkd.models.frozen import FrozenTeacher

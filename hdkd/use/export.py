@@ -21,7 +21,7 @@ the same way in the same process: one batch of zeros, ``warmup`` untimed runs th
                                                      "onnxruntime_images_per_s", "onnxruntime_over_pytorch"}}}}}
 
 Everything machine-dependent sits under a ``timing*`` key, which the reports check
-(:mod:`hdkd.report_check`) skips.
+(:mod:`hdkd.report.check`) skips.
 
 ``onnxruntime_over_pytorch`` is ONNX Runtime's latency over PyTorch's (below 1: ONNX Runtime is faster).
 """
