@@ -47,6 +47,7 @@ docs: install         ## the docs site (docs/, mkdocs.yml) into site/; a broken 
 
 bench: install        ## speed and memory benchmarks (figures in the README)
 	python benchmarks/distill_step.py
+	python benchmarks/bootstrap.py
 	python benchmarks/data_pipeline.py
 	python benchmarks/reproducible_numerics.py
 

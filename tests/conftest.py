@@ -21,7 +21,7 @@ import torch
 # the machine, and OpenMP's spinning threads then slow every worker (the fast suite varied by 15 % run to run).
 torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, unavailable
 from tests.helpers.bundles import bundle_with
 from tests.helpers.git import run_git
 
@@ -35,10 +35,7 @@ REFERENCE = ROOT.parent / "shared" / "reference" / "official-small"
 def reference():
     """The official implementation's weights, inputs/outputs and loss values (../shared/reference)."""
     if not (REFERENCE / "meta.json").is_file():
-        reason = f"official reference outputs not found at {REFERENCE} (expected ../shared/reference beside the repo)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"official reference outputs not found at {REFERENCE} (expected ../shared/reference beside the repo)")
     return {
         "meta": json.loads((REFERENCE / "meta.json").read_text()),
         "weights": torch.load(REFERENCE / "weights.pt", weights_only=True),

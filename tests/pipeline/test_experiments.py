@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from hdkd.report.ablations import ablation_labels, collect_ablations
 from hdkd.report.build import build_report
@@ -17,14 +18,10 @@ from hdkd.report.revisions import git_ref
 from hdkd.roster import roster
 from pipeline.ablations import main as ablations_cli
 from pipeline.report import main as report_cli
+from tests.helpers import ROOT as REPO  # noqa: E402
 from tests.helpers.bundles import bundle_with, log_run
 from tests.helpers.git import GIT_ENV, commit_all, run_git
 from tests.helpers.params import PARAMS, PARAMS_YAML, section
-
-mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from tests.helpers import ROOT as REPO  # noqa: E402
 
 EXPERIMENT = "hdkd-synthetic"  # bundle_with() keeps params.yaml's data.dataset: synthetic
 

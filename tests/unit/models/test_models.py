@@ -137,3 +137,51 @@ def test_params_accept_exactly_the_image_sizes_every_network_takes(stem_stride):
         make_params({"data": {"image_size": odd}, "model": {"stem_stride": stem_stride}})
     with pytest.raises(ValueError, match="not divisible by the patch size"):  # ... and by the student
         create_model("student_tiny", 3, image_size=odd, stem_stride=stem_stride)
+
+
+def test_patches_become_tokens_row_by_row_each_ordered_p1_p2_c():
+    # The official einops pattern b c (h p1) (w p2) -> b (h w) (p1 p2 c), without the reference fixture: with the
+    # norms and projection made identities, token k is patch (k // w, k % w), read (row, column, channel).
+    from hdkd.models.transformer import PatchEmbed
+
+    c, p, side = 2, 2, 4
+    embed = PatchEmbed(c, c * p * p, p)
+    embed.norm_in, embed.norm_out = torch.nn.Identity(), torch.nn.Identity()
+    with torch.no_grad():
+        embed.proj.weight.copy_(torch.eye(c * p * p))
+        embed.proj.bias.zero_()
+    x = torch.arange(c * side * side, dtype=torch.float32).reshape(1, c, side, side)
+    tokens = embed(x)[0]
+    assert tokens.shape == (4, 8)
+    for k in range(4):
+        row, col = divmod(k, side // p)
+        patch = x[0, :, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (c, p1, p2)
+        assert torch.equal(tokens[k], patch.permute(1, 2, 0).reshape(-1))
+
+
+@pytest.mark.parametrize("distillation", [True, False])
+def test_the_class_token_comes_first_then_the_distillation_token_then_the_patches(distillation):
+    from hdkd.models.transformer import DFLT
+
+    dflt = DFLT(8, 4, TransformerSpec(dim=16, depth=0, heads=2, dim_head=8, patch_size=2), distillation)
+    dflt.norm = torch.nn.Identity()  # no layers, no norm: the tokens as they enter the transformer
+    x = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        out, patches = dflt(x), dflt.patch_embed(x)
+    prefix = [dflt.cls_token] + ([dflt.dist_token] if distillation else [])
+    assert out.shape == (3, len(prefix) + 4, 16)
+    for i, token in enumerate(prefix):
+        assert torch.allclose(out[:, i], (token[:, 0] + dflt.pos_embed[:, i]).expand(3, -1))
+    assert torch.allclose(out[:, len(prefix):], patches + dflt.pos_embed[:, len(prefix):])
+    # and the heads read them so: the class head token 0, the distillation head token 1
+    model = HybridStudent(3, 32, StageSpec(depths=(1, 1, 1), widths=(8, 8, 8)),
+                          TransformerSpec(dim=16, depth=1, heads=2, dim_head=8), distillation=True).train()
+    tokens = torch.randn(2, 6, 16)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, _):
+            return tokens
+
+    model.transformer = Fixed()
+    cls, dist = model.forward_head(torch.zeros(2, 8, 4, 4))
+    assert torch.allclose(cls, model.head(tokens[:, 0])) and torch.allclose(dist, model.head_dist(tokens[:, 1]))

@@ -283,7 +283,7 @@ def test_a_split_too_small_for_batchnorm_is_an_error():
 
 
 def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
     monkeypatch.chdir(tmp_path)  # the run's repository root: no dvc.yaml, no git
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
