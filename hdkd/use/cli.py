@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hdkd.use import explain, predict
+from hdkd.use import explain, predict, serve
 
-COMMANDS = {"predict": predict, "explain": explain}
+COMMANDS = {"predict": predict, "explain": explain, "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
