@@ -97,7 +97,10 @@ class AugmentConfig(Section):
     vflip: bool
     brightness: float = Field(ge=0, le=1)
     contrast: float = Field(ge=0, le=1)
-    sharpness: float = Field(ge=0)  # 0 or 1 = off
+    # 0 or 1 = off. The factor torchvision's adjust_sharpness blends the image with its 3x3 smoothing by:
+    # AutoAugment/RandAugment draw it in [0.1, 1.9], torchvision's RandomAdjustSharpness example uses 2.
+    # Past 10, every edge of a photo saturates to black or white: the image is destroyed, not augmented.
+    sharpness: float = Field(ge=0, le=10)
     blur_kernel: int = Field(ge=0)  # 0 = off; odd
     batched: bool  # whole batches on the training device, in a few kernels; false: image by image in the loader
 

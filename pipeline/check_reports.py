@@ -1,8 +1,7 @@
 """Compare fresh reports with the committed ones; exit 1 on a mismatch (:mod:`hdkd.report.check`).
 
     dvc repro && python -m pipeline.check_reports            # reports/ vs reports/ at HEAD
-    python -m pipeline.check_reports --committed old/ --fresh reports/ --rtol 1e-2
-    python -m pipeline.check_reports --statistical --alpha 0.05  # force the comparison by the seeds' spread
+    python -m pipeline.check_reports --tolerance --rtol 1e-2 --committed old/  # or --exact, --statistical
 """
 
 import argparse
@@ -24,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help=f"also skip locations matching GLOB; always skipped: {' '.join(DEFAULT_IGNORE)}")
-    kind = p.add_mutually_exclusive_group()  # default: exact when both runs used the reproducible CPU numerics mode
-    kind.add_argument("--exact", dest="mode", action="store_const", const="exact", help="every number within tolerance")
-    kind.add_argument("--statistical", dest="mode", action="store_const", const="statistical",
-                      help="numbers by Welch's t-test over the seeds (default when either run was not reproducible)")
+    kind = p.add_mutually_exclusive_group()  # default: as the results bundles say the runs were made
+    for mode, what in [("exact", "every printed character and figure pixel (default: both runs reproducible, same "
+                        "kind of CPU)"), ("tolerance", "numbers within --rtol/--atol, figures by presence (default: "
+                        "both reproducible, other CPUs)"), ("statistical", "numbers by Welch's t-test over the seeds")]:
+        kind.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=what)
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"statistical level (default {DEFAULT_ALPHA:g})")
     args = p.parse_args(argv)
     args.mode = args.mode or "auto"

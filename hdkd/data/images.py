@@ -19,7 +19,7 @@ from hdkd.data.errors import UnreadableImage
 # torchvision's ImageFolder list, plus .webp: what the official code (and users' trees) may hold.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
-_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
@@ -27,13 +27,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Return ``img`` upright and in RGB.
 
     - EXIF orientation is applied (cameras store the pixels unrotated plus a tag).
-    - 16-bit (and 32-bit integer / float) grayscale is scaled from the 16-bit range to 8 bits, as
-      the PNG format defines samples over the full range (``convert("L")`` would clip at 255).
+    - 16-bit (and 32-bit integer) grayscale is scaled from the 16-bit range to 8 bits, as the PNG
+      format defines samples over the full range (``convert("L")`` would clip at 255).
+    - Floating-point grayscale (a 32-bit float TIFF, mode ``F``) holds intensities in [0, 1], the
+      convention of float images: scaled by 255. A float image with values outside [0, 1] (or NaN)
+      has no range to scale from and is refused (``ValueError``, saying its range), rather than
+      decoded clipped or black.
     - Transparent images are composited over black: dropping alpha would expose whatever colour
       the file keeps under transparent pixels.
     - Palette, 1-bit, grayscale, CMYK, YCbCr, ... go through Pillow's own conversion.
     """
     img = ImageOps.exif_transpose(img)
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        low, high = (float(np.min(values)), float(np.max(values))) if values.size else (0.0, 0.0)
+        if not (np.isfinite(values).all() and 0.0 <= low and high <= 1.0):
+            shown = "NaN or infinite values" if not np.isfinite(values).all() else f"values in [{low:g}, {high:g}]"
+            raise ValueError(f"a 32-bit float image with {shown}: float intensities must lie in [0, 1]; "
+                             "save it with 8- or 16-bit integer samples, or scaled to [0, 1]")
+        img = Image.fromarray(np.rint(values * 255.0).astype(np.uint8), "L")
     if img.mode in _HIGH_BIT_DEPTH_MODES:
         wide = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")

@@ -59,6 +59,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
     return removed
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """The output a path of the atomic writers stands for: each temporary in it (``.<name>.<8 chars>.tmp``,
+    a staged file or directory) replaced by the output it becomes, so that messages name what the user
+    knows (``reports/explain/explanations.png``), not a hidden name gone after the write."""
+    parts = [m["name"] if (m := _TEMPORARY.fullmatch(part)) else part for part in Path(path).parts]
+    return Path(*parts) if parts else Path(path)
+
+
 class DiskFullError(OSError):
     """No space left for a stage's outputs: the message names them, the free space and what they need."""
 
@@ -76,7 +84,7 @@ def disk_full_message(error: BaseException) -> str | None:
             return str(error)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             if error.filename:
-                where = Path(error.filename)
+                where = output_path(os.fsdecode(error.filename))
                 return (f"no space left on device writing {where}: {_human(_free(where))} free there; "
                         "free some space, then re-run the stage")
             return (f"no space left on device: {_human(_free(Path.cwd()))} free in {Path.cwd()}; "
@@ -119,17 +127,27 @@ class OutputSet:
         return path
 
     def commit(self) -> None:
+        """Sync every byte staged (the files, and the files and entries of staged directories), rename
+        the temporaries onto the outputs, then sync the directories whose entries the renames changed:
+        after a power cut the outputs are the new ones whole, or the old ones."""
         for tmp in self._staged.values():
             if tmp.is_file():
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
+                _fsync(tmp)
                 os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get the usual permissions
+            elif tmp.is_dir() and not tmp.is_symlink():
+                for root, _dirs, files in os.walk(tmp):  # symlinks are not followed: their targets are not ours
+                    for name in files:
+                        if not os.path.islink(os.path.join(root, name)):
+                            _fsync(Path(root, name))
+                    _fsync_dir(Path(root))
         aside = []
         for path, tmp in self._staged.items():
             if tmp.is_dir() and path.is_dir():  # a directory is replaced whole: nothing stale survives
                 aside.append(sibling_temp_dir(path, ".old"))
                 os.replace(path, aside[-1] / path.name)
             os.replace(tmp, path)
+        for parent in dict.fromkeys(path.parent for path in self._staged):
+            _fsync_dir(parent)
         for old in aside:
             shutil.rmtree(old)
 
@@ -141,7 +159,7 @@ class OutputSet:
                 tmp.unlink(missing_ok=True)
 
     def disk_full_error(self) -> DiskFullError:
-        outputs = list(self._staged)
+        outputs = [output_path(p) for p in self._staged]  # a set nested in another's staged directory
         written = sum(_size(t) for t in self._staged.values())
         previous = sum(_size(p) for p in outputs)
         where = outputs[0].parent if outputs else Path.cwd()
@@ -205,6 +223,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     with output_set() as outputs:
         yield outputs.dir(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created or renamed in it) durable. Windows cannot open a
+    directory (its renames are durable once done), and a few file systems refuse the call (EINVAL)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _size(path: Path) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hdkd.infra.io import parse_json
-from hdkd.infra.mlflow_store import open_client, tracking_store_exists
+from hdkd.infra.mlflow_store import check_server_reachable, open_client, tracking_store_exists
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,11 @@ class TrackedRun:
 def find_runs(uri: str, filter_string: str = "", experiment_names: list[str] | None = None,
               max_results: int = 5000) -> list[TrackedRun]:
     """Runs matching an MLflow ``filter_string``, newest first, in the named experiments (default:
-    all); no store (or none of the experiments) yields no runs and creates nothing."""
+    all); no store (or none of the experiments) yields no runs and creates nothing. A tracking server
+    that is down or does not answer raises ``ConnectionError`` at once, naming it."""
     if not tracking_store_exists(uri):
         return []
+    check_server_reachable(uri, advice="start it, or point tracking.uri (or MLFLOW_TRACKING_URI) at a running one")
     client = open_client(uri)
     experiments = client.search_experiments()
     ids = [e.experiment_id for e in experiments if experiment_names is None or e.name in experiment_names]

@@ -14,13 +14,12 @@ import hashlib
 import logging
 import os
 import random
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from hdkd.config import TrackingConfig
 
@@ -50,20 +49,53 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(SQLITE)) if uri.startswith(SQLITE) else None
 
 
-def check_server_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise ``ConnectionError`` at once when an HTTP(S) tracking server accepts no connection.
+TRACKING_ADVICE = ("start it, point tracking.uri (or MLFLOW_TRACKING_URI) at a running one, "
+                   "or set tracking.enabled: false")
 
-    MLflow's client retries a refused request with backoff for about four minutes before it
-    gives up: without this check, a tracking server that is down stalls every stage that long.
+
+def check_server_reachable(uri: str, timeout_s: float = 5.0, advice: str = TRACKING_ADVICE) -> None:
+    """Raise ``ConnectionError`` naming ``uri`` at once when an HTTP(S) tracking server is down or does not
+    answer an HTTP request within ``timeout_s`` (one try, no retries).
+
+    MLflow's client retries a refused request with backoff for about four minutes, and waits 120 s for
+    each answer of a server that accepts connections but never replies (stuck, overloaded, a port held by
+    something else): without this check, such a server stalls every stage for minutes. Any HTTP answer
+    (also an error status: a server behind authentication or a path prefix) counts as answering, and so
+    does a TLS handshake that this check cannot verify (MLflow's own settings decide on certificates).
+    ``advice``: what to do, ending the message.
     """
+    import ssl
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
     url = urlsplit(uri)
     if url.scheme not in ("http", "https"):
         return
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    host = url.netloc.rpartition("@")[2]  # credentials in the URI are MLflow's to send, and not shown
+    probe = urlunsplit((url.scheme, host, url.path.rstrip("/") + "/health", "", ""))
+    uri = urlunsplit((url.scheme, host, url.path, url.query, ""))
     try:
-        socket.create_connection(address, timeout=timeout_s).close()
-    except OSError as e:
-        raise ConnectionError(f"MLflow tracking server {url.netloc} is unreachable ({e})") from None
+        with urllib.request.urlopen(probe, timeout=timeout_s) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return  # an answer
+    except (OSError, HTTPException) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered the handshake
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise ConnectionError(f"MLflow tracking server {uri} does not answer (no reply within {timeout_s:g} s); "
+                                  f"{advice}") from None
+        if isinstance(reason, (ConnectionResetError, HTTPException)):
+            raise ConnectionError(f"MLflow tracking server {uri} does not answer ({_reason(reason)}); "
+                                  f"{advice}") from None
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({_reason(reason)}); {advice}") from None
+
+
+def _reason(error: object) -> str:
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:

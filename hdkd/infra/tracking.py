@@ -204,6 +204,12 @@ class Tracker:
             self._guard(self.client.set_terminated, self.parent_run_id, status)
         self.ended = True
 
+    def end_parent(self, status: str = "FAILED") -> None:
+        """Close the pipeline's parent run found by :meth:`open_parent` (a stage that failed before any of
+        its runs, whose trackers end it otherwise, started); nothing when tracking is off or it was not found."""
+        if self.enabled and self.parent_run_id is not None:
+            self._guard(self.client.set_terminated, self.parent_run_id, status)
+
     # -- logging
     def _log_params(self, run_id: str) -> None:
         from mlflow.entities import Param

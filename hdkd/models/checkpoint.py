@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hdkd.infra.torch_io import load_torch, save_torch
-from hdkd.models import create_model
+from hdkd.models import create_model, list_models
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,36 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an hdkd model file (expected format {MODEL_FORMAT!r}); "
                          "official checkpoints load through hdkd.models.compat.load_official_checkpoint")
-    model = create_model(blob["model_name"], len(blob["classes"]), blob["image_size"], **blob["overrides"])
-    model.load_state_dict(blob["state_dict"])
+    missing = [k for k in (*CHECKPOINT_KEYS, "overrides", "state_dict") if k not in blob]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(map(repr, missing))}: it is a damaged or hand-made model file; "
+                         "re-run the training stage that writes it")
+    name = blob["model_name"]
+    try:
+        model = create_model(name, len(blob["classes"]), blob["image_size"], **blob["overrides"])
+    except KeyError:  # the registry's: an unknown name
+        raise ValueError(f"{path} names the network {name!r}, which this version of hdkd does not build (known: "
+                         f"{', '.join(list_models())}, and timm:<name>): it was written by another version or "
+                         "edited; re-run the training stage that writes it") from None
+    except Exception as e:  # noqa: BLE001 - a timm name timm lacks, overrides the constructor refuses
+        raise ValueError(f"{path}: its network {name!r} cannot be built with its overrides "
+                         f"{blob['overrides']} ({type(e).__name__}: {_first_line(e)}); re-run the training stage "
+                         "that writes it") from None
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # torch's message lists every key, over many lines
+        raise ValueError(f"{path} holds weights that do not fit its network {name} ({_first_line(e)}): it is "
+                         "damaged or was edited; re-run the training stage that writes it") from None
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     return model, meta
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's message up to its first details: torch lists every mismatched key on lines of their own."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0].rstrip(":") + (f": {lines[1]}" if len(lines) > 1 else "") + (" ..." if len(lines) > 2 else "")
 
 
 def load_trained(path: str | Path, classes: Sequence[str], image_size: int,

@@ -1,30 +1,43 @@
-"""Compare freshly produced reports with committed ones: structure exactly, numbers within tolerance.
+"""Compare freshly produced reports with committed ones: exactly between runs of one kind of CPU, numbers
+within tolerance across CPUs, per-seed results statistically where runs cannot be bit-identical.
 
 Both sides are report trees: a directory, or ``reports/`` as committed at a git revision
-(``git show <rev>:reports/...``). Compared:
+(``git show <rev>:reports/...``). Compared in every mode:
 
-- the set of files (PNGs by presence only: their pixels depend on the matplotlib/FreeType build);
+- the set of files;
 - ``*.json``: the same keys and list lengths everywhere, equal strings/booleans/nulls, numbers
-  within tolerance;
+  within tolerance (JSON records also hold values from outside the reproducible numerics: ONNX
+  Runtime's parity with PyTorch, picked by the CPU's instruction set);
 - ``*.csv`` and ``*.md``: the same lines and cells; table headers, row labels (first column) and
-  lines outside tables exactly; in the other cells, the text around numbers exactly and the
-  numbers within tolerance.
+  lines outside tables exactly.
 
-Tolerance (defaults :data:`DEFAULT_RTOL` = 1e-3, :data:`DEFAULT_ATOL` = 1e-6): a fresh number
-``y`` matches a committed ``x`` when ``|y - x| <= atol + rtol * |x|``. A number printed with
-``d`` decimals in a table may also differ by one unit of its last digit (``10**-d``): rounding.
+The other table cells and the figures, by the kind of comparison (:func:`comparison_kind`):
 
-Statistical mode, for reports made where the numbers cannot be bit-identical (a run with
-``train.reproducible: false``, or on a GPU; chosen by itself when either results bundle says so,
-or forced with ``check_reports --statistical``): the files and
-every table's structure are compared as above, but the numbers are not; instead, for each model,
-training fraction and metric of the results bundles, the committed and fresh per-seed values are
-compared with Welch's t-test (scipy), and a p-value below ``alpha`` is a difference: the fresh runs
-differ from the committed ones by more than their seeds' spread explains.
+- exact, when both results bundles come from CPU runs under the reproducible numerics mode
+  (``train.reproducible``) on the same kind of CPU: every printed character of every table cell, and
+  every pixel of every figure (``*.png``, decoded: the file's metadata and compression may differ).
+  The mode's runs are bit-identical there, so any other difference is an edit or a bug;
+- tolerance, when both used the mode but the bundles name different CPUs (or none): the text around
+  numbers exactly and the numbers within tolerance (defaults :data:`DEFAULT_RTOL` = 1e-3,
+  :data:`DEFAULT_ATOL` = 1e-6: a fresh number ``y`` matches a committed ``x`` when
+  ``|y - x| <= atol + rtol * |x|``; a number printed with ``d`` decimals in a table may also differ by
+  one unit of its last digit, ``10**-d``: rounding); figures by presence only (their pixels depend on
+  the matplotlib/FreeType build);
+- statistical, for reports made where the numbers cannot be bit-identical (a run with
+  ``train.reproducible: false``, or on a GPU; or forced with ``check_reports --statistical``): the
+  files and every table's structure are compared as above, but the numbers are not; instead, for each
+  model, training fraction and metric of the results bundles, the committed and fresh per-seed values
+  are compared with Welch's t-test (scipy), and a p-value below ``alpha`` is a difference: the fresh
+  runs differ from the committed ones by more than their seeds' spread explains.
+
+The kind of CPU is what the bundles record of the machine that timed (so ran) the models: the
+``device_name`` of their CPU timings (the processor architecture, ``x86_64``). The bundles record no
+CPU model or instruction set, and need none under the mode: it pins ATen to its AVX2 kernels and MKL to
+its cross-CPU branch, so runs on any x86-64 CPU with AVX2 agree bit for bit.
 
 Locations are named ``<file>:<json.path>`` or ``<file>:<column header>`` (``<file>:<line>``
-outside tables); those matching a :data:`DEFAULT_IGNORE` glob (case-insensitive) are skipped:
-timing (machine-dependent) and provenance (the commit and experiment of a fresh run differ).
+outside tables); those matching a :data:`DEFAULT_IGNORE` glob (case-insensitive) are skipped in
+every mode: timing (machine-dependent) and provenance (the commit and experiment of a fresh run differ).
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ DEFAULT_ATOL = 1e-6
 DEFAULT_ALPHA = 0.01  # statistical mode: a p-value below it is a difference
 DEFAULT_IGNORE = ("*timing*", "*ms/img*", "*img/s*", "*git?commit*", "*git?dirty*", "*dvc?exp*")
 TEXT_SUFFIXES = (".json", ".csv", ".md")
+FIGURE_SUFFIXES = (".png",)
+MODES = ("exact", "tolerance", "statistical")
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.(\d+))?(?:[eE][-+]?\d+)?(?![\w.])")
 
@@ -192,9 +207,12 @@ def parse_lines(name: str, text: str) -> list[Line]:
     return lines
 
 
-def _compare_cell(file: str, label: str, a: str, b: str, tol: Tolerance) -> Difference | None:
+def _compare_cell(file: str, label: str, a: str, b: str, tol: Tolerance, exact: bool = False) -> Difference | None:
     if NUMBER.sub("#", a) != NUMBER.sub("#", b):
         return Difference(file, "structure", f"{label}: committed {a!r} vs fresh {b!r}")
+    if exact:
+        return None if a == b else Difference(file, "value", f"{label}: committed {a!r} vs fresh {b!r} "
+                                                              "(exact: every printed character must match)")
     for ma, mb in zip(NUMBER.finditer(a), NUMBER.finditer(b)):
         message = _number_diff(label, ma[0], mb[0], tol, len(ma[1] or ""))
         if message:
@@ -202,7 +220,9 @@ def _compare_cell(file: str, label: str, a: str, b: str, tol: Tolerance) -> Diff
     return None
 
 
-def compare_text(file: str, a: str, b: str, tol: Tolerance) -> list[Difference]:
+def compare_text(file: str, a: str, b: str, tol: Tolerance, exact: bool = False) -> list[Difference]:
+    """Differences between two CSV or Markdown files; ``exact``: table cells character for character, else
+    their numbers within ``tol``."""
     la, lb = parse_lines(file, a), parse_lines(file, b)
     if len(la) != len(lb):
         return [Difference(file, "structure", f"{len(la)} lines committed vs {len(lb)} fresh")]
@@ -221,19 +241,27 @@ def compare_text(file: str, a: str, b: str, tol: Tolerance) -> list[Difference]:
                     what = "row label" if x.kind == "row" else x.kind
                     out.append(Difference(file, "structure", f"line {number} {what}: committed {ca!r} vs fresh {cb!r}"))
                 continue
-            diff = _compare_cell(file, f"line {number}, {column}", ca, cb, tol)
+            diff = _compare_cell(file, f"line {number}, {column}", ca, cb, tol, exact)
             if diff:
                 out.append(diff)
     return out
 
 
-def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance()) -> list[Difference]:
-    """All differences between two report trees, file by file in name order."""
+def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tolerance(),
+                  exact: bool = False) -> list[Difference]:
+    """All differences between two report trees, file by file in name order; ``exact``: table cells
+    character for character and figures pixel for pixel (the module's docstring), else within ``tol``."""
     a_files, b_files = committed.files(), fresh.files()
     out = [Difference(f, "structure", "missing from the fresh reports") for f in sorted(a_files - b_files)]
     out += [Difference(f, "structure", "not in the committed reports") for f in sorted(b_files - a_files)]
     for name in sorted(a_files & b_files):
-        if not name.endswith(TEXT_SUFFIXES) or tol.ignores(name):
+        if tol.ignores(name):
+            continue
+        if name.lower().endswith(FIGURE_SUFFIXES):
+            if exact:
+                out += compare_figure(name, committed.read(name), fresh.read(name))
+            continue
+        if not name.endswith(TEXT_SUFFIXES):
             continue
         a, b = committed.read(name).decode("utf-8"), fresh.read(name).decode("utf-8")
         if a == b:
@@ -241,8 +269,32 @@ def compare_trees(committed: ReportTree, fresh: ReportTree, tol: Tolerance = Tol
         if name.endswith(".json"):
             out += compare_json(name, parse_json(a, f"committed {name}"), parse_json(b, f"fresh {name}"), tol)
         else:
-            out += compare_text(name, a, b, tol)
+            out += compare_text(name, a, b, tol, exact)
     return out
+
+
+def compare_figure(file: str, a: bytes, b: bytes) -> list[Difference]:
+    """Differences between two figures' pixels (decoded: PNG metadata and compression do not count)."""
+    if a == b:
+        return []
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(a)) as x, Image.open(io.BytesIO(b)) as y:
+            pa, pb = np.asarray(x.convert("RGBA")), np.asarray(y.convert("RGBA"))
+    except (UnidentifiedImageError, OSError) as e:
+        return [Difference(file, "structure", f"not a readable image ({e})")]
+    if pa.shape != pb.shape:
+        return [Difference(file, "structure", f"committed {pa.shape[1]}x{pa.shape[0]} pixels vs fresh "
+                                              f"{pb.shape[1]}x{pb.shape[0]}")]
+    changed = np.any(pa != pb, axis=-1)
+    if not changed.any():
+        return []
+    rows, cols = np.nonzero(changed)
+    largest = int(np.abs(pa.astype(np.int16) - pb.astype(np.int16)).max())
+    return [Difference(file, "value", f"{int(changed.sum())} of {changed.size} pixels differ (exact: every pixel "
+                                      f"must match), in x {cols.min()}..{cols.max()}, y {rows.min()}..{rows.max()}, "
+                                      f"by up to {largest} levels")]
 
 
 STATISTICAL_TEST = "Welch's t-test over the seeds (scipy.stats.ttest_ind, equal_var=False)"
@@ -289,24 +341,33 @@ def statistical_differences(a: dict[str, Any] | None, b: dict[str, Any] | None, 
     return out
 
 
-def comparison_kind(committed: dict[str, Any] | None, fresh: dict[str, Any] | None) -> tuple[bool, str]:
-    """Whether the numbers of two trees, given their results bundles, can be compared exactly, and why:
-    both bundles come from CPU runs under the reproducible numerics mode (``train.reproducible``),
-    which are bit-identical on any x86-64 CPU with AVX2; otherwise they differ by the seeds' noise and
-    are compared statistically."""
-    reasons = []
+def comparison_kind(committed: dict[str, Any] | None, fresh: dict[str, Any] | None) -> tuple[str, str]:
+    """How the numbers of two trees, given their results bundles, are compared (one of :data:`MODES`), and why:
+    ``exact`` when both bundles come from CPU runs under the reproducible numerics mode (``train.reproducible``)
+    on the same kind of CPU (the ``device_name`` of their CPU timings); ``tolerance`` when both used the mode but
+    on other kinds of CPU, or a bundle names none; otherwise ``statistical`` (their numbers differ by the seeds'
+    noise)."""
+    reasons, cpus = [], {}
     for side, bundle in (("committed", committed), ("fresh", fresh)):
         if bundle is None:
-            return True, f"the {side} reports hold no {BUNDLE} to tell how they were made"
-        devices = {t["device"] for m in bundle["models"].values()
-                   for t in (m.get("efficiency") or {}).get("timing", [])}
+            return "tolerance", f"the {side} reports hold no {BUNDLE} to tell how they were made"
+        timings = [t for m in bundle["models"].values() for t in (m.get("efficiency") or {}).get("timing", [])]
+        devices = {t["device"] for t in timings}
+        cpus[side] = sorted({str(t.get("device_name") or "") for t in timings if t["device"] == "cpu"} - {""})
         if not bundle["params"]["train"]["reproducible"]:
             reasons.append(f"the {side} run had train.reproducible off")
         if devices - {"cpu"}:
             reasons.append(f"the {side} run ran on {', '.join(sorted(devices - {'cpu'}))}")
     if reasons:
-        return False, "; ".join(reasons) + ": its numbers differ from another run's by the seeds' noise"
-    return True, "both runs used the reproducible CPU numerics mode, so their numbers agree to rounding"
+        return "statistical", "; ".join(reasons) + ": its numbers differ from another run's by the seeds' noise"
+    mode = "both runs used the reproducible CPU numerics mode"
+    if not cpus["committed"] or not cpus["fresh"]:
+        return "tolerance", f"{mode}, but a results bundle records no CPU timing to tell which kind of CPU made it"
+    if cpus["committed"] != cpus["fresh"]:
+        return "tolerance", (f"{mode}, on other kinds of CPU (committed {', '.join(cpus['committed'])}, fresh "
+                             f"{', '.join(cpus['fresh'])}): their numbers agree to rounding, their figures may not")
+    return "exact", (f"{mode} on the same CPU ({', '.join(cpus['fresh'])}), so they are bit-identical: "
+                     "any difference is an edit or a bug")
 
 
 def unified_diffs(committed: ReportTree, fresh: ReportTree, differences: Iterable[Difference]) -> str:
@@ -327,19 +388,24 @@ def check_reports(
 ) -> list[Difference]:
     """Compare, print a readable account to ``stream`` (stdout), return the differences (empty = match).
 
-    ``mode``: ``exact``, ``statistical`` (at level ``alpha``; the module's docstring) or ``auto``: exact
-    when both runs used the reproducible CPU numerics mode (:func:`comparison_kind`), else statistical."""
+    ``mode``: ``exact``, ``tolerance``, ``statistical`` (at level ``alpha``; the module's docstring) or ``auto``:
+    the kind :func:`comparison_kind` tells from the two results bundles."""
     stream = stream or sys.stdout
-    differences = compare_trees(committed, fresh, tol)
+    if mode not in ("auto", *MODES):
+        raise ValueError(f"unknown comparison mode {mode!r}; known: auto, {', '.join(MODES)}")
     bundles = read_bundle(committed), read_bundle(fresh)  # read once: a GitTree runs git for each read
     if mode == "auto":
-        exact, why = comparison_kind(*bundles)
-        mode = "exact" if exact else "statistical"
+        mode, why = comparison_kind(*bundles)
     else:
         why = f"--{mode} was given"
+    differences = compare_trees(committed, fresh, tol, exact=mode == "exact")
     if mode == "exact":
+        print(f"comparing committed {committed} with fresh {fresh} exactly: every printed character of the tables "
+              f"and every pixel of the figures; JSON numbers within rtol {tol.rtol:g}, atol {tol.atol:g} ({why})",
+              file=stream)
+    elif mode == "tolerance":
         print(f"comparing committed {committed} with fresh {fresh}: every number within rtol {tol.rtol:g}, "
-              f"atol {tol.atol:g} ({why})", file=stream)
+              f"atol {tol.atol:g}, figures by presence ({why})", file=stream)
     else:
         differences = [d for d in differences if d.kind == "structure"] + statistical_differences(*bundles, alpha)
         print(f"comparing committed {committed} with fresh {fresh} statistically: the structure of every file, "

@@ -51,7 +51,11 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.executor: ray trains each run as a Ray task; under torchrun set train.executor: "
                           "local (torchrun spreads one run over processes, Ray many runs over machines)")
-    connected = connect(params.train.ray_address)
+    try:
+        connected = connect(params.train.ray_address)
+    except BaseException:
+        end_parent_run(name, params)
+        raise
     try:
         check_tracking(params)
         root = str(Path.cwd().resolve())
@@ -77,20 +81,86 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
             finished.mark_done()
         if error is not None:
             raise error
+    except BaseException:
+        end_parent_run(name, params)  # a run's own tracker ends it too, but not a task that failed before its run
+        raise
     finally:
         if connected:
             ray.shutdown()
 
 
+def end_parent_run(name: str, params: Params) -> None:
+    """Mark the pipeline's MLflow parent run FAILED: the stage failed, possibly before any run (whose tracker
+    would end it) started. The stage opened the parent (:meth:`hdkd.infra.tracking.Tracker.open_parent`)."""
+    from hdkd.infra.tracking import Tracker
+
+    if not params.tracking.enabled:
+        return
+    try:  # the stage's own error is the one to raise: this one is only said
+        parent = Tracker(params.tracking, params, roster_entry(name, params).stage)
+        parent.open_parent()  # finds the stage's parent run: same commit, params and experiment
+        parent.end_parent("FAILED")
+    except Exception as e:  # noqa: BLE001
+        logger.warning("could not mark the MLflow parent run failed (%s: %s)", type(e).__name__, e)
+
+
+RAY_PROBE_TIMEOUT_S = 5.0
+# An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, the Ray
+# Client server) answers with its own SETTINGS frame at once.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def connect(address: str | None) -> bool:
     """Join the Ray cluster at ``address`` (``None``: Ray's ``RAY_ADDRESS``; without it, a new local
-    instance); False if this process is connected already (then the caller's connection is used)."""
+    instance); False if this process is connected already (then the caller's connection is used).
+
+    A cluster address that nothing answers at raises ``ConnectionError`` naming it within seconds
+    (:func:`check_ray_address`): ``ray.init`` would wait on it without end."""
     import ray
 
     if ray.is_initialized():
         return False
+    check_ray_address(address)
     ray.init(address=address, log_to_driver=True)
     return True
+
+
+def check_ray_address(address: str | None) -> None:
+    """Raise ``ConnectionError`` unless the Ray cluster at ``address`` (``host:port`` of its GCS, or
+    ``ray://host:port`` of its Ray Client server; ``None``: ``RAY_ADDRESS``) accepts a connection and answers
+    it within :data:`RAY_PROBE_TIMEOUT_S`. ``auto``, ``local`` and a new local instance are Ray's to find."""
+    key = "train.ray_address"
+    if address is None:
+        address, key = os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+    if address is None or address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        return  # another client protocol (anyscale://, ...): Ray says what it makes of it
+    try:
+        where = urlsplit(f"//{rest}")
+        host, port = where.hostname, where.port
+    except ValueError:  # a port that is not a number: ray.init names the address
+        return
+    if not host or not port:
+        return
+    fix = ("start the cluster (`ray start --head` prints its address), correct the address, or set "
+           "train.ray_address: null (and unset RAY_ADDRESS) for a Ray instance of this machine alone")
+    try:
+        with socket.create_connection((host, port), timeout=RAY_PROBE_TIMEOUT_S) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS listener answers only a TLS handshake: the open port must do
+            conn.sendall(_HTTP2_PREFACE)
+            answer = conn.recv(9)
+    except TimeoutError:
+        raise ConnectionError(f"{key} {address!r}: {host}:{port} does not answer (no reply within "
+                              f"{RAY_PROBE_TIMEOUT_S:g} s): is it a Ray cluster's address? {fix}") from None
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise ConnectionError(f"{key} {address!r}: nothing answers at {host}:{port} ({reason}); {fix}") from None
+    if not answer:
+        raise ConnectionError(f"{key} {address!r}: {host}:{port} closed the connection without answering: it is "
+                              f"not a Ray cluster's address; {fix}")
 
 
 def task_resources(params: Params) -> dict[str, Any]:

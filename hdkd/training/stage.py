@@ -43,6 +43,7 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
             todo.append(pending)
     ray = params.train.executor == "ray"  # the runs train in Ray tasks, on the cluster's devices
     dist = init_distributed("cpu" if ray else device_type(params.train.device))
+    parent = None
     if dist.is_main and todo:  # the experiment and parent run exist before runs start side by side
         parent = Tracker(params.tracking, params, entry.stage)
         parent.open_parent()
@@ -52,15 +53,17 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
         # Side by side only on the CPU of one process: a GPU, or torchrun's ranks, train one run at a time.
         workers = min(params.train.run_workers or os.cpu_count() or 1, len(todo))
         if ray:
-            from hdkd.training.ray_executor import (
-                train_on_ray,  # Ray is an optional extra: imported only when asked for
-            )
+            from hdkd.training.ray_executor import train_on_ray  # Ray: an optional extra, imported when asked for
 
             train_on_ray(name, params, staged, todo)
         elif workers > 1 and not dist.enabled and device_type(params.train.device) == "cpu":
             train_side_by_side(name, params, staged, todo, workers)
         else:
             train_one_after_another(name, params, staged, todo, mark_done=dist.is_main)
+    except BaseException:
+        if parent is not None:  # never left RUNNING: the pipeline's parent run failed with the stage
+            parent.end_parent("FAILED")
+        raise
     finally:
         shutdown(dist)
     if not dist.is_main:

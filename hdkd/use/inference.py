@@ -31,6 +31,7 @@ from torch import nn
 
 from hdkd.data.augment import eval_transform
 from hdkd.data.images import load_resized
+from hdkd.infra.mlflow_store import check_server_reachable
 from hdkd.models.checkpoint import CHECKPOINT_KEYS, load_model
 
 ONNX_METADATA = {key: f"hdkd.{key}" for key in CHECKPOINT_KEYS}  # metadata_props names, values JSON
@@ -120,10 +121,15 @@ def load_classifier(ref: str | os.PathLike, device: torch.device | str = "cpu") 
 
 
 def _load_mlflow(uri: str, device: torch.device | str) -> Classifier:
+    import mlflow
     import mlflow.models
     import mlflow.pytorch
 
     try:
+        # A tracking server that is down or hung would cost minutes of MLflow's retries (120 s a request).
+        for store in dict.fromkeys((mlflow.get_registry_uri(), mlflow.get_tracking_uri())):
+            check_server_reachable(store, advice="start it, or point MLFLOW_TRACKING_URI (and MLFLOW_REGISTRY_URI) "
+                                                 "at the server that holds the model")
         info = mlflow.models.get_model_info(uri)
     except Exception as e:  # MLflow raises MlflowException, OSError, ... for unknown URIs
         raise ValueError(f"cannot open MLflow model {uri}: {e}") from e

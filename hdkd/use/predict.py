@@ -104,19 +104,42 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[dict[str, str
         elif path.is_file():
             files.append(path)
         elif any(c in item for c in GLOB_CHARACTERS):
-            found = sorted(Path(m) for m in _glob(item) if Path(m).is_file())
+            found = sorted(_glob(item))
             files += found
             if not found:
                 errors.append({"path": item, "error": "no file matches this pattern"})
         else:
             errors.append({"path": item, "error": "no such file or folder"})
-    return list(dict.fromkeys(files)), errors
+    return _each_once(files), errors
 
 
-def _glob(pattern: str) -> list[str]:
-    import glob
+def _glob(pattern: str) -> list[Path]:
+    """The files a pattern matches (``**``: any depth), hidden ones left out unless the pattern names them.
 
-    return glob.glob(pattern, recursive=True)
+    ``**`` does not descend into symlinked directories (``glob.glob`` does: a link to ``.`` matched every
+    image again at each of 40 depths, two such links never ended).
+    """
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARACTERS))
+    base, rest = Path(*parts[:first]) if first else Path(), parts[first:]
+    if rest[-1] == "**":  # as glob.glob: every file at any depth (pathlib's ** alone yields folders)
+        rest = (*rest, "*")
+    if not base.is_dir():
+        return []
+    hidden_asked = any(part.startswith(".") for part in rest)
+    return [m for m in base.glob("/".join(rest))  # pathlib's ** never follows a symlinked directory
+            if m.is_file() and (hidden_asked or not any(p.startswith(".") for p in m.relative_to(base).parts))]
+
+
+def _each_once(files: Sequence[Path]) -> list[Path]:
+    """``files`` in order, each file once: a later path to the same file (through a link) is dropped."""
+    seen, out = set(), []
+    for f in files:
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
 
 
 def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int,

@@ -148,3 +148,20 @@ def test_unreadable_files_raise_unreadable_image(tmp_path, content):
     with pytest.raises(UnreadableImage) as e:
         _decode(path)
     assert e.value.name == str(path) and e.value.reason
+
+
+def test_a_float_tiff_in_unit_range_is_scaled_to_8_bits_not_decoded_black(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(gray.astype(np.float32) / 255, "F").save(tmp_path / "f.tif")  # 32-bit float, in [0, 1]
+    with Image.open(tmp_path / "f.tif") as img:
+        assert img.mode == "F"
+    rgb, _ = _decode(tmp_path / "f.tif")
+    assert all((rgb[..., c] == gray).all() for c in range(3))
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.5, 300.0], [-0.5, 0.2, 0.9], [0.0, float("nan"), 1.0]])
+def test_a_float_image_outside_unit_range_is_refused_with_its_range(tmp_path, values):
+    Image.fromarray(np.array([values], dtype=np.float32), "F").save(tmp_path / "f.tif")
+    with pytest.raises(UnreadableImage) as caught:
+        _decode(tmp_path / "f.tif")
+    assert "f.tif" in str(caught.value) and "float" in caught.value.reason and "[0, 1]" in caught.value.reason

@@ -26,7 +26,7 @@ from hdkd.infra.io import (
     write_json,
 )
 from hdkd.infra.torch_io import load_torch, save_torch
-from tests.helpers import ROOT
+from tests.helpers import ROOT, unavailable
 
 
 def test_file_md5_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
@@ -78,8 +78,72 @@ def test_outputs_are_fsynced_and_get_the_usual_permissions(tmp_path, monkeypatch
 def test_a_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     # weights_only=True: unpickling an arbitrary class could run code from an untrusted checkpoint
     torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "unsafe.pt")
-    with pytest.raises(ValueError, match=f"cannot load checkpoint {re.escape(str(tmp_path / 'unsafe.pt'))}"):
+    with pytest.raises(ValueError, match=f"unsafe content refused: {re.escape(str(tmp_path / 'unsafe.pt'))} .*"
+                                         r"argparse\.Namespace"):
         load_torch(tmp_path / "unsafe.pt")
+
+
+class _Payload:
+    """What a malicious checkpoint holds: unpickling it runs ``open(marker, "w")``, creating the marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _not_a_checkpoint(tmp_path: Path, kind: str) -> Path:
+    from PIL import Image
+
+    path = tmp_path / {"png": "model.png", "onnx": "model.onnx", "text": "model.pt", "empty": "model.pt",
+                       "truncated": "model.pt", "directory": "models"}[kind]
+    if kind == "png":
+        Image.new("RGB", (8, 8)).save(path)
+    elif kind == "onnx":
+        path.write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x052.9.0:\x8a\x01\n\x05graph")  # ModelProto's first fields
+    elif kind == "text":
+        path.write_text("epochs: 3\nlr: 0.001\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        save_torch(path, {"w": torch.zeros(100)})
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        (path / "hdkd").mkdir(parents=True)
+    return path
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("png", "is not a checkpoint of this project: it is a PNG image"),
+    ("onnx", "is not a checkpoint of this project: it is an ONNX model"),
+    ("text", "is not a checkpoint of this project: it is a text file"),
+    ("empty", "is not a checkpoint of this project: it is empty"),
+    ("truncated", "is a damaged checkpoint"),
+    ("directory", "is a directory, not a checkpoint file"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_said_to_be_what_it_is(tmp_path, kind, says):
+    path = _not_a_checkpoint(tmp_path, kind)
+    with pytest.raises(ValueError) as caught:
+        load_torch(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} {says}"), message
+    assert "\n" not in message and "weights_only" not in message, message
+    error = caught.value  # no torch advice in a traceback either
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save({"format": "hdkd-model/1", "state_dict": {"w": _Payload(marker)}}, path)
+    with pytest.raises(ValueError) as caught:
+        load_torch(path)
+    message = str(caught.value)
+    assert message.startswith(f"unsafe content refused: {path} ") and "(io.open)" in message, message
+    assert "not a checkpoint of this project" in message and "weights_only" not in message, message
+    assert caught.value.__suppress_context__ and caught.value.__cause__ is None
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("content", [b'{"models": {"teacher": ', b"\xff\xfe not text"])
@@ -179,8 +243,9 @@ def test_an_error_that_is_not_a_full_disk_passes_unchanged(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
 def test_a_real_full_disk_under_torch_is_named_in_one_line(tmp_path):
+    if not Path("/dev/full").exists():
+        unavailable("needs /dev/full (a device that is always full)")
     # /dev/full fails every write with ENOSPC, as a full disk does; torch wraps it in its own errors.
     script = textwrap.dedent("""
         import pipeline
@@ -216,3 +281,60 @@ def test_disk_full_message_looks_through_wrapping_errors():
     except RuntimeError as wrapped:
         assert disk_full_message(wrapped).startswith("no space left on device writing /data/x.npy: ")
     assert disk_full_message(RuntimeError("other")) is None and disk_full_message(OSError(errno.EACCES, "no")) is None
+
+
+def _full_disk_on(monkeypatch, name: str) -> None:
+    """Writing a file called ``name`` (its temporary, whatever its directory) fails as on a full disk."""
+    real = Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.name.startswith(f".{name}.") or self.name == name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def test_a_full_disk_names_the_output_not_its_temporary(tmp_path, monkeypatch):
+    from hdkd.infra.io import write_bytes
+
+    _full_disk_on(monkeypatch, "explanations.png")
+    with pytest.raises(DiskFullError) as caught:  # a file written into a staged directory (the explain stage)
+        with output_set() as outputs:
+            write_bytes(outputs.dir(tmp_path / "explain") / "explanations.png", b"png")
+    message = str(caught.value)
+    assert f"for {tmp_path / 'explain' / 'explanations.png'}: " in message, message
+    assert ".tmp" not in message, message
+    # an ENOSPC raised elsewhere about a temporary (a library writing into a staged directory)
+    error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".explain.0a1b2c3d.tmp" / "x.json"))
+    assert disk_full_message(error).startswith(f"no space left on device writing {tmp_path / 'explain' / 'x.json'}: ")
+    error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".model.pt.ab_cd123.tmp"))
+    assert disk_full_message(error).startswith(f"no space left on device writing {tmp_path / 'model.pt'}: ")
+
+
+def test_commit_fsyncs_the_files_of_staged_directories_and_the_parents_after_renaming(tmp_path, monkeypatch):
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, stat.S_ISDIR(st.st_mode)))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b))), real_replace(a, b))[1])
+    with output_set() as outputs:
+        outputs.file(tmp_path / "out" / "metrics.json").write_text("{}")
+        staged = outputs.dir(tmp_path / "plots")
+        (staged / "sub").mkdir()
+        (staged / "a.csv").write_text("a")
+        (staged / "sub" / "b.csv").write_text("b")
+    synced = [(e[1], e[2]) for e in events if e[0] == "fsync"]
+    for f in ("out/metrics.json", "plots/a.csv", "plots/sub/b.csv"):  # every output file's bytes
+        assert ((tmp_path / f).stat().st_ino, False) in synced, f
+    last_rename = max(i for i, e in enumerate(events) if e[0] == "replace")
+    after = {e[1] for e in events[last_rename + 1:] if e[0] == "fsync" and e[2]}
+    for parent in (tmp_path / "out", tmp_path):  # the directories whose entries the renames changed
+        assert parent.stat().st_ino in after, parent

@@ -4,7 +4,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow  # a dependency: never skipped for want of it
 import pytest
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from hdkd.infra import numerics
 from hdkd.infra.mlflow_store import resolve_tracking_uri, retry_transient
@@ -12,9 +14,6 @@ from hdkd.infra.provenance import repo_root
 from hdkd.infra.tracking import Tracker
 from tests.helpers.data import refused_url
 from tests.helpers.params import make_params
-
-mlflow = pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +108,36 @@ def test_an_unreachable_tracking_server_is_given_up_at_once(caplog):
             tracker.log_metrics({"a": 1.0}, step=1)
     assert time.monotonic() - start < 30  # MLflow's own retries would take about four minutes
     assert not tracker.enabled and "is unreachable" in caplog.text
+
+
+def test_a_tracking_server_that_never_answers_is_given_up_within_seconds(caplog):
+    from tests.helpers.net import finished_within, silent_server
+
+    def stage(p):  # what a training stage does: the parent run first, then a stage run
+        parent = Tracker(p.tracking, p, "train_teacher")
+        parent.open_parent()
+        with Tracker(p.tracking, p, "train_teacher") as tracker:
+            tracker.log_metrics({"a": 1.0}, step=1)
+        return parent, tracker
+
+    with silent_server() as uri, caplog.at_level(logging.WARNING):
+        start = time.monotonic()
+        done, result = finished_within(60, stage, params(uri))
+        took = time.monotonic() - start
+    assert done, "a tracking server that never answers stalled the stage (MLflow waits 120 s a request, with retries)"
+    parent, tracker = result
+    assert took < 30 and not parent.enabled and not tracker.enabled
+    assert f"MLflow tracking server {uri} does not answer" in caplog.text, caplog.text
+
+
+def test_a_stage_that_fails_before_its_runs_ends_the_parent_run_failed(store):
+    p = params(store, experiment="failed-before-runs")
+    parent = Tracker(p.tracking, p, "train_teacher")
+    parent.open_parent()
+    assert MlflowClient(store).get_run(parent.parent_run_id).info.status == "RUNNING"
+    parent.end_parent("FAILED")  # the executor raised before any run started (a Ray cluster that is down)
+    assert MlflowClient(store).get_run(parent.parent_run_id).info.status == "FAILED"
+    Tracker(p.tracking, p, "train_teacher").end_parent("FAILED")  # never opened: nothing to end, no error
 
 
 def test_disabled_tracking_does_nothing(tmp_path):

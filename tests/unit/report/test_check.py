@@ -99,7 +99,7 @@ def test_nan_matches_only_nan(committed, fresh, tmp_path):
         ("tables/main.csv", "HDKD,3.727", "HDKd,3.727", "line 4 row label: committed 'HDKD' vs fresh 'HDKd'"),
         ("tables/main.md", "| 85.00 | [80.00, 90.00] |", "| 85.00 | n/a |", "committed '[80.00, 90.00]' vs fresh 'n/a'"),
         ("tables/per_class.csv", "nv,20,", "nv,20,1,", "line 4: row of 11 cells committed vs row of 12 fresh"),
-        ("plots/curves_hdkd.csv", "3,0.001,", "3,0.001,\n4,0.001,", "4 lines committed vs 5 fresh"),
+        ("plots/training.csv", "hdkd,3,0.001,", "hdkd,3,0.001,\nhdkd,4,0.001,", "10 lines committed vs 11 fresh"),
     ],
 )
 def test_changed_structure_fails_whatever_the_tolerance(committed, fresh, file, old, new, expected):
@@ -212,8 +212,8 @@ def test_statistical_mode_still_compares_the_structure(committed, fresh):
 def test_the_kind_of_comparison_follows_how_the_runs_were_made_and_is_said(committed, fresh):
     out = io.StringIO()
     check_reports(DirTree(committed), DirTree(fresh), stream=out)
-    assert "every number within rtol 0.001, atol 1e-06 (both runs used the reproducible CPU numerics mode" in \
-        out.getvalue()
+    assert "exactly: every printed character of the tables and every pixel of the figures" in out.getvalue()
+    assert "(both runs used the reproducible CPU numerics mode on the same CPU (x86_64)" in out.getvalue()
     # The fresh run without the mode: its seed noise, under the exact check a failure, passes statistically.
     bundle = bundle_with({"train": {"reproducible": False}})
     for model in bundle["models"].values():
@@ -227,3 +227,67 @@ def test_the_kind_of_comparison_follows_how_the_runs_were_made_and_is_said(commi
     assert "statistically" in out.getvalue() and "(the fresh run had train.reproducible off: " in out.getvalue()
     assert [d for d in differences if d.kind == "value"] == []
     assert check_reports(DirTree(committed), DirTree(fresh), stream=io.StringIO(), mode="exact")  # forced: fails
+
+
+def check_auto(committed, fresh) -> tuple[list[str], str]:
+    """``check_reports`` as CI runs it (the kind of comparison chosen from the bundles): differences, printout."""
+    out = io.StringIO()
+    return [str(d) for d in check_reports(DirTree(committed), DirTree(fresh), stream=out)], out.getvalue()
+
+
+def edit_png(path, x=5, y=5):
+    """One pixel of a figure changed, by one level of one channel: what no eye sees, and no check may miss."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        pixels = img.copy()
+    value = list(pixels.getpixel((x, y)))
+    value[0] = value[0] - 1 if value[0] else 1
+    pixels.putpixel((x, y), tuple(value))
+    pixels.save(path)
+
+
+def on_cpu(bundle_path, device_name):
+    """A results bundle whose runs were timed (so made) on a CPU called ``device_name``."""
+    edit_json(bundle_path, lambda b: [t.update(device_name=device_name) for m in b["models"].values()
+                                      for t in (m["efficiency"] or {}).get("timing", [])])
+
+
+@pytest.mark.parametrize("file, old, new", [
+    ("tables/main.md", "| Teacher | 3.949 | 5812.3 | 90.00 |", "| Teacher | 3.949 | 5812.3 | 90.01 |"),  # 90.00 -> 90.01 %
+    ("tables/main.csv", "Student,3.725,", "Student,3.726,"),  # one unit of a 3-decimal column
+    ("tables/metrics.md", "| HDKD | 65.00 | 75.00 | 0.9000 | 0.0625 |", "| HDKD | 65.00 | 75.00 | 0.9000 | 0.0626 |"),
+])
+def test_a_table_edited_in_its_last_printed_digit_fails_between_runs_of_the_same_cpu(committed, fresh, file, old, new):
+    edit(fresh / file, old, new)
+    diffs, printed = check_auto(committed, fresh)
+    assert len(diffs) == 1 and diffs[0].startswith(f"[value] {file}: line "), diffs
+    assert "exact" in printed and "the same CPU" in printed, printed
+
+
+def test_a_figure_changed_in_one_pixel_fails_between_runs_of_the_same_cpu(committed, fresh):
+    edit_png(fresh / "figures" / "per_class_f1.png")
+    diffs, _ = check_auto(committed, fresh)
+    assert len(diffs) == 1 and diffs[0].startswith("[value] figures/per_class_f1.png: 1 of "), diffs
+    assert "pixels differ" in diffs[0]
+
+
+def test_runs_of_the_same_cpu_still_ignore_timing_and_provenance(committed, fresh):
+    edit_json(fresh / "metrics.json", lambda m: m["teacher"]["timing"].update(cpu_bs1_ms_per_image=80.0))
+    edit_json(fresh / "bundle.json", lambda b: b.update(git_commit="f" * 40, dvc_exp_name="exp-x"))
+    edit(fresh / "tables" / "efficiency.md", "| 40.000 | 25.0 |", "| 80.000 | 12.5 |")
+    edit(fresh / "README.md", "0123456789abcdef0123456789abcdef01234567", "f" * 40)
+    diffs, printed = check_auto(committed, fresh)
+    assert diffs == [] and "exact" in printed
+
+
+def test_across_cpus_numbers_are_within_tolerance_and_figures_by_presence(committed, fresh):
+    on_cpu(fresh / "bundle.json", "arm64")  # the fresh reports come from another kind of CPU
+    edit(fresh / "tables" / "main.md", "| Teacher | 3.949 | 5812.3 | 90.00 |", "| Teacher | 3.949 | 5812.3 | 90.01 |")
+    edit_png(fresh / "figures" / "per_class_f1.png")
+    diffs, printed = check_auto(committed, fresh)
+    assert diffs == [], diffs
+    assert "every number within rtol 0.001, atol 1e-06" in printed and "x86_64" in printed and "arm64" in printed
+    edit(fresh / "tables" / "main.md", "| 90.01 |", "| 91.00 |")
+    assert len(check_auto(committed, fresh)[0]) == 1

@@ -109,9 +109,12 @@ def test_a_run_asks_ray_for_a_gpu_where_cuda_is_wanted_else_a_cpu(monkeypatch):
 def test_the_cluster_is_train_ray_address_and_a_connection_is_kept_and_refused_under_torchrun(monkeypatch, tmp_path):
     import ray
 
+    import hdkd.training.ray_executor as executor
+
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(executor, "check_ray_address", lambda address: None)  # no cluster at head:10001 here
     assert connect("ray://head:10001") and calls[0]["address"] == "ray://head:10001"
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # already connected (a caller's cluster): kept
     assert not connect(None) and len(calls) == 1
@@ -309,3 +312,54 @@ def test_dvc_repro_on_ray_resumes_after_a_kill_and_switching_executors_reruns_no
     params["train"]["executor"] = "local"
     (repo.root / "params.yaml").write_text(yaml.safe_dump(params))
     assert json.loads(repo.dvc("status", "--json", "train_teacher")) == {}  # not a param of the stage
+
+
+@pytest.fixture
+def no_ray_init(monkeypatch):
+    """A process not connected to Ray, where ray.init must not be reached."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail(f"ray.init({kwargs}) was reached"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(no_ray_init, monkeypatch):
+    from tests.helpers.net import finished_within, silent_server
+
+    port = closed_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        done, error = finished_within(30, connect, address)
+        assert done and isinstance(error, ConnectionError), error
+        assert str(error).startswith(f"train.ray_address {address!r}: nothing answers at 127.0.0.1:{port} "), error
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # the address Ray takes when train.ray_address is null
+    done, error = finished_within(30, connect, None)
+    assert done and isinstance(error, ConnectionError) and str(error).startswith(f"RAY_ADDRESS '127.0.0.1:{port}'")
+    with silent_server() as url:  # a port that accepts connections but where no Ray cluster answers
+        address = url.removeprefix("http://")
+        start = time.monotonic()
+        done, error = finished_within(60, connect, address)
+        assert done and isinstance(error, ConnectionError), error
+        assert time.monotonic() - start < 30 and f"train.ray_address {address!r}: " in str(error)
+        assert "does not answer" in str(error), error
+
+
+def test_a_failed_ray_connection_fails_the_stage_and_its_mlflow_parent_run(no_ray_init, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from hdkd.infra.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store, address = f"sqlite:///{tmp_path / 'mlflow.db'}", f"127.0.0.1:{closed_port()}"
+    params = make_params({"tracking": {"uri": store}, "train": {"executor": "ray", "ray_address": address}})
+    parent = Tracker(params.tracking, params, "train_teacher")
+    parent.open_parent()  # as the stage does before its runs
+    with pytest.raises(ConnectionError, match=rf"train\.ray_address '{re.escape(address)}': nothing answers"):
+        train_on_ray("teacher", params, {}, [PendingRun((0, 1.0), "f", tmp_path / "d")])
+    assert MlflowClient(store).get_run(parent.parent_run_id).info.status == "FAILED"

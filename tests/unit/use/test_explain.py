@@ -174,3 +174,99 @@ def test_stage_writes_the_figure_and_the_sanity_check_deterministically(tmp_path
     save_model(tmp_path / "other.pt", hdkd_model, "hdkd_tiny", ["x", "y"], SIDE, {})
     with pytest.raises(ValueError, match="other.pt was trained on classes"):
         stage_main([*argv[:4], "--hdkd", str(tmp_path / "other.pt"), *argv[6:], "--out", str(tmp_path / "c")])
+
+
+def test_explain_given_an_onnx_export_says_it_needs_the_pytorch_model_file(tmp_path, capsys):
+    from hdkd.infra.torch_io import save_torch
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x052.9.0:\x8a\x01\n\x05graph")  # an ONNX ModelProto's first fields
+    assert cli_main(["explain", "--model", str(onnx), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hdkd explain: error: {onnx} is an ONNX export: ") and "models/<role>/model.pt" in err, err
+    assert "torch.load" not in err and "weights_only" not in err and err.count("\n") == 1, err
+    save_torch(tmp_path / "unknown.pt", {"format": "hdkd-model/1", "model_name": "resnet9000", "classes": CLASSES,
+                                         "image_size": SIDE, "overrides": {}, "state_dict": {}})
+    assert cli_main(["explain", "--model", str(tmp_path / "unknown.pt"), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hdkd explain: error: {tmp_path / 'unknown.pt'} names the network 'resnet9000'"), err
+
+
+def _stage_inputs(tmp_path, hdkd_model):
+    """The explain stage's inputs: a packed test split of 10 random images, a teacher and the HDKD student."""
+    rng = np.random.default_rng(0)
+    test = tmp_path / "prepared" / "test"
+    test.mkdir(parents=True)
+    np.save(test / IMAGES, rng.integers(0, 256, (10, SIDE, SIDE, 3), dtype=np.uint8))
+    np.save(test / LABELS, np.array([1, 0, 0, 1, 1, 0, 1, 0, 0, 1]))
+    pd.DataFrame({"image_id": [f"img{i}" for i in range(10)]}).to_csv(test / INDEX, index=False)
+    write_json(tmp_path / "prepared" / MANIFEST, {"classes": CLASSES})
+    torch.manual_seed(5)
+    save_model(tmp_path / "teacher.pt", create_model("teacher_tiny", len(CLASSES), SIDE), "teacher_tiny", CLASSES,
+               SIDE, {})
+    save_model(tmp_path / "hdkd.pt", hdkd_model, "hdkd_tiny", CLASSES, SIDE, {})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict({"seed": 3, "data": {"image_size": SIDE}})))
+    return ["--params", str(tmp_path / "params.yaml"), "--teacher", str(tmp_path / "teacher.pt"),
+            "--hdkd", str(tmp_path / "hdkd.pt"), "--data", str(tmp_path / "prepared"), "--per-class", "3"]
+
+
+def test_a_map_that_is_the_same_on_every_image_is_not_drawn_as_an_explanation(tmp_path, hdkd_model, monkeypatch):
+    import hdkd.use.explain as explain_module
+
+    real_rollout = explain_module.attention_rollout
+
+    def corner(model, images, token="cls"):  # what the HDKD rollout did: one corner lit, whatever the image
+        maps = real_rollout(model, images, token)
+        if token == "cls":
+            y, x = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+            lit = torch.exp(-torch.hypot(y.float(), x.float()) / 8)  # bright in the top-left corner, fading
+            maps = unit_range(lit + 0.01 * torch.rand(maps.shape))  # and a faint trace of each image
+        return maps
+
+    monkeypatch.setattr(explain_module, "attention_rollout", corner)
+    figures = []
+    real_png = explain_module.figure_png
+    monkeypatch.setattr(explain_module, "figure_png", lambda fig, *a: (figures.append(fig), real_png(fig, *a))[1])
+    stage_main([*_stage_inputs(tmp_path, hdkd_model), "--out", str(tmp_path / "out")])
+    result = read_json(tmp_path / "out" / "explain.json")
+    assert {"sanity_trained_vs_random", "agreement_teacher_vs_hdkd_gradcam", "images"} <= result.keys()  # kept
+    dependence = result["input_dependence"]
+    assert set(dependence) == {"teacher_gradcam", "hdkd_gradcam", "hdkd_rollout_cls", "hdkd_rollout_dist"}
+    assert dependence["hdkd_rollout_cls"]["mean_spearman"] > 0.9 and dependence["hdkd_rollout_cls"]["pairs"] == 15
+    shown = {k: v["shown"] for k, v in result["checks"].items()}
+    assert shown["hdkd_rollout_cls"] is False and shown["teacher_gradcam"] is True
+    assert "same map on every image" in " ".join(result["checks"]["hdkd_rollout_cls"]["withheld_because"])
+    (fig,) = figures  # the figure itself: no map over the images of a withheld column, and it says so
+    axes = np.asarray(fig.axes[:-1]).reshape(6, 5)  # the last axes: the colour bar
+    titles = [ax.get_title() for ax in axes[0]]
+    withheld = next(j for j, t in enumerate(titles) if "class token" in t)
+    assert "withheld" in titles[withheld].lower()
+    for row in axes:
+        assert len(row[withheld].get_images()) == 1  # the test image alone
+        assert any("withheld" in t.get_text().lower() for t in row[withheld].texts)
+        assert len(row[1].get_images()) == 2  # the teacher's Grad-CAM, drawn over its image
+
+
+def test_the_command_line_marks_an_overlay_that_explains_nothing(tmp_path, hdkd_model, monkeypatch, capsys):
+    import hdkd.use.explain as explain_module
+
+    def corner(model, images, token="cls"):  # one corner lit whatever the image and the weights
+        y, x = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+        return unit_range(torch.exp(-torch.hypot(y.float(), x.float()) / 8).expand(len(images), SIDE, SIDE).clone())
+
+    save_model(tmp_path / "model.pt", hdkd_model, "hdkd_tiny", CLASSES, SIDE, {})
+    rng = np.random.default_rng(0)
+    inputs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in inputs:
+        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(path)
+    argv = ["explain", "--model", str(tmp_path / "model.pt"), "--method", "rollout", "--out", str(tmp_path / "out"),
+            *map(str, inputs)]
+    assert cli_main(argv) == 0
+    honest = (tmp_path / "out" / "a_rollout.png").read_bytes()
+    monkeypatch.setattr(explain_module, "attention_rollout", corner)
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "are not drawn as explanations: fails the randomisation check" in err and "same map on every image" in err
+    assert (tmp_path / "out" / "a_rollout.png").read_bytes() != honest

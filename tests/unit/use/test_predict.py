@@ -3,12 +3,14 @@ the MLflow model URI path, and the console script's registration."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 from importlib import import_module
 from pathlib import Path
 
@@ -150,7 +152,7 @@ def test_a_file_that_is_not_a_model_is_a_clear_error(capsys, kind, tmp_path, fol
         path.write_text("not a model\n")
     code, out, err = predict(capsys, "--model", path, folder)
     assert code == 1 and out == ""
-    expected = {"text": "cannot load checkpoint", "dict": "is not an hdkd model file",
+    expected = {"text": "is not a checkpoint of this project: it is a text file", "dict": "is not an hdkd model file",
                 "onnx": "is not a loadable ONNX model"}[kind]
     assert err.startswith("hdkd predict: error: ") and expected in err and str(path) in err
 
@@ -218,3 +220,62 @@ def test_console_script_points_at_the_dispatcher():
     module, _, attr = scripts["hdkd"].partition(":")
     assert callable(getattr(import_module(module), attr))
     assert getattr(import_module(module), attr) is main
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("unknown network", "names the network 'resnet9000', which this version of hdkd does not build (known: "),
+    ("other weights", "holds weights that do not fit its network hdkd_tiny ("),
+    ("no network", "lacks 'model_name'"),
+])
+def test_a_model_file_hdkd_cannot_rebuild_is_one_line_naming_it(capsys, model_file, folder, tmp_path, kind, says):
+    blob = torch.load(model_file, weights_only=True)
+    if kind == "unknown network":
+        blob["model_name"] = "resnet9000"
+    elif kind == "other weights":
+        blob["state_dict"] = {k: v[..., :1] if v.ndim else v for k, v in blob["state_dict"].items()}
+    else:
+        del blob["model_name"]
+    save_torch(tmp_path / "model.pt", blob)
+    code, out, err = predict(capsys, "--model", tmp_path / "model.pt", folder / "a.png")
+    assert code == 1 and out == ""
+    assert err.startswith(f"hdkd predict: error: {tmp_path / 'model.pt'} {says}"), err
+    assert err.count("\n") == 1, err  # one line, no traceback
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="directory symlinks need privileges on Windows")
+def test_a_glob_does_not_follow_directory_symlinks_and_predicts_each_image_once(capsys, model_file, tmp_path):
+    from tests.helpers.net import finished_within
+
+    d = tmp_path / "d"
+    write_image(d / "a.png", (200, 40, 40), (40, 30))
+    write_image(d / "sub" / "b.png", (30, 160, 90), (64, 64))
+    (d / "loop").symlink_to(".", target_is_directory=True)  # a link back up: a cycle for whoever follows it
+    code, out, err = predict(capsys, "--model", model_file, f"{d}/**/*.png")
+    assert code == 0, err
+    assert sorted(Path(r["path"]).relative_to(d).as_posix() for r in csv_rows(out)) == ["a.png", "sub/b.png"]
+    (d / "sub" / "up").symlink_to("..", target_is_directory=True)  # two cycles: paths grow without end
+    done, result = finished_within(60, predict, capsys, "--model", model_file, f"{d}/**/*.png")
+    assert done, "the glob did not finish within 60 s"
+    code, out, _ = result
+    assert code == 0 and sorted(Path(r["path"]).name for r in csv_rows(out)) == ["a.png", "b.png"]
+    code, out, _ = predict(capsys, "--model", model_file, f"{d}/*/*.png", f"{d}/a.png")  # via the link: once
+    assert code == 0 and sorted(Path(r["path"]).name for r in csv_rows(out)) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("server", ["down", "silent"])
+def test_a_registry_uri_with_the_tracking_server_down_fails_within_seconds(capsys, folder, monkeypatch, server):
+    from tests.helpers.data import refused_url
+    from tests.helpers.net import finished_within, silent_server
+
+    with contextlib.ExitStack() as stack:
+        uri = refused_url().removesuffix("/file.zip") if server == "down" else stack.enter_context(silent_server())
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where models:/ URIs resolve
+        start = time.monotonic()
+        done, result = finished_within(60, predict, capsys, "--model", "models:/hdkd-tiny/1", folder / "a.png")
+        took = time.monotonic() - start
+    assert done, f"hdkd predict with the tracking server {server} did not give up within 60 s"
+    code, out, err = result
+    assert code == 1 and out == "" and took < 30, (took, err)
+    assert err.startswith("hdkd predict: error: cannot open MLflow model models:/hdkd-tiny/1: MLflow tracking server "
+                          f"{uri} "), err
+    assert ("is unreachable" if server == "down" else "does not answer") in err and err.count("\n") == 1, err
