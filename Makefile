@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # `pytest` alone runs them one after another.
 XDIST  := -n auto --dist loadscope
 
-.PHONY: install run test test-slow test-all coverage lint docs bench lock clean-venv
+.PHONY: install run test test-slow test-all coverage lint docs bench mutants lock clean-venv
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: install        ## speed and memory benchmarks (figures in the README)
 	python benchmarks/bootstrap.py
 	python benchmarks/data_pipeline.py
 	python benchmarks/reproducible_numerics.py
+
+mutants: install      ## mutation testing of one module (not in CI): make mutants MODULE=hdkd/evidence/stats.py
+	@test -n "$(MODULE)" || { echo "usage: make mutants MODULE=hdkd/<wing>/<module>.py (scripts/mutation.py -h)"; exit 2; }
+	python scripts/mutation.py $(MODULE)
 
 lock:                 ## regenerate requirements.lock: pyproject.toml's dependencies, resolved afresh and frozen
 	rm -rf .lock-venv
