@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml overrides")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
-    parser.add_argument("--roles", nargs="+", default=["teacher", "student", "hdkd"])
+    parser.add_argument("--roles", nargs="+", default=["teacher", "student", "hdkd"],
+                        help="models of the roster (the params' baselines and kd methods too); a distilled one after "
+                             "the teacher")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default). On a machine shared with other jobs use "
@@ -104,6 +106,7 @@ def run(args, work: Path) -> dict:
     from hdkd.data.prepare import prepare_dataset
     from hdkd.data.sources import fetch_dataset
     from hdkd.infra.distributed import DistInfo
+    from hdkd.roster import roster_entry
     from hdkd.training.run import StagePaths, make_runtime, run_training, training_data
 
     params = params_with(args.set + [f"data.root={work / 'raw'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"])
@@ -115,7 +118,7 @@ def run(args, work: Path) -> dict:
 
     size = params.data.image_size
     train = load_split(work / "prepared", "train", image_size=size)
-    val = load_split(work / "prepared", "val", image_size=size)
+    val = val_split = load_split(work / "prepared", "val", image_size=size)
     test = load_split(work / "prepared", "test", image_size=size)
     print(f"splits: train {len(train)}, val {len(val)}, test {len(test)}; test class counts {test.class_counts()}")
     rt = make_runtime(params, torch.device("cpu"), DistInfo())
@@ -128,17 +131,21 @@ def run(args, work: Path) -> dict:
             for role in args.roles:
                 out = work / "models" / f"seed{seed}" / f"frac{fraction}"
                 paths = StagePaths(work / "prepared", work / "prepared", out / role, out / f"{role}.json",
-                                   work / "resume" / role, out / "teacher" / "model.pt" if role == "hdkd" else None)
+                                   work / "resume" / role,
+                                   out / "teacher" / "model.pt" if roster_entry(role, params).distills else None)
                 (part, val, classes), hook = training_data(run_params, paths, rt, (seed, fraction))  # as the stages
                 t, c = time.perf_counter(), time.process_time()
-                summary = run_training(role, run_params, paths, (part, val, classes), rt, batch_hook=hook)
+                summary = run_training(role, run_params, paths, (part, val, classes), rt, batch_hook=hook,
+                                       run=(seed, fraction))  # the run's fraction: its step budget, as the stages
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
                 row = {"role": role, "seed": seed, "fraction": fraction, "train_images": len(part),
                        **test_scores(out / role / "model.pt", test), "val_accuracy": summary["val_accuracy"],
+                       "val_f1_macro": test_scores(out / role / "model.pt", val_split)["f1_macro"],
                        "wall_s": wall, "cpu_s": cpu}
                 rows.append(row)
                 print(f"{role:8s} seed {seed} frac {fraction:<5} n={len(part):5d}  test acc {row['accuracy']:.3f}  "
-                      f"F1 {row['f1_macro']:.3f}  val acc {row['val_accuracy']:.3f}  {wall:6.1f} s wall  "
+                      f"F1 {row['f1_macro']:.3f}  val acc {row['val_accuracy']:.3f}  val F1 {row['val_f1_macro']:.3f}  "
+                      f"{wall:6.1f} s wall  "
                       f"{cpu:6.1f} s CPU", flush=True)
     table = pd.DataFrame(rows)
     print()

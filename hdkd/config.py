@@ -57,6 +57,14 @@ class SyntheticConfig(Section):
     native_size: int = Field(ge=16, le=1024)  # height of the generated files on disk
     seed: int = Field(ge=0)  # the dataset's own seed: params.seed varies training, not the data
     ambiguity: float = Field(ge=0, le=1)  # largest share of a lesion's signature from a look-alike class
+    # Within-class variety (hdkd.data.synthetic, "Variety"); 1 and 0: none, the images as before these keys existed.
+    subtypes: int = Field(ge=1, le=64)  # looks per class, drawn with Zipf frequencies (rare ones need more data)
+    nuisance: float = Field(ge=0, le=1)  # strength of per-image position, scale, contrast and background variation
+
+
+# data.synthetic's variety keys at the values that leave every image as before they existed (a bundle or stamp
+# without them had these)
+NO_VARIETY = {"subtypes": 1, "nuisance": 0.0}
 
 
 class DataConfig(Section):
@@ -202,6 +210,40 @@ class BaselineConfig(Section):
 BASELINE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
+class KDConfig(Section):
+    """A distillation method HDKD claims to beat, trained as a model of its own from the same teacher runs
+    (``params.yaml``'s ``kd.<key>``, the stage ``train_kd@<key>``; :mod:`hdkd.roster`).
+
+    ``distill`` holds the distill section's values (HDKD's recipe and loss), with those given here replacing
+    them: the same protocol unless a method says otherwise. ``deit``: a ViT with a distillation token
+    (``timm``, a ``VisionTransformerDistilled``, and its ``kwargs``), DeiT's logit distillation, no feature
+    loss; ``logit``: the HDKD student (the model section's network) with logit distillation alone (λ = 0);
+    ``aligned``: the HDKD student and loss with each distilled student map first passed through a learned
+    1×1 convolution (FitNets' regressor, dropped after training).
+    """
+
+    method: Literal["deit", "logit", "aligned"]
+    timm: str | None  # deit: the distilled ViT's timm architecture; logit, aligned: null (the HDKD network)
+    kwargs: dict[str, Any]  # deit: its constructor arguments (num_classes, img_size come from the data)
+    distill: DistillConfig
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> KDConfig:
+        if (self.method == "deit") != (self.timm is not None):
+            raise ValueError(f"timm: a timm architecture for method deit, null for {self.method} (the HDKD "
+                             "student network)")
+        if self.timm is None and self.kwargs:
+            raise ValueError("kwargs: constructor arguments of a timm network (method deit) only; the HDKD "
+                             "student's come from the model section")
+        if self.method in ("deit", "logit") and self.distill.lambda_ != 0:
+            raise ValueError(f"distill.lambda must be 0 for method {self.method} (no feature distillation)")
+        if self.method == "aligned" and self.distill.lambda_ == 0:
+            raise ValueError("distill.lambda must be > 0 for method aligned (its feature loss is the method)")
+        if self.method in ("deit", "logit") and self.distill.type == "none":
+            raise ValueError(f"distill.type none: method {self.method} distils the teacher's logits")
+        return self
+
+
 # ----------------------------------------------------------------------- evaluation, tracking
 class EvaluateConfig(Section):
     bootstrap: int = Field(ge=0)  # resamples for the 95% CIs; 0 = off
@@ -220,12 +262,33 @@ class EvaluateConfig(Section):
         return tuple(sorted(v))
 
 
+class ClaimConfig(Section):
+    """A pre-registered claim: ``compare[0]`` scores higher than ``compare[1]`` on ``metric`` at training
+    ``fraction``, paired by seed; with ``minus_fraction``, that difference is larger at ``fraction`` than at
+    ``minus_fraction`` (a difference of paired differences, paired by seed)."""
+
+    claim: str = Field(min_length=1)  # in plain words
+    compare: tuple[str, str]  # [A, B]: the claim is A > B
+    fraction: float = Field(gt=0, le=1)
+    minus_fraction: float | None = Field(gt=0, le=1)
+    metric: Literal["accuracy", "f1_macro"]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ClaimConfig:
+        if self.compare[0] == self.compare[1]:
+            raise ValueError(f"a model compared with itself: {self.compare[0]}")
+        if self.minus_fraction == self.fraction:
+            raise ValueError("minus_fraction must differ from fraction (or be null)")
+        return self
+
+
 class ReportConfig(Section):
     """Figures of the paper report (tables have no settings: they are fixed by the bundle)."""
 
     confusion_normalize: bool  # colour confusion matrices by row share (recall per class)
     dpi: int = Field(ge=50, le=600)
     comparisons: list[tuple[str, str]]  # [A, B]: A - B paired by seed, at every training fraction
+    claims: list[ClaimConfig]  # the pre-registered claims: one family of paired tests (hdkd.evidence.claims)
 
     @field_validator("comparisons")
     @classmethod
@@ -256,6 +319,7 @@ class Params(Section):
     student: OptimConfig
     distill: DistillConfig
     baselines: dict[str, BaselineConfig]
+    kd: dict[str, KDConfig]
     evaluate: EvaluateConfig
     report: ReportConfig
     tracking: TrackingConfig
@@ -274,6 +338,21 @@ class Params(Section):
             return {**spec, "optim": {**student, **optim}}
 
         return {**raw, "baselines": {name: inherit(spec) for name, spec in raw["baselines"].items()}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kd_inherit_distill(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("kd"), dict):
+            return raw
+        distill = raw.get("distill")
+
+        def inherit(spec: Any) -> Any:
+            own = spec.get("distill", {}) if isinstance(spec, dict) else None
+            if not (isinstance(distill, dict) and isinstance(own, dict)):
+                return spec  # nothing to merge, or a type error that validation reports by key
+            return {**spec, "distill": {**distill, **own}}
+
+        return {**raw, "kd": {name: inherit(spec) for name, spec in raw["kd"].items()}}
 
     @field_validator("seeds")
     @classmethod
@@ -309,10 +388,41 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _comparisons_name_models(self) -> Params:
-        known = [*MODEL_NAMES, *self.baselines]
+        known = [*MODEL_NAMES, *self.baselines, *self.kd]
         unknown = sorted({m for pair in self.report.comparisons for m in pair} - set(known))
         if unknown:
             raise ValueError(f"report.comparisons names {unknown}, not models of this run ({', '.join(known)})")
+        return self
+
+    @model_validator(mode="after")
+    def _claims_name_runs(self) -> Params:
+        known = [*MODEL_NAMES, *self.baselines, *self.kd]
+        for i, claim in enumerate(self.report.claims):
+            unknown = [m for m in claim.compare if m not in known]
+            if unknown:
+                raise ValueError(f"report.claims[{i}] names {unknown}, not models of this run ({', '.join(known)})")
+            for fraction in (claim.fraction, claim.minus_fraction):
+                trained = [m for m in claim.compare if fraction is not None and fraction not in (
+                    self.baseline_fractions if m in self.baselines else self.fractions)]
+                if trained:
+                    raise ValueError(f"report.claims[{i}]: {', '.join(trained)} not trained at fraction {fraction:g}")
+        return self
+
+    @field_validator("kd")
+    @classmethod
+    def _kd_names(cls, v: dict[str, KDConfig]) -> dict[str, KDConfig]:
+        taken = [name for name in v if name in MODEL_NAMES]
+        bad = [name for name in v if not BASELINE_NAME.fullmatch(name)]
+        if taken or bad:
+            raise ValueError(f"{', '.join(map(repr, taken + bad))}: not a valid name (the paper's models' names are "
+                             "taken; lower-case letters, digits and _, starting with a letter, at most 32 characters)")
+        return v
+
+    @model_validator(mode="after")
+    def _model_names_distinct(self) -> Params:
+        both = sorted(set(self.baselines) & set(self.kd))
+        if both:
+            raise ValueError(f"{', '.join(both)}: both a baseline and a kd method (a model's name names its files)")
         return self
 
     @field_validator("baselines")
@@ -465,7 +575,7 @@ def apply_overlay(params_path: str | os.PathLike, overlay_path: str | os.PathLik
     return out.getvalue()
 
 
-REPLACED_WHOLE = ("baselines",)  # named collections: an overlay sets the whole set, not entries of it
+REPLACED_WHOLE = ("baselines", "kd")  # named collections: an overlay sets the whole set, not entries of it
 
 
 def _merges(dotted: str, value: Any, base: Any) -> bool:

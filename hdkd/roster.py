@@ -8,7 +8,9 @@ names (the HDKD student's is ``distill``: the recipe *and* the distillation loss
 
 A run's models are these plus one entry per comparison baseline of its params (:func:`roster`):
 ``params.yaml``'s ``baselines.<key>`` trained by the stage ``train_baseline@<key>`` (a ``foreach``
-in ``dvc.yaml``) into ``models/<key>/``, like the others.
+in ``dvc.yaml``) into ``models/<key>/``, like the others; then one per comparison distillation method,
+``kd.<key>`` (DeiT into a ViT, logit-only, aligned features), distilled from the teacher by the stage
+``train_kd@<key>`` (another ``foreach``).
 
 Torch-free: the report stage reads it too.
 """
@@ -32,11 +34,14 @@ class ModelEntry:
     description: str  # one phrase for the report's note on the models
     teacher: str | None = None  # the model it is distilled from: that model's model.pt is an input
     baseline: bool = False  # a timm baseline: ``registry`` is the network, ``timm:<architecture>``
+    kd: str | None = None  # a comparison distillation method (params' ``kd.<name>.method``): deit, logit, aligned
 
     @property
     def stage(self) -> str:
         """The DVC stage that trains it."""
-        return f"train_baseline@{self.name}" if self.baseline else f"train_{self.name}"
+        if self.baseline:
+            return f"train_baseline@{self.name}"
+        return f"train_kd@{self.name}" if self.kd else f"train_{self.name}"
 
     @property
     def distills(self) -> bool:
@@ -55,16 +60,24 @@ EXTRA_COLORS = ("#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 
 
 def roster(params: Any = None) -> tuple[ModelEntry, ...]:
-    """The models of a run: ROSTER, then its params' baselines in their order.
+    """The models of a run: ROSTER, then its params' baselines, then its kd methods, each in their order.
 
     ``params`` is a :class:`hdkd.config.Params`, its ``to_dict()`` form (a bundle's ``params``; one
-    without ``baselines`` has none), or ``None`` for ROSTER alone.
+    without ``baselines`` or ``kd`` has none), or ``None`` for ROSTER alone.
     """
     if params is None:
         return ROSTER
     baselines = (params.get("baselines") if isinstance(params, Mapping) else params.baselines) or {}
-    return ROSTER + tuple(baseline_entry(key, spec["timm"] if isinstance(spec, Mapping) else spec.timm, i)
-                          for i, (key, spec) in enumerate(baselines.items()))
+    kd = (params.get("kd") if isinstance(params, Mapping) else params.kd) or {}
+    methods = [_field(spec, "method") for spec in kd.values()]
+    return (ROSTER
+            + tuple(baseline_entry(key, _field(spec, "timm"), i) for i, (key, spec) in enumerate(baselines.items()))
+            + tuple(kd_entry(key, method, _field(spec, "timm"), len(baselines) + i, methods.count(method) > 1)
+                    for i, ((key, spec), method) in enumerate(zip(kd.items(), methods))))
+
+
+def _field(spec: Any, key: str) -> Any:
+    return spec[key] if isinstance(spec, Mapping) else getattr(spec, key)
 
 
 def baseline_entry(key: str, arch: str, index: int) -> ModelEntry:
@@ -72,6 +85,21 @@ def baseline_entry(key: str, arch: str, index: int) -> ModelEntry:
     return ModelEntry(key, f"baselines.{key}", f"timm:{arch}", f"{key_label(key)} (timm {arch})",
                       EXTRA_COLORS[index % len(EXTRA_COLORS)], f"timm {arch} trained from scratch",
                       baseline=True)
+
+
+KD_METHODS = {  # method -> (label, description)
+    "deit": ("DeiT-distilled ViT", "a ViT with a distillation token, distilled from the teacher the DeiT way (hard)"),
+    "logit": ("Logit-only KD", "the student distilled from the teacher's logits alone (HDKD with λ = 0)"),
+    "aligned": ("Aligned feature KD", "the student distilled through learned 1×1 alignment layers (FitNets-style)"),
+}
+
+
+def kd_entry(key: str, method: str, arch: str | None, index: int, keyed: bool = False) -> ModelEntry:
+    """The entry of kd method ``key`` (``method``; ``arch``: a deit ViT's timm architecture), the ``index``-th
+    model after ROSTER; ``keyed``: its label names the key (another kd entry has the same method)."""
+    label, description = KD_METHODS[method]
+    return ModelEntry(key, f"kd.{key}", f"timm:{arch}" if arch else "hdkd", f"{label} ({key})" if keyed else label,
+                      EXTRA_COLORS[index % len(EXTRA_COLORS)], description, teacher="teacher", kd=method)
 
 
 def key_label(key: str) -> str:

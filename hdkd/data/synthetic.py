@@ -20,6 +20,23 @@ taken from it, with probability ``s`` its texture (MRI: tumour appearance) too. 
 share look more like the other class than their own, so no model can reach 100 %: the benchmark
 does not saturate and differences between models remain measurable. ``0`` gives the unmixed
 signatures (the same images as before the knob existed).
+
+**Variety** (``data.synthetic.subtypes`` and ``nuisance``) makes the amount of training data matter, as in real
+medical images, where a class holds many looks and a small sample shows only the common ones:
+
+- ``subtypes`` K: each class has K looks, fixed by the dataset's seed (MRI: the tumour's intensity, necrotic
+  core, speckle, size, elongation and outline, and for "notumor" the brain's anatomy: ventricles, gyri; HAM:
+  the lesion's colour, size, outline and texture, the texture half the time another class's). Each image (each
+  lesion) shows look k with probability proportional to 1/(k+1) (Zipf): a small share of the data sees the rare
+  looks a few times or never, all of it sees each. The class's own rule stays: where the tumour sits and how
+  large (MRI), the lesion's signature most of the time (HAM).
+- ``nuisance`` n in [0, 1]: per-image variation that carries no class information: MRI: the head's position
+  (up to ±0.2n), scale (1 − 0.25n to 1 + 0.2n), any rotation (up to ±πn), ventricle size, contrast (gamma),
+  a smooth bias field, a textured background and more noise; HAM: the lesion's position and scale, skin tone,
+  an illumination gradient, vignetting, hairs and noise.
+
+Variety draws from streams of its own: K = 1 and n = 0 give the images as before these keys existed, and
+leave the generated tree's stamp as it was (a tree generated then stays valid).
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import logging
 import math
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +53,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from hdkd.config import SyntheticConfig
+from hdkd.config import NO_VARIETY, SyntheticConfig
 from hdkd.data.formats import (
     BRAIN_CLASSES,
     BRAIN_COUNTS,
@@ -62,7 +80,7 @@ def generate(cfg: SyntheticConfig, dest: Path) -> Path:
     The stamp records the settings and a digest of the files generated: a tree whose files no
     longer match it (one deleted, edited or added) is generated again, not trusted.
     """
-    settings = {"format_version": 1, **cfg.model_dump()}
+    settings = stamp_settings(cfg)
     problem = _check_tree(dest, settings)
     if problem is None:
         log.info("%s: synthetic %s data already generated, files intact", dest, cfg.layout)
@@ -73,6 +91,35 @@ def generate(cfg: SyntheticConfig, dest: Path) -> Path:
         (_write_ham_tree if cfg.layout == "ham10000" else _write_brain_tree)(cfg, tmp)
         write_json(tmp / STAMP, {**settings, "digest": _digest(tmp)})
     return dest
+
+
+def stamp_settings(cfg: SyntheticConfig) -> dict[str, object]:
+    """What a tree's stamp records: the settings, less variety keys at their neutral values (the images are those
+    of before the keys existed, so a tree generated then keeps its stamp, its digest and its validity)."""
+    settings = {"format_version": 1, **cfg.model_dump()}
+    return {k: v for k, v in settings.items() if not (k in NO_VARIETY and v == NO_VARIETY[k])}
+
+
+@dataclass(frozen=True)
+class Variety:
+    """Within-class variety (module doc): ``subtypes`` looks per class, fixed by the dataset's ``seed``, and the
+    ``nuisance`` strength."""
+
+    subtypes: int
+    nuisance: float
+    seed: int
+
+    @staticmethod
+    def of(cfg: SyntheticConfig) -> Variety | None:
+        """The variety of ``cfg``; ``None`` when there is none (the images as before the keys existed)."""
+        if cfg.subtypes == NO_VARIETY["subtypes"] and cfg.nuisance == NO_VARIETY["nuisance"]:
+            return None
+        return Variety(cfg.subtypes, cfg.nuisance, cfg.seed)
+
+    def subtype(self, rng: np.random.Generator) -> int:
+        """A look, the k-th with probability proportional to 1 / (k + 1) (Zipf)."""
+        weights = 1.0 / np.arange(1, self.subtypes + 1)
+        return int(rng.choice(self.subtypes, p=weights / weights.sum()))
 
 
 def _check_tree(dest: Path, settings: dict[str, object]) -> str | None:
@@ -202,17 +249,38 @@ def lesion_style(dx: str, rng: np.random.Generator, ambiguity: float) -> _Style:
                   float(mix([own.irregular], [other.irregular])[0]), texture)
 
 
+@lru_cache(maxsize=4096)
+def _ham_subtype(dx: str, k: int, seed: int) -> tuple[tuple[float, float, float], float, float, str | None]:
+    """Look ``k`` of class ``dx`` (variety): a colour shift, a size factor, added outline irregularity, and a
+    texture (another class's half the time; ``None``: the lesion's own)."""
+    rng = np.random.default_rng([seed, 11, HAM_CLASSES.index(dx), k])
+    shift = tuple(float(c) for c in rng.normal(0, 30, 3))
+    borrowed = str(rng.choice([HAM_STYLES[c].texture for c in HAM_CLASSES])) if rng.random() < 0.5 else None
+    return shift, float(rng.uniform(0.75, 1.3)), float(rng.uniform(0, 0.12)), borrowed
+
+
+def subtype_style(style: _Style, dx: str, k: int, seed: int) -> _Style:
+    """``style`` (a lesion of class ``dx``) as look ``k`` of its class shows it (:class:`Variety`)."""
+    shift, size, irregular, texture = _ham_subtype(dx, k, seed)
+    colour = tuple(float(np.clip(c + d, 20, 250)) for c, d in zip(style.colour, shift))
+    return _Style(colour, tuple(r * size for r in style.radius), style.irregular + irregular, texture or style.texture)
+
+
 def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, width: int,
-                     ambiguity: float = 0.0) -> np.ndarray:
+                     ambiguity: float = 0.0, variety: Variety | None = None) -> np.ndarray:
     """One dermatoscopy-like RGB image of class ``dx``; images with one ``lesion_seed`` show one lesion.
 
     ``ambiguity`` in [0, 1]: the largest share of the lesion's signature taken from a look-alike
-    class (:func:`lesion_style`).
+    class (:func:`lesion_style`). ``variety``: the lesion shows one of its class's looks, the image
+    the nuisance variation (module doc); ``None``: neither.
     """
     lesion = np.random.default_rng(lesion_seed)
     # The third stream draws the look-alike: the first two, and so the unmixed images, stay as they were.
     outline_rng, texture_rng, look_alike_rng = lesion.spawn(3)
     style = lesion_style(dx, look_alike_rng, ambiguity)
+    if variety is not None:  # streams of their own: the draws above and below stay those without variety
+        style = subtype_style(style, dx, variety.subtype(np.random.default_rng([lesion_seed, 1])), variety.seed)
+        nuisance, n = np.random.default_rng([image_seed, 1]), variety.nuisance
     skin = np.array([224.0, 186.0, 162.0]) * lesion.uniform(0.78, 1.04) + lesion.normal(0, 6, 3)
     colour = np.array(style.colour, dtype=np.float64) * lesion.uniform(0.85, 1.15) + lesion.normal(0, 8, 3)
     radius = lesion.uniform(*style.radius)
@@ -222,6 +290,10 @@ def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, wi
     angle = shot.uniform(0, 2 * np.pi)
     cx, cy = shot.uniform(-0.15, 0.15, 2)
     scale = radius * shot.uniform(0.9, 1.1)
+    if variety is not None:  # position, scale and skin tone
+        cx, cy = np.array([cx, cy]) + nuisance.uniform(-0.3 * n, 0.3 * n, 2)
+        scale *= nuisance.uniform(1 - 0.3 * n, 1 + 0.3 * n)
+        skin = skin * nuisance.uniform(1 - 0.25 * n, 1 + 0.06 * n) + nuisance.normal(0, 12 * n, 3)
     # lesion coordinates, in lesion radii: the texture turns and moves with the lesion
     x = ((u - cx) * np.cos(angle) + (v - cy) * np.sin(angle)) / scale
     y = (-(u - cx) * np.sin(angle) + (v - cy) * np.cos(angle)) / scale
@@ -237,7 +309,17 @@ def render_ham_image(dx: str, lesion_seed: int, image_seed: int, height: int, wi
         t = shot.uniform(0, np.pi)
         d = np.abs(u * np.sin(t) - v * np.cos(t) - shot.uniform(-0.8, 0.8))
         img = np.where((d < shot.uniform(0.015, 0.03))[..., None], np.array([60.0, 42.0, 32.0]), img)
+    if variety is not None:  # more vignetting, an illumination gradient, more hairs
+        img *= (1 - nuisance.uniform(0, 0.3 * n) * (u**2 + v**2) / 2)[..., None]
+        phi = nuisance.uniform(0, 2 * np.pi)
+        img *= (1 + nuisance.uniform(0, 0.3 * n) * (u * np.cos(phi) + v * np.sin(phi)) / 2)[..., None]
+        for _ in range(nuisance.integers(0, 1 + round(4 * n))):
+            t = nuisance.uniform(0, np.pi)
+            d = np.abs(u * np.sin(t) - v * np.cos(t) - nuisance.uniform(-0.8, 0.8))
+            img = np.where((d < nuisance.uniform(0.015, 0.03))[..., None], np.array([60.0, 42.0, 32.0]), img)
     img = img * shot.uniform(0.9, 1.1) + shot.normal(0, 4, img.shape)
+    if variety is not None:
+        img = img + nuisance.normal(0, 8 * n, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -292,6 +374,7 @@ def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
     order = rng.permutation(len(images))  # image ids do not follow the classes, as in the real set
     part_1 = round(len(images) * HAM_PART_1_SHARE)
     height, width = cfg.native_size, round(cfg.native_size * 4 / 3)
+    variety = Variety.of(cfg)
 
     rows = []
     for parts_dir in HAM_PARTS:
@@ -300,7 +383,7 @@ def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
         li, dx = images[i]
         image_id = f"ISIC_{24306 + n:07d}"
         pixels = render_ham_image(
-            dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width, cfg.ambiguity
+            dx, derive_seed(cfg.seed, 1, li), derive_seed(cfg.seed, 2, n), height, width, cfg.ambiguity, variety
         )
         path = out / HAM_PARTS[0 if n < part_1 else 1] / f"{image_id}.jpg"
         Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
@@ -323,13 +406,48 @@ def _write_ham_tree(cfg: SyntheticConfig, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------- Brain Tumor MRI layout
-def render_brain_image(tumour: str, seed: int, height: int, width: int, ambiguity: float = 0.0) -> np.ndarray:
+@dataclass(frozen=True)
+class _TumourLook:
+    """One look of a tumour class (variety): what the mass looks like; where it sits stays the class's rule."""
+
+    level: float  # the mass's intensity: darker or brighter than the brain (about 100)
+    core: float | None  # a necrotic core's intensity (ring enhancement), or none
+    speckle: float  # amplitude of the texture inside
+    size: float  # factor on the radius
+    stretch: float  # elongation (1: round)
+    irregular: float  # outline wobble
+    halo: float  # oedema around it (0: none)
+
+
+@lru_cache(maxsize=4096)
+def _tumour_look(tumour: str, k: int, seed: int) -> _TumourLook:
+    rng = np.random.default_rng([seed, 12, BRAIN_CLASSES.index(tumour), k])
+    dark, bright = rng.uniform(45, 80), rng.uniform(135, 235)
+    level = float(dark if rng.random() < 0.3 else bright)
+    core = float(rng.uniform(30, 90)) if rng.random() < 0.35 else None
+    halo = float(rng.uniform(10, 35)) if rng.random() < 0.4 else 0.0
+    return _TumourLook(level, core, float(rng.uniform(0, 30)), float(rng.uniform(0.75, 1.35)),
+                       float(rng.uniform(1.0, 1.8)), float(rng.uniform(0.0, 0.35)), halo)
+
+
+@lru_cache(maxsize=4096)
+def _anatomy(k: int, seed: int) -> tuple[float, float, tuple[float, float]]:
+    """Look ``k`` of a brain without a tumour (variety): ventricle size factor, gyri contrast and frequencies."""
+    rng = np.random.default_rng([seed, 13, k])
+    low = float(rng.uniform(2, 4))
+    return float(rng.uniform(0.6, 1.7)), float(rng.uniform(8, 28)), (low, low + float(rng.uniform(1, 3)))
+
+
+def render_brain_image(tumour: str, seed: int, height: int, width: int, ambiguity: float = 0.0,
+                       variety: Variety | None = None) -> np.ndarray:
     """One axial MRI-like grayscale slice with a tumour of class ``tumour`` (or none).
 
     ``ambiguity`` in [0, 1], as for the HAM layout: a look-alike class is drawn among the others
     and a share ``s ~ U(0, ambiguity)`` of the tumour's placement and size is taken from it, with
     probability ``s`` its appearance too; a tumour that looks like "notumor" fades to ``1 - s``, and
-    a slice without a tumour shows the look-alike's at ``s``.
+    a slice without a tumour shows the look-alike's at ``s``. ``variety``: the slice shows one of its
+    class's looks (a look-alike's tumour one of its own), under the nuisance variation (module doc);
+    ``None``: neither.
     """
     rng = np.random.default_rng(seed)
     # A separate stream for the look-alike: with ambiguity 0 the slices are the unmixed ones.
@@ -339,17 +457,31 @@ def render_brain_image(tumour: str, seed: int, height: int, width: int, ambiguit
     u, v = _grid(height, width)
     t = rng.uniform(-0.3, 0.3)
     s = rng.uniform(0.9, 1.08)
-    x = (u * np.cos(t) + v * np.sin(t)) / s + rng.uniform(-0.05, 0.05)
-    y = (-u * np.sin(t) + v * np.cos(t)) / s + rng.uniform(-0.05, 0.05)
+    shift_x = rng.uniform(-0.05, 0.05)
+    shift_y = rng.uniform(-0.05, 0.05)
+    ventricles, gyri_contrast, gyri_band, looks = 1.0, 16.0, (3, 6), {}
+    if variety is not None:  # a stream of its own: the draws of ``rng`` stay those without variety
+        vary, n = np.random.default_rng([seed, 1]), variety.nuisance
+        k = variety.subtype(vary)
+        looks = {c: _tumour_look(c, k if c == tumour else variety.subtype(vary), variety.seed)
+                 for c in (tumour, other) if c != "notumor"}
+        if tumour == "notumor":
+            ventricles, gyri_contrast, gyri_band = _anatomy(k, variety.seed)
+        t += vary.uniform(-np.pi * n, np.pi * n)
+        s *= vary.uniform(1 - 0.25 * n, 1 + 0.2 * n)
+        shift_x, shift_y = np.array([shift_x, shift_y]) + vary.uniform(-0.2 * n, 0.2 * n, 2)
+        ventricles *= vary.uniform(1 - 0.3 * n, 1 + 0.4 * n)
+    x = (u * np.cos(t) + v * np.sin(t)) / s + shift_x
+    y = (-u * np.sin(t) + v * np.cos(t)) / s + shift_y
     a, b = rng.uniform(0.70, 0.80), rng.uniform(0.84, 0.94)
     r = np.hypot(x / a, y / b)
 
-    gyri = _waves(rng, 6, (3, 6))(x, y)
+    gyri = _waves(rng, 6, gyri_band)(x, y)
     img = np.where(r < 1.0, 190.0, 0.0)  # skull and scalp fat
     img = np.where(r < 0.94, 40.0, img)  # cerebrospinal fluid
-    img = np.where(r < 0.90, 100.0 + 16 * gyri, img)  # brain
+    img = np.where(r < 0.90, 100.0 + gyri_contrast * gyri, img)  # brain
     for side in (-1, 1):  # ventricles
-        vx, vy = (x - side * 0.11) / 0.06, (y + 0.04) / 0.17
+        vx, vy = (x - side * 0.11) / (0.06 * ventricles), (y + 0.04) / (0.17 * ventricles)
         img = np.where(np.hypot(vx, vy) < 1, 38.0, img)
 
     own, other_shown = tumour != "notumor", other != "notumor" and share > 0
@@ -361,10 +493,32 @@ def render_brain_image(tumour: str, seed: int, height: int, width: int, ambiguit
         kind = other if not own or (other != "notumor" and look_alike.random() < share) else tumour
         visible = 1 - share if other == "notumor" else (1.0 if own else share)
         outline_rng = rng if kind == tumour else look_alike  # the main stream's draws stay those of ambiguity 0
-        img = (1 - visible) * img + visible * _draw_tumour(img, kind, place, x, y, r, gyri, outline_rng)
+        mass = (_draw_look(img, looks[kind], place, x, y, r, gyri, outline_rng) if kind in looks
+                else _draw_tumour(img, kind, place, x, y, r, gyri, outline_rng))
+        img = (1 - visible) * img + visible * mass
 
+    if variety is not None:  # a bias field, a textured background, another contrast
+        img = img * (1 + 0.3 * n * _waves(vary, 3, (0.3, 0.8))(x, y))
+        background = vary.uniform(0, 60 * n) + 20 * n * _waves(vary, 4, (1, 3))(u, v)
+        img = np.where(r < 1.0, img, np.maximum(background, 0))
+        img = 255 * (np.clip(img, 0, 255) / 255) ** vary.uniform(1 - 0.35 * n, 1 + 0.5 * n)
     img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 6, img.shape)
+    if variety is not None:
+        img = img + vary.normal(0, 8 * n, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _draw_look(img, look: _TumourLook, place, x, y, r, gyri, rng):
+    """``img`` with a tumour of look ``look`` at ``place`` (centre x, centre y, the class's radius)."""
+    tx, ty, rad = place
+    theta = rng.uniform(0, 2 * np.pi)
+    dx, dy = x - tx, y - ty
+    along, across = dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+    q = np.hypot(along / look.stretch, across) / (rad * look.size * _wobble(rng, np.arctan2(dy, dx), look.irregular))
+    if look.halo:
+        img = np.where((q < 1.6) & (r < 0.9), img + look.halo * np.clip(1.6 - q, 0, 0.6) / 0.6, img)
+    img = np.where(q < 1.0, look.level + look.speckle * gyri, img)
+    return img if look.core is None else np.where(q < 0.6, look.core + 0.3 * look.speckle * gyri, img)
 
 
 def _tumour_place(tumour: str, rng: np.random.Generator, a: float, b: float) -> tuple[float, float, float]:
@@ -397,6 +551,7 @@ def _write_brain_tree(cfg: SyntheticConfig, out: Path) -> None:
     cells = {(split, c): n for split, per in BRAIN_COUNTS.items() for c, n in per.items()}
     counts = apportion(cfg.num_images, {f"{s}/{c}": n for (s, c), n in cells.items()}, minimum=3)
     written: dict[str, list[Path]] = {c: [] for c in BRAIN_CLASSES}
+    variety = Variety.of(cfg)
     n = 0
     for key, count in tqdm(counts.items(), desc="synthetic brain MRI", leave=False):
         split, cls = key.split("/")
@@ -408,7 +563,7 @@ def _write_brain_tree(cfg: SyntheticConfig, out: Path) -> None:
         for j in range(count - copies):
             shape = rng.uniform(0.85, 1.15, 2) * cfg.native_size
             pixels = render_brain_image(
-                cls, derive_seed(cfg.seed, 4, n), int(shape[0]), int(shape[1]), cfg.ambiguity
+                cls, derive_seed(cfg.seed, 4, n), int(shape[0]), int(shape[1]), cfg.ambiguity, variety
             )
             img = Image.fromarray(pixels, "L")
             path = folder / f"{prefix}_{j:04d}.jpg"

@@ -8,18 +8,21 @@ Files written by :func:`write_evaluation` (under ``reports/``, small, git-tracke
     bundle.json                 the results bundle
     metrics.json                DVC metrics: one key per model, headline numbers (timing under "timing")
     eval/<model>.json           per-model detail: all metrics, per-class, confusion matrix, CIs, efficiency
-    plots/confusion_<model>.csv DVC plots, one row per test image: actual,predicted (template: confusion)
-    plots/curves_<model>.csv    per-epoch training history: epoch, then the logged columns (sorted)
+    plots/confusion.csv         DVC plots data, every model: model,actual,predicted,count,share (every cell
+                                of each test-split confusion matrix; share: of the actual class's images)
+    plots/training.csv          DVC plots data, every model with a history, one row per epoch: model,epoch,lr,
+                                train_ce,train_accuracy,val_loss,val_accuracy (the primary run's)
 
-``dvc.yaml``'s top-level ``plots:`` draws them: the confusion template (x: predicted, y: actual)
-over ``confusion_<model>.csv``, and validation accuracy and training loss per epoch over
-``curves_<model>.csv``.
+One file per chart, a row per model and cell or epoch (long format): ``dvc.yaml``'s top-level ``plots:``
+name no model, and their templates (``.dvc/plots/``) colour (or facet) by the ``model`` column, so the
+charts show every model of the run, baselines included. ``plots/`` is an ordinary output: DVC draws only
+the charts that ``plots:`` defines over it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +117,36 @@ def headline_metrics(bundle: Mapping[str, Any], name: str) -> dict[str, Any]:
     return out | aggregate(bundle, name)
 
 
-def confusion_rows(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Iterable[tuple[str, str]]:
-    """One (actual, predicted) pair per test image, expanded from the matrix, in matrix order."""
-    for i, row in enumerate(confusion):
-        for j, count in enumerate(row):
-            yield from [(class_names[i], class_names[j])] * count
+CONFUSION_COLUMNS = ("model", "actual", "predicted", "count", "share")  # .dvc/plots/confusion_by_model.json reads them
 
 
-def history_rows(history: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
-    """Header (epoch first, then the other logged keys sorted) and one row per epoch."""
-    keys = sorted({k for row in history for k in row} - {"epoch"})
-    header = ["epoch", *keys]
-    return [header] + [[row.get(k, "") for k in header] for row in history]
+def confusion_rows(bundle: Mapping[str, Any]) -> list[Sequence[Any]]:
+    """``plots/confusion.csv``: header, then every cell of every model's confusion matrix (zeros included), by
+    model (report order), actual and predicted class (class order); ``share``: the cell over its actual class's
+    images (4 decimals; 0 for a class without test images)."""
+    rows: list[Sequence[Any]] = [CONFUSION_COLUMNS]
+    class_names = bundle["class_names"]
+    for m in model_names(bundle):
+        for i, row in enumerate(bundle["models"][m]["evaluation"]["confusion_matrix"]):
+            total = sum(row)
+            rows += [(m, class_names[i], class_names[j], count, round(count / total, 4) if total else 0.0)
+                     for j, count in enumerate(row)]
+    return rows
+
+
+# Of each epoch's history row, what every model logs and the charts compare (train_ce: the classification loss,
+# HDKD's without its weighted distillation terms; val_loss: cross-entropy on validation). The rest of the
+# history (each loss term, gradient norms, validation predictions per class) stays in the bundle.
+TRAINING_COLUMNS = ("model", "epoch", "lr", "train_ce", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def training_rows(bundle: Mapping[str, Any]) -> list[Sequence[Any]]:
+    """``plots/training.csv``: header (:data:`TRAINING_COLUMNS`), then each model's primary-run history (report
+    order), one row per epoch; a value the model did not log is empty."""
+    rows: list[Sequence[Any]] = [TRAINING_COLUMNS]
+    for m in model_names(bundle):
+        rows += [(m, *(row.get(k, "") for k in TRAINING_COLUMNS[1:])) for row in bundle["models"][m]["history"]]
+    return rows
 
 
 def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "reports") -> list[Path]:
@@ -146,14 +167,12 @@ def write_evaluation(bundle: Mapping[str, Any], out_dir: str | os.PathLike = "re
                 "evaluation": model["evaluation"], "efficiency": model["efficiency"],
             })
             paths.append(out / "eval" / f"{m}.json")
-        for m in names:
-            model = bundle["models"][m]
-            confusion = [("actual", "predicted"), *confusion_rows(model["evaluation"]["confusion_matrix"], class_names)]
-            write_csv(plots_dir / f"confusion_{m}.csv", confusion)
-            paths.append(out / "plots" / f"confusion_{m}.csv")
-            if model["history"]:
-                write_csv(plots_dir / f"curves_{m}.csv", history_rows(model["history"]))
-                paths.append(out / "plots" / f"curves_{m}.csv")
+        write_csv(plots_dir / "confusion.csv", confusion_rows(bundle))
+        paths.append(out / "plots" / "confusion.csv")
+        training = training_rows(bundle)
+        if len(training) > 1:  # a model with a history
+            write_csv(plots_dir / "training.csv", training)
+            paths.append(out / "plots" / "training.csv")
     return paths
 
 

@@ -20,7 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from hdkd.evidence.stats import ALPHA, Comparison, holm, mcnemar_exact, mean_std, paired_t, verdict
+from hdkd.evidence.stats import (
+    ALPHA,
+    Comparison,
+    holm,
+    mcnemar_exact,
+    mean_std,
+    minimum_detectable_effect,
+    paired_t,
+    seeds_needed,
+    verdict,
+)
 
 METRICS = ("accuracy", "f1_macro")  # the metrics aggregated and compared across seeds
 FULL = 1.0  # the fraction of the main table
@@ -125,22 +135,96 @@ def versus_reference(run: Mapping[str, Any], reference: Mapping[str, Any], model
     return paired_by_seed(runs_a, runs_b, metric, level)
 
 
-def significance_rows(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]],
-                      level: float = 0.95) -> list[dict[str, Any]]:
-    """Every named comparison at every fraction both models ran: the rows of ``significance.csv``.
+PRIMARY, EXPLORATORY = "primary", "exploratory"  # the families of significance_rows
+GAIN_TEST = "paired_t_of_differences"  # a claim on a difference of paired differences across fractions
 
-    The paired t rows are one family: each gets its Holm-adjusted ``p_value_holm`` (:func:`hdkd.evidence.stats.holm`);
-    the McNemar rows (per-seed detail) get ``None``."""
-    rows = []
+
+def claim_row(bundle: Mapping[str, Any], claim: Mapping[str, Any], level: float = 0.95) -> dict[str, Any]:
+    """The paired test of one pre-registered claim (``report.claims``' entry: ``claim``, ``compare`` [A, B],
+    ``fraction``, ``minus_fraction``, ``metric``): A − B at ``fraction``, paired by seed (test ``paired_t``); with
+    ``minus_fraction`` g, (A − B at ``fraction``) − (A − B at g), the seed's two paired differences paired by
+    seed (test :data:`GAIN_TEST`). Only the seeds every run involved holds are paired; none is an error."""
+    a, b = claim["compare"]
+    fractions = [float(claim["fraction"])] + ([float(g)] if (g := claim.get("minus_fraction")) is not None else [])
+    runs = {(m, f): runs_at(bundle, m, f) for m in (a, b) for f in fractions}
+    missing = [f"{m} at {f:g}" for (m, f), r in runs.items() if not r]
+    if missing:
+        raise ValueError(f"claim {claim['claim']!r}: no run of {', '.join(missing)} in the results bundle")
+    seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
+    if not seeds:
+        raise ValueError(f"claim {claim['claim']!r}: no seed in common to {a} and {b} at {fractions}")
+    metric = claim["metric"]
+
+    def gains(f: float) -> list[float]:
+        return [runs[a, f][s]["evaluation"][metric] - runs[b, f][s]["evaluation"][metric] for s in seeds]
+
+    if len(fractions) == 1:
+        result = paired_by_seed(runs[a, fractions[0]], runs[b, fractions[0]], metric, level)
+        differences = gains(fractions[0])
+    else:
+        gain, other = gains(fractions[0]), gains(fractions[1])
+        result = paired_t(gain, other, level)
+        result = Comparison(result.difference_mean, result.ci_low, result.ci_high, result.p_value, GAIN_TEST,
+                            result.effect_size)
+        differences = [x - y for x, y in zip(gain, other)]
+    return {"family": PRIMARY, "claim": claim["claim"], "comparison": f"{a} vs {b}", "fraction": fractions[0],
+            "minus_fraction": fractions[1] if len(fractions) > 1 else None, "metric": metric, "n_seeds": len(seeds),
+            "did_not_learn": [m for m in (a, b) if any(not_learned(bundle, m, f) for f in fractions)],
+            "difference_sd": mean_std(differences)[1], **result.as_dict()}
+
+
+SUPPORTED, NOT_SUPPORTED, CONTRADICTED, NO_VERDICT = "supported", "not supported", "contradicted", "no verdict"
+
+
+def claim_verdict(row: Mapping[str, Any], alpha: float = ALPHA) -> str:
+    """A claim's verdict from its row of :func:`significance_rows` (the claim: A − B > 0): ``supported`` when the
+    Holm-adjusted p is below ``alpha`` and the difference positive, ``contradicted`` when below and negative,
+    ``not supported`` otherwise (no test included); ``no verdict`` when a model of the pair did not learn."""
+    if row["did_not_learn"]:
+        return NO_VERDICT
+    p = row["p_value_holm"]
+    if p is None or p >= alpha:
+        return NOT_SUPPORTED
+    return SUPPORTED if row["difference_mean"] > 0 else CONTRADICTED
+
+
+def claims_power(rows: Sequence[Mapping[str, Any]], difference: float = 0.015, power: float = 0.8,
+                 alpha: float = ALPHA) -> list[dict[str, Any]]:
+    """For each primary row of :func:`significance_rows`, from the sample std of its per-seed differences: the
+    seeds needed to detect a true ``difference`` (in the metric's units: 0.015 = 1.5 points) at ``power``, and
+    the smallest difference detectable at ``power`` with the seeds used (``mde``); both at α/m, m the family's
+    tests (Holm's strictest step: a conservative count, enough for every claim)."""
+    primary = [r for r in rows if r["family"] == PRIMARY]
+    level = alpha / max(sum(r["p_value"] is not None for r in primary), 1)
+    return [{"seeds_needed": seeds_needed(difference, r["difference_sd"], level, power),
+             "mde": minimum_detectable_effect(r["difference_sd"], r["n_seeds"], level, power), "alpha": level}
+            for r in primary]
+
+
+def significance_rows(bundle: Mapping[str, Any], comparisons: Sequence[Sequence[str]],
+                      claims: Sequence[Mapping[str, Any]] = (), level: float = 0.95) -> list[dict[str, Any]]:
+    """The rows of ``significance.csv``: the pre-registered ``claims`` (``report.claims``; family ``primary``),
+    then every named comparison at every fraction both models ran (family ``exploratory``; a paired t row that
+    tests exactly what a claim tests is left out: the claim's row is that test).
+
+    Holm adjusts within each family: the claims' tests are one family, the exploratory paired t rows another;
+    each row gets its ``p_value_holm`` (:func:`hdkd.evidence.stats.holm`); the McNemar rows (per-seed detail,
+    exploratory) get ``None``."""
+    rows = [{**claim_row(bundle, claim, level), "family": PRIMARY} for claim in claims]
+    claimed = {(r["comparison"], r["fraction"], r["metric"]) for r in rows if r["minus_fraction"] is None}
     for a, b in comparisons:
         for model in (a, b):
             if model not in bundle["models"]:
                 raise ValueError(f"comparison {a} vs {b}: model {model!r} is not in the results bundle")
         for fraction in fractions_of(bundle):
             if runs_at(bundle, a, fraction) and runs_at(bundle, b, fraction):
-                rows.extend(compare(bundle, a, b, fraction, level))
-    family = [i for i, r in enumerate(rows) if r["test"] == "paired_t"]
-    adjusted = dict(zip(family, holm([rows[i]["p_value"] for i in family])))
+                rows.extend({"family": EXPLORATORY, "claim": None, "minus_fraction": None, **r}
+                            for r in compare(bundle, a, b, fraction, level)
+                            if r["test"] != "paired_t" or (r["comparison"], fraction, r["metric"]) not in claimed)
+    adjusted: dict[int, float | None] = {}
+    for family in (PRIMARY, EXPLORATORY):
+        members = [i for i, r in enumerate(rows) if r["family"] == family and r["test"] in ("paired_t", GAIN_TEST)]
+        adjusted |= dict(zip(members, holm([rows[i]["p_value"] for i in members])))
     return [{**r, "p_value_holm": adjusted.get(i)} for i, r in enumerate(rows)]
 
 

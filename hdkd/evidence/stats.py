@@ -22,6 +22,12 @@ Policies (stated once, relied on by the report):
   (:func:`holm`, statsmodels' ``multipletests``), and the verdicts use the adjusted p. Holm controls the
   family-wise error rate under any dependence between the tests, which these share (the same runs
   appear in several comparisons). The McNemar rows are per-seed detail, outside the family.
+  Where a report declares claims (``report.claims``), those paired tests are the **primary** family, adjusted
+  on their own, and every other paired t row is **exploratory**, adjusted apart (:mod:`hdkd.evidence.aggregate`).
+- **Seeds and power** (:func:`paired_t_power`, :func:`seeds_needed`, :func:`minimum_detectable_effect`): the
+  power of the two-sided paired t over n seeds from the noncentral t (scipy), given the sample std of the
+  per-seed differences a run measured. Within a Holm family of m tests the count uses α/m, Holm's first and
+  strictest step (Bonferroni's level): the seeds it gives suffice for every claim, whatever its rank.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats as sps
+from scipy.optimize import brentq
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
@@ -110,6 +117,53 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
         for i, p in zip(tested, multipletests([p_values[i] for i in tested], method="holm")[1]):
             adjusted[i] = float(p)
     return adjusted
+
+
+def paired_t_power(effect: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` over ``n`` pairs, for a true mean difference of
+    ``effect`` standard deviations of the differences (d_z): both tails of the noncentral t on n - 1 degrees of
+    freedom, noncentrality ``effect * sqrt(n)`` (as statsmodels' ``TTestPower``)."""
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
+    df, nc = n - 1, effect * math.sqrt(n)
+    crit = sps.t.ppf(1 - alpha / 2, df)
+    # the lower tail as the upper tail of the mirrored distribution: scipy's nct.cdf turns NaN in far tails
+    tails = sps.nct.sf(crit, df, nc) + sps.nct.sf(crit, df, -nc)
+    return float(np.nan_to_num(tails))
+
+
+MAX_SEEDS = 10_000  # seeds_needed gives up beyond this
+
+
+def seeds_needed(difference: float, sd: float | None, alpha: float = ALPHA, power: float = 0.8) -> int | None:
+    """The fewest seeds (pairs, at least 2) whose two-sided paired t at level ``alpha`` detects a true mean
+    difference ``difference`` with probability ``power``, when the per-seed differences have sample std ``sd``;
+    ``None`` where that is undefined (no std: one seed; no spread: every seed gave the same difference, which
+    estimates no variance) or beyond :data:`MAX_SEEDS`."""
+    if sd is None or not math.isfinite(sd) or sd <= NO_SPREAD:
+        return None
+    effect = abs(difference) / sd
+    low, high = 1, 2  # power grows with n: find a large enough n by doubling, then the first by bisection
+    while paired_t_power(effect, high, alpha) < power:
+        low, high = high, 2 * high
+        if low >= MAX_SEEDS:
+            return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if paired_t_power(effect, middle, alpha) >= power else (middle, high)
+    return high
+
+
+def minimum_detectable_effect(sd: float | None, n: int, alpha: float = ALPHA, power: float = 0.8) -> float | None:
+    """The smallest true mean difference the two-sided paired t at level ``alpha`` over ``n`` seeds detects with
+    probability ``power``, when the per-seed differences have sample std ``sd`` (in ``sd``'s units); ``None``
+    where undefined (fewer than 2 seeds, no std, no spread)."""
+    if sd is None or n < 2 or not math.isfinite(sd) or sd <= NO_SPREAD:
+        return None
+    high = 1.0
+    while paired_t_power(high, n, alpha) < power:
+        high *= 2
+    return float(brentq(lambda d: paired_t_power(d, n, alpha) - power, 0.0, high, xtol=1e-10)) * sd
 
 
 def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool], level: float = 0.95,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hdkd.config import BaselineConfig, ConfigError, Params
+from hdkd.config import BaselineConfig, ConfigError, KDConfig, Params
 
 
 class TimmClassifier(nn.Module):
@@ -28,11 +28,17 @@ class TimmClassifier(nn.Module):
 
     ``model(x)`` gives the logits; ``model(x, return_features=True)`` gives ``(logits, [])``: a
     baseline trains on cross-entropy alone, so it hands no stage maps to a feature loss.
+
+    A network with a distillation token (timm's ``VisionTransformerDistilled``, DeiT's layout: the ``kd``
+    method ``deit``) answers as the HDKD student does: ``(cls_logits, dist_logits)`` in training mode, their
+    average in eval mode (DeiT's inference rule).
     """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        if hasattr(net, "set_distilled_training"):
+            net.set_distilled_training(True)  # timm averages the heads in eval mode all the same
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         logits = self.net(x)
@@ -91,7 +97,7 @@ def timm_spec_problem(arch: str, kwargs: dict[str, Any]) -> tuple[str, str] | No
     return None
 
 
-def baseline_problem(spec: BaselineConfig, image_size: int) -> tuple[str, str] | None:
+def baseline_problem(spec: BaselineConfig | KDConfig, image_size: int) -> tuple[str, str] | None:
     """``(key, message)`` for the first problem with a baseline, the key relative to it; ``None`` if it builds.
 
     The model is built on the meta device (no memory, no initialisation); a constructor that needs
@@ -119,12 +125,27 @@ def baseline_problem(spec: BaselineConfig, image_size: int) -> tuple[str, str] |
     return None
 
 
+def distilled_problem(spec: KDConfig, image_size: int) -> tuple[str, str] | None:
+    """``(key, message)`` if a kd method's timm network does not build or has no distillation token."""
+    problem = baseline_problem(spec, image_size)
+    if problem:
+        return problem
+    with torch.device("meta"):
+        net = build_timm(spec.timm, 2, image_size, spec.kwargs)
+    if not hasattr(net, "set_distilled_training"):
+        return "timm", (f"{spec.timm} has no distillation token (method deit needs timm's VisionTransformerDistilled: "
+                        "a deit_*_distilled_* architecture)")
+    return None
+
+
 def check_baselines(params: Params, source: str | os.PathLike | None = None) -> None:
-    """Each baseline is a known timm architecture whose constructor accepts its kwargs (built on the meta
-    device: no weights are allocated); else :class:`ConfigError` naming the key. The download stage calls
-    it, so a bad baseline fails before the pipeline does any work, and so does each baseline's stage."""
+    """Each baseline (and each kd method's ViT) is a known timm architecture whose constructor accepts its kwargs
+    (built on the meta device: no weights are allocated); else :class:`ConfigError` naming the key. The download
+    stage calls it, so a bad baseline fails before the pipeline does any work, and so does each baseline's stage."""
     problems = [(f"baselines.{name}.{p[0]}", p[1]) for name, spec in params.baselines.items()
                 if (p := baseline_problem(spec, params.data.image_size))]
+    problems += [(f"kd.{name}.{p[0]}", p[1]) for name, spec in params.kd.items()
+                 if spec.timm and (p := distilled_problem(spec, params.data.image_size))]
     if problems:
         where = f" in {source}" if source else ""
         raise ConfigError(f"invalid params{where}:\n" + "\n".join(f"  {key}: {msg}" for key, msg in problems))

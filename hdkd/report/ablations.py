@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hdkd.config import flatten, is_result_param
+from hdkd.config import NO_VARIETY, flatten, is_result_param
 from hdkd.evidence.bundle import UnsupportedBundle, validate_bundle
 from hdkd.infra.io import write_json
 from hdkd.infra.mlflow_runs import find_runs
@@ -127,6 +127,21 @@ def differing_params(reference: Mapping[str, Any], other: Mapping[str, Any]) -> 
     a, b = flatten(reference["params"]), flatten(other["params"])
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and is_result_param(k)]
+
+
+def data_differences(bundle: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """What two bundles' data differ in: the data set evaluated, the params' data keys that can change a result,
+    the classes, the test split's labels (another folder or split). Empty: the same data settings, so one's
+    ablations may stand in the other's report."""
+    diff = ["dataset"] if bundle["dataset"] != other["dataset"] else []
+    # The keys both bundles' params hold (a key of another schema, renamed or moved since, says nothing of the
+    # data; the classes and test labels below hold the data's identity); a bundle older than the synthetic
+    # data's variety keys had none: their neutral values.
+    neutral = {f"data.synthetic.{k}": v for k, v in NO_VARIETY.items()}
+    a, b = ({**neutral, **flatten(x["params"])} for x in (bundle, other))
+    diff += [k for k in sorted(set(a) & set(b)) if k.startswith("data.") and is_result_param(k) and a[k] != b[k]]
+    diff += ["classes"] if list(bundle["class_names"]) != list(other["class_names"]) else []
+    return diff + (["test split"] if list(bundle["test_labels"]) != list(other["test_labels"]) else [])
 
 
 def group_ablations(

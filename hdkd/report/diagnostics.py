@@ -85,11 +85,36 @@ def diagnosis_sentence(bundle: Mapping[str, Any], model: str = "hdkd", reference
     return text + f" (mean over {mine['seeds']} seeds; {budget} budget)."
 
 
+# The columns of figures/hdkd_loss_terms.csv; dvc.yaml's plots and .dvc/plots/loss_terms_by_fraction.json read them.
+LOSS_TERMS_COLUMNS = ("fraction", "epoch", "term", "loss", "grad_norm")
+
+
+def _has_loss_terms(by_fraction: Mapping[float, Sequence[Sequence[Mapping[str, Any]]]]) -> bool:
+    return any("grad_norm_ce" in h[0] for hs in by_fraction.values() for h in hs)
+
+
+def loss_terms_rows(bundle: Mapping[str, Any], model: str = "hdkd") -> list[Sequence[Any]]:
+    """The data of :func:`loss_terms_figure`'s upper rows (``figures/<model>_loss_terms.csv``, a DVC plot): header,
+    then per fraction, pass (epoch) and weighted loss term, the term's mean over the seeds and the mean gradient norm
+    it sends into the trunk (empty where not probed); only the header for a model without per-term histories."""
+    rows: list[Sequence[Any]] = [LOSS_TERMS_COLUMNS]
+    by_fraction = _histories(bundle, model)
+    if not _has_loss_terms(by_fraction):
+        return rows
+    for fraction, histories in by_fraction.items():
+        terms = [k.removeprefix("loss_") for k in histories[0][0] if k.startswith("loss_")]
+        for term in terms:
+            losses = dict(zip(*_mean_curve(histories, f"loss_{term}")))
+            norms = dict(zip(*_mean_curve(histories, f"grad_norm_{term}")))
+            rows += [(format(fraction, "g"), epoch, term, loss, norms.get(epoch, "")) for epoch, loss in losses.items()]
+    return rows
+
+
 def loss_terms_figure(bundle: Mapping[str, Any], model: str = "hdkd") -> Figure | None:
     """Per fraction (columns), mean over the seeds per pass: the weighted loss terms, the gradient norm each
     sends into the trunk, and the largest share of validation predictions on one class (every model)."""
     by_fraction = _histories(bundle, model)
-    if not by_fraction or not any("grad_norm_ce" in h[0] for hs in by_fraction.values() for h in hs):
+    if not _has_loss_terms(by_fraction):
         return None
     run, models = roster(bundle["params"]), model_names(bundle)
     fig = Figure(figsize=(3.6 * len(by_fraction), 8.4), layout="constrained")

@@ -131,4 +131,5 @@ def build_study_report(study_dir: str | os.PathLike) -> list[Path]:
     """The tables, figures and README of a study (``pipeline/study.py``) from the bundle it left in
     ``study_dir``, with the study's own report settings (its comparisons name its models)."""
     bundle = load_bundle(Path(study_dir) / "bundle.json")
-    return build_report(bundle, study_dir, ReportConfig.model_validate(bundle["params"]["report"]))
+    # a bundle older than report.claims declared none
+    return build_report(bundle, study_dir, ReportConfig.model_validate({"claims": [], **bundle["params"]["report"]}))

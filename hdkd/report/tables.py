@@ -11,9 +11,15 @@ from typing import Any
 
 from hdkd.config import flatten
 from hdkd.evidence.aggregate import (
+    EXPLORATORY,
     FULL,
+    GAIN_TEST,
+    NO_VERDICT,
     ONE_CLASS_SHARE,
+    PRIMARY,
     aggregate,
+    claim_verdict,
+    claims_power,
     data_efficiency_rows,
     not_learned,
     paired_sentences,
@@ -22,7 +28,7 @@ from hdkd.evidence.aggregate import (
 )
 from hdkd.evidence.bundle import model_names
 from hdkd.evidence.plots import model_label
-from hdkd.evidence.stats import Comparison, holm
+from hdkd.evidence.stats import ALPHA, Comparison, holm
 from hdkd.infra.io import csv_text
 from hdkd.report.ablations import Ablation
 from hdkd.report.diagnostics import diagnostics_rows
@@ -216,20 +222,24 @@ def diagnostics_table(bundle: Mapping[str, Any]) -> Table | None:
 
 
 def significance_table(rows: Sequence[Mapping[str, Any]]) -> Table | None:
-    """A − B for each comparison at each fraction, from :func:`hdkd.evidence.aggregate.significance_rows` (the columns:
-    ``significance.csv``'s contract)."""
+    """A − B for each claim, and each comparison at each fraction, from
+    :func:`hdkd.evidence.aggregate.significance_rows` (the columns: ``significance.csv``'s contract)."""
     if not rows:
         return None
-    columns = ("comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high", "effect_size", "p_value",
-               "p_value_holm", "test", "did_not_learn")
-    cells = tuple((r["comparison"], format(r["fraction"], "g"), r["metric"], fixed(r["difference_mean"], 4),
-                   fixed(r["ci_low"], 4), fixed(r["ci_high"], 4), fixed(r["effect_size"], 3), _p(r["p_value"]),
-                   _p(r["p_value_holm"]), r["test"], ", ".join(r["did_not_learn"]) or "none") for r in rows)
-    family = holm_tests(r["p_value_holm"] for r in rows)
-    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} `p_value_holm`: the paired t "
-            f"p-values of this table are one family of {family}, Holm-adjusted (statsmodels multipletests); the "
-            "verdicts use the adjusted p. `effect_size`: the mean paired difference over the sample standard "
-            "deviation of the per-seed differences (n/a: one seed, or no spread). "
+    columns = ("family", "comparison", "fraction", "minus_fraction", "metric", "difference_mean", "ci_low", "ci_high",
+               "effect_size", "p_value", "p_value_holm", "test", "did_not_learn")
+    cells = tuple((r["family"], r["comparison"], format(r["fraction"], "g"),
+                   NA if r["minus_fraction"] is None else format(r["minus_fraction"], "g"), r["metric"],
+                   fixed(r["difference_mean"], 4), fixed(r["ci_low"], 4), fixed(r["ci_high"], 4),
+                   fixed(r["effect_size"], 3), _p(r["p_value"]), _p(r["p_value_holm"]), r["test"],
+                   ", ".join(r["did_not_learn"]) or "none") for r in rows)
+    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} `family`: `primary`, the claims "
+            f"declared before the run (report.claims; tables/claims), {family_sizes(rows)}; every other row is "
+            "`exploratory`. `p_value_holm`: the paired t p-values Holm-adjusted within their family (statsmodels "
+            "multipletests); the verdicts use the adjusted p. `minus_fraction`: a claim on a difference of paired "
+            f"differences (test `{GAIN_TEST}`): (A − B at `fraction`) − (A − B at `minus_fraction`), paired by seed. "
+            "`effect_size`: the mean paired difference over the sample standard deviation of the per-seed "
+            "differences (n/a: one seed, or no spread). "
             f"`did_not_learn`: the models of the pair that did not learn at that fraction. {NOT_LEARNED_NOTE}")
     return Table("significance", "Paired comparisons", columns, cells, note)
 
@@ -238,6 +248,96 @@ def holm_tests(adjusted: Iterable[float | None]) -> str:
     """``3 paired t-tests``: the size of a Holm family, from its adjusted p-values."""
     n = sum(p is not None for p in adjusted)
     return f"{n} paired t-test{'' if n == 1 else 's'}"
+
+
+def family_sizes(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``the primary family holds 9 paired t-tests, the exploratory one 40`` (each adjusted on its own); without
+    claims, ``one family of 40 paired t-tests``."""
+    sizes = {f: holm_tests(r["p_value_holm"] for r in rows if r["family"] == f) for f in (PRIMARY, EXPLORATORY)}
+    if not any(r["family"] == PRIMARY for r in rows):
+        return f"one family of {sizes[EXPLORATORY]}"
+    return f"the primary family holds {sizes[PRIMARY]}, the exploratory one {sizes[EXPLORATORY]}"
+
+
+CLAIM_DIFFERENCE = 0.015  # the difference the seed count is sized for: 1.5 points
+CLAIM_POWER = 0.8
+
+
+def claim_comparison(row: Mapping[str, Any], run: Sequence[Any]) -> str:
+    """``HDKD − Student, accuracy, 10 % of the training data`` (a difference of differences: both fractions)."""
+    a, _, b = row["comparison"].partition(" vs ")
+    pair = f"{model_label(a, run)} − {model_label(b, run)}"
+    metric = {"accuracy": "accuracy", "f1_macro": "macro-F1"}[row["metric"]]
+    if row["minus_fraction"] is None:
+        return f"{pair}, {metric}, {100 * row['fraction']:g} % of the training data"
+    return (f"({pair} at {100 * row['fraction']:g} %) − ({pair} at {100 * row['minus_fraction']:g} %) of the training "
+            f"data, {metric}, paired by seed")
+
+
+def claims_table(bundle: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Table | None:
+    """The pre-registered claims (the primary rows of :func:`hdkd.evidence.aggregate.significance_rows`): each
+    one's comparison, paired difference, effect size, Holm-adjusted p and verdict, and the seeds it needs."""
+    primary = [r for r in rows if r["family"] == PRIMARY]
+    if not primary:
+        return None
+    run = roster(bundle["params"])
+    power = claims_power(rows, CLAIM_DIFFERENCE, CLAIM_POWER)
+    columns = ("Claim", "Comparison", "Paired difference [95 % CI] (points)", "Effect size", "Holm-adjusted p",
+               "Verdict", "Seeds", f"Seeds for {100 * CLAIM_DIFFERENCE:g} points", "Detectable now (points)")
+    cells = []
+    for r, pw in zip(primary, power):
+        said = claim_verdict(r)
+        if said == NO_VERDICT:
+            said += f" ({' and '.join(model_label(m, run) for m in r['did_not_learn'])} did not learn)"
+        elif r["p_value_holm"] is None:
+            untested = Comparison(r["difference_mean"], r["ci_low"], r["ci_high"], None, r["test"]).untested
+            said += f" (no test: {untested})"
+        cells.append((r["claim"], claim_comparison(r, run), _points_ci(r), fixed(r["effect_size"], 2),
+                      _p(r["p_value_holm"]), said, str(r["n_seeds"]),
+                      NA if pw["seeds_needed"] is None else str(pw["seeds_needed"]),
+                      NA if pw["mde"] is None else f"{100 * pw['mde']:.1f}"))
+    alpha = power[0]["alpha"]
+    note = (f"Declared in the params before the run (report.claims); each claim is that the first model scores "
+            f"higher. Paired by seed on the same test images: mean difference in percentage points with its 95 % "
+            f"paired t-interval, effect size (mean over the standard deviation of the per-seed differences), p of the "
+            f"two-sided paired t Holm-adjusted over the {holm_tests(r['p_value_holm'] for r in primary)} of this "
+            f"family alone (every other comparison of the report is exploratory, adjusted apart). Supported: adjusted "
+            f"p < {ALPHA:g} and the difference positive; contradicted: adjusted p < {ALPHA:g} and negative; not "
+            "supported: otherwise; no verdict: a model did not learn. Seeds: those used; seeds for "
+            f"{100 * CLAIM_DIFFERENCE:g} points: the seeds a paired t needs to detect a true difference of "
+            f"{100 * CLAIM_DIFFERENCE:g} points with {100 * CLAIM_POWER:g} % power, from this run's standard "
+            f"deviation of the per-seed differences, at α/m = {alpha:.3g} (Holm's strictest step, Bonferroni's "
+            f"level: a conservative count); detectable now: the smallest true difference the seeds used detect with "
+            f"{100 * CLAIM_POWER:g} % power at that level (noncentral t).")
+    return Table("claims", "Claims", columns, tuple(cells), note)
+
+
+def _points_ci(row: Mapping[str, Any]) -> str:
+    def points(x: float) -> str:
+        return f"{round(100 * x, 1) + 0.0:+.1f}"
+
+    if row["ci_low"] is None:
+        return f"{points(row['difference_mean'])} (one seed)"
+    return f"{points(row['difference_mean'])} [{points(row['ci_low'])}, {points(row['ci_high'])}]"
+
+
+def seeds_sentence(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The study's seeds against the claims: the most any claim needs for 1.5 points at 80 % power, and the range
+    of the differences the seeds used detect; empty without claims."""
+    primary = [r for r in rows if r["family"] == PRIMARY]
+    power = claims_power(rows, CLAIM_DIFFERENCE, CLAIM_POWER)
+    needed = [p["seeds_needed"] for p in power if p["seeds_needed"] is not None]
+    mdes = [100 * p["mde"] for p in power if p["mde"] is not None]
+    if not primary or not needed or not mdes:
+        return ""
+    seeds = max(r["n_seeds"] for r in primary)
+    enough = max(needed) <= seeds
+    return (f"Seeds: from this run's per-seed differences, detecting a {100 * CLAIM_DIFFERENCE:g}-point difference "
+            f"with {100 * CLAIM_POWER:g} % power in every claim at α/m = {power[0]['alpha']:.3g} (conservative: "
+            f"Holm's strictest step) needs {max(needed)} seeds; this run used {seeds}"
+            + (", enough." if enough else
+               f", so with them the smallest difference each claim detects at that power is {min(mdes):.1f} to "
+               f"{max(mdes):.1f} points (a claim's own: the table's last column)."))
 
 
 def _p(p: float | None) -> str:

@@ -323,7 +323,10 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
         teacher: nn.Module | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Train ``model`` for ``settings.total_steps`` optimizer steps (default: ``settings.optim.epochs``
     passes over ``data.train_set``), selecting on ``data.val_set`` after each pass; resumable from
-    ``settings.resume_dir``. ``on_epoch`` receives each epoch's row on rank 0."""
+    ``settings.resume_dir``. ``on_epoch`` receives each epoch's row on rank 0.
+
+    A loss with parameters of its own (aligned feature distillation's projectors) trains them with the model,
+    in one process: they are in the optimizer and the resume state, not in the selected weights."""
     train_set, val_set, batch_hook = data.train_set, data.val_set, data.batch_hook
     cfg, seed, batch_size, desc = settings.optim, settings.seed, settings.batch_size, settings.desc
     resume_dir = settings.resume_dir
@@ -341,7 +344,12 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
         raise ValueError(f"the training split has {len(train_set)} samples: BatchNorm needs at least 2 per process")
 
     net = unwrap(model)
-    optimizer = build_optimizer(net, cfg)
+    loss_parameters = any(p.requires_grad for p in criterion.parameters())
+    if loss_parameters and rt.dist.enabled:
+        raise ValueError("a loss with parameters (aligned feature distillation) trains in one process: "
+                         "DistributedDataParallel would not reduce its gradients")
+    # The model's parameters first: a loss without parameters leaves the optimizer as it was.
+    optimizer = build_optimizer(nn.ModuleList([net, criterion]) if loss_parameters else net, cfg)
     steps_per_epoch = len(loader)
     total_steps = settings.total_steps or cfg.epochs * steps_per_epoch
     epochs_total = math.ceil(total_steps / steps_per_epoch)  # passes over the training set (the last may be cut)
@@ -358,6 +366,8 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
         state = load_resume_state(resume_dir, settings.fingerprint, rt.device)
         if state is not None:
             net.load_state_dict(state["model"])
+            if loss_parameters:
+                criterion.load_state_dict(state["criterion"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
@@ -406,6 +416,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
                 "fingerprint": settings.fingerprint, "epoch": epoch + 1, "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "history": history, "best": best,
+                **({"criterion": criterion.state_dict()} if loss_parameters else {}),
             })
         if on_epoch is not None and rt.dist.is_main:
             on_epoch(row)

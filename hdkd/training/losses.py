@@ -1,4 +1,6 @@
-"""HDKD losses (SPEC §3): logit distillation through the distillation token, feature distillation.
+"""HDKD losses (SPEC §3): logit distillation through the distillation token, feature distillation; and the
+losses of the methods HDKD claims to beat: DeiT's (``LogitDistillationLoss("hard", 0.5)``), logit-only
+distillation (λ = 0) and feature distillation through alignment layers (:class:`AlignedFeatureDistillationLoss`).
 
 Losses see logits and feature lists, never models: each network runs once per step and hands its
 stage maps from that single pass (the official code re-runs stage prefixes once per stage).
@@ -98,6 +100,23 @@ class FeatureDistillationLoss(nn.Module):
         for term in self.stage_losses(student_feats, teacher_feats).values():
             loss = loss + term
         return loss
+
+
+class AlignedFeatureDistillationLoss(FeatureDistillationLoss):
+    """Feature distillation through alignment layers (FitNets' regressors), the operation HDKD does without:
+    each distilled student map passes through a learned 1×1 convolution before the same weighted MSE. The
+    projectors train with the student (they are this loss's parameters) and are dropped after training.
+    ``channels``: the widths of the three stages (teacher and student share them)."""
+
+    def __init__(self, channels: Sequence[int], stages: Sequence[int] = (1, 2, 3), beta: float = 1.0):
+        super().__init__(stages, beta)
+        self.projectors = nn.ModuleDict({str(s): nn.Conv2d(channels[s - 1], channels[s - 1], 1) for s in self.stages})
+
+    def stage_losses(self, student_feats: Sequence[torch.Tensor],
+                     teacher_feats: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+        projected = [self.projectors[str(k)](f) if str(k) in self.projectors else f
+                     for k, f in enumerate(student_feats, 1)]
+        return super().stage_losses(projected, teacher_feats)
 
 
 class HDKDLoss(nn.Module):

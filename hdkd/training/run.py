@@ -41,33 +41,47 @@ from hdkd.models import FrozenTeacher, create_model, model_name
 from hdkd.models.checkpoint import CHECKPOINT_KEYS, load_model, save_model
 from hdkd.roster import ModelEntry, RunKey, roster, roster_entry, run_name
 from hdkd.training.engine import FitData, FitResult, FitSettings, Runtime, fit, seed_everything, steps_per_epoch
-from hdkd.training.losses import FeatureDistillationLoss, HDKDLoss, LogitDistillationLoss
+from hdkd.training.losses import (
+    AlignedFeatureDistillationLoss,
+    FeatureDistillationLoss,
+    HDKDLoss,
+    LogitDistillationLoss,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def recipe(params: Params, entry: ModelEntry) -> OptimConfig:
-    """The model's training recipe: its params section (a baseline's: that section's ``optim``)."""
-    return params.baselines[entry.name].optim if entry.baseline else getattr(params, entry.section)
+    """The model's training recipe: its params section (a baseline's: that section's ``optim``; a kd method's:
+    its ``distill``)."""
+    if entry.baseline:
+        return params.baselines[entry.name].optim
+    return params.kd[entry.name].distill if entry.kd else getattr(params, entry.section)
 
 
 def network_spec(params: Params, entry: ModelEntry) -> tuple[str, dict[str, Any]]:
-    """The model's registry name and constructor overrides (both saved in its model file)."""
+    """The model's registry name and constructor overrides (both saved in its model file): a timm network's
+    keyword arguments, else the model section's (the paper's networks, and the kd methods on the student)."""
     if entry.baseline:
         return entry.registry, dict(params.baselines[entry.name].kwargs)
+    if entry.kd and params.kd[entry.name].timm:
+        return entry.registry, dict(params.kd[entry.name].kwargs)
     return model_name(entry.registry, params.model.size), {
         "block": params.model.block, "stem_stride": params.model.stem_stride, "dropout": params.model.dropout}
 
 
-def build_criterion(model: str | ModelEntry, cfg: OptimConfig) -> HDKDLoss:
+def build_criterion(model: str | ModelEntry, cfg: OptimConfig, channels: tuple[int, ...] = ()) -> HDKDLoss:
     """Cross-entropy for a model trained alone (a baseline too); the HDKD loss for one distilled from a
-    teacher. ``model``: a roster entry, or the name of one of the paper's models."""
+    teacher (a kd method: DeiT's and logit-only are its logit part, λ = 0; aligned's feature part runs through
+    learned projectors, for stage widths ``channels``). ``model``: a roster entry, or the name of one of the
+    paper's models."""
     entry = model if isinstance(model, ModelEntry) else roster_entry(model)
     if not entry.distills:
         return HDKDLoss(LogitDistillationLoss("none"), None, 0.0)
     assert isinstance(cfg, DistillConfig)
-    return HDKDLoss(LogitDistillationLoss(cfg.type, cfg.alpha, cfg.tau, cfg.kl_reduction),
-                    FeatureDistillationLoss(cfg.stages, beta=cfg.beta), cfg.lambda_)
+    feature = (AlignedFeatureDistillationLoss(channels, cfg.stages, beta=cfg.beta) if entry.kd == "aligned"
+               else FeatureDistillationLoss(cfg.stages, beta=cfg.beta))
+    return HDKDLoss(LogitDistillationLoss(cfg.type, cfg.alpha, cfg.tau, cfg.kl_reduction), feature, cfg.lambda_)
 
 
 def make_runtime(params: Params, device: torch.device, dist: DistInfo) -> Runtime:
@@ -135,12 +149,12 @@ def load_teacher(path: Path | None, classes: list[str], student: nn.Module, stag
 def input_fingerprint(name: str, params: Params, paths: StagePaths, run: RunKey | None = None) -> str:
     """What a resume state is valid for: the params that can change a result and the exact input files.
 
-    Of the baselines only the model's own entry counts (none for the paper's models): editing one
-    baseline leaves every other model's resume state valid. ``run`` (default ``(params.seed, 1.0)``) is
+    Of the baselines and kd methods only the model's own entry counts (none for the paper's models): editing
+    one leaves every other model's resume state valid. ``run`` (default ``(params.seed, 1.0)``) is
     the run's seed and fraction; the lists of them are not: adding a seed leaves finished runs valid."""
     files = [paths.train, paths.val] + ([paths.teacher] if paths.teacher else [])
     own = {k: v for k, v in result_params(params).items() if k not in ("seeds", "fractions", "baseline_fractions") and (
-        k.partition(".")[0] != "baselines" or k.startswith(f"baselines.{name}."))}
+        k.partition(".")[0] not in ("baselines", "kd") or k.startswith((f"baselines.{name}.", f"kd.{name}.")))}
     blob = json.dumps({"role": name, "params": own, "run": list(run or (params.seed, 1.0)),
                        "inputs": [dvc_md5(p) for p in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -180,9 +194,12 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
     seed_everything(seed)  # identical initial weights on every rank
     network, overrides = network_spec(params, entry)
     model = create_model(network, len(classes), params.data.image_size, **overrides).to(rt.device)
+    criterion = build_criterion(entry, cfg, tuple(shape[0] for shape in getattr(model, "feature_shapes", ())))
+    criterion.to(rt.device)  # aligned feature distillation's projectors: drawn after the network, train beside it
     teacher = None
     if entry.distills:
-        teacher = load_teacher(paths.teacher, classes, model, cfg.stages, rt.device)
+        teacher = load_teacher(paths.teacher, classes, model, cfg.stages if criterion.needs_features else (),
+                               rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model: nn.Module = torch.compile(model) if params.train.compile else model
@@ -211,7 +228,7 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
                  datasets=inputs, run_name=f"{entry.stage} {run_name((seed, fraction))}") as tracker:
         if rt.dist.is_main and tracker.run_id:
             write_json(paths.resume_dir / MLFLOW_RUN, {"fingerprint": fingerprint, "run_id": tracker.run_id})
-        result = fit(train_model, build_criterion(entry, cfg), FitData(train_set, val_set, batch_hook), rt, settings,
+        result = fit(train_model, criterion, FitData(train_set, val_set, batch_hook), rt, settings,
                      teacher, on_epoch=lambda row: tracker.log_metrics(row, step=int(row["epoch"])))
         summary = {"val_accuracy": result.best["val_accuracy"], "val_loss": result.best["val_loss"],
                    "best_epoch": result.best_epoch, "epochs": cfg.epochs}

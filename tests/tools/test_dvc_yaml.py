@@ -199,3 +199,28 @@ def test_recompiled_code_is_no_changed_dependency(tracked_pipeline):
         os.utime(source)
     tracked_pipeline.run(sys.executable, "-c", "import hdkd.training.stage, hdkd.evaluation.evaluate, hdkd.report.build, hdkd.report.stage")
     assert json.loads(tracked_pipeline.dvc("status", "--json")) == {}
+
+
+def test_the_kd_stage_is_held_as_the_others_are():
+    # No kd method by default (the stage expands to none above): expanded with the study's, its code deps follow
+    # the wing rule, its params are params.yaml's keys, and its outputs are where its command line writes.
+    from hdkd.config import apply_overlay
+    from tests.helpers.pipeline import expand_foreach
+
+    study = yaml.safe_load(apply_overlay(ROOT / "params.yaml", ROOT / "params" / "study.yaml"))
+    stages = expand_foreach(yaml.safe_load((ROOT / "dvc.yaml").read_text()), study)["stages"]
+    kd = [name for name in stages if name.startswith("train_kd@")]
+    assert kd == [f"train_kd@{key}" for key in study["kd"]] and kd
+    for name in kd:
+        stage, key = stages[name], name.partition("@")[2]
+        files = {f.relative_to(ROOT).as_posix() for f in import_closure("pipeline.train_kd")}
+        for wing in WINGS:
+            modules = {f.relative_to(ROOT).as_posix() for f in wing.glob("*.py")}
+            if 2 * len(modules & files) > len(modules):
+                files = (files - modules) | {wing.relative_to(ROOT).as_posix()}
+        assert {d for d in stage["deps"] if d.split("/")[0] in PROJECT_PACKAGES} == files
+        assert [k for k in stage["params"] if not has_key(study, k)] == []
+        locations = {Path(v) for v in cli_defaults("pipeline.train_kd", [key]).values() if isinstance(v, (str, Path))
+                     and v != key} - {Path(d) for d in stage["deps"]} - {Path("."), Path("params.yaml")}
+        outs = [p for e in stage["outs"] + stage["metrics"] for p in ([e] if isinstance(e, str) else e)]
+        assert all(any(is_within(Path(p), loc) for loc in locations) for p in outs), (outs, locations)

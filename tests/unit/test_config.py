@@ -211,7 +211,12 @@ def _float_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
             node = PARAMS
             for part in key.split("."):
                 node = node[part]
+            if not node:  # none in params.yaml (kd: the study's): nothing to set
+                continue
             key += "." + next(iter(node))
+        if typing.get_origin(field.annotation) is list and any(isinstance(t, type) and issubclass(t, BaseModel)
+                                                                 for t in kinds):
+            continue  # a list of sections (report.claims), empty in params.yaml: its tests check its entries
         if float in kinds:
             keys.append(key)
         keys += [k for t in kinds if isinstance(t, type) and issubclass(t, BaseModel) for k in _float_keys(t, key + ".")]
@@ -264,3 +269,45 @@ def test_seeds_fractions_and_comparisons_are_checked(overrides, message):
 def test_fractions_are_sorted_and_balancing_works_on_the_whole_split():
     assert make_params({"fractions": [1.0, 0.25]}).fractions == [0.25, 1.0]
     assert make_params({"balance": {"method": "smote"}, "fractions": [1.0]}).balance.method == "smote"
+
+
+def test_augment_sharpness_has_an_upper_bound():
+    make_params({"augment": {"sharpness": 10.0}})  # the bound itself: a strong but real sharpening
+    for value in (10.01, 1e6):
+        with pytest.raises(ConfigError, match=r"augment\.sharpness: Input should be less than or equal to 10"):
+            make_params({"augment": {"sharpness": value}})
+
+
+def claim(**change):
+    return {"claim": "HDKD beats the student", "compare": ["hdkd", "student"], "fraction": 1.0,
+            "minus_fraction": None, "metric": "accuracy"} | change
+
+
+def test_claims_name_models_and_fractions_of_the_run():
+    assert make_params({"report": {"claims": [claim()]}}).report.claims[0].compare == ("hdkd", "student")
+    with pytest.raises(ConfigError, match=r"report.claims\[0\] names \['deit'\], not models of this run"):
+        make_params({"report": {"claims": [claim(compare=["hdkd", "deit"])]}})
+    with pytest.raises(ConfigError, match=r"report.claims\[0\]: hdkd, student not trained at fraction 0.5"):
+        make_params({"report": {"claims": [claim(fraction=0.5)]}})
+    with pytest.raises(ConfigError, match="vit not trained at fraction 0.25"):  # the baselines: at baseline_fractions
+        make_params({"report": {"claims": [claim(compare=["hdkd", "vit"], fraction=0.25)]}})
+    with pytest.raises(ConfigError, match="minus_fraction must differ from fraction"):
+        make_params({"report": {"claims": [claim(minus_fraction=1.0)]}})
+    with pytest.raises(ConfigError, match="a model compared with itself"):
+        make_params({"report": {"claims": [claim(compare=["hdkd", "hdkd"])]}})
+    with pytest.raises(ConfigError, match="claims.0.minus_fraction: missing"):
+        make_params({"report": {"claims": [{k: v for k, v in claim().items() if k != "minus_fraction"}]}})
+
+
+def test_the_study_declares_the_papers_claims_before_the_run():
+    study = overlaid(ROOT / "params" / "study.yaml")
+    claims = study.report.claims
+    smallest, full = min(study.fractions), 1.0
+    assert len(claims) == 9 and {c.metric for c in claims} == {"accuracy"}
+    tested = {(c.compare, c.fraction, c.minus_fraction) for c in claims}
+    assert {(("hdkd", "student"), f, None) for f in study.fractions} <= tested  # HDKD > student at each fraction
+    for rival in ("logit_kd", "aligned_kd", "deit_vit"):  # > each method it claims to beat, smallest and full
+        assert {(("hdkd", rival), smallest, None), (("hdkd", rival), full, None)} <= tested
+    assert (("hdkd", "student"), smallest, full) in tested  # a larger gain with less data
+    assert study.baseline_fractions == study.fractions  # every model at every fraction
+    assert {m.method for m in study.kd.values()} == {"deit", "logit", "aligned"}

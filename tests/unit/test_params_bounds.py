@@ -22,6 +22,8 @@ BOUNDS = {
     "data.synthetic.native_size": (16, ">=", 1024, "<="),
     "data.synthetic.seed": (0, ">=", None, None),
     "data.synthetic.ambiguity": (0, ">=", 1, "<="),
+    "data.synthetic.subtypes": (1, ">=", 64, "<="),
+    "data.synthetic.nuisance": (0, ">=", 1, "<="),
     "balance.k_neighbors": (1, ">=", 50, "<="),
     "augment.rotation": (0, ">=", 180, "<="),
     "augment.brightness": (0, ">=", 1, "<="),

@@ -61,9 +61,7 @@ def test_a_training_stage_owns_what_its_model_names(model):
     assert [next(iter(m)) for m in stage["metrics"]] == [f"reports/train/{model.name}.json"]
     assert (f"models/{model.teacher}" in stage["deps"]) == model.distills  # every run of the teacher
     assert "models" in STAGES["evaluate"]["deps"]  # a directory: every model's stage runs first
-    if not model.baseline:  # DVC's plots are a fixed list; the report draws the baselines
-        for plot in DVC_YAML["plots"]:
-            assert any(f"_{model.name}.csv" in path for path in next(iter(plot.values()))["y"]), plot
+    # DVC's plots name no model and draw every one: tests/tools/test_dvc_plots.py
 
 
 @pytest.mark.parametrize("model", RUN, ids=[m.name for m in RUN])
@@ -90,3 +88,65 @@ def flat_keys(dotted: str) -> list[str]:
     if not isinstance(node, dict) or not node:
         return [dotted]
     return [k for key in node for k in flat_keys(f"{dotted}.{key}")]
+
+
+# ------------------------------------------------------------------ the kd methods (none by default: the study's)
+def study_params():
+    from hdkd.config import apply_overlay, parse_params
+
+    return parse_params(yaml.safe_load(apply_overlay(ROOT / "params.yaml", ROOT / "params" / "study.yaml")))
+
+
+STUDY = study_params()
+STUDY_RUN = roster(STUDY)
+KD = [m for m in STUDY_RUN if m.kd]
+
+
+def test_kd_methods_join_the_roster_after_the_baselines_distilled_from_the_teacher():
+    assert not roster(load_params(ROOT / "params.yaml"))[len(ROSTER) + len(PARAMS["baselines"]):]  # none by default
+    assert [m.name for m in STUDY_RUN] == [*MODEL_NAMES, *STUDY.baselines, *STUDY.kd]
+    assert {m.kd for m in KD} == {"deit", "logit", "aligned"}
+    for m in KD:
+        assert (m.stage, m.section, m.teacher, m.distills, m.baseline) == (f"train_kd@{m.name}", f"kd.{m.name}",
+                                                                           "teacher", True, False)
+    deit = roster_entry("deit_vit", STUDY.to_dict())  # the dict form (a bundle's params) gives the same entry
+    assert deit == roster_entry("deit_vit", STUDY) and deit.registry == "timm:deit_tiny_distilled_patch16_224"
+    assert {roster_entry(k, STUDY).registry for k in ("logit_kd", "aligned_kd")} == {"hdkd"}
+    for attr in ("name", "label", "color"):  # every model of the study is told apart in tables and figures
+        assert len({getattr(m, attr) for m in STUDY_RUN}) == len(STUDY_RUN), attr
+    # the study's DeiT ViT is its ViT baseline's network, with a distillation token
+    assert STUDY.kd["deit_vit"].kwargs == STUDY.baselines["vit"].kwargs
+    assert STUDY.kd["deit_vit"].distill.lr == STUDY.baselines["vit"].optim.lr
+    # every model at every fraction of the study
+    from hdkd.roster import training_runs
+
+    assert {tuple(training_runs(STUDY, m.name)) for m in STUDY_RUN} == {tuple(training_runs(STUDY, "hdkd"))}
+
+
+def study_stages():
+    from tests.helpers.pipeline import expand_foreach
+
+    return expand_foreach(yaml.safe_load((ROOT / "dvc.yaml").read_text()),
+                          yaml.safe_load((ROOT / "params.yaml").read_text()) | {"kd": STUDY.to_dict()["kd"]})["stages"]
+
+
+def test_dvc_yaml_trains_exactly_the_studys_roster():
+    assert [s for s in study_stages() if s.startswith("train_")] == [m.stage for m in STUDY_RUN]
+
+
+@pytest.mark.parametrize("model", KD, ids=[m.name for m in KD])
+def test_a_kd_stage_owns_what_its_model_names_and_tracks_its_recipe(model):
+    stages = study_stages()
+    stage = stages[model.stage]
+    assert stage["cmd"] == f"python -m pipeline.train_kd {model.name}"
+    assert stage["outs"] == [f"models/{model.name}/model.pt", f"models/{model.name}/run.json",
+                             f"models/{model.name}/runs"]
+    assert [next(iter(m)) for m in stage["metrics"]] == [f"reports/train/{model.name}.json"]
+    assert "models/teacher" in stage["deps"]  # every run of the teacher
+    listed = stage["params"]
+    # its own entry (no other kd method's, no baseline's), the distill section it inherits, the model section
+    assert [k for k in listed if k.startswith(("kd", "baselines"))] == [model.section]
+    assert {"distill", "model", "seeds", "fractions", "augment"} <= set(listed) and "baseline_fractions" not in listed
+    missing = [k for k in flat_keys("train") if is_result_param(k) and k not in listed]
+    assert not missing, f"{model.stage} does not track {missing}"
+    assert "kd" in stages["evaluate"]["params"]

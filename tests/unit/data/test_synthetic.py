@@ -173,3 +173,45 @@ def test_a_damaged_tree_is_regenerated(tmp_path, caplog, damage):
     generate(cfg, tree)
     assert dvc_md5(tree) == clean
     assert "no longer match" in caplog.text and "regenerating" in caplog.text
+
+
+def test_the_default_dataset_is_byte_for_byte_the_one_before_the_variety_keys(tmp_path):
+    # params.yaml's data.synthetic (variety off) generates the very tree of before subtypes and nuisance existed,
+    # its stamp included: the digest the download stage records (data/raw/source.json's tree_digest), unchanged
+    from hdkd.config import load_params
+    from hdkd.data.synthetic import Variety, stamp_settings
+    from tests.helpers import ROOT
+
+    cfg = load_params(ROOT / "params.yaml").data.synthetic
+    assert (cfg.subtypes, cfg.nuisance, Variety.of(cfg)) == (1, 0.0, None)
+    assert set(stamp_settings(cfg)) == {"format_version", "layout", "num_images", "native_size", "seed", "ambiguity"}
+    assert dvc_md5(generate(cfg, tmp_path / "default")) == "916dfefcc35a12b4fd321559339228dd.dir"
+    assert stamp_settings(cfg.model_copy(update={"subtypes": 4}))["subtypes"] == 4  # variety on: in the stamp
+
+
+def test_variety_draws_zipf_looks_fixed_by_the_dataset_seed_and_leaves_the_images_alone_when_off():
+    from hdkd.data.synthetic import Variety
+
+    variety = Variety(8, 0.5, 0)
+    draws = Counter(variety.subtype(np.random.default_rng(k)) for k in range(20_000))
+    zipf = 1 / np.arange(1, 9)
+    np.testing.assert_allclose([draws[k] / 20_000 for k in range(8)], zipf / zipf.sum(), atol=0.01)
+    for render in (lambda v: render_brain_image("glioma", 3, 32, 32, 0.3, v),
+                   lambda v: render_ham_image("mel", 5, 6, 24, 32, 0.3, v)):
+        plain, varied = render(None), render(variety)
+        assert np.array_equal(varied, render(Variety(8, 0.5, 0))) and not np.array_equal(plain, varied)
+        assert not np.array_equal(varied, render(Variety(8, 0.5, 1)))  # another dataset seed: other looks
+    # subtypes alone (no nuisance) change only the looks: a slice without a tumour, its anatomy
+    assert not np.array_equal(render_brain_image("notumor", 3, 32, 32, 0.0, Variety(8, 0.0, 0)),
+                              render_brain_image("notumor", 3, 32, 32, 0.0))
+
+
+def test_a_varied_tree_is_generated_and_stamped_with_its_variety(tmp_path):
+    cfg = section("data.synthetic", layout="brain_tumor_mri", num_images=60, native_size=24, subtypes=4,
+                  nuisance=0.5)
+    out = generate(cfg, tmp_path / "mri")
+    stamp = (out / ".synthetic.json").read_text()
+    assert '"subtypes": 4' in stamp and '"nuisance": 0.5' in stamp
+    assert dvc_md5(generate(cfg, tmp_path / "again")) == dvc_md5(out)
+    plain = generate(cfg.model_copy(update={"subtypes": 1, "nuisance": 0.0}), tmp_path / "plain")
+    assert dvc_md5(plain) != dvc_md5(out)

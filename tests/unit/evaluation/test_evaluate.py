@@ -82,7 +82,7 @@ def test_write_evaluation_files(tmp_path, bundle):
     assert names == sorted(
         ["bundle.json", "metrics.json"]
         + [f"eval/{m}.json" for m in ("teacher", "student", "hdkd")]
-        + [f"plots/{kind}_{m}.csv" for m in ("teacher", "student", "hdkd") for kind in ("confusion", "curves")]
+        + ["plots/confusion.csv", "plots/training.csv"]
     )
     assert not list(out.rglob(".*"))  # no temporary files left behind
     assert read_json(out / "bundle.json") == bundle
@@ -98,12 +98,19 @@ def test_write_evaluation_files(tmp_path, bundle):
     assert detail["evaluation"]["confusion_matrix"] == [[8, 2, 0], [1, 8, 1], [0, 0, 20]]
     assert detail["efficiency"]["params"]["total"] == 3727288
 
-    rows = list(csv.reader(io.StringIO((out / "plots" / "confusion_student.csv").read_text())))
-    assert rows[0] == ["actual", "predicted"] and len(rows) == 1 + 40
-    assert rows.count(["bcc", "akiec"]) == 1 and rows.count(["nv", "nv"]) == 20 and ["nv", "bcc"] not in rows
+    # One file per chart, every model in it (long format): every cell of each confusion matrix, zeros included.
+    rows = list(csv.reader(io.StringIO((out / "plots" / "confusion.csv").read_text())))
+    assert rows[0] == ["model", "actual", "predicted", "count", "share"] and len(rows) == 1 + 3 * 9
+    assert [r[0] for r in rows[1::9]] == ["teacher", "student", "hdkd"]  # report order
+    student = [r[1:] for r in rows if r[0] == "student"]
+    assert student[:3] == [["akiec", "akiec", "8", "0.8"], ["akiec", "bcc", "2", "0.2"], ["akiec", "nv", "0", "0.0"]]
+    assert ["bcc", "akiec", "1", "0.1"] in student and ["nv", "nv", "20", "1.0"] in student
 
-    curves = (out / "plots" / "curves_teacher.csv").read_text()
-    assert curves.splitlines()[:2] == ["epoch,lr,train_loss,val_accuracy,val_loss", "1,0.001,1.0,0.625,1.25"]
+    curves = (out / "plots" / "training.csv").read_text()
+    assert curves.splitlines()[:2] == ["model,epoch,lr,train_ce,train_accuracy,val_loss,val_accuracy",
+                                       "teacher,1,0.001,,,1.25,0.625"]  # the hand history logs no train_ce
+    assert [line.split(",")[:2] for line in curves.splitlines()[1:]] == [
+        [m, str(e)] for m in ("teacher", "student", "hdkd") for e in (1, 2, 3)]
     assert "\r" not in curves
 
 
@@ -114,12 +121,12 @@ def test_a_full_disk_leaves_the_previous_evaluation_whole(tmp_path, bundle, monk
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real = hdkd.evaluation.evaluate.write_csv
 
-    def full_at_the_hdkd_curves(path, rows):
-        if path.name == "curves_hdkd.csv":
+    def full_at_the_training_curves(path, rows):
+        if path.name == "training.csv":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, rows)
 
-    monkeypatch.setattr(hdkd.evaluation.evaluate, "write_csv", full_at_the_hdkd_curves)
+    monkeypatch.setattr(hdkd.evaluation.evaluate, "write_csv", full_at_the_training_curves)
     with pytest.raises(DiskFullError, match="bundle.json, .*metrics.json, .*eval, .*plots: .* free in "):
         write_evaluation(bundle_with(shift=0.05), out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # temporaries gone too
@@ -130,8 +137,14 @@ def test_models_without_history_get_no_curves(tmp_path):
     models["hdkd"]["history"] = []
     b = make_bundle(models, make_params(), CLASSES, test_labels=TEST_LABELS)
     paths = write_evaluation(b, tmp_path)
-    assert (tmp_path / "plots" / "curves_teacher.csv") in paths
-    assert not (tmp_path / "plots" / "curves_hdkd.csv").exists()
+    assert (tmp_path / "plots" / "training.csv") in paths
+    assert {line.split(",")[0] for line in (tmp_path / "plots" / "training.csv").read_text().splitlines()[1:]} == {
+        "teacher", "student"}
+    for m in models.values():
+        m["history"] = []
+    paths = write_evaluation(make_bundle(models, make_params(), CLASSES, test_labels=TEST_LABELS), tmp_path)
+    assert not (tmp_path / "plots" / "training.csv").exists()  # no empty chart
+    assert (tmp_path / "plots" / "confusion.csv") in paths
 
 
 def test_evaluate_stage_fails_on_cuda_without_a_gpu(tmp_path, monkeypatch):

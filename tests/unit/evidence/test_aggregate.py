@@ -82,8 +82,10 @@ def test_significance_pairs_by_seed_and_matches_scipy():
     half = [r for r in rows if r["fraction"] == 0.5]
     assert next(r for r in half if r["test"] == "paired_t")["p_value"] is None
     assert {r["test"] for r in half} == {"paired_t", "mcnemar_exact_seed0"}
-    assert set(rows[0]) == {"comparison", "fraction", "metric", "difference_mean", "ci_low", "ci_high",
-                            "p_value", "test", "effect_size", "p_value_holm", "n_seeds", "did_not_learn"}
+    assert set(rows[0]) == {"family", "claim", "comparison", "fraction", "minus_fraction", "metric",
+                            "difference_mean", "ci_low", "ci_high", "p_value", "test", "effect_size", "p_value_holm",
+                            "n_seeds", "did_not_learn"}
+    assert {r["family"] for r in rows} == {"exploratory"} and {r["minus_fraction"] for r in rows} == {None}
     assert rows[0]["comparison"] == "hdkd vs student"
     assert (t_acc["n_seeds"], t_acc["did_not_learn"], rows[0]["n_seeds"]) == (3, [], 1)
     # differences 0.2, 0.1, -0.1: mean 1/15 over their sample std
@@ -169,3 +171,85 @@ def test_sentence_reads_plainly():
     assert sentence(row, "HDKD", "Student", ["HDKD"]) == (
         "HDKD vs Student: +1.2 points accuracy; no verdict: HDKD did not learn (at most of the 3 seeds, at least "
         "95 % of the test predictions are one class).")
+
+
+# ----------------------------------------------------------------------------------- pre-registered claims
+CHOSEN = {  # accuracies per seed 0, 1, 2 (chosen numbers)
+    ("student", 0.1): [0.60, 0.62, 0.61], ("hdkd", 0.1): [0.66, 0.67, 0.69],
+    ("student", 1.0): [0.80, 0.81, 0.79], ("hdkd", 1.0): [0.82, 0.83, 0.83],
+    ("teacher", 1.0): [0.85, 0.84, 0.86], ("teacher", 0.1): [0.70, 0.70, 0.71],
+}
+
+
+def _claims_bundle():
+    return {"test_labels": LABELS, "models": {
+        m: {"runs": [_run(s, f, acc[s], acc[s] - 0.1, list(LABELS)) for (model, f), acc in CHOSEN.items()
+                     if model == m for s in range(3)]} for m in ("teacher", "student", "hdkd")}}
+
+
+def _claim(text, a, b, fraction, minus=None):
+    return {"claim": text, "compare": [a, b], "fraction": fraction, "minus_fraction": minus, "metric": "accuracy"}
+
+
+CLAIMS = [_claim("HDKD beats the student on a tenth", "hdkd", "student", 0.1),
+          _claim("HDKD beats the student on all", "hdkd", "student", 1.0),
+          _claim("HDKD beats the teacher", "hdkd", "teacher", 1.0),
+          _claim("HDKD gains more on a tenth", "hdkd", "student", 0.1, 1.0)]
+
+
+def test_the_primary_familys_holm_adjustment_on_a_hand_computed_case():
+    rows = significance_rows(_claims_bundle(), [("hdkd", "student"), ("hdkd", "teacher")], CLAIMS)
+    primary = [r for r in rows if r["family"] == "primary"]
+    assert [r["claim"] for r in primary] == [c["claim"] for c in CLAIMS]
+    # each claim's p: the paired t over the seeds (scipy)
+    def diffs(a, b, f):
+        return np.subtract(CHOSEN[a, f], CHOSEN[b, f])
+
+    raw = [sps.ttest_rel(CHOSEN["hdkd", 0.1], CHOSEN["student", 0.1]).pvalue,
+           sps.ttest_rel(CHOSEN["hdkd", 1.0], CHOSEN["student", 1.0]).pvalue,
+           sps.ttest_rel(CHOSEN["hdkd", 1.0], CHOSEN["teacher", 1.0]).pvalue,
+           # the difference of paired differences: (+.06, +.05, +.08) - (+.02, +.02, +.04) = (+.04, +.03, +.04)
+           sps.ttest_1samp(diffs("hdkd", "student", 0.1) - diffs("hdkd", "student", 1.0), 0).pvalue]
+    assert [r["p_value"] for r in primary] == pytest.approx(raw)
+    assert primary[3]["difference_mean"] == pytest.approx(0.11 / 3)
+    assert (primary[3]["test"], primary[3]["fraction"], primary[3]["minus_fraction"]) == (
+        "paired_t_of_differences", 0.1, 1.0)
+    # Holm by hand over these four alone: sort, multiply the k-th smallest by (4 - k + 1), carry the running max
+    order = np.argsort(raw)
+    adjusted, running = [0.0] * 4, 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (4 - k) * raw[i]))
+        adjusted[i] = running
+    assert [r["p_value_holm"] for r in primary] == pytest.approx(adjusted)
+    assert adjusted == pytest.approx(list(multipletests(raw, method="holm")[1]))
+    # exploratory: every other paired t row, adjusted on its own; the claimed tests are not repeated there
+    exploratory = [r for r in rows if r["family"] == "exploratory" and r["test"] == "paired_t"]
+    assert not [r for r in exploratory if (r["comparison"], r["fraction"], r["metric"]) in {
+        ("hdkd vs student", 0.1, "accuracy"), ("hdkd vs student", 1.0, "accuracy"), ("hdkd vs teacher", 1.0, "accuracy")}]
+    tested = [r for r in exploratory if r["p_value"] is not None]
+    assert [r["p_value_holm"] for r in tested] == pytest.approx(
+        list(multipletests([r["p_value"] for r in tested], method="holm")[1]))
+    assert len(tested) == 5  # f1 at 0.1 and 1 (hdkd vs student), accuracy and f1 at 0.1, f1 at 1 (vs the teacher)
+
+
+def test_a_claims_verdict_and_the_seeds_it_needs():
+    from hdkd.evidence.aggregate import claim_verdict, claims_power
+    from hdkd.evidence.stats import minimum_detectable_effect, seeds_needed
+
+    rows = significance_rows(_claims_bundle(), [], CLAIMS)
+    verdicts = [claim_verdict(r) for r in rows]
+    p = [r["p_value_holm"] for r in rows]
+    assert verdicts[2] == ("contradicted" if p[2] < 0.05 else "not supported")  # HDKD is below its teacher
+    assert verdicts[0] == ("supported" if p[0] < 0.05 else "not supported")
+    row = dict(rows[0])
+    assert claim_verdict({**row, "p_value_holm": 0.01, "difference_mean": 0.02}) == "supported"
+    assert claim_verdict({**row, "p_value_holm": 0.01, "difference_mean": -0.02}) == "contradicted"
+    assert claim_verdict({**row, "p_value_holm": 0.2}) == "not supported"
+    assert claim_verdict({**row, "p_value_holm": None}) == "not supported"
+    assert claim_verdict({**row, "did_not_learn": ["student"]}) == "no verdict"
+    # seeds: at alpha / 4 (four tested claims), from each claim's sample std of the per-seed differences
+    power = claims_power(rows)
+    sd = float(np.std([0.06, 0.05, 0.08], ddof=1))
+    assert rows[0]["difference_sd"] == pytest.approx(sd)
+    assert power[0] == {"seeds_needed": seeds_needed(0.015, sd, 0.05 / 4),
+                        "mde": pytest.approx(minimum_detectable_effect(sd, 3, 0.05 / 4)), "alpha": 0.0125}

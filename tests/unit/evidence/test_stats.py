@@ -10,7 +10,17 @@ from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from hdkd.evidence.stats import effect_size, holm, mcnemar_exact, mean_std, paired_t, verdict
+from hdkd.evidence.stats import (
+    effect_size,
+    holm,
+    mcnemar_exact,
+    mean_std,
+    minimum_detectable_effect,
+    paired_t,
+    paired_t_power,
+    seeds_needed,
+    verdict,
+)
 
 
 def test_mean_and_sample_std():
@@ -102,3 +112,25 @@ def test_mcnemar_significant_and_identical():
     assert verdict(mcnemar_exact(ca, cb)) == "significant"
     same = mcnemar_exact(cb, cb)
     assert (same.difference_mean, same.p_value) == (0.0, 1.0)
+
+
+def test_seeds_needed_and_the_detectable_difference_hand_computed_and_against_statsmodels():
+    from statsmodels.stats.power import TTestPower
+
+    # by hand: with no true difference a two-sided test rejects at its level (both tails of the central t)
+    assert paired_t_power(0.0, 5, 0.05) == pytest.approx(0.05)
+    # Cohen's table: a paired t at d_z = 0.5, two-sided 0.05, 80 % power needs 34 pairs (33 give 0.79)
+    assert seeds_needed(0.5, 1.0, 0.05) == 34
+    assert paired_t_power(0.5, 34, 0.05) >= 0.8 > paired_t_power(0.5, 33, 0.05)
+    # 1.5 points with per-seed differences of sd 1 or 2 points, in a family of 9 at alpha / 9 (conservative)
+    for sd, alpha in ((0.01, 0.05 / 9), (0.02, 0.05 / 9), (0.005, 0.05)):
+        n = seeds_needed(0.015, sd, alpha)
+        assert n == math.ceil(TTestPower().solve_power(effect_size=0.015 / sd, alpha=alpha, power=0.8))
+        assert paired_t_power(0.015 / sd, n, alpha) == pytest.approx(TTestPower().power(0.015 / sd, n, alpha))
+        mde = minimum_detectable_effect(sd, 5, alpha)
+        assert mde == pytest.approx(TTestPower().solve_power(nobs=5, alpha=alpha, power=0.8) * sd, rel=1e-6)
+    assert seeds_needed(0.015, 0.01, 0.05 / 9) == 10 and round(100 * minimum_detectable_effect(0.01, 5, 0.05 / 9), 2) == 3.07
+    # undefined: one seed (no std), one seed used, no spread (the same difference at every seed estimates none)
+    assert seeds_needed(0.015, None) is None and minimum_detectable_effect(None, 5) is None
+    assert minimum_detectable_effect(0.01, 1) is None
+    assert seeds_needed(0.015, 0.0) is None and minimum_detectable_effect(0.0, 3) is None

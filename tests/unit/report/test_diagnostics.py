@@ -13,6 +13,7 @@ from hdkd.report.diagnostics import (
     diagnostics_rows,
     feature_to_ce_ratio,
     loss_terms_figure,
+    loss_terms_rows,
     passes_on_one_class,
 )
 from hdkd.report.tables import diagnostics_table
@@ -68,6 +69,22 @@ def test_rows_and_the_sentence_say_how_long_hdkd_sat_on_one_class(bundle):
 def test_a_bundle_without_histories_has_no_diagnostics(bundle):
     assert diagnostics_rows(bundle) == [] and diagnosis_sentence(bundle) is None
     assert diagnostics_table(bundle) is None and loss_terms_figure(bundle) is None
+    assert loss_terms_rows(bundle) == [("fraction", "epoch", "term", "loss", "grad_norm")]  # the header alone
+
+
+def test_the_loss_terms_data_is_each_term_per_pass_mean_over_seeds(bundle):
+    # The data of the figure's upper rows, which dvc.yaml's plots draw (figures/hdkd_loss_terms.csv).
+    b = with_histories(bundle)
+    b["models"]["hdkd"]["runs"][0]["history"][0]["grad_norm_ce"] = 2.0  # seed 0 of fraction 0.1: 2.0, the others 0.5
+    header, *rows = loss_terms_rows(b)
+    assert header == ("fraction", "epoch", "term", "loss", "grad_norm")
+    assert [r[:3] for r in rows] == [("0.1", e, t) for t in ("ce", "feature_stage1", "feature_stage2",
+                                                             "feature_stage3") for e in (1, 2, 3)]
+    by_key = {(r[1], r[2]): r[3:] for r in rows}
+    assert by_key[(1, "ce")] == pytest.approx((0.5, 1.0))  # (2.0 + 0.5 + 0.5) / 3 seeds
+    assert by_key[(2, "feature_stage3")] == pytest.approx((30.0, 10.0))
+    assert {r[2] for r in loss_terms_rows(b, "student")[1:]} == {"ce"}  # trained alone: its one term
+    assert loss_terms_rows(b, "teacher") == [header]  # no run with a history
 
 
 def test_the_report_draws_the_loss_terms_and_says_the_diagnosis(bundle, tmp_path):
@@ -80,6 +97,9 @@ def test_the_report_draws_the_loss_terms_and_says_the_diagnosis(bundle, tmp_path
     assert {"HDKD", "Student"} <= labels
     build_report(b, tmp_path, make_params().report)
     assert (tmp_path / "figures" / "hdkd_loss_terms.png").is_file()
+    # its data, a DVC plot
+    assert (tmp_path / "figures" / "hdkd_loss_terms.csv").read_text().splitlines()[:2] == [
+        "fraction,epoch,term,loss,grad_norm", "0.1,1,ce,0.5,0.5"]
     assert (tmp_path / "tables" / "training_diagnostics.csv").is_file()
     readme = (tmp_path / "README.md").read_text()
     assert "## How the models trained" in readme and diagnosis_sentence(b) in readme
