@@ -30,7 +30,7 @@ TESTS = {
     "hdkd/evaluation/metrics.py": ["tests/unit/evaluation/test_metrics.py"],
     "hdkd/data/splits.py": ["tests/unit/data/test_splits.py", "tests/unit/data/test_prepare.py"],
     "hdkd/evidence/bundle.py": ["tests/unit/evidence/test_bundle.py"],
-    "hdkd/infra/provenance.py": ["tests/unit/infra/test_provenance_contract.py", "tests/unit/report/test_revisions.py"],
+    "hdkd/infra/provenance.py": ["tests/unit/infra/test_tracking.py", "tests/unit/report/test_revisions.py"],
     "hdkd/config.py": ["tests/unit/test_config.py", "tests/unit/test_params_bounds.py"],
     "hdkd/data/balance.py": ["tests/unit/data/test_balance.py"],
     "hdkd/data/prepare.py": ["tests/unit/data/test_prepare.py", "tests/unit/data/test_copies.py"],

@@ -233,13 +233,14 @@ def significance_table(rows: Sequence[Mapping[str, Any]]) -> Table | None:
                    fixed(r["difference_mean"], 4), fixed(r["ci_low"], 4), fixed(r["ci_high"], 4),
                    fixed(r["effect_size"], 3), _p(r["p_value"]), _p(r["p_value_holm"]), r["test"],
                    ", ".join(r["did_not_learn"]) or "none") for r in rows)
-    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} `family`: `primary`, the claims "
-            f"declared before the run (report.claims; tables/claims), {family_sizes(rows)}; every other row is "
-            "`exploratory`. `p_value_holm`: the paired t p-values Holm-adjusted within their family (statsmodels "
-            "multipletests); the verdicts use the adjusted p. `minus_fraction`: a claim on a difference of paired "
-            f"differences (test `{GAIN_TEST}`): (A − B at `fraction`) − (A − B at `minus_fraction`), paired by seed. "
-            "`effect_size`: the mean paired difference over the sample standard deviation of the per-seed "
-            "differences (n/a: one seed, or no spread). "
+    claims = "" if any(r["family"] == PRIMARY for r in rows) else "no claims were declared for this run: "
+    note = (f"A − B on the same test images (fractions of 1), {_SIGNIFICANCE_METHOD} `family`: `primary` for the "
+            "claims declared before the run (report.claims; tables/claims), `exploratory` for every other row; "
+            f"{claims}{family_sizes(rows)}. `p_value_holm`: the paired t p-values Holm-adjusted within their "
+            "family (statsmodels multipletests); the verdicts use the adjusted p. `minus_fraction`: a claim on a "
+            f"difference of paired differences (test `{GAIN_TEST}`): (A − B at `fraction`) − (A − B at "
+            "`minus_fraction`), paired by seed. `effect_size`: the mean paired difference over the sample standard "
+            "deviation of the per-seed differences (n/a: one seed, or no spread). "
             f"`did_not_learn`: the models of the pair that did not learn at that fraction. {NOT_LEARNED_NOTE}")
     return Table("significance", "Paired comparisons", columns, cells, note)
 
