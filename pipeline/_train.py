@@ -6,7 +6,8 @@ from pathlib import Path
 
 KEYED = {"baselines": ("train_baseline", "baseline"), "kd": ("train_kd", "kd method")}  # group: module, one of them
 PATHS = {"train": "data/balanced", "val": "data/prepared", "out": "models/{name}",
-         "metrics": "reports/train/{name}.json", "resume_dir": "checkpoints/{name}"}  # dvc.yaml's, in StagePaths' order
+         "metrics": "reports/train/{name}.json", "resume_dir": "checkpoints/{name}",
+         "run_record": "reports/train/{name}.run.json"}  # dvc.yaml's, in StagePaths' order (teacher: before the last)
 
 
 def main(name: str | None, argv: list[str] | None = None, group: str = "baselines") -> dict:
@@ -16,7 +17,6 @@ def main(name: str | None, argv: list[str] | None = None, group: str = "baseline
     from hdkd.roster import roster_entry
     from hdkd.training.run import StagePaths
     from hdkd.training.stage import train_stage
-
     keyed, (module, one) = name is None, KEYED[group]
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{module if keyed else f'train_{name}'}", add_help=False)
     if keyed:  # the key names the default paths: read it first (--help is added after, to list them all)
@@ -36,5 +36,5 @@ def main(name: str | None, argv: list[str] | None = None, group: str = "baseline
         parser.error(f"no {one} {name!r} in {args.params}'s {group}; known: {', '.join(getattr(params, group))}")
     if keyed:
         check_baselines(params, args.params)
-    paths = StagePaths(*(getattr(args, k) for k in PATHS), getattr(args, "teacher", None))
-    return train_stage(name, params, paths)
+    paths = [getattr(args, k) for k in PATHS if k != "run_record"]
+    return train_stage(name, params, StagePaths(*paths, getattr(args, "teacher", None), args.run_record))

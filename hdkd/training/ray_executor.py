@@ -5,7 +5,7 @@ CUDA is wanted (``train.device: cuda``, or ``auto`` on a cluster that has GPUs) 
 otherwise. A task trains its run exactly as the local executor does (:func:`hdkd.training.run.train_run`),
 in the node's copy of the workspace: every node needs the repository, with the stage's inputs, at
 the driver's path (a shared file system, or a clone + ``dvc pull``); a task that sees other inputs
-there stops before training. Its files (``model.pt``, ``run.json``, ``metrics.json``) come back to
+there stops before training. Its files (``model.pt``, the metrics and run record) come back to
 the driver as bytes, which writes them atomically into the stage's staging directory and marks the
 run done, so no output depends on a shared file system and a killed driver resumes where it stopped.
 A task whose worker or node dies is retried ``train.ray_retries`` times; a Python error is not (it
@@ -229,5 +229,5 @@ def _run_task(name: str, params: Params, paths: StagePaths, run: RunKey, registe
                            f"({inputs}) for run {run_name(run)}: sync the "
                            "workspace (git pull, `dvc pull` or `dvc repro` up to this stage's dependencies)")
     train_run(name, params, paths, run, register)
-    return {str(p): Path(p).read_bytes() for p in (paths.out_dir / "model.pt", paths.out_dir / "run.json",
+    return {str(p): Path(p).read_bytes() for p in (paths.out_dir / "model.pt", paths.run_record,
                                                     paths.metrics)}

@@ -101,10 +101,17 @@ class StagePaths:
 
     train: Path  # packed directory holding the training split (after balancing)
     val: Path  # packed directory holding the validation split
-    out_dir: Path  # model.pt + run.json
+    out_dir: Path  # model.pt (the primary run's) and runs/
     metrics: Path  # DVC metrics JSON (validation accuracy and loss)
     resume_dir: Path  # resume states: outside DVC's outputs, so they survive its clean-up
     teacher: Path | None = None  # a model that distils: the teacher's model.pt (a run), its directory (a stage)
+    # The MLflow run the model was logged to (default: <metrics>.run.json): outside out_dir, so that a new run id
+    # of the same weights reruns no stage that reads the model.
+    run_record: Path = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.run_record is None:
+            object.__setattr__(self, "run_record", self.metrics.with_name(f"{self.metrics.stem}.run.json"))
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ def run_training(name: str, params: Params, paths: StagePaths, datasets: tuple[D
     ``params.seed``, all of it).
 
     ``datasets`` is ``(train_set, val_set, class_names)``. Rank 0 writes ``model.pt`` (best weights
-    and the per-epoch history), ``run.json`` and the metrics JSON, and logs to MLflow (tagged with the
+    and the per-epoch history), the metrics JSON and its run record, and logs to MLflow (tagged with the
     seed and fraction; ``register``: the network is logged as an MLflow model and registered); other
     ranks only train.
     """
@@ -271,13 +278,13 @@ class TrainedRun:
 
 def write_run_files(trained: TrainedRun, params: Params, paths: StagePaths, tracking: dict[str, Any]) -> None:
     """The run's files, all three or none: ``model.pt`` (best weights and history), the metrics JSON and
-    ``run.json`` (``tracking``: the MLflow run it was logged to)."""
+    the run record (``paths.run_record``; ``tracking``: the MLflow run it was logged to)."""
     seed, fraction = trained.run
     with output_set() as outputs:
         save_model(outputs.file(paths.out_dir / "model.pt"), trained.model, trained.network, trained.classes,
                    params.data.image_size, trained.overrides, trained.summary, trained.history)
         write_json(outputs.file(paths.metrics), trained.summary)
-        write_json(outputs.file(paths.out_dir / "run.json"), {
+        write_json(outputs.file(paths.run_record), {
             **tracking, "params_hash": params.digest(), "model": trained.network, "seed": seed,
             "fraction": fraction, **trained.summary})
 

@@ -26,7 +26,7 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
 
     Each run trains into ``<resume_dir>/<run_name>/`` (outside DVC's outputs, so a killed stage
     keeps its finished runs and resumes the unfinished one); the outputs (``run_file`` of every run,
-    the primary's ``run.json``, the metrics with every run's summary) appear together at the end.
+    the primary's run record, the metrics with every run's summary) appear together at the end.
     On the CPU, ``train.run_workers`` runs train side by side, one process and one thread each; with
     ``train.executor: ray``, each run is a task on a Ray cluster (:mod:`hdkd.training.ray_executor`).
     """
@@ -76,7 +76,7 @@ def train_stage(name: str, params: Params, paths: StagePaths) -> dict[str, Any]:
             target = run_file(paths.out_dir, run, params)
             target = outputs.file(target) if run == primary else runs_dir / target.name
             shutil.copyfile(stage_paths.out_dir / "model.pt", target)
-        shutil.copyfile(staged[primary].out_dir / "run.json", outputs.file(paths.out_dir / "run.json"))
+        shutil.copyfile(staged[primary].run_record, outputs.file(paths.run_record))
         write_json(outputs.file(paths.metrics), metrics)
     shutil.rmtree(paths.resume_dir, ignore_errors=True)  # done: nothing left to resume
     logger.info("%s: %d runs (%d trained now) -> %s", entry.stage, len(staged), len(todo), paths.out_dir)

@@ -71,7 +71,7 @@ def killed_then_resumed(tmp_path_factory) -> dict:
 
 def test_the_kill_leaves_no_output_that_looks_whole(killed_then_resumed):
     after = killed_then_resumed["after_kill"]
-    assert after["stage_outputs"] == []  # no model.pt, run.json or metrics of an unfinished stage
+    assert after["stage_outputs"] == []  # no model.pt, run record or metrics of an unfinished stage
     assert not after["locked"]  # dvc.lock does not record the stage
     assert after["pid"] in after["lock_pids"]  # DVC's stage lock still names the killed run
 
@@ -96,7 +96,7 @@ def test_mlflow_continues_the_killed_run_with_every_epoch_once(killed_then_resum
     resumed_repo = killed_then_resumed["repo"]
     (resumed,), (straight,) = runs_by_stage(resumed_repo)[STAGE], runs_by_stage(tracked_pipeline)[STAGE]
     assert resumed.info.status == "FINISHED" and resumed.data.tags["hdkd.resumed"] == "true"
-    assert resumed_repo.json(f"models/{MODEL}/run.json")["run_id"] == resumed.info.run_id
+    assert resumed_repo.json(f"reports/train/{MODEL}.run.json")["run_id"] == resumed.info.run_id
     for key in ("val_accuracy", "train_loss"):
         assert (metric_history(resumed_repo, resumed.info.run_id, key)
                 == metric_history(tracked_pipeline, straight.info.run_id, key)), key

@@ -61,7 +61,7 @@ def test_each_stage_trains_beats_chance_and_evaluates(workspace):
         assert result["val_accuracy"] > majority + 0.1, (role, result["val_accuracy"], majority)
         metrics = json.loads((root / "metrics" / f"{role}.json").read_text())
         assert metrics["val_accuracy"] == result["val_accuracy"]
-        run = json.loads((root / "models" / role / "run.json").read_text())
+        run = json.loads((root / "reports" / "train" / f"{role}.run.json").read_text())
         assert run["run_id"] and run["stage"] == f"train_{role}"
         model, meta = load_model(root / "models" / role / "model.pt")
         assert meta["classes"] == list(val.classes) and len(meta["history"]) == 8

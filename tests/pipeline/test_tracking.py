@@ -125,7 +125,7 @@ def test_provenance_tags_match_git_and_dvc_lock(stage, stage_runs, tracked_pipel
 
 @pytest.mark.parametrize("stage", TRAINING_STAGES)
 def test_model_directory_names_its_run(stage, stage_runs, tracked_pipeline):
-    run_json = tracked_pipeline.json(f"models/{TRAINING_STAGES[stage].name}/run.json")
+    run_json = tracked_pipeline.json(f"reports/train/{TRAINING_STAGES[stage].name}.run.json")
     assert run_json["run_id"] == stage_runs[stage].info.run_id
     assert run_json["parent_run_id"] == stage_runs["pipeline"].info.run_id
 
@@ -134,7 +134,7 @@ def assert_every_output_written(repo: ScratchRepo) -> None:
     missing = [str(p) for p in PIPELINE_OUTPUTS if not (repo.root / p).exists()]
     assert not missing, f"outputs not written: {missing}"
     for model in ROSTER:
-        assert repo.json(f"models/{model.name}/run.json")["run_id"] is None
+        assert repo.json(f"reports/train/{model.name}.run.json")["run_id"] is None
 
 
 def test_without_tracking_every_output_is_written_and_mlflow_untouched(untracked_pipeline):

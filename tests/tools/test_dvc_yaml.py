@@ -224,3 +224,14 @@ def test_the_kd_stage_is_held_as_the_others_are():
                      and v != key} - {Path(d) for d in stage["deps"]} - {Path("."), Path("params.yaml")}
         outs = [p for e in stage["outs"] + stage["metrics"] for p in ([e] if isinstance(e, str) else e)]
         assert all(any(is_within(Path(p), loc) for loc in locations) for p in outs), (outs, locations)
+
+
+def test_no_stage_reads_a_file_holding_mlflow_run_ids():
+    # A run id is new at every training, even of byte-identical weights: a stage that read one (or a directory
+    # holding one) would rerun, and everything after it, on `dvc repro -f train_teacher` with nothing changed.
+    records = [Path(p) for s in STAGES for p in stage_outputs(s) if p.endswith("run.json")]
+    assert records, "the training stages' run records (reports/train/<model>.run.json)"
+    for stage in STAGES:
+        for dep in map(Path, declared_paths(stage, "deps")):
+            reads = [r for r in records if r == dep or dep in r.parents]
+            assert not reads, f"{stage} depends on {dep}, which holds the run record {reads[0]}"

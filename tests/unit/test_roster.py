@@ -56,8 +56,8 @@ def test_a_training_stage_owns_what_its_model_names(model):
     stage = STAGES[model.stage]
     module = "train_baseline " + model.name if model.baseline else model.stage
     assert stage["cmd"] == f"python -m pipeline.{module}"
-    assert stage["outs"] == [f"models/{model.name}/model.pt", f"models/{model.name}/run.json",
-                             f"models/{model.name}/runs"]
+    assert stage["outs"] == [f"models/{model.name}/model.pt", f"models/{model.name}/runs",
+                             f"reports/train/{model.name}.run.json"]  # run ids outside what downstream reads
     assert [next(iter(m)) for m in stage["metrics"]] == [f"reports/train/{model.name}.json"]
     assert (f"models/{model.teacher}" in stage["deps"]) == model.distills  # every run of the teacher
     assert "models" in STAGES["evaluate"]["deps"]  # a directory: every model's stage runs first
@@ -139,8 +139,8 @@ def test_a_kd_stage_owns_what_its_model_names_and_tracks_its_recipe(model):
     stages = study_stages()
     stage = stages[model.stage]
     assert stage["cmd"] == f"python -m pipeline.train_kd {model.name}"
-    assert stage["outs"] == [f"models/{model.name}/model.pt", f"models/{model.name}/run.json",
-                             f"models/{model.name}/runs"]
+    assert stage["outs"] == [f"models/{model.name}/model.pt", f"models/{model.name}/runs",
+                             f"reports/train/{model.name}.run.json"]  # run ids outside what downstream reads
     assert [next(iter(m)) for m in stage["metrics"]] == [f"reports/train/{model.name}.json"]
     assert "models/teacher" in stage["deps"]  # every run of the teacher
     listed = stage["params"]

@@ -187,7 +187,7 @@ def test_a_baseline_stage_trains_its_own_recipe_resumes_to_the_same_bytes_and_is
     assert (meta["model_name"], meta["overrides"]) == (TIMM_PREFIX + VIT["timm"], VIT["kwargs"])
     assert [row["epoch"] for row in meta["history"]] == [1, 2]  # its optim's epochs, not the student's
     assert read_json(straight.metrics)["epochs"] == 2 and not straight.resume_dir.exists()
-    run = read_json(straight.out_dir / "run.json")
+    run = read_json(straight.run_record)
     assert run["model"] == TIMM_PREFIX + VIT["timm"]
     tags = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["run_id"]).data.tags
     assert (tags["hdkd.model"], tags["hdkd.stage"]) == (TIMM_PREFIX + VIT["timm"], "train_baseline@vit")

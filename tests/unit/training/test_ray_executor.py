@@ -75,7 +75,7 @@ def local_teacher(workspace):  # noqa: F811 - the fixture imported above
 def outputs(paths: StagePaths) -> dict[str, bytes]:
     """A training stage's model files and metrics, and its run record less the params hash (which covers
     train.executor, as it covers every param)."""
-    record = {k: v for k, v in read_json(paths.out_dir / "run.json").items() if k != "params_hash"}
+    record = {k: v for k, v in read_json(paths.run_record).items() if k != "params_hash"}
     return {**{p.relative_to(paths.out_dir).as_posix(): p.read_bytes() for p in sorted(paths.out_dir.rglob("*.pt"))},
             "metrics": paths.metrics.read_bytes(), "run.json": json.dumps(record, sort_keys=True).encode()}
 
@@ -281,7 +281,7 @@ def test_runs_on_ray_log_every_run_tag_and_model_to_a_tracking_server(workspace,
         assert run.data.params["student.epochs"] == "2"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
     primary = trained[1]  # seed 3, all the data
-    assert read_json(paths.out_dir / "run.json")["run_id"] == primary.info.run_id
+    assert read_json(paths.run_record)["run_id"] == primary.info.run_id
     (version,) = client.search_model_versions("name='hdkd-synthetic-student'")
     assert version.run_id == primary.info.run_id and version.tags["hdkd.params_hash"] == p.digest()
     checkpoint = client.download_artifacts(primary.info.run_id, "checkpoint/model.pt", str(tmp_path))

@@ -306,7 +306,7 @@ def test_an_epoch_saved_but_not_yet_tracked_when_killed_reaches_mlflow_on_resume
         run_training("teacher", params, paths, datasets, CPU)
     monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
     assert run_training("teacher", params, paths, datasets, CPU)["resumed_from"] == 2
-    run_id = read_json(paths.out_dir / "run.json")["run_id"]
+    run_id = read_json(paths.run_record)["run_id"]
     history = mlflow.tracking.MlflowClient(store).get_metric_history(run_id, "val_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
 
@@ -384,7 +384,7 @@ def test_a_runs_files_are_in_place_before_mlflow_hears_of_it(tmp_path, monkeypat
     import hdkd.training.run as run_module
 
     params, paths, datasets = _one_run(tmp_path)
-    files = [paths.out_dir / "model.pt", paths.out_dir / "run.json", paths.metrics]
+    files = [paths.out_dir / "model.pt", paths.run_record, paths.metrics]
 
     def tracking_crashes(*args):
         assert all(f.is_file() for f in files), "MLflow was told before the run's files were written"
@@ -409,7 +409,7 @@ def test_a_runs_resume_state_is_removed_last_and_only_once_its_files_are_written
     with pytest.raises(OSError, match="(?i)no space left on device"):
         run_training("teacher", params, paths, datasets, CPU)
     assert (paths.resume_dir / "last.pt").is_file()  # nothing lost
-    assert not any(f.is_file() for f in (paths.out_dir / "model.pt", paths.out_dir / "run.json", paths.metrics))
+    assert not any(f.is_file() for f in (paths.out_dir / "model.pt", paths.run_record, paths.metrics))
     monkeypatch.setattr(run_module, "save_model", save_model)
     done = run_training("teacher", params, paths, datasets, CPU)
     assert done["resumed_from"] == 2  # both epochs kept: nothing trained again

@@ -113,7 +113,7 @@ def test_a_stage_trains_every_run_side_by_side_as_one_after_another(workspace):
         metrics = json.loads(paths.metrics.read_text())
         assert sorted(metrics["runs"]) == ["seed1-frac0.5", "seed1-frac1", "seed3-frac0.5", "seed3-frac1"]
         assert metrics["val_accuracy"] == metrics["runs"]["seed3-frac1"]["val_accuracy"]  # the primary's
-        run = json.loads((paths.out_dir / "run.json").read_text())
+        run = json.loads(paths.run_record.read_text())
         assert (run["seed"], run["fraction"]) == (3, 1.0)
     assert summary["runs"] == json.loads(hdkd.metrics.read_text())["runs"]
     # Byte-identical weights whether the runs trained side by side or one after another.
