@@ -17,9 +17,12 @@ Ray is an optional extra (``pip install -e .[ray]``), imported only here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,14 +46,19 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
     """Train ``todo``'s runs as Ray tasks; their files land in ``staged``.
 
     After a failed run the tasks not finished are cancelled (a finished one still counts) and the
-    first error is raised."""
-    import ray
-
+    first error is raised. A SIGTERM ends it as Ctrl-C does (:func:`terminate_as_exit`)."""
     if not todo:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.executor: ray trains each run as a Ray task; under torchrun set train.executor: "
                           "local (torchrun spreads one run over processes, Ray many runs over machines)")
+    with terminate_as_exit():
+        _train_on_ray(name, params, staged, todo)
+
+
+def _train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths], todo: list[PendingRun]) -> None:
+    import ray
+
     try:
         connected = connect(params.train.ray_address)
     except BaseException:
@@ -87,6 +95,25 @@ def train_on_ray(name: str, params: Params, staged: dict[RunKey, StagePaths],
     finally:
         if connected:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def terminate_as_exit():
+    """SIGTERM to this process (``kill <pid>``, not its group) raises ``SystemExit(143)`` here, as Ctrl-C raises
+    KeyboardInterrupt: the ``finally`` that shuts Ray down runs, so the local Ray instance this stage started (its
+    GCS server and raylet) does not outlive it, and the parent run is marked failed."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+
+    def exit_on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def end_parent_run(name: str, params: Params) -> None:

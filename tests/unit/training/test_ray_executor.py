@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -28,7 +29,7 @@ from hdkd.training.run import PendingRun, StagePaths, input_fingerprint
 from hdkd.training.stage import train_stage
 from tests.helpers import ROOT
 from tests.helpers.params import make_params, params_dict, params_without
-from tests.helpers.pipeline import kill_group, make_scratch_repo
+from tests.helpers.pipeline import make_scratch_repo
 from tests.helpers.ray_faults import InjectedFault
 from tests.unit.training.test_stage import stage_paths, workspace  # noqa: F401 - workspace: a fixture
 
@@ -289,7 +290,7 @@ def test_runs_on_ray_log_every_run_tag_and_model_to_a_tracking_server(workspace,
 
 
 @pytest.mark.slow
-def test_dvc_repro_on_ray_resumes_after_a_kill_and_switching_executors_reruns_nothing(tmp_path, monkeypatch):
+def test_dvc_repro_on_ray_ends_ray_on_sigterm_resumes_and_switching_executors_reruns_nothing(tmp_path, monkeypatch):
     # As users run it: `dvc repro` of a scratch copy, the stage starting (and stopping) its own local Ray instance;
     # 3 runs on 2 CPUs, so that the last one still trains when the first is done. (That the bytes are the local
     # executor's, after a resume too, the tests above show at a fraction of the time.)
@@ -302,7 +303,16 @@ def test_dvc_repro_on_ray_resumes_after_a_kill_and_switching_executors_reruns_no
     while not list((repo.root / "checkpoints" / "teacher").glob("*/done.json")):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
         time.sleep(0.05)
-    kill_group(proc)  # the driver, its local Ray instance and the tasks: kill -9 mid-stage
+    # `kill <pid>` of the stage's process alone (not its group): it stops as on Ctrl-C, and takes down the local Ray
+    # instance it started (GCS server, raylet, agents, workers) instead of leaving it running.
+    stage = next(c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "pipeline.train_teacher" in " ".join(c.cmdline()))
+    started = stage.children(recursive=True)
+    assert any("raylet" in " ".join(c.cmdline()) for c in started), [c.cmdline() for c in started]
+    stage.terminate()
+    assert proc.wait(timeout=120) != 0  # dvc fails with its stage
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left running after the stage ended: {[' '.join(c.cmdline())[:80] for c in alive]}"
     log = repo.dvc("repro", "train_teacher")
     assert "runs submitted to Ray" in log and re.search(r"train_teacher: 3 runs \([12] trained now\)", log), log
     models = repo.root / "models" / "teacher"
