@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ def git(*args: str, repo_root: str | os.PathLike = ".") -> bytes:
     if proc.returncode:
         raise GitError(f"git {' '.join(args)}: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout
+
+
+def git_ignored(root: str | os.PathLike, names: Iterable[str]) -> set[str]:
+    """Those of ``names`` (paths relative to ``root``) that git ignores there; none outside a repository."""
+    names = sorted(names)
+    if not names:
+        return set()
+    proc = subprocess.run(["git", "check-ignore", "-z", "--stdin"], cwd=root, capture_output=True,
+                          input="\0".join(names).encode())
+    return set(proc.stdout.decode().split("\0")) - {""} if proc.returncode == 0 else set()  # 1: none; 128: no repo
 
 
 def resolve_commit(rev: str, repo_root: str | os.PathLike = ".") -> str | None:

@@ -58,7 +58,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 from hdkd.infra.io import parse_json
-from hdkd.infra.provenance import git, git_show
+from hdkd.infra.provenance import git, git_ignored, git_show
 
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-6
@@ -105,9 +105,11 @@ class DirTree:
     root: Path
 
     def files(self) -> set[str]:
-        # dot-files are atomic-write leftovers or tool state, never report files
-        return {p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)}
+        # dot-files are atomic-write leftovers or tool state, never report files; nor is what git ignores there (a
+        # DVC-cached output such as train/<model>.run.json, a run's MLflow ids): the committed reports never hold it
+        found = {p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)}
+        return found - git_ignored(self.root, found)
 
     def read(self, name: str) -> bytes:
         return (Path(self.root) / name).read_bytes()

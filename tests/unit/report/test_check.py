@@ -3,6 +3,7 @@
 import io
 import json
 import shutil
+import subprocess
 
 import pytest
 
@@ -75,6 +76,18 @@ def test_changed_table_number(committed, fresh):
     assert "--- committed/tables/main.md\n+++ fresh/tables/main.md\n" in printed
     assert "\n-| Teacher | 3.949 | 5812.3 | 90.00 |" in printed and "\n+| Teacher | 3.949 | 5812.3 | 91.00 |" in printed
     assert printed.rstrip().endswith("1 difference(s)")
+
+
+def test_what_git_ignores_in_the_fresh_reports_is_not_a_report_file(committed, fresh):
+    # A DVC-cached output under reports/ (a training stage's MLflow run record) is never committed: a fresh run's
+    # copy is no difference; a new file git would track is one.
+    subprocess.run(["git", "init", "-q", str(fresh)], check=True)
+    (fresh / "train").mkdir()
+    (fresh / "train" / ".gitignore").write_text("/teacher.run.json\n")
+    (fresh / "train" / "teacher.run.json").write_text('{"run_id": "0f1e"}')
+    assert differences(committed, fresh) == []
+    (fresh / "train" / "teacher.json").write_text('{"val_accuracy": 0.5}')
+    assert differences(committed, fresh) == ["[structure] train/teacher.json: not in the committed reports"]
 
 
 def test_every_number_of_a_table_cell_is_compared(committed, fresh):
