@@ -127,9 +127,15 @@ def paired_t_power(effect: float, n: int, alpha: float = ALPHA) -> float:
         raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
     df, nc = n - 1, effect * math.sqrt(n)
     crit = sps.t.ppf(1 - alpha / 2, df)
+
+    def upper_tail(noncentrality: float) -> float:
+        p = float(sps.nct.sf(crit, df, noncentrality))
+        # scipy's nct is NaN at a noncentrality of ~5e9 and beyond (a difference of billions of sds, which per-seed
+        # differences that barely vary give): there the normal limit is exact to double precision
+        return p if math.isfinite(p) else float(sps.norm.sf(crit - noncentrality))
+
     # the lower tail as the upper tail of the mirrored distribution: scipy's nct.cdf turns NaN in far tails
-    tails = sps.nct.sf(crit, df, nc) + sps.nct.sf(crit, df, -nc)
-    return float(np.nan_to_num(tails))
+    return min(1.0, upper_tail(nc) + upper_tail(-nc))
 
 
 MAX_SEEDS = 10_000  # seeds_needed gives up beyond this
@@ -145,9 +151,9 @@ def seeds_needed(difference: float, sd: float | None, alpha: float = ALPHA, powe
     effect = abs(difference) / sd
     low, high = 1, 2  # power grows with n: find a large enough n by doubling, then the first by bisection
     while paired_t_power(effect, high, alpha) < power:
-        low, high = high, 2 * high
-        if low >= MAX_SEEDS:
+        if high >= MAX_SEEDS:
             return None
+        low, high = high, min(2 * high, MAX_SEEDS)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if paired_t_power(effect, middle, alpha) >= power else (middle, high)
