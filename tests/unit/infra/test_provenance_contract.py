@@ -14,6 +14,7 @@ from hdkd.infra.provenance import (
     dvc_exp_name,
     git,
     git_show,
+    git_state,
     repo_root,
     resolve_commit,
     stage_command,
@@ -145,3 +146,61 @@ def test_dependency_hashes_are_dvcs_and_skip_what_is_missing_or_ignored(tmp_path
     assert hashes["data/raw"] == dvc_md5(tmp_path / "data" / "raw")
     assert list(stage_dep_hashes("train_baseline@vit", tmp_path)) == ["data/vit", "hdkd/models"]
     assert stage_dep_hashes("prepare", tmp_path / "elsewhere") == {}
+
+
+def test_git_runs_in_the_current_directory_by_default(repo, monkeypatch):
+    root, first, second = repo
+    monkeypatch.chdir(root)
+    assert git("rev-parse", "HEAD").decode().strip() == second
+    assert resolve_commit("HEAD") == second and git_show(first, "a.txt") == b"one\n"
+    assert git_state() == {"git_commit": second, "git_dirty": False}
+
+
+def test_gits_message_is_kept_even_when_it_is_not_utf8(repo):
+    root, _, _ = repo
+    # a file name that is not UTF-8 (b"\xff"): git repeats it in its message; the error still says what went wrong
+    with pytest.raises(GitError, match="fatal: path '\ufffd.txt' does not exist in 'HEAD'"):
+        git("show", "HEAD:\udcff.txt", repo_root=root)
+
+
+def test_a_range_is_not_a_commit(repo):
+    root, first, second = repo
+    assert resolve_commit(f"{first}..{second}", root) is None
+    assert resolve_commit(f"{first}:a.txt", root) is None  # a file at a commit, not a commit
+
+
+@pytest.mark.parametrize("path, dirty", [
+    ("a.txt", True), ("sub/a.txt", True),
+    ("reports/r.json", False), ("dvc.lock", False), ("params.yaml", False),  # not code: the pipeline's own
+])
+def test_the_code_is_dirty_when_a_tracked_file_outside_the_pipelines_outputs_changes(repo, path, dirty):
+    root, _, _ = repo
+    for name in ("reports/r.json", "dvc.lock", "params.yaml"):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_text("{}\n")
+    head = commit_all(root, "outputs")
+    (root / "untracked.py").write_text("new\n")  # untracked files are not the code's modification
+    (root / "reports" / "new.json").write_text("{}\n")
+    assert git_state(root) == {"git_commit": head, "git_dirty": False}
+    (root / path).write_text("changed\n")
+    assert git_state(root) == {"git_commit": head, "git_dirty": dirty}
+
+
+def test_no_git_state_outside_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
+
+
+def test_repo_root_of_the_experiments_folder_itself_is_the_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    exps = tmp_path / "repo" / ".dvc" / "tmp" / "exps"
+    exps.mkdir(parents=True)
+    assert repo_root(exps) == tmp_path / "repo"
+
+
+def test_a_dvc_yaml_without_stages_or_a_stage_without_dependencies(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("plots:\n  - reports/plot.json\n")
+    assert stage_command("prepare", tmp_path) is None and stage_dep_hashes("prepare", tmp_path) == {}
+    (tmp_path / "dvc.yaml").write_text("stages:\n  check:\n    cmd: python -m pipeline.check\n")
+    assert stage_command("check", tmp_path) == "python -m pipeline.check"
+    assert stage_dep_hashes("check", tmp_path) == {}
