@@ -9,14 +9,18 @@ from typing import Any
 
 from hdkd.evidence.aggregate import (
     ONE_CLASS_SHARE,
+    data_efficiency_rows,
     seeds_of,
 )
+from hdkd.evidence.bundle import model_names
+from hdkd.evidence.plots import model_label
 from hdkd.report.ablations import ABLATIONS, AblationGroups, differing_params, run_label
 from hdkd.report.diagnostics import diagnosis_sentence
 from hdkd.report.tables import (
     Table,
     table_markdown,
 )
+from hdkd.roster import roster
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,27 @@ def no_ablations_lines(bundle: Mapping[str, Any], other_data: Sequence[tuple[Map
     return ["## Ablations", "", line + ".", ""]
 
 
+def data_matters_lines(bundle: Mapping[str, Any]) -> list[str]:
+    """How far each model falls at the smallest training fraction from its accuracy on all of the training split
+    (empty with one fraction): whether this data set is one where the amount of data matters."""
+    rows = data_efficiency_rows(bundle, model_names(bundle))
+    fractions = sorted({r["fraction"] for r in rows})
+    if len(fractions) < 2:
+        return []
+    low, full = fractions[0], fractions[-1]
+    accuracy = {(r["fraction"], r["model"]): r["accuracy_mean"] for r in rows}
+    models = roster(bundle["params"])
+    drops = [f"{model_label(m, models)} {100 * (accuracy[low, m] - accuracy[full, m]):+.1f}"
+             for m in model_names(bundle) if (low, m) in accuracy and (full, m) in accuracy]
+    return ["## How much the data matters", "",
+            f"Mean test accuracy over the seeds with {100 * low:g} % of the training data, minus with "
+            f"{100 * full:g} %, in points (every fraction at the same optimizer steps; "
+            "[data efficiency](tables/data_efficiency.md)): " + ", ".join(drops) + ". Where a model loses little, "
+            "the smaller share already holds what it learns from all of it at these steps: a comparison at the "
+            "smallest fraction then compares models trained on less data, not in a regime where data is scarce for "
+            "them.", ""]
+
+
 def readme(bundle: Mapping[str, Any], tables: Sequence[Table], figures: Sequence[str], others: OtherRuns = OtherRuns(),
            explain: Explanations | None = None, verdicts: Verdicts = Verdicts()) -> str:
     """The generated index of ``reports/``; names its source run so anyone can regenerate it."""
@@ -152,6 +177,7 @@ def readme(bundle: Mapping[str, Any], tables: Sequence[Table], figures: Sequence
         f"- Params hash: `{bundle['params_hash']}`",
         f"- Regenerate without retraining: `{regenerate}`",
         "",
+        *data_matters_lines(bundle),
         *(["## Does HDKD help?", "",
            f"Paired by seed on the same test images, every model trained on the whole training split "
            f"(seeds {', '.join(map(str, seeds_of(bundle)))}; 95 % paired t-interval over the seeds; p and, for the "

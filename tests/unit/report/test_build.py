@@ -557,3 +557,22 @@ def test_the_readme_says_which_maps_were_withheld_and_why(tmp_path, bundle):
     assert "above 0.8: the same map on every image" in text
     assert "- Teacher Grad-CAM: 0.080 (shown)" in text
     assert "- HDKD attention rollout (class token): 0.970 (withheld: the same map on every image)" in text
+
+
+def test_the_readme_says_how_far_each_model_falls_at_the_smallest_fraction():
+    from hdkd.report.readme import data_matters_lines
+
+    b = bundle_with()
+
+    def mean_accuracy(model, fraction):
+        values = [r["evaluation"]["accuracy"] for r in b["models"][model]["runs"] if r["fraction"] == fraction]
+        return sum(values) / len(values)
+
+    text = "\n".join(data_matters_lines(b))
+    assert "with 10 % of the training data, minus with 100 %" in text
+    for model, label in (("teacher", "Teacher"), ("student", "Student"), ("hdkd", "HDKD")):
+        drop = 100 * (mean_accuracy(model, 0.1) - mean_accuracy(model, 1.0))
+        assert drop < 0 and f"{label} {drop:+.1f}" in text
+    for model in b["models"].values():  # one fraction: nothing to say
+        model["runs"] = [r for r in model["runs"] if r["fraction"] == 1.0]
+    assert data_matters_lines(b) == []
