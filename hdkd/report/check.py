@@ -100,6 +100,11 @@ class ReportTree(Protocol):
     def read(self, name: str) -> bytes: ...
 
 
+def is_report_file(name: str) -> bool:
+    """Dot-files (a .gitignore DVC writes, atomic-write leftovers, tool state) are never report files."""
+    return not any(part.startswith(".") for part in name.split("/"))
+
+
 @dataclass(frozen=True)
 class DirTree:
     root: Path
@@ -107,9 +112,8 @@ class DirTree:
     def files(self) -> set[str]:
         # dot-files are atomic-write leftovers or tool state, never report files; nor is what git ignores there (a
         # DVC-cached output such as train/<model>.run.json, a run's MLflow ids): the committed reports never hold it
-        found = {p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*")
-                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)}
-        return found - git_ignored(self.root, found)
+        found = {p.relative_to(self.root).as_posix() for p in Path(self.root).rglob("*") if p.is_file()}
+        return {f for f in found if is_report_file(f)} - git_ignored(self.root, found)
 
     def read(self, name: str) -> bytes:
         return (Path(self.root) / name).read_bytes()
@@ -128,7 +132,7 @@ class GitTree:
 
     def files(self) -> set[str]:
         out = git("ls-tree", "-r", "--name-only", self.rev, "--", self.prefix, repo_root=self.repo_root)
-        return {line[len(self.prefix) + 1:] for line in out.decode().splitlines()}
+        return {name for line in out.decode().splitlines() if is_report_file(name := line[len(self.prefix) + 1:])}
 
     def read(self, name: str) -> bytes:
         return git_show(self.rev, f"{self.prefix}/{name}", self.repo_root)
