@@ -45,7 +45,7 @@ def workspace(tmp_path_factory):
 def run_stage(root, role):
     argv = ["--params", str(root / "params.yaml"), "--train", str(root / "balanced"), "--val", str(root / "prepared"),
             "--out", str(root / "models" / role), "--metrics", str(root / "metrics" / f"{role}.json"),
-            "--resume-dir", str(root / "checkpoints" / role)]
+            "--resume-dir", str(root / "checkpoints" / role), "--run-record", str(root / "metrics" / f"{role}.run.json")]
     if role == "hdkd":
         argv += ["--teacher", str(root / "models" / "teacher")]
     return train_main(role, argv)
@@ -61,7 +61,7 @@ def test_each_stage_trains_beats_chance_and_evaluates(workspace):
         assert result["val_accuracy"] > majority + 0.1, (role, result["val_accuracy"], majority)
         metrics = json.loads((root / "metrics" / f"{role}.json").read_text())
         assert metrics["val_accuracy"] == result["val_accuracy"]
-        run = json.loads((root / "reports" / "train" / f"{role}.run.json").read_text())
+        run = json.loads((root / "metrics" / f"{role}.run.json").read_text())
         assert run["run_id"] and run["stage"] == f"train_{role}"
         model, meta = load_model(root / "models" / role / "model.pt")
         assert meta["classes"] == list(val.classes) and len(meta["history"]) == 8
