@@ -276,9 +276,12 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as stable, human-readable JSON (sorted keys, trailing newline)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as stable JSON (sorted keys, trailing newline): human-readable, or with ``indent=None`` on one
+    line (a large data file: a study's bundle, a number per line, would be twice the size)."""
+    separators = (",", ":") if indent is None else None
+    text = json.dumps(obj, indent=indent, separators=separators, sort_keys=True, default=_json_default)
+    write_text(path, text + "\n")
 
 
 def csv_text(rows: Iterable[Sequence[Any]]) -> str:

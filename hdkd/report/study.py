@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from hdkd.config import apply_overlay
-from hdkd.infra.io import output_set, write_text
+from hdkd.infra.io import output_set, read_json, write_json, write_text
 from hdkd.infra.provenance import git, git_show
 from hdkd.report.stage import build_study_report
 
@@ -56,8 +56,8 @@ def run_study(repo: Path, overlay: Path, out: Path, workdir: Path) -> float:
     subprocess.run(["dvc", "repro", "evaluate"], cwd=workdir, env=env, check=True)
     seconds = time.perf_counter() - start
     with output_set() as outputs:  # bundle and metrics appear together
-        for name in STUDY_FILES:
-            shutil.copyfile(workdir / "reports" / name, outputs.file(out / name))
+        for name in STUDY_FILES:  # on one line: a study's bundle (every run's predictions) is data, kept in git
+            write_json(outputs.file(out / name), read_json(workdir / "reports" / name), indent=None)
     for path in build_study_report(out):
         print(path)
     return seconds
