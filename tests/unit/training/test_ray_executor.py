@@ -306,6 +306,7 @@ def test_dvc_repro_on_ray_ends_ray_on_sigterm_resumes_and_switching_executors_re
     # 3 runs on 2 CPUs, so that the last one still trains when the first is done. (That the bytes are the local
     # executor's, after a resume too, the tests above show at a fraction of the time.)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("SHELL", raising=False)  # DVC runs the stage through /bin/sh, as in CI: see `stage` below
     repo = make_scratch_repo(tmp_path / "repo", {"seeds": [0, 1, 2], "train": {"executor": "ray"},
                                                  "tracking": {"enabled": False}})
     repo.dvc("repro", "prepare")
@@ -316,8 +317,9 @@ def test_dvc_repro_on_ray_ends_ray_on_sigterm_resumes_and_switching_executors_re
         time.sleep(0.05)
     # `kill <pid>` of the stage's process alone (not its group): it stops as on Ctrl-C, and takes down the local Ray
     # instance it started (GCS server, raylet, agents, workers) instead of leaving it running.
-    stage = next(c for c in psutil.Process(proc.pid).children(recursive=True)
-                 if "pipeline.train_teacher" in " ".join(c.cmdline()))
+    # The Python process itself: DVC starts it through $SHELL or /bin/sh, and dash (unlike bash) does not exec its
+    # `-c` command, so a `sh -c "python -m pipeline.train_teacher"` parent may stand between them.
+    stage = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "pipeline.train_teacher" in c.cmdline())
     started = ray_processes_since(stage.create_time())  # Ray daemonises some: not all are the stage's children
     assert any("raylet" in " ".join(c.cmdline()) for c in started), [c.cmdline() for c in started]
     stage.terminate()
