@@ -91,6 +91,14 @@ def report_tables(bundle: Mapping[str, Any], ablation_groups: AblationGroups | N
     return [t for t in tables if t is not None]
 
 
+def report_significance(bundle: Mapping[str, Any], cfg: ReportConfig) -> tuple[list, list[dict[str, Any]]]:
+    """The comparisons of ``cfg`` whose models the run has, and the significance rows of them and of its claims
+    (:func:`hdkd.evidence.aggregate.significance_rows`)."""
+    comparisons = [pair for pair in cfg.comparisons if all(m in bundle["models"] for m in pair)]
+    claims = [c.model_dump() for c in cfg.claims if all(m in bundle["models"] for m in c.compare)]
+    return comparisons, significance_rows(bundle, comparisons, claims)
+
+
 def report_figures(
     bundle: Mapping[str, Any], ablation_groups: AblationGroups, cfg: ReportConfig
 ) -> dict[str, Callable[[], Figure | None]]:
@@ -140,9 +148,7 @@ def build_report(
     groups, unused = group_ablations(reference, [b for b in ablations if b not in other_data])
     out = Path(out_dir)
     written: list[Path] = []
-    comparisons = [pair for pair in cfg.comparisons if all(m in bundle["models"] for m in pair)]
-    claims = [c.model_dump() for c in cfg.claims if all(m in bundle["models"] for m in c.compare)]
-    significance = significance_rows(bundle, comparisons, claims)
+    comparisons, significance = report_significance(bundle, cfg)
     tables = report_tables(bundle, groups, export, significance, reference)
     # All of it or none; tables/ and figures/ are replaced whole, so a table or figure that is no
     # longer made (an ablation dropped) does not linger.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,5 +131,9 @@ def build_study_report(study_dir: str | os.PathLike) -> list[Path]:
     """The tables, figures and README of a study (``pipeline/study.py``) from the bundle it left in
     ``study_dir``, with the study's own report settings (its comparisons name its models)."""
     bundle = load_bundle(Path(study_dir) / "bundle.json")
-    # a bundle older than report.claims declared none
-    return build_report(bundle, study_dir, ReportConfig.model_validate({"claims": [], **bundle["params"]["report"]}))
+    return build_report(bundle, study_dir, study_report_config(bundle))
+
+
+def study_report_config(bundle: Mapping[str, Any]) -> ReportConfig:
+    """A study's report settings: its bundle's own (a bundle older than report.claims declared none)."""
+    return ReportConfig.model_validate({"claims": [], **bundle["params"]["report"]})
