@@ -1,0 +1,91 @@
+"""The one interface of every trained classifier, by its contract: what a network must return, what each file kind
+is opened as (and what a file of the wrong kind is told), the batch evaluation feeds, and the label-file check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hdkd.data.augment import eval_transform
+from hdkd.use.inference import (
+    TorchClassifier,
+    check_classes,
+    is_mlflow_uri,
+    load_classifier,
+    read_image,
+    to_batch,
+)
+from tests.helpers.data import write_image
+
+
+class Logits(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out(x)
+
+
+def test_probabilities_are_float64_softmax_of_the_logits_one_row_an_image():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, 3.0, 3.0]])
+    classifier = TorchClassifier(Logits(lambda x: logits), ["a", "b", "c"], 8, "net")
+    probs = classifier.predict_proba(torch.zeros(2, 3, 8, 8))
+    assert probs.dtype == np.float64 and probs.shape == (2, 3)
+    np.testing.assert_allclose(probs, torch.softmax(logits.double(), 1).numpy(), rtol=0, atol=1e-15)
+    assert classifier.classes == ("a", "b", "c") and classifier.image_size == 8
+
+
+@pytest.mark.parametrize("out, got", [(lambda x: torch.zeros(len(x), 2), "(2, 2)"),
+                                      (lambda x: (torch.zeros(len(x), 3),), "tuple")])
+def test_a_network_that_does_not_return_logits_per_class_is_named_with_what_it_returned(out, got):
+    classifier = TorchClassifier(Logits(out), ["a", "b", "c"], 8, "net.pt")
+    with pytest.raises(ValueError) as e:
+        classifier.predict_proba(torch.zeros(2, 3, 8, 8))
+    assert str(e.value) == f"net.pt must return logits (B=2, C=3) in eval mode, got {got}"
+
+
+def test_mlflow_uris_are_told_from_paths_by_their_scheme():
+    assert all(map(is_mlflow_uri, ["models:/hdkd/1", "runs:/abc/model", "mlflow-artifacts:/x/y"]))
+    assert not any(map(is_mlflow_uri, ["models/hdkd/model.pt", "runs/abc", "model.onnx"]))
+
+
+def test_a_file_named_onnx_in_any_case_is_opened_as_onnx(tmp_path):
+    for name in ("model.ONNX", "model.onnx"):
+        with pytest.raises(FileNotFoundError, match=f"ONNX model not found: .*{name}"):
+            load_classifier(tmp_path / name)
+    bad = tmp_path / "bad.Onnx"
+    bad.write_bytes(b"\x00not onnx")
+    with pytest.raises(ValueError, match=rf"^{bad} is not a loadable ONNX model: "):
+        load_classifier(bad)
+
+
+def test_a_batch_is_each_image_as_evaluation_normalises_it():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    batch = to_batch(images)
+    assert batch.dtype == torch.float32 and batch.shape == (3, 3, 8, 8)
+    for got, image in zip(batch, images):
+        torch.testing.assert_close(got, eval_transform()(torch.from_numpy(image).permute(2, 0, 1)), rtol=0, atol=0)
+
+
+def test_an_image_file_is_read_as_rgb_at_the_models_size(tmp_path):
+    path = write_image(tmp_path / "x.png", (10, 20, 30), (40, 30))
+    image = read_image(path, 16)
+    assert image.dtype == np.uint8 and image.shape == (16, 16, 3)
+    assert (image == [10, 20, 30]).all()
+
+
+def test_the_label_file_must_list_the_models_classes_in_order(tmp_path):
+    classifier = TorchClassifier(Logits(lambda x: x), ["a", "b"], 8, "net.pt")
+    ok = tmp_path / "ok.txt"
+    ok.write_text("  a \n\nb\n\n")  # blank lines and surrounding spaces do not count
+    check_classes(classifier, ok)
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("b\na\n")
+    with pytest.raises(ValueError) as e:
+        check_classes(classifier, swapped)
+    assert str(e.value) == (f"net.pt was trained on classes ['a', 'b'], but the label file {swapped} lists "
+                            "['b', 'a']")

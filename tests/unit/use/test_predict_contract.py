@@ -1,0 +1,138 @@
+"""`hdkd predict` by its module's contract, on a stand-in classifier (no network): which files the inputs name, in
+what order and how often; the output's records, columns and formats; the exit status; and argument errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from hdkd.use import predict as p
+from hdkd.use.inference import Classifier
+from tests.helpers.data import write_image
+
+
+class FixedClassifier(Classifier):
+    """The same probabilities for every image, whatever it shows; counts the images it was given."""
+
+    def __init__(self, probs, classes=("a", "b", "c"), image_size=16):
+        self.probs, self.classes, self.image_size, self.source, self.seen = probs, tuple(classes), image_size, "m", []
+
+    def predict_proba(self, images):
+        self.seen.append(len(images))
+        return np.tile(np.asarray(self.probs, dtype=np.float64), (len(images), 1))
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """d/x.png, d/sub/y.png, d/.hid.png, d/.dot/z.png, d/bad.png (not an image), e/ (empty); cwd = tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("d/x.png", "d/sub/y.png", "d/.hid.png", "d/.dot/z.png"):
+        write_image(tmp_path / name, size=(8, 8))
+    (tmp_path / "d" / "bad.png").write_text("not an image\n")
+    (tmp_path / "e").mkdir()
+    return tmp_path
+
+
+def names(files):
+    return [f.as_posix() for f in files]
+
+
+def test_a_folder_gives_its_files_at_any_depth_in_order_without_hidden_ones(tree):
+    files, errors = p.expand_inputs(["d"])
+    assert names(files) == ["d/bad.png", "d/sub/y.png", "d/x.png"] and errors == []
+
+
+def test_each_file_is_predicted_once_where_first_named(tree):
+    files, errors = p.expand_inputs(["d/x.png", "d", "d/./x.png", "d/*.png"])
+    assert names(files) == ["d/x.png", "d/bad.png", "d/sub/y.png"] and errors == []
+
+
+def test_inputs_that_name_nothing_each_get_their_reason(tree):
+    files, errors = p.expand_inputs(["e", "missing.png", "d/*.jpg", "nowhere/*.png", "d/x.png"])
+    assert names(files) == ["d/x.png"]
+    assert errors == [{"path": "e", "error": "folder holds no files"},
+                      {"path": "missing.png", "error": "no such file or folder"},
+                      {"path": "d/*.jpg", "error": "no file matches this pattern"},
+                      {"path": "nowhere/*.png", "error": "no file matches this pattern"}]
+
+
+def test_a_glob_leaves_hidden_files_out_unless_it_names_them(tree):
+    assert names(p.expand_inputs(["d/**/*.png"])[0]) == ["d/bad.png", "d/sub/y.png", "d/x.png"]
+    assert names(p.expand_inputs(["d/.*.png"])[0]) == ["d/.hid.png"]
+    assert names(p.expand_inputs(["d/.dot/*"])[0]) == ["d/.dot/z.png"]
+    assert names(p.expand_inputs(["d/**"])[0]) == ["d/bad.png", "d/sub/y.png", "d/x.png"]  # ** alone: every file
+    assert names(p.expand_inputs(["d/s?b/[xy].png"])[0]) == ["d/sub/y.png"]
+    assert names(p.expand_inputs([str(tree / "d" / "*.png")])[0]) == [(tree / "d" / "bad.png").as_posix(),
+                                                                      (tree / "d" / "x.png").as_posix()]
+
+
+def test_a_prediction_lists_the_k_most_probable_ties_to_the_lower_label():
+    record = p.prediction("img.png", np.array([0.25, 0.5, 0.25]), ("a", "b", "c"), 2)
+    assert record == {"path": "img.png", "predicted": "b", "probability": 0.5,
+                      "top_k": [{"class": "b", "probability": 0.5}, {"class": "a", "probability": 0.25}]}
+    assert type(record["probability"]) is float
+    assert [c["class"] for c in p.prediction("i", np.array([0.1, 0.2, 0.7]), ("a", "b", "c"), 9)["top_k"]] == [
+        "c", "b", "a"]
+
+
+def test_unreadable_files_are_reported_with_their_reason_and_readable_ones_predicted_in_batches(tree):
+    classifier = FixedClassifier([0.2, 0.7, 0.1])
+    files = [tree / "d" / n for n in ("x.png", "bad.png", "sub/y.png", ".hid.png")]
+    predictions, errors = p.predict_files(classifier, files, batch_size=2, top_k=1)
+    assert [r["path"] for r in predictions] == [str(files[0]), str(files[2]), str(files[3])]
+    assert {r["predicted"] for r in predictions} == {"b"} and classifier.seen == [1, 2]
+    assert [e["path"] for e in errors] == [str(files[1])] and errors[0]["error"]
+
+
+def test_csv_puts_errors_after_predictions_with_top_k_as_json():
+    record = p.prediction("x.png", np.array([0.25, 0.75]), ("a", "b"), 2)
+    text = p.render("csv", FixedClassifier([0.25, 0.75], ("a", "b")), [record], [{"path": "y.png", "error": "why"}])
+    assert text.splitlines()[0] == "path,predicted,probability,top_k,error"
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0]["path"] == "x.png" and rows[0]["predicted"] == "b" and float(rows[0]["probability"]) == 0.75
+    assert json.loads(rows[0]["top_k"]) == record["top_k"] and rows[0]["error"] == ""
+    assert rows[1] == {"path": "y.png", "predicted": "", "probability": "", "top_k": "", "error": "why"}
+    assert "\r" not in text
+
+
+def test_json_holds_the_model_its_classes_the_predictions_and_the_errors():
+    record = p.prediction("x.png", np.array([0.25, 0.75]), ("a", "b"), 1)
+    text = p.render("json", FixedClassifier([0.25, 0.75], ("a", "b")), [record], [{"path": "y", "error": "why"}])
+    assert json.loads(text) == {"model": "m", "classes": ["a", "b"], "predictions": [record],
+                                "errors": [{"path": "y", "error": "why"}]}
+    assert text.endswith("}\n")
+
+
+def run_args(tree, out=None, fmt=None, inputs=("d",)):
+    return argparse.Namespace(model="m.pt", out=out, format=fmt, top_k=3, batch_size=4, device="cpu", label_file=None,
+                              inputs=list(inputs))
+
+
+@pytest.mark.parametrize("out, fmt, is_json", [("o.JSON", None, True), ("o.csv", None, False), ("o.json", "csv", False),
+                                               ("o.txt", "json", True)])
+def test_the_format_follows_the_out_files_suffix_unless_given(tree, monkeypatch, out, fmt, is_json):
+    monkeypatch.setattr(p, "load_classifier", lambda ref, device: FixedClassifier([0.2, 0.7, 0.1]))
+    assert p.run(run_args(tree, tree / out, fmt)) == 0
+    text = (tree / out).read_text()
+    assert text.startswith("{") == is_json
+
+
+def test_exit_status_is_2_when_no_image_got_a_prediction_and_each_skip_is_said(tree, monkeypatch, capsys):
+    monkeypatch.setattr(p, "load_classifier", lambda ref, device: FixedClassifier([0.2, 0.7, 0.1]))
+    assert p.run(run_args(tree, inputs=["d/bad.png", "missing.png"])) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "hdkd predict: skipped missing.png: no such file or folder"
+    assert err[1].startswith("hdkd predict: skipped d/bad.png: ")
+    assert p.run(run_args(tree, inputs=["d/x.png", "missing.png"])) == 0
+    assert capsys.readouterr().out.startswith("path,predicted,probability,top_k,error\nd/x.png,b,0.7,")
+
+
+def test_counts_must_be_positive():
+    assert p._positive("1") == 1
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 1, got 0"):
+        p._positive("0")
