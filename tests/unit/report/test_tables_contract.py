@@ -269,9 +269,11 @@ def test_an_ablations_difference_is_rounded_once_to_a_hundredth_of_a_point():
 
 def test_the_readmes_sentences_name_the_runs_models_and_speak_of_accuracy_alone():
     bundle = kd_bundle()
-    rows = significance_rows(bundle, [["hdkd", "logit_kd"]])
-    (sentence,) = significance_sentences(bundle, rows, [["hdkd", "logit_kd"]])
-    assert sentence.startswith("HDKD vs Logit-only KD: +0.0 points accuracy")
+    pairs = [["hdkd", "logit_kd"], ["logit_kd", "student"]]
+    rows = significance_rows(bundle, pairs)
+    first, second = significance_sentences(bundle, rows, pairs)
+    assert first.startswith("HDKD vs Logit-only KD: +0.0 points accuracy")
+    assert second.startswith("Logit-only KD vs Student: +7.5 points accuracy")
 
 
 def test_the_committed_studys_tables_come_back_from_its_bundle_character_for_character():
@@ -285,3 +287,22 @@ def test_the_committed_studys_tables_come_back_from_its_bundle_character_for_cha
     for table in tables:
         assert table_markdown(table) == (study / "tables" / f"{table.name}.md").read_text(encoding="utf-8"), table.name
         assert table_csv(table) == (study / "tables" / f"{table.name}.csv").read_text(encoding="utf-8"), table.name
+
+
+def claim_rows(*sds, n_seeds=5):
+    return [{"family": "primary", "difference_sd": sd, "n_seeds": n_seeds, "p_value": 0.5} for sd in sds]
+
+
+def test_the_seeds_sentence_says_enough_when_every_claim_has_the_seeds_it_needs_and_nothing_when_none_can():
+    assert seeds_sentence(claim_rows(0.001, 0.002)).endswith("needs 3 seeds; this run used 5, enough.")
+    assert seeds_sentence(claim_rows(0.001, 0.002, n_seeds=3)).endswith("needs 3 seeds; this run used 3, enough.")
+    assert seeds_sentence(claim_rows(1.0)) == ""  # beyond 10,000 seeds: the claims table says n/a
+    assert seeds_sentence([{**r, "family": "exploratory"} for r in claim_rows(0.001)]) == ""
+
+
+def test_the_committed_studys_readme_holds_its_seeds_sentence():
+    study = ROOT / "reports" / "study"
+    bundle = load_bundle(study / "bundle.json")
+    _, significance = report_significance(bundle, study_report_config(bundle))
+    sentence = seeds_sentence(significance)
+    assert sentence.startswith("Seeds: ") and sentence in (study / "README.md").read_text(encoding="utf-8")
