@@ -7,9 +7,11 @@ import copy
 import pytest
 import yaml
 
+from hdkd.config import load_params
 from hdkd.evidence.aggregate import significance_rows
 from hdkd.evidence.bundle import load_bundle, make_bundle
 from hdkd.evidence.stats import Comparison
+from hdkd.infra.io import read_json
 from hdkd.report.ablations import ABLATIONS
 from hdkd.report.build import report_significance, report_tables
 from hdkd.report.stage import study_report_config
@@ -314,3 +316,23 @@ def test_the_committed_studys_readme_holds_its_seeds_sentence():
     _, significance = report_significance(bundle, study_report_config(bundle))
     sentence = seeds_sentence(significance)
     assert sentence.startswith("Seeds: ") and sentence in (study / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_model_not_timed_at_a_batch_size_gets_na_there():
+    bundle = bundle_with()
+    timing = bundle["models"]["hdkd"]["efficiency"]["timing"]
+    timing.append({**timing[0], "batch_size": 32, "ms_per_image": 2.0, "images_per_s": 500.0})
+    eff = efficiency_table(bundle)
+    assert eff.columns[-2:] == ("CPU ms/img (bs 32)", "CPU img/s (bs 32)")
+    assert [r[-2:] for r in eff.rows] == [("n/a", "n/a"), ("n/a", "n/a"), ("2.000", "500.0")]
+
+
+def test_the_committed_reports_tables_come_back_from_its_bundle_and_export_character_for_character():
+    reports = ROOT / "reports"
+    bundle = load_bundle(reports / "bundle.json")
+    _, significance = report_significance(bundle, load_params(ROOT / "params.yaml").report)
+    tables = report_tables(bundle, export=read_json(reports / "export.json"), significance=significance)
+    assert "efficiency" in {t.name for t in tables}
+    for table in tables:
+        assert table_markdown(table) == (reports / "tables" / f"{table.name}.md").read_text(encoding="utf-8"), table.name
+        assert table_csv(table) == (reports / "tables" / f"{table.name}.csv").read_text(encoding="utf-8"), table.name
