@@ -26,6 +26,7 @@ from hdkd.report.tables import (
     efficiency_table,
     family_sizes,
     holm_tests,
+    learned,
     main_table,
     metrics_table,
     param_value,
@@ -336,3 +337,29 @@ def test_the_committed_reports_tables_come_back_from_its_bundle_and_export_chara
     for table in tables:
         assert table_markdown(table) == (reports / "tables" / f"{table.name}.md").read_text(encoding="utf-8"), table.name
         assert table_csv(table) == (reports / "tables" / f"{table.name}.csv").read_text(encoding="utf-8"), table.name
+
+
+def test_whether_a_model_learned_is_told_at_the_fraction_asked():
+    bundle = bundle_with()
+    for r in bundle["models"]["student"]["runs"]:
+        if r["fraction"] == 0.1:
+            r["predictions"] = [2] * len(TEST_LABELS)
+    assert learned(bundle, "student", 0.1) == "no (3 of 3 seeds)"
+    assert learned(bundle, "student") == learned(bundle, "student", 1.0) == "yes"
+
+
+def test_a_bundle_older_than_the_steps_budget_says_its_curve_was_trained_by_epochs():
+    bundle = bundle_with()
+    del bundle["params"]["train"]["budget"]
+    assert "(train.budget: epochs)" in data_efficiency_table(bundle).note
+
+
+def test_without_bootstrap_the_main_notes_sentence_stands_between_the_others():
+    note = main_table(without_bootstrap(bundle_with())).note
+    assert "one image. No bootstrap confidence intervals (evaluate.bootstrap = 0). Did not learn:" in note
+
+
+def test_a_billion_parameters_print_as_1000_million():
+    bundle = bundle_with()
+    bundle["models"]["teacher"]["efficiency"]["params"]["total"] = 1_000_000_000
+    assert rows_of(main_table(bundle))["Teacher"]["Params (M)"] == "1000.000"
