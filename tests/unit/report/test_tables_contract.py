@@ -363,3 +363,20 @@ def test_a_billion_parameters_print_as_1000_million():
     bundle = bundle_with()
     bundle["models"]["teacher"]["efficiency"]["params"]["total"] = 1_000_000_000
     assert rows_of(main_table(bundle))["Teacher"]["Params (M)"] == "1000.000"
+
+
+def test_a_claim_whose_two_models_did_not_learn_names_both():
+    bundle = kd_bundle()
+    for m in ("logit_kd", "student"):
+        for r in bundle["models"][m]["runs"]:
+            if r["fraction"] == 0.1:
+                r["predictions"] = [2] * len(TEST_LABELS)
+    claim = {**CLAIMS[0], "compare": ["logit_kd", "student"]}
+    rows = significance_rows(bundle, [], [claim])
+    assert claims_table(bundle, rows).rows[0][5] == "no verdict (Logit-only KD and Student did not learn)"
+
+
+def test_macs_print_in_millions_to_a_tenth_at_any_size():
+    bundle = bundle_with()
+    bundle["models"]["teacher"]["efficiency"]["macs"] = 200_000_000_000  # a 200 GMAC network
+    assert rows_of(main_table(bundle))["Teacher"]["MACs (M)"] == "200000.0"
