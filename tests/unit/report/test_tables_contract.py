@@ -3,6 +3,7 @@ the run's own roster (a distillation method is named as its params name it), the
 their values, and a run that lacks a model or a column that only some ablations carry."""
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -107,7 +108,7 @@ def test_an_ablation_without_macs_has_no_such_column_and_names_models_by_the_run
     assert "HDKD Accuracy (%)" in table.columns and len(table.columns) == 3 + 6
     tau = next(a for a in ABLATIONS if a.name == "alpha_tau")
     assert "only in distill.alpha, distill.tau;" in ablation_table(tau, reference, []).note
-    wide = LAMBDA.__class__(**{**LAMBDA.__dict__, "models": None})  # every model of the run, its kd methods too
+    wide = dataclasses.replace(LAMBDA, models=None)  # every model of the run, its kd methods too
     assert "Logit-only KD Accuracy (%)" in ablation_table(wide, reference, [run]).columns
 
 
@@ -287,17 +288,25 @@ def test_the_readmes_sentences_name_the_runs_models_and_speak_of_accuracy_alone(
     assert second.startswith("Logit-only KD vs Student: +7.5 points accuracy")
 
 
-def test_the_committed_studys_tables_come_back_from_its_bundle_character_for_character():
+STUDY = ROOT / "reports" / "study"
+
+
+@pytest.fixture(scope="module")
+def study():
+    """The committed study's bundle and its significance rows, as its report computed them (read once: 1.4 MB)."""
+    bundle = load_bundle(STUDY / "bundle.json")
+    return bundle, report_significance(bundle, study_report_config(bundle))[1]
+
+
+def test_the_committed_studys_tables_come_back_from_its_bundle_character_for_character(study):
     # Every header, note, label and figure of the tables a reader of reports/study/ sees, rebuilt from the bundle
     # they were made from (what check_reports does with the whole report, in the slow suite).
-    study = ROOT / "reports" / "study"
-    bundle = load_bundle(study / "bundle.json")
-    _, significance = report_significance(bundle, study_report_config(bundle))
+    bundle, significance = study
     tables = report_tables(bundle, significance=significance)
-    assert {t.name for t in tables} == {p.stem for p in (study / "tables").glob("*.md")}
+    assert {t.name for t in tables} == {p.stem for p in (STUDY / "tables").glob("*.md")}
     for table in tables:
-        assert table_markdown(table) == (study / "tables" / f"{table.name}.md").read_text(encoding="utf-8"), table.name
-        assert table_csv(table) == (study / "tables" / f"{table.name}.csv").read_text(encoding="utf-8"), table.name
+        assert table_markdown(table) == (STUDY / "tables" / f"{table.name}.md").read_text(encoding="utf-8"), table.name
+        assert table_csv(table) == (STUDY / "tables" / f"{table.name}.csv").read_text(encoding="utf-8"), table.name
 
 
 def claim_rows(*sds, n_seeds=5):
@@ -311,12 +320,10 @@ def test_the_seeds_sentence_says_enough_when_every_claim_has_the_seeds_it_needs_
     assert seeds_sentence([{**r, "family": "exploratory"} for r in claim_rows(0.001)]) == ""
 
 
-def test_the_committed_studys_readme_holds_its_seeds_sentence():
-    study = ROOT / "reports" / "study"
-    bundle = load_bundle(study / "bundle.json")
-    _, significance = report_significance(bundle, study_report_config(bundle))
+def test_the_committed_studys_readme_holds_its_seeds_sentence(study):
+    _, significance = study
     sentence = seeds_sentence(significance)
-    assert sentence.startswith("Seeds: ") and sentence in (study / "README.md").read_text(encoding="utf-8")
+    assert sentence.startswith("Seeds: ") and sentence in (STUDY / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_model_not_timed_at_a_batch_size_gets_na_there():
