@@ -39,7 +39,8 @@ TESTS = {
                                 "tests/unit/training/test_losses.py"],
     "hdkd/training/run.py": ["tests/unit/training/test_run.py", "tests/unit/training/test_properties.py"],
     "hdkd/training/stage.py": ["tests/unit/training/test_stage.py"],
-    "hdkd/training/local_executor.py": ["tests/unit/training/test_stage.py"],
+    "hdkd/training/local_executor.py": ["tests/unit/training/test_stage.py",
+                                        "tests/unit/training/test_stage_contract.py"],
     "hdkd/use/predict.py": ["tests/unit/use/test_predict.py"],
     "hdkd/use/inference.py": ["tests/unit/use/test_predict.py", "tests/unit/use/test_export.py"],
 }

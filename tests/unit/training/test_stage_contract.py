@@ -1,0 +1,277 @@
+"""The training stage's contract (hdkd.training.stage, hdkd.training.local_executor), with each run's training
+replaced by a stand-in that writes the three files a run writes: which runs train, with which paths, what the
+stage's outputs hold, what a resume keeps, what a failure leaves, and where the parent MLflow run ends.
+(tests/unit/training/test_stage.py trains real networks through the same code.)"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hdkd.roster import primary_run, run_file, run_name, training_runs
+from hdkd.training import local_executor, stage
+from hdkd.training.run import StagePaths
+from hdkd.training.stage import train_stage
+from tests.helpers.params import make_params
+
+RUNS = {"seeds": [3, 1], "fractions": [0.5, 1.0], "tracking": {"enabled": False}}
+LOG = "HDKD_TEST_STAGE_LOG"  # the environment reaches a spawned worker; a monkeypatch does not
+FAIL = "HDKD_TEST_STAGE_FAIL"
+
+
+def fake_train_run(name, params, paths, run, register, threads=None):
+    """One run's files, as :func:`hdkd.training.run.train_run` writes them, each naming the run."""
+    with open(os.environ[LOG], "a") as log:
+        log.write(json.dumps({"name": name, "run": list(run), "register": register, "threads": threads,
+                              "pid": os.getpid(), "tracking": params.tracking.enabled,
+                              "paths": {k: str(v) for k, v in vars(paths).items()}}) + "\n")
+    if run_name(run) in os.environ.get(FAIL, "").split(","):
+        raise RuntimeError(f"run {run_name(run)} failed")
+    paths.out_dir.mkdir(parents=True, exist_ok=True)
+    (paths.out_dir / "model.pt").write_text(f"weights of {name} {run_name(run)}")
+    summary = {"val_accuracy": run[0] + run[1], "epoch": 2}
+    paths.metrics.write_text(json.dumps(summary))
+    paths.run_record.write_text(json.dumps({"run_id": run_name(run)}))
+    return summary
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """Stage paths under tmp_path (prepared splits of one file each) and the stand-in in place of a run."""
+    for split in ("train", "val", "teacher"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "data.bin").write_text(split)
+    monkeypatch.setattr(local_executor, "train_run", fake_train_run)
+    monkeypatch.setenv(LOG, str(tmp_path / "calls.jsonl"))
+    monkeypatch.delenv(FAIL, raising=False)
+    return tmp_path
+
+
+def paths_of(root, teacher=False) -> StagePaths:
+    return StagePaths(root / "train", root / "val", root / "models" / "student", root / "reports" / "student.json",
+                      root / "checkpoints" / "student", root / "teacher" if teacher else None)
+
+
+def settings(change=None, workers=1):
+    raw = {**RUNS, "train": {"run_workers": workers}}
+    for key, value in (change or {}).items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return make_params(raw)
+
+
+def calls(root) -> list[dict]:
+    log = root / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def trained(root) -> list[str]:
+    return [run_name(tuple(c["run"])) for c in calls(root)]
+
+
+def test_every_run_trains_once_in_a_directory_of_its_own_and_the_primary_alone_is_registered(workspace):
+    params, paths = settings(), paths_of(workspace)
+    train_stage("student", params, paths)
+    runs = training_runs(params, "student")
+    assert trained(workspace) == [run_name(r) for r in runs]  # the primary first, then by fraction and seed
+    for call, run in zip(calls(workspace), runs, strict=True):
+        work = paths.resume_dir / run_name(run)
+        assert call["name"] == "student" and call["register"] == (run == primary_run(params))
+        assert call["paths"] == {"train": str(paths.train), "val": str(paths.val), "out_dir": str(work / "out"),
+                                 "metrics": str(work / "out" / "metrics.json"), "resume_dir": str(work / "state"),
+                                 "teacher": "None", "run_record": str(work / "out" / "metrics.run.json")}
+        assert call["threads"] is None  # one after another: the process's own threads
+
+
+def test_the_outputs_hold_every_run_the_primary_in_front(workspace):
+    params, paths = settings(), paths_of(workspace)
+    returned = train_stage("student", params, paths)
+    runs = training_runs(params, "student")
+    for run in runs:  # each run's weights where run_file says, and nothing else there
+        assert run_file(paths.out_dir, run, params).read_text() == f"weights of student {run_name(run)}"
+    assert sorted(p.name for p in (paths.out_dir / "runs").iterdir()) == sorted(
+        f"{run_name(r)}.pt" for r in runs if r != primary_run(params))
+    assert sorted(p.name for p in paths.out_dir.iterdir()) == ["model.pt", "runs"]
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics == returned == {"val_accuracy": 4.0, "epoch": 2, "runs": {
+        run_name(r): {"val_accuracy": r[0] + r[1], "epoch": 2} for r in runs}}
+    assert json.loads(paths.run_record.read_text()) == {"run_id": "seed3-frac1"}  # the primary's MLflow run
+    assert not paths.resume_dir.exists()  # finished: nothing left to resume
+
+
+def test_a_distilling_stage_gives_each_run_the_teachers_run_of_its_seed_and_fraction(workspace):
+    params, paths = settings(), paths_of(workspace, teacher=True)
+    train_stage("hdkd", params, paths)
+    assert [c["paths"]["teacher"] for c in calls(workspace)] == [
+        str(run_file(paths.teacher, r, params)) for r in training_runs(params, "hdkd")]
+
+
+def test_a_baseline_trains_at_the_baseline_fractions_only(workspace):
+    params = settings({"baseline_fractions": [1.0]})
+    train_stage("resnet", params, paths_of(workspace))
+    assert trained(workspace) == ["seed3-frac1", "seed1-frac1"]
+    assert sorted(p.name for p in (paths_of(workspace).out_dir / "runs").iterdir()) == ["seed1-frac1.pt"]
+
+
+def test_a_failed_run_leaves_no_output_and_a_resume_trains_only_what_was_not_finished(workspace, monkeypatch):
+    params, paths = settings(), paths_of(workspace)
+    monkeypatch.setenv(FAIL, "seed3-frac0.5")
+    with pytest.raises(RuntimeError, match="seed3-frac0.5 failed"):
+        train_stage("student", params, paths)
+    assert trained(workspace) == ["seed3-frac1", "seed1-frac1", "seed3-frac0.5"]  # none started after it
+    assert not paths.out_dir.exists() and not paths.metrics.exists() and not paths.run_record.exists()
+    monkeypatch.delenv(FAIL)
+    (workspace / "calls.jsonl").unlink()
+    metrics = train_stage("student", params, paths)
+    assert trained(workspace) == ["seed3-frac0.5", "seed1-frac0.5"]  # the finished two kept
+    assert sorted(metrics["runs"]) == sorted(run_name(r) for r in training_runs(params))
+    assert run_file(paths.out_dir, (1, 1.0), params).read_text() == "weights of student seed1-frac1"
+
+
+@pytest.mark.parametrize(("change", "retrains"), [
+    ({"student": {"lr": 1e-3}}, True),  # a result changes: a stale model must not ship
+    ({"seed": 7}, True),  # the data's seed
+    ({"baselines": {"vit": {"optim": {"lr": 1e-3}}}}, False),  # a baseline's recipe
+    ({"seeds": [3, 1, 5]}, False),  # one more seed: the finished runs stay valid
+    ({"tracking": {"enabled": False, "experiment": "elsewhere"}}, False),  # where it is logged changes nothing
+])
+def test_a_finished_run_is_kept_only_while_its_inputs_are_unchanged(workspace, monkeypatch, change, retrains):
+    params, paths = settings(), paths_of(workspace)
+    monkeypatch.setenv(FAIL, "seed1-frac0.5")  # three runs finish, then the stage fails
+    with pytest.raises(RuntimeError):
+        train_stage("student", params, paths)
+    monkeypatch.delenv(FAIL)
+    (workspace / "calls.jsonl").unlink()
+    train_stage("student", settings(change), paths)
+    done_before = ["seed3-frac1", "seed1-frac1", "seed3-frac0.5"]
+    expected = [run_name(r) for r in training_runs(settings(change), "student")]
+    assert trained(workspace) == (expected if retrains else [r for r in expected if r not in done_before])
+
+
+def test_an_edited_input_file_makes_the_runs_that_read_it_pending_again(workspace, monkeypatch):
+    params, paths = settings(), paths_of(workspace, teacher=True)
+    for run in training_runs(params):  # the teacher stage's outputs
+        run_file(paths.teacher, run, params).parent.mkdir(exist_ok=True)
+        run_file(paths.teacher, run, params).write_text(f"teacher {run_name(run)}")
+
+    def interrupted_then_resumed(edit):
+        monkeypatch.setenv(FAIL, "seed1-frac0.5")
+        with pytest.raises(RuntimeError):
+            train_stage("hdkd", params, paths)
+        monkeypatch.delenv(FAIL)
+        (workspace / "calls.jsonl").unlink()
+        edit()
+        train_stage("hdkd", params, paths)
+        return trained(workspace)
+
+    # the teacher's run of seed 3 on half the data: only the HDKD run that distils from it
+    assert interrupted_then_resumed(lambda: run_file(paths.teacher, (3, 0.5), params).write_text("retrained")) == [
+        "seed3-frac0.5", "seed1-frac0.5"]
+    (workspace / "calls.jsonl").unlink()
+    # the training split: every run
+    assert interrupted_then_resumed(lambda: (workspace / "train" / "data.bin").write_text("rebalanced")) == [
+        run_name(r) for r in training_runs(params)]
+
+
+def test_a_finished_stage_replaces_its_outputs_whole(workspace):
+    params, paths = settings(), paths_of(workspace)
+    (paths.out_dir / "runs").mkdir(parents=True)
+    (paths.out_dir / "runs" / "seed9-frac0.5.pt").write_text("an earlier params' run")
+    train_stage("student", params, paths)
+    assert not (paths.out_dir / "runs" / "seed9-frac0.5.pt").exists()
+    assert len(list((paths.out_dir / "runs").iterdir())) == len(training_runs(params)) - 1
+
+
+def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
+    seen = []
+    monkeypatch.setattr(stage, "train_side_by_side", lambda name, p, staged, todo, workers: seen.append(
+        ("side by side", workers, len(todo))) or local_executor.train_one_after_another(name, p, staged, todo))
+    real = stage.train_one_after_another
+    monkeypatch.setattr(stage, "train_one_after_another", lambda name, p, staged, todo, mark_done=True: seen.append(
+        ("one after another", mark_done, len(todo))) or real(name, p, staged, todo, mark_done))
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    for workers in (1, 2, 8, 0):  # 0: one per CPU; never more than the runs to train
+        train_stage("student", settings(workers=workers), paths_of(workspace / str(workers)))
+    assert seen == [("one after another", True, 4), ("side by side", 2, 4), ("side by side", 4, 4),
+                    ("side by side", 3, 4)]
+
+
+def test_side_by_side_gives_each_worker_its_share_of_the_cpus_and_the_outputs_of_one_after_another(workspace,
+                                                                                                  monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    params = settings({"seeds": [3]}, workers=2)
+    train_stage("student", params, paths_of(workspace / "side"))
+    train_stage("student", settings({"seeds": [3]}), paths_of(workspace / "one"))
+    side, one = calls(workspace)[:2], calls(workspace)[2:]
+    assert [c["threads"] for c in side] == [2, 2] and [c["threads"] for c in one] == [None, None]
+    assert side[0]["pid"] == os.getpid() != side[1]["pid"]  # this process trains the first run itself
+    for a, b in zip(sorted((workspace / "side").rglob("*")), sorted((workspace / "one").rglob("*")), strict=True):
+        assert a.relative_to(workspace / "side") == b.relative_to(workspace / "one")
+        assert not a.is_file() or a.read_bytes() == b.read_bytes()
+
+
+class FakeTracker:
+    """The parent MLflow run's life, recorded (``reachable``: whether the server answered)."""
+
+    events: list = []
+    reachable = True
+
+    def __init__(self, cfg, params, stage_name):
+        self.enabled = cfg.enabled
+        FakeTracker.events.append(("made", stage_name))
+
+    def open_parent(self):
+        self.enabled = self.enabled and FakeTracker.reachable
+        FakeTracker.events.append(("open",))
+
+    def end_parent(self, status="FAILED"):
+        FakeTracker.events.append(("end", status))
+
+
+@pytest.fixture
+def tracker(monkeypatch):
+    FakeTracker.events, FakeTracker.reachable = [], True
+    monkeypatch.setattr(stage, "Tracker", FakeTracker)
+    return FakeTracker
+
+
+def test_the_parent_run_opens_before_the_runs_and_fails_with_the_stage(workspace, monkeypatch, tracker):
+    params, paths = settings({"tracking": {"enabled": True}}), paths_of(workspace)
+    monkeypatch.setenv(FAIL, "seed1-frac1")
+    with pytest.raises(RuntimeError):
+        train_stage("student", params, paths)
+    assert tracker.events == [("made", "train_student"), ("open",), ("end", "FAILED")]
+    assert all(c["tracking"] for c in calls(workspace))
+
+
+def test_an_unreachable_server_lets_the_runs_train_untracked(workspace, tracker):
+    tracker.reachable = False
+    train_stage("student", settings({"tracking": {"enabled": True}}), paths_of(workspace))
+    assert len(calls(workspace)) == 4 and not any(c["tracking"] for c in calls(workspace))  # said once, here
+    assert tracker.events == [("made", "train_student"), ("open",)]  # a success: the runs end it, not the stage
+
+
+def test_a_stage_with_every_run_finished_trains_nothing_and_opens_no_run(workspace, monkeypatch, tracker):
+    params, paths = settings({"tracking": {"enabled": True}}), paths_of(workspace)
+    monkeypatch.setattr(stage.shutil, "rmtree", lambda *a, **k: None)  # the resume states outlive the stage
+    first = train_stage("student", params, paths)
+    paths.metrics.unlink()
+    (workspace / "calls.jsonl").unlink()
+    tracker.events.clear()
+    assert train_stage("student", params, paths) == first == json.loads(paths.metrics.read_text())
+    assert calls(workspace) == [] and tracker.events == []
+
+
+def test_train_one_after_another_marks_only_when_asked(workspace):
+    from hdkd.training.run import PendingRun
+
+    params, paths = settings({"seeds": [3]}), paths_of(workspace)
+    runs = training_runs(params)
+    staged = {r: StagePaths(paths.train, paths.val, workspace / run_name(r), workspace / f"{run_name(r)}.json",
+                            workspace / "state") for r in runs}
+    for mark_done in (False, True):
+        todo = [PendingRun(r, "fp", workspace / f"{run_name(r)}-{mark_done}.done") for r in runs]
+        local_executor.train_one_after_another("student", params, staged, todo, mark_done=mark_done)
+        assert [p.is_done() for p in todo] == [mark_done] * len(runs)  # torchrun's other ranks leave it to rank 0
+    assert [c["register"] for c in calls(workspace)] == [True, False] * 2
