@@ -16,7 +16,7 @@ Output (``--out FILE``, else stdout), CSV unless ``--format json`` or ``FILE`` e
   ``{"class", "probability"}``, most probable first. Inputs that could not be read come after the
   predictions, as rows with only ``path`` and ``error`` filled.
 - JSON: ``{"model", "classes", "predictions": [{path, predicted, probability, top_k}], "errors":
-  [{path, error}]}``.
+  [{path, error}]}``, one value per line, indented by two spaces a level (to read and to diff).
 
 Every input that could not be read is also reported on stderr. Exit status: 0 when at least one
 image got a prediction, 2 when none did, 1 on an error that stops everything (the model cannot be

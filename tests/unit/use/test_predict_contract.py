@@ -78,6 +78,10 @@ def test_a_prediction_lists_the_k_most_probable_ties_to_the_lower_label():
     assert type(record["probability"]) is float
     assert [c["class"] for c in p.prediction("i", np.array([0.1, 0.2, 0.7]), ("a", "b", "c"), 9)["top_k"]] == [
         "c", "b", "a"]
+    # many classes, many ties (numpy's default sort is not stable beyond 16 values): still the lower label first
+    probs = np.tile([0.0, 0.01, 0.02], 34)[:100] / np.tile([0.0, 0.01, 0.02], 34)[:100].sum()
+    top = p.prediction("i", probs, tuple(f"c{i:03d}" for i in range(100)), 5)["top_k"]
+    assert [c["class"] for c in top] == ["c002", "c005", "c008", "c011", "c014"]
 
 
 def test_unreadable_files_are_reported_with_their_reason_and_readable_ones_predicted_in_batches(tree):
@@ -106,6 +110,8 @@ def test_json_holds_the_model_its_classes_the_predictions_and_the_errors():
     assert json.loads(text) == {"model": "m", "classes": ["a", "b"], "predictions": [record],
                                 "errors": [{"path": "y", "error": "why"}]}
     assert text.endswith("}\n")
+    # one value per line, two spaces a level: the file reads and diffs line by line
+    assert text.splitlines()[:4] == ['{', '  "model": "m",', '  "classes": [', '    "a",']
 
 
 def run_args(tree, out=None, fmt=None, inputs=("d",)):

@@ -1,0 +1,95 @@
+"""One run's contract (hdkd.training.run): which recipe and network each model of the roster trains with, what a
+run's record says, which MLflow run an interrupted run goes on logging to, and the loss each kind of model gets.
+(tests/unit/training/test_run.py trains runs end to end; test_stage.py holds the data of a run.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from hdkd.infra.io import read_json, write_json
+from hdkd.roster import roster_entry
+from hdkd.training.losses import AlignedFeatureDistillationLoss, FeatureDistillationLoss
+from hdkd.training.run import (
+    MLFLOW_RUN,
+    StagePaths,
+    TrainedRun,
+    build_criterion,
+    network_spec,
+    recipe,
+    resumable_run_id,
+    write_run_files,
+)
+from tests.helpers.params import make_params
+
+KD = {"deit_vit": {"method": "deit", "timm": "deit_tiny_distilled_patch16_224",
+                   "kwargs": {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
+                   "distill": {"type": "hard", "alpha": 0.5, "lambda": 0, "lr": 5e-4}},
+      "logit_kd": {"method": "logit", "timm": None, "kwargs": {}, "distill": {"lambda": 0}},
+      "aligned_kd": {"method": "aligned", "timm": None, "kwargs": {}, "distill": {}}}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return make_params({"kd": KD, "model": {"size": "tiny", "block": "mbconv", "stem_stride": 4, "dropout": 0.1}})
+
+
+def test_each_model_trains_with_its_own_sections_recipe(params):
+    assert recipe(params, roster_entry("teacher", params)) == params.teacher
+    assert recipe(params, roster_entry("student", params)) == params.student
+    assert recipe(params, roster_entry("hdkd", params)) == params.distill
+    assert recipe(params, roster_entry("vit", params)) == params.baselines["vit"].optim
+    assert recipe(params, roster_entry("vit", params)).lr == 5e-4  # the ViT's own warmup recipe
+    assert recipe(params, roster_entry("deit_vit", params)) == params.kd["deit_vit"].distill
+    assert recipe(params, roster_entry("logit_kd", params)).lambda_ == 0.0
+
+
+def test_each_model_is_built_from_the_network_its_entry_names(params):
+    paper = {"block": "mbconv", "stem_stride": 4, "dropout": 0.1}  # the model section reaches the paper's networks
+    assert network_spec(params, roster_entry("teacher", params)) == ("teacher_tiny", paper)
+    assert network_spec(params, roster_entry("hdkd", params)) == ("hdkd_tiny", paper)
+    assert network_spec(params, roster_entry("resnet", params)) == (
+        "timm:resnet18", {"channels": [8, 16, 32, 64], "stem_width": 8})
+    assert network_spec(params, roster_entry("deit_vit", params)) == (
+        "timm:deit_tiny_distilled_patch16_224", KD["deit_vit"]["kwargs"])
+    # logit-only and aligned feature KD distil into the HDKD student itself
+    assert network_spec(params, roster_entry("aligned_kd", params)) == ("hdkd_tiny", paper)
+    assert network_spec(params, roster_entry("logit_kd", params)) == ("hdkd_tiny", paper)
+
+
+def test_each_model_gets_the_loss_of_its_method(params):
+    alone = build_criterion("student", params.student)
+    assert alone.feature is None and alone.lambda_ == 0.0 and alone.logit.kind == "none"
+    hdkd = build_criterion("hdkd", params.distill)
+    assert type(hdkd.feature) is FeatureDistillationLoss and hdkd.lambda_ == params.distill.lambda_
+    assert hdkd.logit.kind == params.distill.type and hdkd.logit.alpha == params.distill.alpha
+    assert hdkd.logit.tau == params.distill.tau
+    aligned = build_criterion(roster_entry("aligned_kd", params), params.kd["aligned_kd"].distill, (8, 16, 24))
+    assert type(aligned.feature) is AlignedFeatureDistillationLoss
+    assert sorted(aligned.feature.projectors) == sorted(str(s) for s in params.distill.stages)
+    deit = build_criterion(roster_entry("deit_vit", params), params.kd["deit_vit"].distill)
+    assert deit.logit.kind == "hard" and deit.lambda_ == 0.0
+
+
+def test_an_interrupted_run_goes_on_logging_to_its_mlflow_run_only_for_the_same_inputs(tmp_path):
+    assert resumable_run_id(tmp_path, "fp") is None  # nothing recorded
+    write_json(tmp_path / MLFLOW_RUN, {"fingerprint": "fp", "run_id": "abc"})
+    assert resumable_run_id(tmp_path, "fp") == "abc"
+    assert resumable_run_id(tmp_path, "other inputs") is None
+
+
+def test_a_runs_record_names_its_model_seed_fraction_params_and_mlflow_run(tmp_path):
+    import torch
+
+    params = make_params()
+    paths = StagePaths(tmp_path / "train", tmp_path / "val", tmp_path / "out", tmp_path / "m" / "teacher.json",
+                       tmp_path / "state")
+    summary = {"val_accuracy": 0.75, "val_loss": 0.5, "best_epoch": 2, "epochs": 3}
+    trained = TrainedRun("teacher", "teacher_tiny", {}, ["a", "b"], (4, 0.25), torch.nn.Linear(2, 2), summary,
+                         [{"epoch": 1}])
+    write_run_files(trained, params, paths, {"run_id": "r1", "tracking_uri": "sqlite:///x.db"})
+    assert read_json(paths.metrics) == summary
+    assert paths.run_record == tmp_path / "m" / "teacher.run.json"
+    assert read_json(paths.run_record) == {"run_id": "r1", "tracking_uri": "sqlite:///x.db",
+                                           "params_hash": params.digest(), "model": "teacher_tiny", "seed": 4,
+                                           "fraction": 0.25, **summary}
+    assert (paths.out_dir / "model.pt").is_file()
