@@ -43,6 +43,7 @@ TESTS = {
     "hdkd/training/stage.py": ["tests/unit/training/test_stage.py"],
     "hdkd/training/local_executor.py": ["tests/unit/training/test_stage.py",
                                         "tests/unit/training/test_stage_contract.py"],
+    "hdkd/training/ray_executor.py": ["tests/unit/training/test_ray_executor.py"],
     "hdkd/use/predict.py": ["tests/unit/use/test_predict.py"],
     "hdkd/use/inference.py": ["tests/unit/use/test_predict.py", "tests/unit/use/test_export.py"],
 }
