@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output file (default: stdout)")
     parser.add_argument("--format", choices=("csv", "json"), help="default: json if --out ends in .json, else csv")
     parser.add_argument("--top-k", type=_positive, default=3, help="classes listed per image (default 3)")
-    parser.add_argument("--batch-size", type=_positive, default=32)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="images per batch (default 32)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="default auto: the GPU when there is one")
     parser.add_argument("--label-file", type=Path,
                         help="class names, one a line, in label order: fail unless the model's classes are these")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")

@@ -142,3 +142,77 @@ def test_counts_must_be_positive():
     assert p._positive("1") == 1
     with pytest.raises(argparse.ArgumentTypeError, match="must be >= 1, got 0"):
         p._positive("0")
+
+
+def test_the_command_line_needs_a_model_and_says_what_each_option_takes(capsys):
+    parser = argparse.ArgumentParser(prog="hdkd predict")
+    p.add_arguments(parser)
+    for argv, message in ((["x.png"], "the following arguments are required: --model"),
+                          (["--model", "m.pt", "--format", "xml", "x.png"], "--format: invalid choice: 'xml'"),
+                          (["--model", "m.pt", "--format", "CSV", "x.png"], "--format: invalid choice: 'CSV'")):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    for device in ("auto", "cpu", "cuda"):
+        assert parser.parse_args(["--model", "m.pt", "--device", device, "x.png"]).device == device
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m.pt", "--device", "gpu", "x.png"])
+    assert parser.parse_args(["--model", "m.pt", "--format", "csv", "x.png"]).format == "csv"
+    # the defaults docs/using.md gives
+    assert vars(parser.parse_args(["--model", "m.pt", "x.png", "y/"])) == {
+        "model": "m.pt", "out": None, "format": None, "top_k": 3, "batch_size": 32, "device": "auto",
+        "label_file": None, "inputs": ["x.png", "y/"]}
+    text = " ".join(parser.format_help().split())
+    for phrase in ("[--label-file LABEL_FILE] INPUT [INPUT ...]",
+                   "INPUT image files, folders or glob patterns",
+                   "--model MODEL models/<role>/model.pt, an exported model.onnx, or an MLflow model URI "
+                   "(models:/..., runs:/...)", "--out OUT output file (default: stdout)",
+                   "--format {csv,json} default: json if --out ends in .json, else csv",
+                   "--top-k TOP_K classes listed per image (default 3)",
+                   "--batch-size BATCH_SIZE images per batch (default 32)",
+                   "--device {auto,cpu,cuda} default auto: the GPU when there is one",
+                   "--label-file LABEL_FILE class names, one a line, in label order: fail unless the model's "
+                   "classes are these"):
+        assert phrase in text, phrase
+
+
+@pytest.mark.parametrize(("count", "shown"), [(9, True), (8, False)])
+def test_a_progress_bar_counts_the_images_when_there_are_more_than_four_batches(tmp_path, capsys, count, shown):
+    files = [write_image(tmp_path / f"{i}.png", size=(8, 8)) or tmp_path / f"{i}.png" for i in range(count)]
+    p.predict_files(FixedClassifier([0.2, 0.7, 0.1]), files, batch_size=2, top_k=1)
+    err = capsys.readouterr().err
+    if shown:
+        assert "predict: 100%" in err and f"{count}/{count}" in err and "img/s" in err, err
+    else:
+        assert err == ""  # a few batches: no bar
+
+
+def test_no_files_give_no_predictions():
+    classifier = FixedClassifier([0.2, 0.7, 0.1])
+    assert p.predict_files(classifier, [], batch_size=4, top_k=1) == ([], []) and classifier.seen == []
+
+
+@pytest.mark.parametrize(("device", "cuda", "loaded_on"), [("auto", True, "cuda"), ("auto", False, "cpu"),
+                                                           ("cpu", True, "cpu"), ("cuda", True, "cuda")])
+def test_the_model_runs_on_the_device_asked_for_auto_the_gpu_when_there_is_one(tree, monkeypatch, device, cuda,
+                                                                               loaded_on):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(p, "load_classifier", lambda ref, dev: seen.append(dev) or FixedClassifier([0.2, 0.7, 0.1]))
+    args = run_args(tree, inputs=["d/x.png"])
+    args.device = device
+    assert p.run(args) == 0 and seen == [loaded_on]
+
+
+def test_cuda_asked_for_where_there_is_none_is_refused_before_loading(tree, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(p, "load_classifier", lambda ref, dev: pytest.fail("the model was loaded"))
+    args = run_args(tree, inputs=["d/x.png"])
+    args.device = "cuda"
+    with pytest.raises(RuntimeError) as error:
+        p.run(args)
+    assert str(error.value) == "--device cuda, but no CUDA device is available; use --device auto or cpu"
