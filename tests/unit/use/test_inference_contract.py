@@ -89,3 +89,68 @@ def test_the_label_file_must_list_the_models_classes_in_order(tmp_path):
         check_classes(classifier, swapped)
     assert str(e.value) == (f"net.pt was trained on classes ['a', 'b'], but the label file {swapped} lists "
                             "['b', 'a']")
+
+
+def linear_onnx(path, classes=("a", "b", "c"), size=4, metadata=True):
+    """An ONNX file of the export's interface ('images' N x 3 x S x S -> 'logits' N x C): a linear map on the
+    flattened image, its weights returned; with the export's metadata_props unless ``metadata`` is False."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hdkd.use.inference import ONNX_METADATA
+
+    weights = np.random.default_rng(0).standard_normal((3 * size * size, len(classes))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "linear", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(classes)])],
+        [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if metadata:
+        values = {"model_name": "linear", "classes": list(classes), "image_size": size}
+        helper.set_model_props(model, {name: json.dumps(values[key]) for key, name in ONNX_METADATA.items()})
+    onnx.save(model, path)
+    return weights
+
+
+def test_an_onnx_export_gives_the_softmax_of_its_logits_with_the_classes_and_size_it_carries(tmp_path):
+    weights = linear_onnx(tmp_path / "m.onnx")
+    classifier = load_classifier(tmp_path / "m.onnx")
+    assert classifier.classes == ("a", "b", "c") and classifier.image_size == 4
+    assert classifier.source == str(tmp_path / "m.onnx")
+    images = torch.randn(5, 3, 4, 4)
+    probs = classifier.predict_proba(images)
+    logits = images.reshape(5, -1).double() @ torch.from_numpy(weights).double()
+    assert probs.dtype == np.float64 and probs.shape == (5, 3)
+    np.testing.assert_allclose(probs, torch.softmax(logits, 1).numpy(), rtol=1e-5)
+
+
+def test_an_onnx_file_that_is_not_an_export_of_this_project_names_what_it_lacks(tmp_path):
+    linear_onnx(tmp_path / "plain.onnx", metadata=False)
+    with pytest.raises(ValueError, match=r"plain.onnx is not an hdkd ONNX export: its metadata_props lack "
+                                         r"\['hdkd.model_name', 'hdkd.classes', 'hdkd.image_size'\]"):
+        load_classifier(tmp_path / "plain.onnx")
+
+
+def test_onnx_runtime_runs_on_the_threads_and_device_asked_for(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from hdkd.use.inference import OnnxClassifier
+
+    linear_onnx(tmp_path / "m.onnx")
+    assert OnnxClassifier(tmp_path / "m.onnx", threads=1).session.get_session_options().intra_op_num_threads == 1
+    assert OnnxClassifier(tmp_path / "m.onnx").session.get_session_options().intra_op_num_threads == 0  # ORT's own
+    seen = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, options, providers: seen.append(providers) or real(
+        path, options, providers=["CPUExecutionProvider"]))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    OnnxClassifier(tmp_path / "m.onnx", device="cuda")
+    OnnxClassifier(tmp_path / "m.onnx", device="cpu")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # CPU-only onnxruntime
+    OnnxClassifier(tmp_path / "m.onnx", device="cuda")
+    assert seen == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"],
+                    ["CPUExecutionProvider"]]
