@@ -31,6 +31,7 @@ from hdkd.report.tables import (
     main_table,
     metrics_table,
     param_value,
+    pct,
     per_class_table,
     points_difference,
     seeds_sentence,
@@ -317,6 +318,8 @@ def test_the_seeds_sentence_says_enough_when_every_claim_has_the_seeds_it_needs_
     assert seeds_sentence(claim_rows(0.001, 0.002)).endswith("needs 3 seeds; this run used 5, enough.")
     assert seeds_sentence(claim_rows(0.001, 0.002, n_seeds=3)).endswith("needs 3 seeds; this run used 3, enough.")
     assert seeds_sentence(claim_rows(1.0)) == ""  # beyond 10,000 seeds: the claims table says n/a
+    assert seeds_sentence(claim_rows(0.001)).endswith(  # one claim: α alone (t = 21 at 2 seeds against 12.7)
+        "in every claim at α/m = 0.05 (conservative: Holm's strictest step) needs 2 seeds; this run used 5, enough.")
     assert seeds_sentence([{**r, "family": "exploratory"} for r in claim_rows(0.001)]) == ""
 
 
@@ -381,9 +384,24 @@ def test_a_claim_whose_two_models_did_not_learn_names_both():
     claim = {**CLAIMS[0], "compare": ["logit_kd", "student"]}
     rows = significance_rows(bundle, [], [claim])
     assert claims_table(bundle, rows).rows[0][5] == "no verdict (Logit-only KD and Student did not learn)"
+    assert significance_table(rows).rows[0][-1] == "logit_kd, student"
 
 
 def test_macs_print_in_millions_to_a_tenth_at_any_size():
     bundle = bundle_with()
     bundle["models"]["teacher"]["efficiency"]["macs"] = 200_000_000_000  # a 200 GMAC network
     assert rows_of(main_table(bundle))["Teacher"]["MACs (M)"] == "200000.0"
+
+
+def test_a_claim_that_no_count_of_seeds_would_settle_says_na_and_a_missing_value_prints_na():
+    bundle = bundle_with()
+    rows = significance_rows(bundle, [["hdkd", "student"]], CLAIMS)
+    rows[0] = {**rows[0], "difference_sd": 1.0}  # 100 points of spread between seeds: beyond 10,000 seeds
+    assert claims_table(bundle, rows).rows[0][7] == "n/a"
+    assert pct(None) == "n/a" and pct(0.25) == "25.00"
+
+
+def test_the_significance_tables_fractions_print_as_params_yaml_writes_them():
+    rows = significance_rows(bundle_with(), [["hdkd", "student"]], CLAIMS)
+    rows[0] = {**rows[0], "fraction": 1e-05, "minus_fraction": 2.5e-05}  # yaml.safe_dump writes 1.0e-05
+    assert significance_table(rows).rows[0][2:4] == ("1e-05", "2.5e-05")
