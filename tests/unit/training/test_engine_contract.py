@@ -170,3 +170,45 @@ def test_probed_passes_report_the_mean_gradient_norm_of_each_term_over_their_pro
 def test_data_it_cannot_train_on_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"the training split has 1 samples: BatchNorm needs at least 2"):
         run_fit(Linear(), data(1), data(4, seed=1), batch_size=4)
+
+
+def test_the_runtime_runs_under_the_precision_and_memory_format_asked_for():
+    from hdkd.training.engine import Runtime
+
+    a = torch.randn(4, 4)
+    with Runtime(torch.device("cpu")).autocast():
+        assert (a @ a).dtype == torch.float32  # full precision unless asked
+    with Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16).autocast():
+        assert (a @ a).dtype == torch.bfloat16
+    images, labels = torch.randn(2, 3, 4, 4), torch.tensor([0, 1])
+    moved, same = Runtime(torch.device("cpu"), channels_last=True).to_device(images, labels)
+    assert moved.is_contiguous(memory_format=torch.channels_last) and torch.equal(moved, images)
+    assert torch.equal(same, labels)
+    plain, _ = Runtime(torch.device("cpu")).to_device(images, labels)
+    assert plain.is_contiguous()
+
+
+def test_seed_everything_fixes_every_generator_a_run_draws_from():
+    import random
+
+    import numpy as np
+
+    from hdkd.training.engine import seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    seed_everything(8)
+    assert draws[0] == draws[1] and all(a != b for a, b in zip(draws[0], (random.random(), np.random.rand(),
+                                                                          torch.rand(1).item()), strict=True))
+
+
+def test_validation_names_the_prediction_shares_by_class_index_without_names():
+    from torch.utils.data import DataLoader
+
+    from hdkd.training.engine import validate
+
+    row = validate(Linear(), DataLoader(data(6, seed=1), batch_size=4), CPU)
+    assert sorted(k for k in row if k.startswith("val_pred_")) == ["val_pred_0", "val_pred_1", "val_pred_2"]
+    assert sum(row[f"val_pred_{i}"] for i in range(3)) == pytest.approx(1.0)
