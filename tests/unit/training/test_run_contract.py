@@ -93,3 +93,64 @@ def test_a_runs_record_names_its_model_seed_fraction_params_and_mlflow_run(tmp_p
                                            "params_hash": params.digest(), "model": "teacher_tiny", "seed": 4,
                                            "fraction": 0.25, **summary}
     assert (paths.out_dir / "model.pt").is_file()
+
+
+def test_the_runtime_takes_mixed_precision_and_channels_last_on_cuda_only_and_rank_0_shows_progress(params):
+    import torch
+
+    from hdkd.infra.distributed import DistInfo
+    from hdkd.training.run import make_runtime
+
+    asked = params.model_copy(update={"train": params.train.model_copy(update={
+        "amp": True, "channels_last": True, "reproducible": False})})
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        rt = make_runtime(asked, torch.device("cpu"), DistInfo())
+        assert rt.amp_dtype is None and not rt.channels_last and rt.progress and rt.device == torch.device("cpu")
+        assert torch.are_deterministic_algorithms_enabled()  # the same numbers on every CPU run
+        assert not make_runtime(asked, torch.device("cpu"), DistInfo(rank=1, world_size=2)).progress
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def test_a_finished_run_logs_its_best_metrics_and_history_and_only_the_registered_one_its_model(tmp_path):
+    import torch
+
+    from hdkd.models import create_model
+    from hdkd.models.checkpoint import save_model
+    from hdkd.training.engine import FitResult
+    from hdkd.training.run import track_run
+
+    params = make_params()
+    model = create_model("teacher_tiny", 2, image_size=32)
+    history = [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.75}]
+    save_model(tmp_path / "model.pt", model, "teacher_tiny", ["a", "b"], 32, {}, {"val_accuracy": 0.75}, history)
+    trained = TrainedRun("teacher", "teacher_tiny", {}, ["a", "b"], (0, 1.0), model, {"val_accuracy": 0.75,
+                                                                                     "best_epoch": 2}, history)
+    for register, resumed_from in ((False, 0), (True, 1)):
+        tracker = RecordingTracker()
+        track_run(tracker, trained, params, tmp_path / "model.pt", FitResult(history, 2, {}, resumed_from), register)
+        names = [c[0] for c in tracker.calls]
+        assert tracker.calls[0] == ("log_metrics", ({"best_val_accuracy": 0.75, "best_best_epoch": 2},), {})
+        assert ("log_dict", (history, "history.json"), {}) in tracker.calls
+        # an epoch saved just before a kill may not have reached MLflow: the epochs before the resume, again
+        assert (("log_missing_steps", (history[:1],), {}) in tracker.calls) == bool(resumed_from)
+        if not register:
+            assert names == ["log_metrics", "log_dict"]
+            continue
+        assert ("log_artifact", (tmp_path / "model.pt", "checkpoint"), {}) in tracker.calls
+        png = next(c[1] for c in tracker.calls if c[0] == "log_bytes")
+        assert png[1] == "training_curves.png" and png[0].startswith(b"\x89PNG")
+        logged, meta, registered = next(c[1] for c in tracker.calls if c[0] == "log_model")
+        assert meta == {"model_name": "teacher_tiny", "classes": ["a", "b"], "image_size": 32}
+        assert registered == f"hdkd-{params.data.dataset}-teacher"
+        assert all(torch.equal(a, b) for a, b in zip(logged.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))
