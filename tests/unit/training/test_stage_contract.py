@@ -129,23 +129,26 @@ def test_a_failed_run_leaves_no_output_and_a_resume_trains_only_what_was_not_fin
     assert run_file(paths.out_dir, (1, 1.0), params).read_text() == "weights of student seed1-frac1"
 
 
-@pytest.mark.parametrize(("change", "retrains"), [
-    ({"student": {"lr": 1e-3}}, True),  # a result changes: a stale model must not ship
-    ({"seed": 7}, True),  # the data's seed
-    ({"baselines": {"vit": {"optim": {"lr": 1e-3}}}}, False),  # a baseline's recipe
-    ({"seeds": [3, 1, 5]}, False),  # one more seed: the finished runs stay valid
-    ({"tracking": {"enabled": False, "experiment": "elsewhere"}}, False),  # where it is logged changes nothing
+@pytest.mark.parametrize(("model", "change", "retrains"), [
+    ("student", {"student": {"lr": 1e-3}}, True),  # a result changes: a stale model must not ship
+    ("student", {"seed": 7}, True),  # the data's seed
+    ("student", {"baselines": {"vit": {"optim": {"lr": 1e-3}}}}, False),  # a baseline's recipe
+    ("vit", {"baselines": {"vit": {"optim": {"lr": 1e-3}}}}, True),  # ... is that baseline's own
+    ("vit", {"baselines": {"resnet": {"optim": {"lr": 1e-3}}}}, False),  # another baseline's
+    ("student", {"seeds": [3, 1, 5]}, False),  # one more seed: the finished runs stay valid
+    ("student", {"tracking": {"enabled": False, "experiment": "elsewhere"}}, False),  # where it is logged
 ])
-def test_a_finished_run_is_kept_only_while_its_inputs_are_unchanged(workspace, monkeypatch, change, retrains):
-    params, paths = settings(), paths_of(workspace)
+def test_a_finished_run_is_kept_only_while_its_inputs_are_unchanged(workspace, monkeypatch, model, change, retrains):
+    params, paths = settings({"baseline_fractions": [0.5, 1.0]}), paths_of(workspace)
     monkeypatch.setenv(FAIL, "seed1-frac0.5")  # three runs finish, then the stage fails
     with pytest.raises(RuntimeError):
-        train_stage("student", params, paths)
+        train_stage(model, params, paths)
     monkeypatch.delenv(FAIL)
     (workspace / "calls.jsonl").unlink()
-    train_stage("student", settings(change), paths)
+    changed = settings({"baseline_fractions": [0.5, 1.0], **change})
+    train_stage(model, changed, paths)
     done_before = ["seed3-frac1", "seed1-frac1", "seed3-frac0.5"]
-    expected = [run_name(r) for r in training_runs(settings(change), "student")]
+    expected = [run_name(r) for r in training_runs(changed, model)]
     assert trained(workspace) == (expected if retrains else [r for r in expected if r not in done_before])
 
 
@@ -195,6 +198,60 @@ def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
         train_stage("student", settings(workers=workers), paths_of(workspace / str(workers)))
     assert seen == [("one after another", True, 4), ("side by side", 2, 4), ("side by side", 4, 4),
                     ("side by side", 3, 4)]
+
+
+def test_train_executor_ray_hands_the_runs_to_ray(workspace, monkeypatch):
+    from hdkd.training import ray_executor
+
+    seen = []
+
+    def on_ray(name, p, staged, todo):
+        seen.append((name, [t.run for t in todo]))
+        local_executor.train_one_after_another(name, p, staged, todo)
+
+    monkeypatch.setattr(ray_executor, "train_on_ray", on_ray)
+    monkeypatch.setattr(stage, "train_side_by_side", lambda *a: pytest.fail("trained side by side here"))
+    params = settings({"train": {"executor": "ray", "run_workers": 2}})
+    train_stage("student", params, paths_of(workspace))
+    assert seen == [("student", training_runs(params))]
+
+
+@pytest.mark.parametrize(("executor", "backend"), [("local", "nccl"), ("ray", "gloo")])
+def test_under_torchrun_cuda_runs_join_an_nccl_group_and_a_ray_driver_a_cpu_one(workspace, monkeypatch, executor,
+                                                                                backend):
+    """A Ray driver trains nothing itself: it needs no GPU (train.device: cuda names the workers')."""
+    import torch
+
+    from hdkd.infra import distributed
+    from hdkd.training import ray_executor
+
+    groups = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(groups))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: groups.append(backend))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: groups.append("destroyed"))
+    monkeypatch.setattr(ray_executor, "train_on_ray", lambda name, p, staged, todo:
+                        local_executor.train_one_after_another(name, p, staged, todo))
+    train_stage("student", settings({"train": {"executor": executor, "device": "cuda"}}), paths_of(workspace))
+    assert groups == [backend, "destroyed"]
+
+
+def test_a_ray_driver_without_a_gpu_hands_cuda_runs_to_the_cluster(workspace, monkeypatch):
+    import torch
+
+    from hdkd.training import ray_executor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the head node: CPUs only
+    monkeypatch.setattr(ray_executor, "train_on_ray", lambda name, p, staged, todo:
+                        local_executor.train_one_after_another(name, p, staged, todo))
+    params = settings({"train": {"executor": "ray", "device": "cuda"}})
+    assert sorted(train_stage("student", params, paths_of(workspace))["runs"]) == sorted(
+        run_name(r) for r in training_runs(params))
+    with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
+        train_stage("student", settings({"train": {"device": "cuda"}}), paths_of(workspace / "local"))
 
 
 def test_side_by_side_gives_each_worker_its_share_of_the_cpus_and_the_outputs_of_one_after_another(workspace,
