@@ -17,6 +17,7 @@ from hdkd.training.stage import train_stage
 from tests.helpers.params import make_params
 
 RUNS = {"seeds": [3, 1], "fractions": [0.5, 1.0], "tracking": {"enabled": False}}
+HASH = make_params({**RUNS, "tracking": {"enabled": True}, "train": {"run_workers": 1}}).digest()
 LOG = "HDKD_TEST_STAGE_LOG"  # the environment reaches a spawned worker; a monkeypatch does not
 FAIL = "HDKD_TEST_STAGE_FAIL"
 
@@ -276,7 +277,7 @@ class FakeTracker:
 
     def __init__(self, cfg, params, stage_name):
         self.enabled = cfg.enabled
-        FakeTracker.events.append(("made", stage_name))
+        FakeTracker.events.append(("made", stage_name, params.digest()))  # the run is found by its params' hash
 
     def open_parent(self):
         self.enabled = self.enabled and FakeTracker.reachable
@@ -298,7 +299,7 @@ def test_the_parent_run_opens_before_the_runs_and_fails_with_the_stage(workspace
     monkeypatch.setenv(FAIL, "seed1-frac1")
     with pytest.raises(RuntimeError):
         train_stage("student", params, paths)
-    assert tracker.events == [("made", "train_student"), ("open",), ("end", "FAILED")]
+    assert tracker.events == [("made", "train_student", HASH), ("open",), ("end", "FAILED")]
     assert all(c["tracking"] for c in calls(workspace))
 
 
@@ -306,7 +307,7 @@ def test_an_unreachable_server_lets_the_runs_train_untracked(workspace, tracker)
     tracker.reachable = False
     train_stage("student", settings({"tracking": {"enabled": True}}), paths_of(workspace))
     assert len(calls(workspace)) == 4 and not any(c["tracking"] for c in calls(workspace))  # said once, here
-    assert tracker.events == [("made", "train_student"), ("open",)]  # a success: the runs end it, not the stage
+    assert tracker.events == [("made", "train_student", HASH), ("open",)]  # a success: the runs end it, not the stage
 
 
 def test_a_stage_with_every_run_finished_trains_nothing_and_opens_no_run(workspace, monkeypatch, tracker):
@@ -318,6 +319,19 @@ def test_a_stage_with_every_run_finished_trains_nothing_and_opens_no_run(workspa
     tracker.events.clear()
     assert train_stage("student", params, paths) == first == json.loads(paths.metrics.read_text())
     assert calls(workspace) == [] and tracker.events == []
+
+
+def test_a_failed_run_on_another_rank_raises_its_own_error(workspace, monkeypatch, tracker):
+    from hdkd.infra import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv(FAIL, "seed3-frac1")
+    with pytest.raises(RuntimeError, match="run seed3-frac1 failed"):
+        train_stage("student", settings({"tracking": {"enabled": True}}), paths_of(workspace))
+    assert tracker.events == []  # rank 0 keeps the parent run
 
 
 def test_train_one_after_another_marks_only_when_asked(workspace):
