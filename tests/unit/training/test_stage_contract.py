@@ -199,6 +199,10 @@ def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
         train_stage("student", settings(workers=workers), paths_of(workspace / str(workers)))
     assert seen == [("one after another", True, 4), ("side by side", 2, 4), ("side by side", 4, 4),
                     ("side by side", 3, 4)]
+    seen.clear()
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one at a time
+    train_stage("student", settings(workers=0), paths_of(workspace / "unknown"))
+    assert seen == [("one after another", True, 4)]
 
 
 def test_train_executor_ray_hands_the_runs_to_ray(workspace, monkeypatch):
