@@ -259,14 +259,16 @@ def test_a_ray_driver_without_a_gpu_hands_cuda_runs_to_the_cluster(workspace, mo
         train_stage("student", settings({"train": {"device": "cuda"}}), paths_of(workspace / "local"))
 
 
+@pytest.mark.parametrize(("cpus", "threads"), [(4, 2), (1, 1)])  # at least one thread each
 def test_side_by_side_gives_each_worker_its_share_of_the_cpus_and_the_outputs_of_one_after_another(workspace,
-                                                                                                  monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+                                                                                                  monkeypatch, cpus,
+                                                                                                  threads):
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     params = settings({"seeds": [3]}, workers=2)
     train_stage("student", params, paths_of(workspace / "side"))
     train_stage("student", settings({"seeds": [3]}), paths_of(workspace / "one"))
     side, one = calls(workspace)[:2], calls(workspace)[2:]
-    assert [c["threads"] for c in side] == [2, 2] and [c["threads"] for c in one] == [None, None]
+    assert [c["threads"] for c in side] == [threads] * 2 and [c["threads"] for c in one] == [None, None]
     assert side[0]["pid"] == os.getpid() != side[1]["pid"]  # this process trains the first run itself
     for a, b in zip(sorted((workspace / "side").rglob("*")), sorted((workspace / "one").rglob("*")), strict=True):
         assert a.relative_to(workspace / "side") == b.relative_to(workspace / "one")
@@ -350,3 +352,14 @@ def test_train_one_after_another_marks_only_when_asked(workspace):
         local_executor.train_one_after_another("student", params, staged, todo, mark_done=mark_done)
         assert [p.is_done() for p in todo] == [mark_done] * len(runs)  # torchrun's other ranks leave it to rank 0
     assert [c["register"] for c in calls(workspace)] == [True, False] * 2
+
+
+def test_this_processs_own_run_trains_in_a_daemon_thread_whose_error_reaches_its_future():
+    """Ctrl-C then stops the stage at once: a daemon thread is not joined at exit."""
+    import threading
+
+    ok = local_executor._in_a_thread(lambda x: (x, threading.current_thread().daemon), 5)
+    assert ok.result(timeout=10) == (5, True)
+    failed = local_executor._in_a_thread(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result(timeout=10)
