@@ -202,7 +202,12 @@ def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
     seen.clear()
     monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one at a time
     train_stage("student", settings(workers=0), paths_of(workspace / "unknown"))
-    assert seen == [("one after another", True, 4)]
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU trains one run at a time
+    for device in ("auto", "cuda"):
+        train_stage("student", settings({"train": {"device": device}}, workers=2), paths_of(workspace / device))
+    assert seen == [("one after another", True, 4)] * 3
 
 
 def test_train_executor_ray_hands_the_runs_to_ray(workspace, monkeypatch):
