@@ -343,6 +343,10 @@ def test_a_failed_run_on_another_rank_raises_its_own_error(workspace, monkeypatc
     with pytest.raises(RuntimeError, match="run seed3-frac1 failed"):
         train_stage("student", settings({"tracking": {"enabled": True}}), paths_of(workspace))
     assert tracker.events == []  # rank 0 keeps the parent run
+    monkeypatch.delenv(FAIL)
+    paths = paths_of(workspace / "finished")
+    assert train_stage("student", settings(), paths) == {}  # rank 0 writes the outputs ...
+    assert not list(paths.resume_dir.rglob("done.json")) and not paths.metrics.exists()  # ... and marks the runs
 
 
 def test_train_one_after_another_marks_only_when_asked(workspace):
