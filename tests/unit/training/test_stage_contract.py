@@ -115,7 +115,8 @@ def test_a_baseline_trains_at_the_baseline_fractions_only(workspace):
     assert sorted(p.name for p in (paths_of(workspace).out_dir / "runs").iterdir()) == ["seed1-frac1.pt"]
 
 
-def test_a_failed_run_leaves_no_output_and_a_resume_trains_only_what_was_not_finished(workspace, monkeypatch):
+def test_a_failed_run_leaves_no_output_and_a_resume_trains_only_what_was_not_finished(workspace, monkeypatch,
+                                                                                       caplog):
     params, paths = settings(), paths_of(workspace)
     monkeypatch.setenv(FAIL, "seed3-frac0.5")
     with pytest.raises(RuntimeError, match="seed3-frac0.5 failed"):
@@ -124,8 +125,10 @@ def test_a_failed_run_leaves_no_output_and_a_resume_trains_only_what_was_not_fin
     assert not paths.out_dir.exists() and not paths.metrics.exists() and not paths.run_record.exists()
     monkeypatch.delenv(FAIL)
     (workspace / "calls.jsonl").unlink()
-    metrics = train_stage("student", params, paths)
+    with caplog.at_level("INFO", logger="hdkd.training.stage"):
+        metrics = train_stage("student", params, paths)
     assert trained(workspace) == ["seed3-frac0.5", "seed1-frac0.5"]  # the finished two kept
+    assert f"train_student: 4 runs (2 trained now) -> {paths.out_dir}" in caplog.messages
     assert sorted(metrics["runs"]) == sorted(run_name(r) for r in training_runs(params))
     assert run_file(paths.out_dir, (1, 1.0), params).read_text() == "weights of student seed1-frac1"
 
