@@ -213,20 +213,24 @@ def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
     assert seen == [("one after another", True, 4)] * 3
 
 
-def test_train_executor_ray_hands_the_runs_to_ray(workspace, monkeypatch):
+def test_train_executor_ray_trains_the_runs_as_tasks_that_a_node_of_the_same_workspace_accepts(workspace,
+                                                                                                monkeypatch):
+    import sys
+
     from hdkd.training import ray_executor
+    from tests.unit.training.test_ray_executor_contract import FakeRay
 
-    seen = []
-
-    def on_ray(name, p, staged, todo):
-        seen.append((name, [t.run for t in todo]))
-        local_executor.train_one_after_another(name, p, staged, todo)
-
-    monkeypatch.setattr(ray_executor, "train_on_ray", on_ray)
+    ray = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(ray_executor, "train_run", fake_train_run)
     monkeypatch.setattr(stage, "train_side_by_side", lambda *a: pytest.fail("trained side by side here"))
-    params = settings({"train": {"executor": "ray", "run_workers": 2}})
-    train_stage("student", params, paths_of(workspace))
-    assert seen == [("student", training_runs(params))]
+    params, paths = settings({"train": {"executor": "ray", "run_workers": 2}}), paths_of(workspace)
+    train_stage("student", params, paths)
+    assert [o["name"] for o, _ in ray.submitted] == [f"train_student {run_name(r)}" for r in training_runs(params)]
+    for run in training_runs(params):  # each task's files, written here by the driver (the node kept none)
+        assert run_file(paths.out_dir, run, params).read_text() == f"weights of student {run_name(run)}"
 
 
 @pytest.mark.parametrize(("executor", "backend"), [("local", "nccl"), ("ray", "gloo")])
