@@ -69,6 +69,9 @@ def run(module: str, jobs: int, only: list[str] | None = None) -> dict[str, str]
     os.chdir(ROOT)
     if only is None:  # a fresh copy of hdkd/: mutmut would keep an earlier run's copy of the module, stale
         shutil.rmtree(ROOT / "mutants" / "hdkd", ignore_errors=True)
+        # and fresh coverage: mutmut reuses its cached map of which test calls which function for the tests it
+        # has seen, so a module whose tests an earlier module's run already listed would find none of them
+        (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     (ROOT / "mutants").mkdir(exist_ok=True)
     (ROOT / "mutants" / ".gitignore").write_text("*\n")  # git, ruff and the IDEs leave the copy alone
     import mutmut.__main__ as mm
