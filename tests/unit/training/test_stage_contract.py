@@ -271,7 +271,7 @@ def test_a_ray_driver_without_a_gpu_hands_cuda_runs_to_the_cluster(workspace, mo
         train_stage("student", settings({"train": {"device": "cuda"}}), paths_of(workspace / "local"))
 
 
-@pytest.mark.parametrize(("cpus", "threads"), [(4, 2), (1, 1)])  # at least one thread each
+@pytest.mark.parametrize(("cpus", "threads"), [(5, 2), (1, 1)])  # whole threads, at least one each
 def test_side_by_side_gives_each_worker_its_share_of_the_cpus_and_the_outputs_of_one_after_another(workspace,
                                                                                                   monkeypatch, cpus,
                                                                                                   threads):
