@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -18,6 +19,7 @@ from tests.helpers.params import make_params
 
 RUNS = {"seeds": [3, 1], "fractions": [0.5, 1.0], "tracking": {"enabled": False}}
 HASH = make_params({**RUNS, "tracking": {"enabled": True}, "train": {"run_workers": 1}}).digest()
+PARENT_MEMORY: list = []  # filled by a test in this process: a forked worker would inherit it, a spawned one not
 LOG = "HDKD_TEST_STAGE_LOG"  # the environment reaches a spawned worker; a monkeypatch does not
 FAIL = "HDKD_TEST_STAGE_FAIL"
 
@@ -26,7 +28,7 @@ def fake_train_run(name, params, paths, run, register, threads=None):
     """One run's files, as :func:`hdkd.training.run.train_run` writes them, each naming the run."""
     with open(os.environ[LOG], "a") as log:
         log.write(json.dumps({"name": name, "run": list(run), "register": register, "threads": threads,
-                              "pid": os.getpid(), "tracking": params.tracking.enabled,
+                              "pid": os.getpid(), "tracking": params.tracking.enabled, "fresh": not PARENT_MEMORY,
                               "paths": {k: str(v) for k, v in vars(paths).items()}}) + "\n")
     if run_name(run) in os.environ.get(FAIL, "").split(","):
         raise RuntimeError(f"run {run_name(run)} failed")
@@ -215,8 +217,6 @@ def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
 
 def test_train_executor_ray_trains_the_runs_as_tasks_that_a_node_of_the_same_workspace_accepts(workspace,
                                                                                                 monkeypatch):
-    import sys
-
     from hdkd.training import ray_executor
     from tests.unit.training.test_ray_executor_contract import FakeRay
 
@@ -277,11 +277,14 @@ def test_side_by_side_gives_each_worker_its_share_of_the_cpus_and_the_outputs_of
                                                                                                   threads):
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     params = settings({"seeds": [3]}, workers=2)
+    monkeypatch.setattr(sys.modules[__name__], "PARENT_MEMORY", ["this process's state"])
     train_stage("student", params, paths_of(workspace / "side"))
     train_stage("student", settings({"seeds": [3]}), paths_of(workspace / "one"))
     side, one = calls(workspace)[:2], calls(workspace)[2:]
     assert [c["threads"] for c in side] == [threads] * 2 and [c["threads"] for c in one] == [None, None]
     assert side[0]["pid"] == os.getpid() != side[1]["pid"]  # this process trains the first run itself
+    # a worker is spawned afresh: no thread pool, lock or MLflow run of this process is forked into it
+    assert not side[0]["fresh"] and side[1]["fresh"]
     for a, b in zip(sorted((workspace / "side").rglob("*")), sorted((workspace / "one").rglob("*")), strict=True):
         assert a.relative_to(workspace / "side") == b.relative_to(workspace / "one")
         assert not a.is_file() or a.read_bytes() == b.read_bytes()
