@@ -366,11 +366,12 @@ def test_train_one_after_another_marks_only_when_asked(workspace):
     runs = training_runs(params)
     staged = {r: StagePaths(paths.train, paths.val, workspace / run_name(r), workspace / f"{run_name(r)}.json",
                             workspace / "state") for r in runs}
-    for mark_done in (False, True):
+    for mark_done in (False, True, None):
         todo = [PendingRun(r, "fp", workspace / f"{run_name(r)}-{mark_done}.done") for r in runs]
-        local_executor.train_one_after_another("student", params, staged, todo, mark_done=mark_done)
-        assert [p.is_done() for p in todo] == [mark_done] * len(runs)  # torchrun's other ranks leave it to rank 0
-    assert [c["register"] for c in calls(workspace)] == [True, False] * 2
+        given = {} if mark_done is None else {"mark_done": mark_done}  # by default: marked
+        local_executor.train_one_after_another("student", params, staged, todo, **given)
+        assert [p.is_done() for p in todo] == [mark_done is not False] * len(runs)  # other ranks leave it to rank 0
+    assert [c["register"] for c in calls(workspace)] == [True, False] * 3
 
 
 def test_this_processs_own_run_trains_in_a_daemon_thread_whose_error_reaches_its_future():
