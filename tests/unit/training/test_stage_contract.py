@@ -282,6 +282,7 @@ def test_side_by_side_gives_each_worker_its_share_of_the_cpus_and_the_outputs_of
     train_stage("student", settings({"seeds": [3]}), paths_of(workspace / "one"))
     side, one = calls(workspace)[:2], calls(workspace)[2:]
     assert [c["threads"] for c in side] == [threads] * 2 and [c["threads"] for c in one] == [None, None]
+    assert [c["register"] for c in side] == [c["register"] for c in one] == [True, False]  # the primary alone
     assert side[0]["pid"] == os.getpid() != side[1]["pid"]  # this process trains the first run itself
     # a worker is spawned afresh: no thread pool, lock or MLflow run of this process is forked into it
     assert not side[0]["fresh"] and side[1]["fresh"]
