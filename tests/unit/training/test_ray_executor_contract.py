@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -20,72 +19,8 @@ from hdkd.roster import primary_run, run_name, training_runs
 from hdkd.training import ray_executor
 from hdkd.training.ray_executor import terminate_as_exit, train_on_ray, worker_env
 from hdkd.training.run import PendingRun, StagePaths, input_fingerprint
+from tests.helpers.fake_ray import FakeRay
 from tests.helpers.params import make_params
-
-
-class Ref:
-    def __init__(self, name, result=None, error=None):
-        self.name, self.result, self.error = name, result, error
-
-
-class FakeRay:
-    """What the driver calls of ``ray``; a task runs when submitted, on a 'node' that keeps none of its files, and
-    finishes when waited for, in the order submitted (one cancelled before then never finishes)."""
-
-    def __init__(self, initialized=False, failing=()):
-        self.initialized, self.failing = initialized, set(failing)
-        self.inits, self.submitted, self.cancelled, self.shutdowns = [], [], [], 0
-
-    def is_initialized(self):
-        return self.initialized
-
-    def init(self, **kwargs):
-        self.inits.append(kwargs)
-        self.initialized = True
-
-    def shutdown(self):
-        self.shutdowns += 1
-        self.initialized = False
-
-    def cluster_resources(self):
-        return {"CPU": 2.0}
-
-    def nodes(self):
-        return [{"NodeManagerAddress": "127.0.0.1", "Alive": True}]
-
-    def remote(self, fn):
-        ray = self
-
-        class Task:
-            def __init__(self, options=None):
-                self.options_ = options or {}
-
-            def options(self, **options):
-                return Task(options)
-
-            def remote(self, *args):
-                ray.submitted.append((self.options_, args))
-                name = self.options_["name"]
-                if name.rsplit(" ", 1)[-1] in ray.failing:
-                    return Ref(name, error=RuntimeError(f"{name} failed"))
-                files = fn(*args)
-                for path in files:  # the node is another machine: the driver must write the files itself
-                    Path(path).unlink()
-                return Ref(name, result=files)
-
-        return Task()
-
-    def wait(self, refs, num_returns=1):
-        return [refs[0]], refs[1:]  # in the order submitted
-
-    def get(self, ref):
-        if ref.error is not None:
-            raise ref.error
-        return ref.result
-
-    def cancel(self, ref):  # as if still running: its get raises
-        self.cancelled.append(ref.name)
-        ref.error = RuntimeError(f"{ref.name} cancelled")
 
 
 def fake_train_run(name, params, paths, run, register, threads=None):

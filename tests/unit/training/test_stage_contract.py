@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -218,7 +220,7 @@ def test_run_workers_choose_where_the_runs_train(workspace, monkeypatch):
 def test_train_executor_ray_trains_the_runs_as_tasks_that_a_node_of_the_same_workspace_accepts(workspace,
                                                                                                 monkeypatch):
     from hdkd.training import ray_executor
-    from tests.unit.training.test_ray_executor_contract import FakeRay
+    from tests.helpers.fake_ray import FakeRay
 
     ray = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", ray)
@@ -334,7 +336,8 @@ def test_an_unreachable_server_lets_the_runs_train_untracked(workspace, tracker)
 
 def test_a_stage_with_every_run_finished_trains_nothing_and_opens_no_run(workspace, monkeypatch, tracker):
     params, paths = settings({"tracking": {"enabled": True}}), paths_of(workspace)
-    monkeypatch.setattr(stage.shutil, "rmtree", lambda *a, **k: None)  # the resume states outlive the stage
+    kept = SimpleNamespace(copyfile=shutil.copyfile, rmtree=lambda *a, **k: None)  # the resume states outlive it
+    monkeypatch.setattr(stage, "shutil", kept)  # the stage's shutil alone: output sets still replace what they must
     first = train_stage("student", params, paths)
     paths.metrics.unlink()
     (workspace / "calls.jsonl").unlink()
