@@ -2,8 +2,9 @@
 
 mutmut copies hdkd/ (and pyproject.toml's ``[tool.mutmut] also_copy``) into ``mutants/`` (git-ignored), mutates
 the module's functions there and runs, for each mutant, those of the module's fast tests (``TESTS``: its own
-and its users') that call the mutated function; a failing test kills it. Every mutant of the module is tested
-afresh on each run. Prints the score, killed / (mutants - equivalent), and the survivors (``.venv/bin/mutmut show
+and its users') that call the mutated function, fastest first (tests/helpers/fast_first.py); a failing test kills
+it. Every mutant of the module is tested afresh on each run (``--resume`` goes on with a run that was stopped).
+Prints the score, killed / (mutants - equivalent), and the survivors (``.venv/bin/mutmut show
 <name>`` gives one's diff, from the repository root), and writes the module's row of tests/mutation-scores.md,
 whose "Equivalent" list (one ``- `name`: why`` line each) names the survivors no test can kill.
 """
@@ -17,7 +18,9 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +38,9 @@ TESTS = {
     "hdkd/data/balance.py": ["tests/unit/data/test_balance.py"],
     "hdkd/data/prepare.py": ["tests/unit/data/test_prepare.py", "tests/unit/data/test_copies.py"],
     "hdkd/report/tables.py": ["tests/unit/report/test_build.py", "tests/unit/report/test_diagnostics.py"],
-    "hdkd/training/engine.py": ["tests/unit/training/test_run.py", "tests/unit/training/test_properties.py",
-                                "tests/unit/training/test_losses.py", "tests/unit/training/test_kd.py"],
+    # The engine's own tests: test_run.py and test_kd.py train whole runs, 70 s for each mutant that survives them
+    # (over 5 h for the engine's 814 on 2 cores); run.py's mutants go through them.
+    "hdkd/training/engine.py": ["tests/unit/training/test_properties.py", "tests/unit/training/test_losses.py"],
     "hdkd/training/run.py": ["tests/unit/training/test_run.py", "tests/unit/training/test_properties.py",
                              "tests/unit/training/test_stage.py", "tests/unit/training/test_stage_contract.py",
                              "tests/unit/training/test_kd.py"],
@@ -64,13 +68,16 @@ def equivalent() -> set[str]:
     return set(re.findall(r"^- `([^`]+__mutmut_\d+)`", text, re.M))
 
 
-def run(module: str, jobs: int, only: list[str] | None = None) -> dict[str, str]:
-    """Every mutant of ``module`` (or those named in ``only``), tested; its status by name."""
+def run(module: str, jobs: int, only: list[str] | None = None, resume: bool = False) -> dict[str, str]:
+    """Every mutant of ``module`` (or those named in ``only``), tested; its status by name. ``resume``: keep the
+    results of an interrupted full run (mutmut tests only the mutants without one)."""
     os.chdir(ROOT)
-    if only is None:  # a fresh copy of hdkd/: mutmut would keep an earlier run's copy of the module, stale
+    if only is None and not resume:  # a fresh copy of hdkd/: mutmut would keep an earlier run's copy of the module
         shutil.rmtree(ROOT / "mutants" / "hdkd", ignore_errors=True)
-        # and fresh coverage: mutmut reuses its cached map of which test calls which function for the tests it
-        # has seen, so a module whose tests an earlier module's run already listed would find none of them
+    if not resume:
+        # Fresh coverage: mutmut reuses its cached map of which test calls which function for every test it has
+        # seen, so a module whose tests an earlier module's run listed would find none of them, and a test changed
+        # since the full run (a --survivors run) would keep the functions it called then.
         (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     (ROOT / "mutants").mkdir(exist_ok=True)
     (ROOT / "mutants" / ".gitignore").write_text("*\n")  # git, ruff and the IDEs leave the copy alone
@@ -82,6 +89,7 @@ def run(module: str, jobs: int, only: list[str] | None = None) -> dict[str, str]
     cfg = config()
     cfg.only_mutate = [module]
     cfg.pytest_add_cli_args_test_selection = tests_of(module)
+    cfg.pytest_add_cli_args = [*cfg.pytest_add_cli_args, "-p", "tests.helpers.fast_first"]
     prefix = module.removesuffix(".py").replace("/", ".")
     try:
         mm._run(only or [f"{prefix}.x*"], jobs)
@@ -96,6 +104,28 @@ def run(module: str, jobs: int, only: list[str] | None = None) -> dict[str, str]
 
 def last_run(module: str) -> Path:
     return ROOT / "mutants" / (module.replace("/", ".") + ".last.json")
+
+
+def full_run_clock(module: str, source: str, resume: bool) -> Callable[[], float]:
+    """The wall time of the module's full run so far, an interrupted run's included when ``resume``; kept in
+    ``mutants/<module>.wall.json`` every 10 s, so that a run killed midway still counts what it spent."""
+    path = ROOT / "mutants" / (module.replace("/", ".") + ".wall.json")
+    before = json.loads(path.read_text()) if resume and path.is_file() else {}
+    if resume and before.get("source") != source:
+        sys.exit(f"--resume: no interrupted full run of {module} as it is now: run it without --resume")
+    start, spent = time.monotonic(), before.get("wall", 0.0)
+
+    def clock() -> float:
+        return spent + time.monotonic() - start
+
+    def keep() -> None:
+        while True:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps({"source": source, "wall": clock()}))
+            time.sleep(10)
+
+    threading.Thread(target=keep, daemon=True).start()
+    return clock
 
 
 def write_row(module: str, total: int, n_equivalent: int, killed: int, wall: float) -> str:
@@ -120,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the score only")
     parser.add_argument("--survivors", action="store_true",
                         help="retest only the survivors of the last full run (the module unchanged; tests added)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with an interrupted full run (the module and its tests unchanged)")
     args = parser.parse_args(argv)
 
     source = hashlib.sha256((ROOT / args.module).read_bytes()).hexdigest()
     previous = json.loads(last_run(args.module).read_text()) if last_run(args.module).is_file() else None
+    if args.survivors and args.resume:
+        parser.error("--survivors follows a finished full run, --resume an interrupted one")
     if args.survivors and (previous is None or previous["source"] != source):
         sys.exit(f"--survivors: no full run of {args.module} as it is now: run it without --survivors")
     start = time.monotonic()
@@ -132,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         status |= run(args.module, args.jobs, [k for k, s in status.items() if s not in KILLED])
         wall = previous["wall"]  # the row keeps the full run's time
     else:
-        status = run(args.module, args.jobs)
-        wall = time.monotonic() - start
+        clock = full_run_clock(args.module, source, args.resume)
+        status = run(args.module, args.jobs, resume=args.resume)
+        wall = clock()
     last_run(args.module).write_text(json.dumps({"source": source, "wall": wall, "status": status}))
     eq = equivalent()
     killed = sorted(k for k, s in status.items() if s in KILLED)
