@@ -47,6 +47,21 @@ def test_a_network_that_does_not_return_logits_per_class_is_named_with_what_it_r
     assert str(e.value) == f"net.pt must return logits (B=2, C=3) in eval mode, got {got}"
 
 
+def test_a_model_file_is_put_on_the_device_asked_for(tmp_path, monkeypatch):
+    import hdkd.use.inference as inference
+    from hdkd.models import create_model
+    from hdkd.models.checkpoint import load_model, save_model
+
+    save_model(tmp_path / "model.pt", create_model("hdkd_tiny", 2, 32), "hdkd_tiny", ["a", "b"], 32, {})
+    mapped_to = []  # the weights are mapped to the device as they load (a GPU's file opens on a CPU machine)
+    monkeypatch.setattr(inference, "load_model", lambda path, device: mapped_to.append(device) or load_model(path))
+    classifier = load_classifier(tmp_path / "model.pt", device="meta")  # a device that is not the CPU, everywhere
+    assert mapped_to == ["meta"]
+    assert classifier.device == torch.device("meta") and classifier.source == str(tmp_path / "model.pt")
+    assert {p.device.type for p in classifier.model.parameters()} == {"meta"} and not classifier.model.training
+    assert classifier.classes == ("a", "b") and classifier.image_size == 32
+
+
 def test_mlflow_uris_are_told_from_paths_by_their_scheme():
     assert all(map(is_mlflow_uri, ["models:/hdkd/1", "runs:/abc/model", "mlflow-artifacts:/x/y"]))
     assert not any(map(is_mlflow_uri, ["models/hdkd/model.pt", "runs/abc", "model.onnx"]))
@@ -78,6 +93,16 @@ def test_an_image_file_is_read_as_rgb_at_the_models_size(tmp_path):
     assert (image == [10, 20, 30]).all()
 
 
+def test_a_file_that_is_not_an_image_is_named_in_the_error(tmp_path):
+    from hdkd.data.errors import UnreadableImage
+
+    bad = tmp_path / "scan.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UnreadableImage) as e:
+        read_image(bad, 16)
+    assert e.value.name == str(bad) and str(e.value).startswith(f"{bad}: UnidentifiedImageError: ")
+
+
 def test_the_label_file_must_list_the_models_classes_in_order(tmp_path):
     classifier = TorchClassifier(Logits(lambda x: x), ["a", "b"], 8, "net.pt")
     ok = tmp_path / "ok.txt"
@@ -91,9 +116,29 @@ def test_the_label_file_must_list_the_models_classes_in_order(tmp_path):
                             "['b', 'a']")
 
 
-def linear_onnx(path, classes=("a", "b", "c"), size=4, metadata=True):
+def test_the_label_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """Class names beyond ASCII (Ödem, 腫瘍) in a UTF-8 label file match on a machine whose locale is not UTF-8
+    (Windows' cp1252, a C locale): checked in a Python started under the ASCII C locale."""
+    import os
+    import subprocess
+    import sys
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("Ödem\n腫瘍\n", encoding="utf-8")
+    check_classes(TorchClassifier(nn.Identity(), ["Ödem", "腫瘍"], 8, "net"), labels)  # here, and under C:
+    code = ("import sys, torch; from hdkd.use.inference import TorchClassifier, check_classes; "
+            "import locale; assert locale.getpreferredencoding(False) != 'UTF-8', locale.getpreferredencoding(False); "
+            "check_classes(TorchClassifier(torch.nn.Identity(), ['\\u00d6dem', '\\u816b\\u760d'], 8, 'net'), "
+            "sys.argv[1])")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(labels)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def linear_onnx(path, classes=("a", "b", "c"), size=4, metadata=True, features_first=False):
     """An ONNX file of the export's interface ('images' N x 3 x S x S -> 'logits' N x C): a linear map on the
-    flattened image, its weights returned; with the export's metadata_props unless ``metadata`` is False."""
+    flattened image, its weights returned; with the export's metadata_props unless ``metadata`` is False, and with
+    the flattened image as a first output ('flat') if ``features_first``."""
     import json
 
     import onnx
@@ -105,7 +150,8 @@ def linear_onnx(path, classes=("a", "b", "c"), size=4, metadata=True):
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
         "linear", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(classes)])],
+        [helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["n", 3 * size * size])] * features_first
+        + [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(classes)])],
         [numpy_helper.from_array(weights, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -128,11 +174,21 @@ def test_an_onnx_export_gives_the_softmax_of_its_logits_with_the_classes_and_siz
     np.testing.assert_allclose(probs, torch.softmax(logits, 1).numpy(), rtol=1e-5)
 
 
+def test_an_onnx_export_with_more_outputs_is_read_by_its_logits_output(tmp_path):
+    weights = linear_onnx(tmp_path / "m.onnx", features_first=True)
+    images = torch.randn(2, 3, 4, 4)
+    logits = images.reshape(2, -1).double() @ torch.from_numpy(weights).double()
+    probs = load_classifier(tmp_path / "m.onnx").predict_proba(images)
+    np.testing.assert_allclose(probs, torch.softmax(logits, 1).numpy(), rtol=1e-5)
+
+
 def test_an_onnx_file_that_is_not_an_export_of_this_project_names_what_it_lacks(tmp_path):
     linear_onnx(tmp_path / "plain.onnx", metadata=False)
-    with pytest.raises(ValueError, match=r"plain.onnx is not an hdkd ONNX export: its metadata_props lack "
-                                         r"\['hdkd.model_name', 'hdkd.classes', 'hdkd.image_size'\]"):
+    with pytest.raises(ValueError) as e:
         load_classifier(tmp_path / "plain.onnx")
+    assert str(e.value) == (f"{tmp_path / 'plain.onnx'} is not an hdkd ONNX export: its metadata_props lack "
+                            "['hdkd.model_name', 'hdkd.classes', 'hdkd.image_size'] (export it with "
+                            "`python -m pipeline.export`)")
 
 
 def test_onnx_runtime_runs_on_the_threads_and_device_asked_for(tmp_path, monkeypatch):
@@ -148,9 +204,102 @@ def test_onnx_runtime_runs_on_the_threads_and_device_asked_for(tmp_path, monkeyp
     monkeypatch.setattr(ort, "InferenceSession", lambda path, options, providers: seen.append(providers) or real(
         path, options, providers=["CPUExecutionProvider"]))
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    OnnxClassifier(tmp_path / "m.onnx", device="cuda")
-    OnnxClassifier(tmp_path / "m.onnx", device="cpu")
+    load_classifier(tmp_path / "m.onnx", device="cuda")
+    load_classifier(tmp_path / "m.onnx", device="cpu")
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # CPU-only onnxruntime
     OnnxClassifier(tmp_path / "m.onnx", device="cuda")
     assert seen == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"],
                     ["CPUExecutionProvider"]]
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite tracking store (also the registry), its artifacts under ``tmp_path``."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("x", artifact_location=(tmp_path / "a").as_uri()))
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def log_linear(mlflow, metadata):
+    """A pickled linear classifier of 8 x 8 images into 2 classes, logged with ``metadata``; its runs:/ URI."""
+    import mlflow.pytorch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).eval()
+    with mlflow.start_run() as run:
+        mlflow.pytorch.log_model(model, name="m", metadata=metadata, serialization_format="pickle",
+                                 pip_requirements=[])
+    return f"runs:/{run.info.run_id}/m", model
+
+
+def test_an_mlflow_model_gives_the_probabilities_of_the_network_it_logged_with_its_classes(mlflow_store, monkeypatch):
+    import mlflow.pytorch
+
+    uri, model = log_linear(mlflow_store, {"model_name": "linear", "classes": ["a", "b"], "image_size": 8})
+    loaded_to = []
+    real = mlflow.pytorch.load_model
+    monkeypatch.setattr(mlflow.pytorch, "load_model",
+                        lambda uri, **kw: loaded_to.append(kw.get("map_location")) or real(uri, **kw))
+    classifier = load_classifier(uri)
+    # the weights are mapped to the device asked for as they load: a model logged on a GPU opens on a CPU machine
+    assert loaded_to == [torch.device("cpu")]
+    assert classifier.classes == ("a", "b") and classifier.image_size == 8 and classifier.source == uri
+    assert not classifier.model.training
+    images = torch.randn(3, 3, 8, 8)
+    np.testing.assert_allclose(classifier.predict_proba(images), torch.softmax(model(images).double(), 1).detach().numpy(),
+                               rtol=1e-6)
+
+
+def test_an_mlflow_model_is_put_on_the_device_asked_for(mlflow_store):
+    uri, _ = log_linear(mlflow_store, {"model_name": "linear", "classes": ["a", "b"], "image_size": 8})
+    classifier = load_classifier(uri, device="meta")  # a device that is not the CPU, on every machine
+    assert classifier.device == torch.device("meta")
+    assert {p.device.type for p in classifier.model.parameters()} == {"meta"}
+
+
+def test_an_mlflow_model_without_the_checkpoint_metadata_says_how_to_log_it(mlflow_store):
+    uri, _ = log_linear(mlflow_store, {"classes": ["a", "b"]})
+    with pytest.raises(ValueError) as e:
+        load_classifier(uri)
+    assert str(e.value) == (f"MLflow model {uri} lacks metadata ['model_name', 'image_size']: log it with "
+                            "mlflow.pytorch.log_model(..., metadata={k: meta[k] for k in "
+                            "hdkd.models.checkpoint.CHECKPOINT_KEYS})")
+
+
+def test_an_mlflow_model_of_another_flavour_is_named_with_its_flavours(mlflow_store):
+    import mlflow.pyfunc
+
+    class Constant(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input: list[float]) -> list[float]:
+            return model_input
+
+    with mlflow_store.start_run() as run:
+        mlflow.pyfunc.log_model(name="m", python_model=Constant(), pip_requirements=[])
+    uri = f"runs:/{run.info.run_id}/m"
+    with pytest.raises(ValueError) as e:
+        load_classifier(uri)
+    assert str(e.value) == f"MLflow model {uri} has flavours ['python_function'], not 'pytorch'"
+
+
+@pytest.mark.parametrize("store", ["MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"])
+def test_a_tracking_or_registry_server_that_is_down_is_named_with_what_to_do(mlflow_store, monkeypatch, store):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv(store, down)
+    (mlflow_store.set_tracking_uri if store == "MLFLOW_TRACKING_URI" else mlflow_store.set_registry_uri)(down)
+    with pytest.raises(ValueError) as e:
+        load_classifier("models:/hdkd/1")
+    assert str(e.value).startswith(f"cannot open MLflow model models:/hdkd/1: MLflow tracking server {down} is "
+                                   "unreachable (")
+    assert str(e.value).endswith("); start it, or point MLFLOW_TRACKING_URI (and MLFLOW_REGISTRY_URI) at the server "
+                                 "that holds the model")
