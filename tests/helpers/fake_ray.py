@@ -15,8 +15,9 @@ class FakeRay:
     """What the driver calls of ``ray``; a task runs when submitted, on a node that keeps none of its files, and
     finishes when waited for, in the order submitted (one cancelled before then never finishes)."""
 
-    def __init__(self, initialized=False, failing=()):
-        self.initialized, self.failing = initialized, set(failing)
+    def __init__(self, initialized=False, failing=(), finished=()):
+        # failing: runs (their names) whose task raises; finished: runs whose task had finished when cancelled
+        self.initialized, self.failing, self.finished = initialized, set(failing), set(finished)
         self.inits, self.submitted, self.cancelled, self.shutdowns = [], [], [], 0
 
     def is_initialized(self):
@@ -59,13 +60,16 @@ class FakeRay:
         return Task()
 
     def wait(self, refs, num_returns=1):
-        return [refs[0]], refs[1:]  # in the order submitted
+        if not isinstance(num_returns, int) or not 1 <= num_returns <= len(refs):
+            raise ValueError(f"num_returns {num_returns!r} of {len(refs)} refs")  # as Ray refuses it
+        return refs[:num_returns], refs[num_returns:]  # in the order submitted
 
     def get(self, ref):
         if ref.error is not None:
             raise ref.error
         return ref.result
 
-    def cancel(self, ref):  # as if still running: its get raises
+    def cancel(self, ref):  # as if still running (its get raises), unless it had finished
         self.cancelled.append(ref.name)
-        ref.error = RuntimeError(f"{ref.name} cancelled")
+        if ref.name.rsplit(" ", 1)[-1] not in self.finished:
+            ref.error = RuntimeError(f"{ref.name} cancelled")

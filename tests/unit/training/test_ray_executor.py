@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +25,14 @@ import yaml
 from hdkd.config import ConfigError, is_result_param, parse_params
 from hdkd.infra.io import file_md5, read_json
 from hdkd.roster import run_name, training_runs
-from hdkd.training.ray_executor import _run_task, check_tracking, connect, task_resources, train_on_ray
+from hdkd.training.ray_executor import (
+    _run_task,
+    check_ray_address,
+    check_tracking,
+    connect,
+    task_resources,
+    train_on_ray,
+)
 from hdkd.training.run import PendingRun, StagePaths, input_fingerprint
 from hdkd.training.stage import train_stage
 from tests.helpers import ROOT
@@ -103,8 +111,9 @@ def test_a_run_asks_ray_for_a_gpu_where_cuda_is_wanted_else_a_cpu(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: gpus)
     assert [task_resources(make_params({"train": {"device": d}})) for d in ("cpu", "cuda", "auto")] == [
         {"num_cpus": 1}, {"num_gpus": 1}, {"num_cpus": 1}]
-    gpus["GPU"] = 4.0  # auto: CUDA on a cluster with GPUs, though this machine has none
-    assert task_resources(make_params({"train": {"device": "auto"}})) == {"num_gpus": 1}
+    for n in (1.0, 4.0):  # auto: CUDA on a cluster with a GPU, though this machine has none
+        gpus["GPU"] = n
+        assert task_resources(make_params({"train": {"device": "auto"}})) == {"num_gpus": 1}
 
 
 def test_the_cluster_is_train_ray_address_and_a_connection_is_kept_and_refused_under_torchrun(monkeypatch, tmp_path):
@@ -120,7 +129,9 @@ def test_the_cluster_is_train_ray_address_and_a_connection_is_kept_and_refused_u
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # already connected (a caller's cluster): kept
     assert not connect(None) and len(calls) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"under torchrun set train\.executor: local"):
+    with pytest.raises(ConfigError, match=r"^train\.executor: ray trains each run as a Ray task; under torchrun set "
+                                          r"train\.executor: local \(torchrun spreads one run over processes, Ray "
+                                          r"many runs over machines\)$"):
         train_on_ray("teacher", make_params({"train": {"executor": "ray"}}), {},
                      [PendingRun((0, 1.0), "f", tmp_path / "d")])
 
@@ -128,6 +139,7 @@ def test_the_cluster_is_train_ray_address_and_a_connection_is_kept_and_refused_u
 @pytest.mark.parametrize("uri, addresses, refused", [
     ("sqlite:///mlflow.db", ["127.0.0.1", "192.0.2.77"], True),
     ("mlruns", ["127.0.0.1", "192.0.2.77"], True),  # a plain path: a file store on this machine
+    ("file:///srv/mlruns", ["127.0.0.1", "192.0.2.77"], True),
     ("sqlite:///mlflow.db", ["127.0.0.1"], False),  # a cluster of this machine alone keeps the default
     ("http://tracking.example:5000", ["127.0.0.1", "192.0.2.77"], False),
 ])
@@ -140,7 +152,15 @@ def test_a_store_on_this_machine_is_refused_for_a_cluster_with_other_machines(mo
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     params = make_params({"tracking": {"uri": uri}})
     if refused:
-        with pytest.raises(ConfigError, match=r"tracking\.uri .* nodes on other machines \(192\.0\.2\.77\).*mlflow server"):
+        with pytest.raises(ConfigError) as e:
+            check_tracking(params)
+        assert str(e.value).endswith(
+            "is a store on this machine, but the Ray cluster has nodes on other machines (192.0.2.77), whose runs "
+            "cannot log to it. Start an MLflow tracking server (`mlflow server --backend-store-uri sqlite:///mlflow.db "
+            "--artifacts-destination ./mlartifacts --host 0.0.0.0 --port 5000`) and set tracking.uri: "
+            'http://<this host>:5000 (or MLFLOW_TRACKING_URI); README, "On a cluster"')
+        nodes.append({"NodeManagerAddress": "192.0.2.78", "Alive": True})
+        with pytest.raises(ConfigError, match=r"nodes on other machines \(192\.0\.2\.77, 192\.0\.2\.78\), "):
             check_tracking(params)
     else:
         check_tracking(params)
@@ -360,7 +380,11 @@ def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(no_r
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         done, error = finished_within(30, connect, address)
         assert done and isinstance(error, ConnectionError), error
-        assert str(error).startswith(f"train.ray_address {address!r}: nothing answers at 127.0.0.1:{port} "), error
+        assert str(error).startswith(f"train.ray_address {address!r}: nothing answers at 127.0.0.1:{port} "
+                                     "(connection refused); "), error
+        assert str(error).endswith("); start the cluster (`ray start --head` prints its address), correct the "
+                                   "address, or set train.ray_address: null (and unset RAY_ADDRESS) for a Ray "
+                                   "instance of this machine alone"), error
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # the address Ray takes when train.ray_address is null
     done, error = finished_within(30, connect, None)
     assert done and isinstance(error, ConnectionError) and str(error).startswith(f"RAY_ADDRESS '127.0.0.1:{port}'")
@@ -371,6 +395,51 @@ def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(no_r
         assert done and isinstance(error, ConnectionError), error
         assert time.monotonic() - start < 30 and f"train.ray_address {address!r}: " in str(error)
         assert "does not answer" in str(error), error
+        for tls in ("True", "1"):  # a TLS listener answers only a handshake: the open port must do
+            monkeypatch.setenv("RAY_USE_TLS", tls)
+            assert finished_within(30, check_ray_address, address) == (True, None)
+
+
+def test_a_port_that_closes_the_connection_without_answering_is_not_a_ray_cluster(no_ray_init):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def close_each():  # reads what it is sent (else the close resets the connection), answers nothing
+        conn = listener.accept()[0]
+        conn.recv(1024)
+        conn.close()
+
+    thread = threading.Thread(target=close_each, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ConnectionError) as e:
+            check_ray_address(address)
+    finally:
+        listener.close()
+    assert str(e.value).startswith(f"train.ray_address {address!r}: {address} closed the connection without "
+                                   "answering: it is not a Ray cluster's address; start the cluster")
+
+
+def test_a_connection_error_without_an_errno_is_named_by_its_message(no_ray_init, monkeypatch):
+    import hdkd.training.ray_executor as executor
+
+    def fail(*args, **kwargs):
+        raise OSError("getaddrinfo returns an empty list")
+
+    monkeypatch.setattr(executor.socket, "create_connection", fail)
+    with pytest.raises(ConnectionError, match=r"^train\.ray_address 'head:6379': nothing answers at head:6379 "
+                                              r"\(getaddrinfo returns an empty list\); start the cluster"):
+        check_ray_address("head:6379")
+
+
+def test_an_address_without_a_host_and_port_is_left_to_ray(no_ray_init, monkeypatch):
+    import hdkd.training.ray_executor as executor
+
+    monkeypatch.setattr(executor.socket, "create_connection", lambda *a, **k: pytest.fail(f"probed {a}"))
+    for address in ("auto", "local", "head-node", ":6379", "ray://head-node", "host:port", "anyscale://x:1", None):
+        check_ray_address(address)
 
 
 def test_a_failed_ray_connection_fails_the_stage_and_its_mlflow_parent_run(no_ray_init, tmp_path, monkeypatch):
