@@ -13,6 +13,7 @@ from hdkd.infra.provenance import (
     GitError,
     dvc_exp_name,
     git,
+    git_ignored,
     git_show,
     git_state,
     repo_root,
@@ -71,6 +72,18 @@ def test_no_commit_outside_git_or_without_git(tmp_path, monkeypatch):
     assert resolve_commit("HEAD", outside) is None
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no git at all
     assert resolve_commit("HEAD", outside) is None
+
+
+def test_git_ignored_names_the_paths_git_ignores_and_none_outside_a_repository(repo, tmp_path, monkeypatch):
+    root, _, _ = repo
+    (root / ".gitignore").write_text("*.log\nbuild/\n")
+    names = ["a.txt", "run.log", "sub dir/with space.log", "build/x.bin", "sub/a.txt"]
+    assert git_ignored(root, iter(names)) == {"run.log", "sub dir/with space.log", "build/x.bin"}
+    assert git_ignored(root, ["a.txt", "sub/a.txt"]) == set() and git_ignored(root, []) == set()
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    assert git_ignored(outside, ["run.log"]) == set()
 
 
 def test_git_show_reads_a_file_at_a_revision(repo):
