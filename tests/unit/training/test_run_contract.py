@@ -154,3 +154,100 @@ def test_a_finished_run_logs_its_best_metrics_and_history_and_only_the_registere
         assert registered == f"hdkd-{params.data.dataset}-teacher"
         assert all(torch.equal(a, b) for a, b in zip(logged.state_dict().values(), model.state_dict().values(),
                                                      strict=True))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A teacher model file of classes a, b at 32 px (random weights: only its checks are tested)."""
+    from hdkd.models import create_model
+    from hdkd.models.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("teacher") / "model.pt"
+    save_model(path, create_model("teacher_tiny", 2, 32), "teacher_tiny", ["a", "b"], 32, {})
+    return path
+
+
+def test_a_missing_teacher_says_which_stage_makes_it(tmp_path):
+    from hdkd.models import create_model
+    from hdkd.training.run import load_teacher
+
+    for path in (None, tmp_path / "none.pt"):
+        with pytest.raises(FileNotFoundError) as e:
+            load_teacher(path, ["a", "b"], create_model("student_tiny", 2, 32), [1], "cpu")
+        assert str(e.value) == (f"teacher checkpoint {path} not found: distillation needs the train_teacher stage's "
+                                "output (run `dvc repro train_teacher`)")
+
+
+def test_a_teacher_of_other_classes_or_other_maps_is_refused_before_training(teacher_file):
+    from hdkd.models import create_model
+    from hdkd.training.run import load_teacher
+
+    with pytest.raises(ValueError) as e:
+        load_teacher(teacher_file, ["b", "a"], create_model("student_tiny", 2, 32), [1], "cpu")
+    assert str(e.value) == (f"teacher {teacher_file} was trained on classes ['a', 'b'], the data has ['b', 'a']: "
+                            "retrain the teacher on this data (`dvc repro train_teacher`)")
+    student = create_model("student_tiny", 2, 64)  # twice the image size: every map twice as large
+    teacher = create_model("teacher_tiny", 2, 32)
+    with pytest.raises(ValueError) as e:
+        load_teacher(teacher_file, ["a", "b"], student, [2], "cpu")
+    assert str(e.value) == (f"teacher {teacher_file} stage 2 maps are {teacher.feature_shapes[1]}, the student's are "
+                            f"{student.feature_shapes[1]}: teacher and student need the same image size, stem stride "
+                            "and stage widths for feature distillation")
+
+
+def test_the_teacher_is_loaded_onto_the_device_asked_for_and_frozen(teacher_file, monkeypatch):
+    import hdkd.training.run as run
+    from hdkd.models import create_model
+    from hdkd.models.checkpoint import load_model
+
+    mapped_to = []  # the weights are mapped as they load: a teacher trained on a GPU opens on a CPU machine
+    monkeypatch.setattr(run, "load_model", lambda path, device: mapped_to.append(device) or load_model(path))
+    teacher = run.load_teacher(teacher_file, ["a", "b"], create_model("student_tiny", 2, 32), [1, 2, 3], "meta")
+    assert mapped_to == ["meta"]
+    assert {p.device.type for p in teacher.parameters()} == {"meta"}  # "meta": not the CPU, on every machine
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def write_packed_train(root, groups, size, classes=("a", "b")):
+    """A prepared directory whose training split holds one image a group entry (image i filled with i), the
+    labels alternating by group; returns the labels."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    (root / "train").mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"classes": list(classes)}))
+    n = len(groups)
+    np.save(root / "train" / "images.npy", np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(size, 1)
+            .repeat(size, 2).repeat(3, 3))
+    order = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    labels = np.array([order[g] % len(classes) for g in groups], dtype=np.int64)
+    np.save(root / "train" / "labels.npy", labels)
+    pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "group": groups}).to_csv(root / "train" / "index.csv",
+                                                                                    index=False)
+    return labels
+
+
+def test_a_training_subset_keeps_group_ids_as_written_and_checks_the_image_size(tmp_path):
+    import numpy as np
+
+    from hdkd.data.errors import DataError
+    from hdkd.data.splits import nested_subsets
+    from hdkd.training.run import training_subset
+
+    # ids a CSV reader would turn into the same number or into "missing": each its own lesion group, in a split
+    # of such ids alone (numbers) and among others
+    numeric = ["007", "007", "7", "7", "3.0", "3", "10", "10", "010", "11", "12", "12", "1e1", "13", "14", "14"]
+    mixed = ["NA", "NA", "N/A", "", "", "g1", "g2", "g2", "null", "null", "NaN", "nan", "None", "g3", "g3", "#N/A"]
+    params = make_params({})
+    assert params.data.image_size == 32
+    for name, groups in (("numeric", numeric), ("mixed", mixed + numeric)):
+        labels = write_packed_train(tmp_path / name, groups, size=32)
+        for seed in range(8):
+            subset = training_subset(tmp_path / name, params, seed, 0.5)
+            rows = nested_subsets(labels, np.array(groups, dtype=object), [0.5], seed)[0.5]
+            assert list(subset.ids) == [f"img{i}" for i in rows], (name, seed)
+            assert subset.images[:, 0, 0, 0].tolist() == list(rows) and subset.labels.tolist() == labels[rows].tolist()
+    with pytest.raises(DataError, match=r"holds 32px images but data\.image_size is 64"):
+        training_subset(tmp_path / "mixed", make_params({"data": {"image_size": 64}}), 0, 0.5)
