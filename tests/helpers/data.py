@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import io
 import re
-import socket
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from hdkd.config import Params
+from tests.helpers.net import closed_port
 from tests.helpers.params import make_params
 
 
@@ -89,10 +89,7 @@ def serve(files: dict[str, bytes], **options) -> Iterator[FileServer]:
 
 def refused_url() -> str:
     """A URL on a local port where nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/file.zip"
+    return f"http://127.0.0.1:{closed_port()}/file.zip"
 
 
 def md5(data: bytes) -> str:

@@ -1,4 +1,5 @@
-"""Servers that hang (a local listener that accepts connections and never answers), and calls bounded in time."""
+"""Servers that hang (a local listener that accepts connections and never answers) or are down (a closed port),
+and calls bounded in time."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+
+
+def closed_port() -> int:
+    """A local port where nothing listens (a connection is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from hdkd.training.ray_executor import (
 from hdkd.training.run import PendingRun, StagePaths, input_fingerprint
 from hdkd.training.stage import train_stage
 from tests.helpers import ROOT
+from tests.helpers.net import closed_port
 from tests.helpers.params import make_params, params_dict, params_without
 from tests.helpers.pipeline import make_scratch_repo
 from tests.helpers.ray_faults import InjectedFault
@@ -365,12 +366,6 @@ def no_ray_init(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail(f"ray.init({kwargs}) was reached"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(no_ray_init, monkeypatch):
