@@ -297,7 +297,7 @@ def test_a_distilling_pass_reports_the_per_image_mean_of_each_loss_part_and_term
     assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
-def test_a_passs_time_and_throughput_are_its_own(monkeypatch):
+def test_a_passs_time_and_throughput_are_its_own():
     import time
 
     from torch.utils.data import DataLoader
@@ -413,15 +413,12 @@ def test_a_loss_that_is_not_finite_stops_the_pass_naming_it_and_what_to_do():
                             "(train.grad_clip can help)")
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("batch_size", [4, 6])
+@pytest.mark.parametrize(("world", "batch_size"), [(1, 4), (1, 6), (2, 4), (2, 6), (3, 6)])  # divisible: fit's rule
 def test_the_steps_of_a_pass_are_those_of_the_loader_fit_builds(world, batch_size):
     from torch.utils.data import DataLoader, DistributedSampler
 
     from hdkd.training.engine import steps_per_epoch
 
-    if batch_size % world:
-        return
     for n in range(1, 30):
         train = data(n)
         loader = DataLoader(train, batch_size=batch_size // world,

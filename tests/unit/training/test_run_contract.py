@@ -211,21 +211,21 @@ def test_the_teacher_is_loaded_onto_the_device_asked_for_and_frozen(teacher_file
 def write_packed_train(root, groups, size, classes=("a", "b")):
     """A prepared directory whose training split holds one image a group entry (image i filled with i), the
     labels alternating by group; returns the labels."""
-    import json
-
     import numpy as np
     import pandas as pd
 
-    (root / "train").mkdir(parents=True)
-    (root / "manifest.json").write_text(json.dumps({"classes": list(classes)}))
+    from hdkd.data.packed import IMAGES, MANIFEST, write_labels_and_index
+    from hdkd.infra.io import write_json
+
+    split = root / "train"
+    split.mkdir(parents=True)
+    write_json(root / MANIFEST, {"classes": list(classes)})
     n = len(groups)
-    np.save(root / "train" / "images.npy", np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(size, 1)
-            .repeat(size, 2).repeat(3, 3))
+    np.save(split / IMAGES, np.arange(n, dtype=np.uint8)[:, None, None, None].repeat(size, 1).repeat(size, 2)
+            .repeat(3, 3))
     order = {g: i for i, g in enumerate(dict.fromkeys(groups))}
     labels = np.array([order[g] % len(classes) for g in groups], dtype=np.int64)
-    np.save(root / "train" / "labels.npy", labels)
-    pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "group": groups}).to_csv(root / "train" / "index.csv",
-                                                                                    index=False)
+    write_labels_and_index(split, labels, pd.DataFrame({"image_id": [f"img{i}" for i in range(n)], "group": groups}))
     return labels
 
 
