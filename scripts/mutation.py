@@ -102,14 +102,15 @@ def run(module: str, jobs: int, only: list[str] | None = None, resume: bool = Fa
     return {k: status_by_exit_code[v] for k, v in data.exit_code_by_key.items() if only is None or k in only}
 
 
-def last_run(module: str) -> Path:
-    return ROOT / "mutants" / (module.replace("/", ".") + ".last.json")
+def state_file(module: str, kind: str) -> Path:
+    """``mutants/<module>.<kind>.json``: ``last``, the last full run's statuses; ``wall``, its wall time so far."""
+    return ROOT / "mutants" / f"{module.replace('/', '.')}.{kind}.json"
 
 
 def full_run_clock(module: str, source: str, resume: bool) -> Callable[[], float]:
     """The wall time of the module's full run so far, an interrupted run's included when ``resume``; kept in
     ``mutants/<module>.wall.json`` every 10 s, so that a run killed midway still counts what it spent."""
-    path = ROOT / "mutants" / (module.replace("/", ".") + ".wall.json")
+    path = state_file(module, "wall")
     before = json.loads(path.read_text()) if resume and path.is_file() else {}
     if resume and before.get("source") != source:
         sys.exit(f"--resume: no interrupted full run of {module} as it is now: run it without --resume")
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     source = hashlib.sha256((ROOT / args.module).read_bytes()).hexdigest()
-    previous = json.loads(last_run(args.module).read_text()) if last_run(args.module).is_file() else None
+    last = state_file(args.module, "last")
+    previous = json.loads(last.read_text()) if last.is_file() else None
     if args.survivors and args.resume:
         parser.error("--survivors follows a finished full run, --resume an interrupted one")
     if args.survivors and (previous is None or previous["source"] != source):
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         clock = full_run_clock(args.module, source, args.resume)
         status = run(args.module, args.jobs, resume=args.resume)
         wall = clock()
-    last_run(args.module).write_text(json.dumps({"source": source, "wall": wall, "status": status}))
+    last.write_text(json.dumps({"source": source, "wall": wall, "status": status}))
     eq = equivalent()
     killed = sorted(k for k, s in status.items() if s in KILLED)
     survivors = sorted(k for k, s in status.items() if k not in killed)
