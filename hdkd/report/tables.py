@@ -333,12 +333,14 @@ def seeds_sentence(rows: Sequence[Mapping[str, Any]]) -> str:
         return ""
     seeds = max(r["n_seeds"] for r in primary)
     enough = max(needed) <= seeds
+    low, high = f"{min(mdes):.1f}", f"{max(mdes):.1f}"
+    detected = (f"is {low} points" if low == high
+                else f"is {low} to {high} points (a claim's own: the table's last column)")
     return (f"Seeds: from this run's per-seed differences, detecting a {100 * CLAIM_DIFFERENCE:g}-point difference "
             f"with {100 * CLAIM_POWER:g} % power in every claim at α/m = {power[0]['alpha']:.3g} (conservative: "
             f"Holm's strictest step) needs {max(needed)} seeds; this run used {seeds}"
             + (", enough." if enough else
-               f", so with them the smallest difference each claim detects at that power is {min(mdes):.1f} to "
-               f"{max(mdes):.1f} points (a claim's own: the table's last column)."))
+               f", so with them the smallest difference each claim detects at that power {detected}."))
 
 
 def _p(p: float | None) -> str:

@@ -251,7 +251,23 @@ def test_the_claims_table_gives_each_claim_its_verdict_and_the_seeds_it_needs():
     assert "at α/m = 0.025" in table.note
     assert seeds_sentence(rows).startswith("Seeds: from this run's per-seed differences, detecting a 1.5-point "
                                            "difference with 80 % power in every claim at α/m = 0.025")
-    assert "needs 29 seeds; this run used 3, so with them the smallest difference" in seeds_sentence(rows)
+    # one claim with a detectable difference: the one value, no range
+    assert seeds_sentence(rows).endswith("needs 29 seeds; this run used 3, so with them the smallest difference each "
+                                         "claim detects at that power is 11.6 points.")
+
+
+def test_the_seeds_sentence_gives_the_range_of_the_claims_detectable_differences():
+    bundle = bundle_with()
+    for r in bundle["models"]["hdkd"]["runs"]:  # seed 2's gain at full data twice the others': another spread
+        if r["fraction"] == 1.0 and r["seed"] == 2:
+            r["evaluation"]["accuracy"] += 0.05
+    claims = CLAIMS + [{"claim": "HDKD beats the student on all", "compare": ["hdkd", "student"], "fraction": 1.0,
+                        "minus_fraction": None, "metric": "accuracy"}]
+    rows = significance_rows(bundle, [["hdkd", "student"]], claims)
+    mdes = sorted(float(r[-1]) for r in claims_table(bundle, rows).rows if r[-1] != "n/a")
+    assert len(mdes) == 2 and mdes[0] < mdes[1]
+    assert seeds_sentence(rows).endswith(f"is {mdes[0]:.1f} to {mdes[1]:.1f} points (a claim's own: the table's "
+                                         "last column).")
 
 
 def test_a_claim_with_a_model_that_did_not_learn_has_no_verdict_and_says_which():
