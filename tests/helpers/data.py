@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from hdkd.config import Params
-from tests.helpers.net import closed_port
+from tests.helpers.net import free_port
 from tests.helpers.params import make_params
 
 
@@ -89,7 +89,7 @@ def serve(files: dict[str, bytes], **options) -> Iterator[FileServer]:
 
 def refused_url() -> str:
     """A URL on a local port where nothing listens (connection refused)."""
-    return f"http://127.0.0.1:{closed_port()}/file.zip"
+    return f"http://127.0.0.1:{free_port()}/file.zip"
 
 
 def md5(data: bytes) -> str:

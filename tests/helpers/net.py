@@ -1,4 +1,4 @@
-"""Servers that hang (a local listener that accepts connections and never answers) or are down (a closed port),
+"""Servers that hang (a local listener that accepts connections and never answers) or are down (a free port),
 and calls bounded in time."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import threading
 from collections.abc import Iterator
 
 
-def closed_port() -> int:
-    """A local port where nothing listens (a connection is refused)."""
+def free_port() -> int:
+    """A local port where nothing listens: a client's connection is refused, a server can listen on it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

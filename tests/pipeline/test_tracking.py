@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,6 +25,7 @@ from hdkd.roster import ROSTER, roster
 from hdkd.training.run import recipe
 from hdkd.use.cli import main as predict_cli
 from hdkd.use.inference import read_image, to_batch
+from tests.helpers.net import free_port
 from tests.helpers.params import PARAMS
 from tests.helpers.pipeline import (
     PIPELINE_OUTPUTS,
@@ -148,11 +148,6 @@ def test_with_the_tracking_server_down_every_output_is_written(unreachable_track
     assert_every_output_written(repo)
     assert log.count("continuing without tracking") == len(TRACKED_STAGES), log
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_every_trained_model_is_registered_with_its_run(stage_runs, tracked_pipeline):

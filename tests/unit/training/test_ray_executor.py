@@ -36,7 +36,7 @@ from hdkd.training.ray_executor import (
 from hdkd.training.run import PendingRun, StagePaths, input_fingerprint
 from hdkd.training.stage import train_stage
 from tests.helpers import ROOT
-from tests.helpers.net import closed_port
+from tests.helpers.net import free_port
 from tests.helpers.params import make_params, params_dict, params_without
 from tests.helpers.pipeline import make_scratch_repo
 from tests.helpers.ray_faults import InjectedFault
@@ -238,11 +238,6 @@ def test_a_failed_run_is_never_marked_done_and_a_rerun_trains_only_the_others(wo
     assert outputs(paths) == outputs(local_teacher)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
@@ -371,7 +366,7 @@ def no_ray_init(monkeypatch):
 def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(no_ray_init, monkeypatch):
     from tests.helpers.net import finished_within, silent_server
 
-    port = closed_port()
+    port = free_port()
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         done, error = finished_within(30, connect, address)
         assert done and isinstance(error, ConnectionError), error
@@ -443,7 +438,7 @@ def test_a_failed_ray_connection_fails_the_stage_and_its_mlflow_parent_run(no_ra
     from hdkd.infra.tracking import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store, address = f"sqlite:///{tmp_path / 'mlflow.db'}", f"127.0.0.1:{closed_port()}"
+    store, address = f"sqlite:///{tmp_path / 'mlflow.db'}", f"127.0.0.1:{free_port()}"
     params = make_params({"tracking": {"uri": store}, "train": {"executor": "ray", "ray_address": address}})
     parent = Tracker(params.tracking, params, "train_teacher")
     parent.open_parent()  # as the stage does before its runs

@@ -290,9 +290,9 @@ def test_an_mlflow_model_of_another_flavour_is_named_with_its_flavours(mlflow_st
 
 @pytest.mark.parametrize("store", ["MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"])
 def test_a_tracking_or_registry_server_that_is_down_is_named_with_what_to_do(mlflow_store, monkeypatch, store):
-    from tests.helpers.net import closed_port
+    from tests.helpers.net import free_port
 
-    down = f"http://127.0.0.1:{closed_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv(store, down)
     (mlflow_store.set_tracking_uri if store == "MLFLOW_TRACKING_URI" else mlflow_store.set_registry_uri)(down)
     with pytest.raises(ValueError) as e:
