@@ -129,10 +129,11 @@ def full_run_clock(module: str, source: str, resume: bool) -> Callable[[], float
     return clock
 
 
-def write_row(module: str, total: int, n_equivalent: int, killed: int, wall: float) -> str:
+def write_row(module: str, total: int, n_equivalent: int, killed: int, first_killed: int, wall: float) -> str:
+    """The module's row of tests/mutation-scores.md, written; an existing row keeps its first run's kills."""
     text = SCORES.read_text() if SCORES.is_file() else "# Mutation scores\n\n" + HEADER
     rows = dict(re.findall(r"^\| `([^`]+)` (\|.*)$", text, re.M))
-    first = rows[module].split("|")[3].strip() if module in rows else str(killed)
+    first = rows[module].split("|")[3].strip() if module in rows else str(first_killed)
     score = 100 * killed / max(1, total - n_equivalent)
     row = (f"| `{module}` | {total} | {n_equivalent} | {first} | {killed} | {score:.1f} % | "
            f"{wall / 60:.1f} min |")
@@ -162,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--survivors follows a finished full run, --resume an interrupted one")
     if args.survivors and (previous is None or previous["source"] != source):
         sys.exit(f"--survivors: no full run of {args.module} as it is now: run it without --survivors")
+    copy = ROOT / "mutants" / args.module
+    if args.survivors and (not copy.is_file() or "__mutmut_" not in copy.read_text()):
+        # A later full run of another module replaced mutants/hdkd: its copy of this one holds no mutant, and every
+        # survivor would "survive" again, tested unmutated.
+        sys.exit(f"--survivors: mutants/ holds another module's run, not {args.module}'s: run it without "
+                 "--survivors")
     start = time.monotonic()
     if args.survivors:
-        status = previous["status"]
+        status = dict(previous["status"])
         status |= run(args.module, args.jobs, [k for k, s in status.items() if s not in KILLED])
         wall = previous["wall"]  # the row keeps the full run's time
     else:
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     last.write_text(json.dumps({"source": source, "wall": wall, "status": status}))
     eq = equivalent()
     killed = sorted(k for k, s in status.items() if s in KILLED)
+    first_killed = sum(s in KILLED for s in (previous["status"] if args.survivors else status).values())
     survivors = sorted(k for k, s in status.items() if k not in killed)
     n_equivalent = sum(k in eq for k in survivors)
     print(f"\n{args.module}: {len(status)} mutants, {len(killed)} killed, {n_equivalent} equivalent, "
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in survivors:
         print(f"  {status[k]:10} {k}{'  (equivalent)' if k in eq else ''}")
     if not args.no_write:
-        print(write_row(args.module, len(status), n_equivalent, len(killed), wall))
+        print(write_row(args.module, len(status), n_equivalent, len(killed), first_killed, wall))
     return 0
 
 
