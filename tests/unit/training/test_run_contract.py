@@ -113,6 +113,24 @@ def test_the_runtime_takes_mixed_precision_and_channels_last_on_cuda_only_and_ra
         torch.use_deterministic_algorithms(deterministic)
 
 
+def test_on_cuda_the_runtime_takes_bfloat16_where_the_gpu_has_it_else_float16(params, monkeypatch):
+    import torch
+
+    from hdkd.infra.distributed import DistInfo
+    from hdkd.training.run import make_runtime
+
+    asked = params.model_copy(update={"train": params.train.model_copy(update={
+        "amp": True, "channels_last": True, "reproducible": False})})
+    gpu = torch.device("cuda", 0)  # no kernel runs: the runtime only names the device
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        rt = make_runtime(asked, gpu, DistInfo())
+        assert rt.amp_dtype == dtype and rt.channels_last and rt.device == gpu
+    plain = asked.model_copy(update={"train": asked.train.model_copy(update={"amp": False, "channels_last": False})})
+    rt = make_runtime(plain, gpu, DistInfo())
+    assert rt.amp_dtype is None and not rt.channels_last
+
+
 class RecordingTracker:
     def __init__(self):
         self.calls = []
@@ -208,16 +226,15 @@ def test_the_teacher_is_loaded_onto_the_device_asked_for_and_frozen(teacher_file
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-def write_packed_train(root, groups, size, classes=("a", "b")):
-    """A prepared directory whose training split holds one image a group entry (image i filled with i), the
-    labels alternating by group; returns the labels."""
+def write_packed_train(root, groups, size, classes=("a", "b"), name="train"):
+    """A prepared directory whose ``name`` split (the training split) holds one image a group entry (image i
+    filled with i), the labels alternating by group; returns the labels."""
     import numpy as np
     import pandas as pd
 
     from hdkd.data.packed import IMAGES, MANIFEST, write_labels_and_index
-    from hdkd.infra.io import write_json
 
-    split = root / "train"
+    split = root / name
     split.mkdir(parents=True)
     write_json(root / MANIFEST, {"classes": list(classes)})
     n = len(groups)
@@ -251,3 +268,170 @@ def test_a_training_subset_keeps_group_ids_as_written_and_checks_the_image_size(
             assert subset.images[:, 0, 0, 0].tolist() == list(rows) and subset.labels.tolist() == labels[rows].tolist()
     with pytest.raises(DataError, match=r"holds 32px images but data\.image_size is 64"):
         training_subset(tmp_path / "mixed", make_params({"data": {"image_size": 64}}), 0, 0.5)
+
+
+@pytest.fixture
+def stage_data(tmp_path):
+    """StagePaths over a prepared directory (train: 8 groups, val: 4 images) and a balanced one (train: 12
+    images, as SMOTE would leave it), 32 px."""
+    prepared, balanced = tmp_path / "prepared", tmp_path / "balanced"
+    write_packed_train(prepared, [f"g{i // 2}" for i in range(16)], size=32)
+    write_packed_train(prepared, ["v0", "v1", "v2", "v3"], size=32, name="val")
+    write_packed_train(balanced, [f"b{i}" for i in range(12)], size=32)
+    return StagePaths(balanced, prepared, tmp_path / "out", tmp_path / "metrics.json", tmp_path / "resume")
+
+
+def runtime(rank=0):
+    from types import SimpleNamespace
+
+    from hdkd.infra.distributed import DistInfo
+
+    return SimpleNamespace(dist=DistInfo(rank=rank, world_size=rank + 1))
+
+
+def stored_image(root, index):
+    """Image ``index`` of ``root``'s training split as the loader reads it (uint8, channels first)."""
+    import numpy as np
+    import torch
+
+    from hdkd.data.packed import load_split
+
+    return torch.from_numpy(np.array(load_split(root, "train").images[index])).permute(2, 0, 1)
+
+
+def test_full_data_trains_on_the_balanced_split_and_a_fraction_on_a_subset_of_the_prepared_one(stage_data):
+    from hdkd.training.run import training_data, training_subset
+
+    params = make_params()
+    for run_key in (None, (0, 1.0), (3, 1.0)):
+        (train, val, classes), _ = training_data(params, stage_data, runtime(), run_key)
+        assert train.split.root == stage_data.train and len(train) == 12, run_key
+        assert val.split.root == stage_data.val and val.split.name == "val" and len(val) == 4
+        assert classes == ["a", "b"]
+    (train, _, _), _ = training_data(params, stage_data, runtime(), (3, 0.5))
+    subset = training_subset(stage_data.val, params, 3, 0.5)
+    assert train.split.root == stage_data.val and list(train.split.ids) == list(subset.ids)
+    assert 0 < len(train) < 16
+
+
+def test_training_data_refuses_packs_of_another_image_size_or_other_classes(stage_data):
+    import shutil
+
+    from hdkd.data.errors import DataError
+    from hdkd.training.run import training_data
+
+    with pytest.raises(DataError, match=rf"{stage_data.train / 'train'}.* holds 32px images but data\.image_size is 64"):
+        training_data(make_params({"data": {"image_size": 64}}), stage_data, runtime())
+    shutil.rmtree(stage_data.val / "val")
+    write_packed_train(stage_data.val, ["v0", "v1"], size=16, name="val")  # the training split still 32 px
+    with pytest.raises(DataError, match=rf"{stage_data.val / 'val'}.* holds 16px images but data\.image_size is 32"):
+        training_data(make_params(), stage_data, runtime())
+    shutil.rmtree(stage_data.val / "val")
+    write_packed_train(stage_data.val, ["v0", "v1"], size=32, classes=("b", "a"), name="val")
+    with pytest.raises(ValueError) as e:
+        training_data(make_params(), stage_data, runtime())
+    assert str(e.value) == (f"{stage_data.train} and {stage_data.val} disagree on the classes: rerun "
+                            "`dvc repro balance`")
+
+
+def test_each_augmentation_setting_gives_the_images_it_promises(stage_data):
+    import torch
+
+    from hdkd.data.augment import BatchAugment, eval_transform
+    from hdkd.training.run import training_data
+
+    stored = stored_image(stage_data.train, 5)
+    # no augmentation: the evaluation transform of the stored image, the same at every epoch, no batch hook
+    (train, _, _), hook = training_data(make_params({"augment": {"enabled": False}}), stage_data, runtime(), (3, 1.0))
+    assert hook is None and torch.equal(train[5][0], eval_transform()(stored))
+    train.set_epoch(1)
+    assert torch.equal(train[5][0], eval_transform()(stored)) and train[5][1].item() == 1
+    # batched: the stored uint8 images, augmented on the device by a hook drawing from the run's seed and the rank
+    batched = make_params({"augment": {"batched": True}})
+    (train, _, _), hook = training_data(batched, stage_data, runtime(rank=1), (3, 1.0))
+    assert train[5][0].dtype == torch.uint8 and torch.equal(train[5][0], stored)
+    batch = torch.stack([train[i][0] for i in range(4)])
+    assert torch.equal(hook(batch), BatchAugment(batched.augment, 3, 1)(batch))
+    assert not torch.equal(hook(batch), BatchAugment(batched.augment, 3, 0)(batch))
+    assert not torch.equal(hook(batch), BatchAugment(batched.augment, 1, 1)(batch))
+    # image by image: augmented in the loader, the draws the run's seed's (another seed, other images)
+    per_image = make_params({"augment": {"batched": False}})
+    images = {seed: training_data(per_image, stage_data, runtime(), (seed, 1.0))[0][0][5][0] for seed in (0, 3)}
+    again, hook = training_data(per_image, stage_data, runtime(), (3, 1.0))
+    assert hook is None and images[3].dtype == torch.float32
+    assert torch.equal(again[0][5][0], images[3]) and not torch.equal(images[0], images[3])
+
+
+@pytest.fixture
+def train_run_calls(monkeypatch):
+    """hdkd.training.run.train_run with the runtime and the run recorded instead of built and trained."""
+    import torch
+
+    from hdkd.training import run
+
+    calls = {}
+
+    def make_runtime(params, device, dist):
+        calls["device"] = device
+        return runtime()
+
+    def run_training(*args, **kwargs):
+        calls["args"], calls["kwargs"] = args, kwargs
+        return {"trained": args[0]}
+
+    monkeypatch.setattr(run, "make_runtime", make_runtime)
+    monkeypatch.setattr(run, "run_training", run_training)
+    threads = torch.get_num_threads()
+    yield calls
+    torch.set_num_threads(threads)
+
+
+def test_a_run_trains_its_key_with_its_data_and_registers_only_when_asked(train_run_calls, stage_data, monkeypatch):
+    import logging
+
+    from hdkd.training.run import train_run
+
+    # as in a fresh worker process: no logging configured (pytest's capture handlers are added for the test call)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    params = make_params({"augment": {"batched": True}, "train": {"device": "cpu"}})
+    for register in (False, True):
+        assert train_run("student", params, stage_data, (3, 0.5), register) == {"trained": "student"}
+        args, kwargs = train_run_calls["args"], train_run_calls["kwargs"]
+        assert args[:3] == ("student", params, stage_data) and kwargs["run"] == (3, 0.5)
+        assert kwargs["register"] is register and kwargs["batch_hook"].seed == 3
+        train, val, classes = args[3]
+        assert train.split.root == stage_data.val and len(val) == 4 and classes == ["a", "b"]
+        assert train_run_calls["device"].type == "cpu"
+    # a spawned worker's messages show as its stage's do: INFO and above, the message alone
+    assert logging.root.level == logging.INFO
+    assert logging.root.handlers[0].formatter._fmt == "%(message)s"
+
+
+def test_a_run_takes_its_thread_count_unless_the_reproducible_mode_fixes_it(train_run_calls, stage_data):
+    import torch
+
+    from hdkd.training.run import train_run
+
+    torch.set_num_threads(2)
+    free = make_params({"train": {"reproducible": False}})
+    train_run("student", free, stage_data, (0, 1.0), False, threads=None)
+    assert torch.get_num_threads() == 2
+    train_run("student", make_params({"train": {"reproducible": True}}), stage_data, (0, 1.0), False, threads=1)
+    assert torch.get_num_threads() == 2
+    train_run("student", free, stage_data, (0, 1.0), False, threads=1)
+    assert torch.get_num_threads() == 1
+
+
+def test_on_a_cuda_machine_a_run_trains_on_the_gpu_of_its_local_rank(train_run_calls, stage_data, monkeypatch):
+    import torch
+
+    from hdkd.training.run import train_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train_run("student", make_params({"train": {"device": "cuda"}}), stage_data, (0, 1.0), False)
+    assert train_run_calls["device"] == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
+        train_run("student", make_params({"train": {"device": "cuda"}}), stage_data, (0, 1.0), False)
