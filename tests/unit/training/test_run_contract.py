@@ -98,19 +98,30 @@ def test_a_runs_record_names_its_model_seed_fraction_params_and_mlflow_run(tmp_p
 def test_the_runtime_takes_mixed_precision_and_channels_last_on_cuda_only_and_rank_0_shows_progress(params):
     import torch
 
+    from hdkd.infra import numerics
     from hdkd.infra.distributed import DistInfo
     from hdkd.training.run import make_runtime
 
     asked = params.model_copy(update={"train": params.train.model_copy(update={
         "amp": True, "channels_last": True, "reproducible": False})})
     deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         rt = make_runtime(asked, torch.device("cpu"), DistInfo())
         assert rt.amp_dtype is None and not rt.channels_last and rt.progress and rt.device == torch.device("cpu")
         assert torch.are_deterministic_algorithms_enabled()  # the same numbers on every CPU run
+        # an op without a deterministic kernel warns, never stops a run
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.mkldnn.enabled  # the fast numerics: oneDNN kept
         assert not make_runtime(asked, torch.device("cpu"), DistInfo(rank=1, world_size=2)).progress
+        reproducible = asked.model_copy(update={"train": asked.train.model_copy(update={"reproducible": True})})
+        make_runtime(reproducible, torch.device("cpu"), DistInfo())
+        assert not torch.backends.mkldnn.enabled  # the reproducible mode (hdkd.infra.numerics): on the CPU only
+        make_runtime(reproducible, torch.device("cuda", 0), DistInfo())
+        assert torch.backends.mkldnn.enabled
     finally:
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        numerics.apply_runtime(False)
 
 
 def test_on_cuda_the_runtime_takes_bfloat16_where_the_gpu_has_it_else_float16(params, monkeypatch):
@@ -435,3 +446,133 @@ def test_on_a_cuda_machine_a_run_trains_on_the_gpu_of_its_local_rank(train_run_c
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="train.device is 'cuda' but no CUDA device is available"):
         train_run("student", make_params({"train": {"device": "cuda"}}), stage_data, (0, 1.0), False)
+
+
+class FitStopped(Exception):
+    """Raised by a recorded fit that stops the run there (its modules live on a device no kernel runs on)."""
+
+
+@pytest.fixture
+def fit_calls(monkeypatch):
+    """hdkd.training.run.fit recorded: what a run hands the training loop; one epoch at 75 % is its result
+    (``calls["stop"] = True``: it raises FitStopped instead)."""
+    from hdkd.training import run
+    from hdkd.training.engine import FitResult
+
+    calls = {"stop": False}
+
+    def fit(train_model, criterion, data, rt, settings, teacher=None, on_epoch=None):
+        calls.update(model=train_model, criterion=criterion, rt=rt, teacher=teacher, settings=settings)
+        if calls["stop"]:
+            raise FitStopped
+        row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.75}
+        return FitResult([row], 1, row, 0)
+
+    monkeypatch.setattr(run, "fit", fit)
+    return calls
+
+
+def quick_params(**change):
+    return make_params({"tracking": {"enabled": False}, "kd": KD} | change)
+
+
+def with_teacher(paths, teacher):
+    import dataclasses
+
+    return dataclasses.replace(paths, teacher=teacher)
+
+
+def test_every_module_of_a_run_lives_on_the_runs_device(fit_calls, stage_data, teacher_file, monkeypatch):
+    import torch
+
+    from hdkd.models.checkpoint import load_model
+    from hdkd.training import run
+    from hdkd.training.engine import Runtime
+    from hdkd.training.run import run_training
+
+    fit_calls["stop"] = True  # "meta": not the CPU, on every machine; nothing is computed on it
+    monkeypatch.setattr(run, "load_model", lambda path, device: load_model(path))  # meta tensors hold no weights
+    meta = Runtime(torch.device("meta"))
+    for name in ("hdkd", "aligned_kd"):
+        with pytest.raises(FitStopped):
+            run_training(name, quick_params(), with_teacher(stage_data, teacher_file), (None, None, ["a", "b"]), meta)
+        assert {p.device.type for p in fit_calls["model"].parameters()} == {"meta"}, name
+        assert {p.device.type for p in fit_calls["teacher"].parameters()} == {"meta"}, name
+    assert len(list(fit_calls["criterion"].parameters())) > 0  # the alignment layers train beside the network
+    assert {p.device.type for p in fit_calls["criterion"].parameters()} == {"meta"}
+
+
+def test_a_run_hands_the_loop_a_channels_last_and_a_compiled_network_when_asked(fit_calls, stage_data):
+    import torch
+
+    from hdkd.training.engine import Runtime
+    from hdkd.training.run import run_training
+
+    run_training("student", quick_params(), stage_data, (None, None, ["a", "b"]), Runtime(torch.device("cpu")))
+    plain = fit_calls["model"]
+    assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
+    conv = next(m.weight for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not conv.is_contiguous(memory_format=torch.channels_last)
+    params = quick_params(train={"compile": True})
+    run_training("student", params, stage_data, (None, None, ["a", "b"]), Runtime(torch.device("cpu"),
+                                                                                  channels_last=True))
+    compiled = fit_calls["model"]  # torch.compile wraps lazily: nothing is compiled before a forward pass
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    conv = next(m.weight for m in compiled._orig_mod.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.ndim == 4
+
+
+def test_feature_distillation_refuses_a_teacher_of_other_maps_and_logit_distillation_takes_it(
+        fit_calls, stage_data, teacher_file):
+    import torch
+
+    from hdkd.training.engine import Runtime
+    from hdkd.training.run import run_training
+
+    params = quick_params(model={"stem_stride": 4})  # the student's maps half the teacher's
+    paths, cpu = with_teacher(stage_data, teacher_file), Runtime(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"stage 1 maps are .* teacher and student need the same image size"):
+        run_training("hdkd", params, paths, (None, None, ["a", "b"]), cpu)
+    assert "model" not in fit_calls  # refused before training
+    assert run_training("logit_kd", params, paths, (None, None, ["a", "b"]), cpu)["val_accuracy"] == 0.75
+    assert fit_calls["teacher"] is not None
+
+
+def test_a_run_registers_its_model_unless_told_not_to_and_its_model_file_holds_its_summary(
+        fit_calls, stage_data, monkeypatch):
+    import torch
+
+    from hdkd.models.checkpoint import load_model
+    from hdkd.training import run
+    from hdkd.training.engine import Runtime
+
+    registered = []
+    real = run.track_run
+    monkeypatch.setattr(run, "track_run", lambda *a: registered.append(a[-1]) or real(*a))
+    params, cpu = quick_params(), Runtime(torch.device("cpu"))
+    run.run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu)
+    run.run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu, register=False)
+    assert registered == [True, False]
+    summary = {"val_accuracy": 0.75, "val_loss": 0.5, "best_epoch": 1, "epochs": params.student.epochs}
+    assert load_model(stage_data.out_dir / "model.pt")[1]["metrics"] == summary
+    assert read_json(stage_data.metrics) == summary
+
+
+def test_a_registered_runs_curves_name_the_model_as_the_report_does(params, tmp_path, monkeypatch):
+    from hdkd.evidence import plots
+    from hdkd.models import create_model
+    from hdkd.models.checkpoint import save_model
+    from hdkd.roster import roster_entry
+    from hdkd.training.engine import FitResult
+    from hdkd.training.run import track_run
+
+    figures = []
+    monkeypatch.setattr(plots, "figure_png", lambda fig, *a, **k: figures.append(fig) or b"\x89PNG")
+    model = create_model("hdkd_tiny", 2, image_size=32)
+    save_model(tmp_path / "model.pt", model, "hdkd_tiny", ["a", "b"], 32, {})
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.75}]
+    trained = TrainedRun("logit_kd", "hdkd_tiny", {}, ["a", "b"], (0, 1.0), model, {"val_accuracy": 0.75}, history)
+    track_run(RecordingTracker(), trained, params, tmp_path / "model.pt", FitResult(history, 1, {}, 0), True)
+    accuracy = figures[0].axes[1]
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == [roster_entry("logit_kd", params).label]
+    assert roster_entry("logit_kd", params).label == "Logit-only KD"
