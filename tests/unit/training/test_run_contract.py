@@ -576,3 +576,32 @@ def test_a_registered_runs_curves_name_the_model_as_the_report_does(params, tmp_
     accuracy = figures[0].axes[1]
     assert [t.get_text() for t in accuracy.get_legend().get_texts()] == [roster_entry("logit_kd", params).label]
     assert roster_entry("logit_kd", params).label == "Logit-only KD"
+
+
+def test_under_several_processes_the_loop_gets_a_ddp_network_told_of_a_head_without_gradient(
+        fit_calls, stage_data, teacher_file, monkeypatch):
+    import torch
+
+    from hdkd.infra.distributed import DistInfo
+    from hdkd.training import run
+    from hdkd.training.engine import Runtime
+
+    wrapped = []
+
+    def ddp(module, device_ids, find_unused_parameters):
+        wrapped.append((module, device_ids, find_unused_parameters))
+        return module
+
+    monkeypatch.setattr(run, "DistributedDataParallel", ddp)
+    rank0 = Runtime(torch.device("cpu"), DistInfo(rank=0, world_size=2))
+    paths = with_teacher(stage_data, teacher_file)
+    # the student alone, HDKD's soft distillation (both heads trained), HDKD with no logit distillation (the
+    # distillation head gets no gradient: DDP must be told, or it waits for that gradient forever)
+    for name, change, unused in (("student", {}, False), ("hdkd", {}, False),
+                                 ("hdkd", {"distill": {"type": "none"}, "kd": {}}, True)):
+        run.run_training(name, quick_params(**change), paths, (None, None, ["a", "b"]), rank0)
+        module, device_ids, find_unused = wrapped.pop()
+        assert isinstance(module, torch.nn.Module) and module is fit_calls["model"], (name, change)
+        assert device_ids is None and find_unused is unused, (name, change)
+    run.run_training("student", quick_params(), paths, (None, None, ["a", "b"]), Runtime(torch.device("cpu")))
+    assert wrapped == []  # one process: no wrapper
