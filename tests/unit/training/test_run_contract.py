@@ -462,10 +462,13 @@ def fit_calls(monkeypatch):
     calls = {"stop": False}
 
     def fit(train_model, criterion, data, rt, settings, teacher=None, on_epoch=None):
-        calls.update(model=train_model, criterion=criterion, rt=rt, teacher=teacher, settings=settings)
+        record = settings.resume_dir / run.MLFLOW_RUN  # what a kill at this point would leave to resume with
+        calls.update(model=train_model, criterion=criterion, data=data, rt=rt, teacher=teacher, settings=settings,
+                     mlflow_run=read_json(record) if record.is_file() else None)
         if calls["stop"]:
             raise FitStopped
-        row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.75}
+        row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.75, "epoch_time_s": 2.5}
+        on_epoch(row)
         return FitResult([row], 1, row, 0)
 
     monkeypatch.setattr(run, "fit", fit)
@@ -553,6 +556,7 @@ def test_a_run_registers_its_model_unless_told_not_to_and_its_model_file_holds_i
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu)
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu, register=False)
     assert registered == [True, False]
+    assert fit_calls["mlflow_run"] is None  # tracking off: no MLflow run to go on logging to after a kill
     summary = {"val_accuracy": 0.75, "val_loss": 0.5, "best_epoch": 1, "epochs": params.student.epochs}
     assert load_model(stage_data.out_dir / "model.pt")[1]["metrics"] == summary
     assert read_json(stage_data.metrics) == summary
@@ -605,3 +609,103 @@ def test_under_several_processes_the_loop_gets_a_ddp_network_told_of_a_head_with
         assert device_ids is None and find_unused is unused, (name, change)
     run.run_training("student", quick_params(), paths, (None, None, ["a", "b"]), Runtime(torch.device("cpu")))
     assert wrapped == []  # one process: no wrapper
+
+
+class RecordingRunTracker(RecordingTracker):
+    """A Tracker that records how a run opens it and what it logs (an MLflow run id only when tracking is on)."""
+
+    opened = []
+
+    def __init__(self, tracking, params, stage, **kwargs):
+        super().__init__()
+        self.tracking, self.stage, self.kwargs = tracking, stage, kwargs
+        self.run_id = "run-1" if tracking.enabled else None
+        RecordingRunTracker.opened.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def info(self):
+        return {"mlflow_run_id": self.run_id}
+
+
+@pytest.fixture
+def tracker(monkeypatch):
+    from hdkd.training import run
+
+    RecordingRunTracker.opened = []
+    monkeypatch.setattr(run, "Tracker", RecordingRunTracker)
+    return RecordingRunTracker.opened
+
+
+def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_name(
+        fit_calls, tracker, stage_data, tmp_path):
+    import torch
+
+    from hdkd.models.checkpoint import load_model
+    from hdkd.roster import roster_entry
+    from hdkd.training import run
+    from hdkd.training.engine import Runtime
+
+    params = quick_params(tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                          train={"batch_size": 4, "eval_batch_size": 9, "grad_clip": 1.5, "log_every": 7})
+    datasets, hook = (object(), object(), ["a+b", "c"]), object()
+    fingerprint = run.input_fingerprint("student", params, stage_data, (3, 0.5))
+    assert fingerprint != run.input_fingerprint("student", params, stage_data)  # the default run's
+    stage_data.resume_dir.mkdir()
+    write_json(stage_data.resume_dir / run.MLFLOW_RUN, {"fingerprint": fingerprint, "run_id": "killed-run"})
+    result = run.run_training("student", params, stage_data, datasets, Runtime(torch.device("cpu")), hook, (3, 0.5))
+
+    s = fit_calls["settings"]
+    assert (s.optim, s.seed, s.batch_size, s.eval_batch_size, s.grad_clip, s.log_every) == (
+        params.student, 3, 4, 9, 1.5, 7)
+    assert s.total_steps == run.step_budget(params, params.student, stage_data, 0.5) and s.total_steps > 0
+    assert s.class_names == ("a_b", "c")  # names MLflow takes as metric names
+    assert (s.resume_dir, s.fingerprint, s.desc) == (stage_data.resume_dir, fingerprint, "student seed3-frac0.5")
+    data = fit_calls["data"]
+    assert (data.train_set, data.val_set, data.batch_hook) == (datasets[0], datasets[1], hook)
+    (opened,) = tracker
+    stage = roster_entry("student", params).stage
+    assert opened.tracking == params.tracking and opened.stage == stage
+    assert opened.kwargs == {
+        "extra_tags": {"hdkd.model": "student_tiny", "hdkd.world_size": "1", "hdkd.device": "cpu", "hdkd.seed": "3",
+                       "hdkd.fraction": "0.5"},
+        "resume_run_id": "killed-run",  # an interrupted run of the same inputs goes on logging to its MLflow run
+        "datasets": {str(stage_data.train): "training", str(stage_data.val): "validation"},
+        "run_name": f"{stage} seed3-frac0.5"}
+    # the MLflow run is recorded for a resume before training starts, and the resume state goes once done
+    assert fit_calls["mlflow_run"] == {"fingerprint": fingerprint, "run_id": "run-1"}
+    assert not stage_data.resume_dir.exists()
+    row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.75, "epoch_time_s": 2.5}
+    assert ("log_metrics", (row,), {"step": 1}) in opened.calls  # each epoch as it ends
+    record = read_json(stage_data.run_record)
+    assert (record["mlflow_run_id"], record["seed"], record["fraction"]) == ("run-1", 3, 0.5)
+    assert load_model(stage_data.out_dir / "model.pt")[1]["history"] == [
+        {k: v for k, v in row.items() if k != "epoch_time_s"}]  # timings vary by run: kept out of the files
+    assert result == {"val_accuracy": 0.75, "val_loss": 0.5, "best_epoch": 1, "epochs": params.student.epochs,
+                      "history": [row], "resumed_from": 0}
+
+
+def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept(
+        fit_calls, tracker, stage_data, tmp_path, monkeypatch):
+    import torch
+
+    from hdkd.infra.distributed import DistInfo
+    from hdkd.training import run
+    from hdkd.training.engine import Runtime
+
+    monkeypatch.setattr(run, "DistributedDataParallel", lambda module, **kwargs: module)
+    params = quick_params(tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    stage_data.resume_dir.mkdir()
+    (stage_data.resume_dir / "last.pt").write_bytes(b"rank 0 writes it")
+    rank1 = Runtime(torch.device("cpu"), DistInfo(rank=1, world_size=2))
+    run.run_training("student", params, stage_data, (None, None, ["a", "b"]), rank1)
+    (opened,) = tracker
+    assert not opened.tracking.enabled and opened.kwargs["extra_tags"]["hdkd.world_size"] == "2"
+    # epochs go to a tracker that is off (it drops them); nothing of a finished run is logged
+    assert fit_calls["mlflow_run"] is None and {c[0] for c in opened.calls} == {"log_metrics"}
+    assert not stage_data.out_dir.exists() and not stage_data.metrics.exists()
+    assert (stage_data.resume_dir / "last.pt").is_file()
