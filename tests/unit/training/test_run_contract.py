@@ -107,6 +107,9 @@ def test_the_runtime_takes_mixed_precision_and_channels_last_on_cuda_only_and_ra
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
+        torch.use_deterministic_algorithms(False)
+        make_runtime(asked, torch.device("cuda", 0), DistInfo())
+        assert not torch.are_deterministic_algorithms_enabled()  # CUDA's own kernels: left as they are
         rt = make_runtime(asked, torch.device("cpu"), DistInfo())
         assert rt.amp_dtype is None and not rt.channels_last and rt.progress and rt.device == torch.device("cpu")
         assert torch.are_deterministic_algorithms_enabled()  # the same numbers on every CPU run
@@ -709,3 +712,20 @@ def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept
     assert fit_calls["mlflow_run"] is None and {c[0] for c in opened.calls} == {"log_metrics"}
     assert not stage_data.out_dir.exists() and not stage_data.metrics.exists()
     assert (stage_data.resume_dir / "last.pt").is_file()
+
+
+def test_under_several_processes_the_step_budget_counts_the_steps_of_each_process(fit_calls, stage_data, monkeypatch):
+    import torch
+
+    from hdkd.infra.distributed import DistInfo
+    from hdkd.training import run
+    from hdkd.training.engine import Runtime, steps_per_epoch
+
+    monkeypatch.setattr(run, "DistributedDataParallel", lambda module, **kwargs: module)
+    params = quick_params(train={"batch_size": 4})
+    # 12 balanced images, 4 a step: 3 steps a pass in one process; in three, each takes its 4 images in batches of
+    # 4 // 3 = 1: 4 steps
+    assert (steps_per_epoch(12, 4), steps_per_epoch(12, 4, 3)) == (3, 4)
+    run.run_training("student", params, stage_data, (None, None, ["a", "b"]),
+                     Runtime(torch.device("cpu"), DistInfo(rank=0, world_size=3)), run=(0, 0.5))
+    assert fit_calls["settings"].total_steps == params.student.epochs * 4
