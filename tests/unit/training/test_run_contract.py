@@ -645,9 +645,10 @@ def tracker(monkeypatch):
 
 
 def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_name(
-        fit_calls, tracker, stage_data, tmp_path):
+        fit_calls, tracker, stage_data, tmp_path, monkeypatch):
     import torch
 
+    from hdkd.evidence import plots
     from hdkd.models.checkpoint import load_model
     from hdkd.roster import roster_entry
     from hdkd.training import run
@@ -655,6 +656,8 @@ def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_
 
     params = quick_params(tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                           train={"batch_size": 4, "eval_batch_size": 9, "grad_clip": 1.5, "log_every": 7})
+    figures = []
+    monkeypatch.setattr(plots, "figure_png", lambda fig, *a, **k: figures.append(fig) or b"\x89PNG")
     datasets, hook = (object(), object(), ["a+b", "c"]), object()
     fingerprint = run.input_fingerprint("student", params, stage_data, (3, 0.5))
     assert fingerprint != run.input_fingerprint("student", params, stage_data)  # the default run's
@@ -690,6 +693,8 @@ def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_
         {k: v for k, v in row.items() if k != "epoch_time_s"}]  # timings vary by run: kept out of the files
     assert result == {"val_accuracy": 0.75, "val_loss": 0.5, "best_epoch": 1, "epochs": params.student.epochs,
                       "history": [row], "resumed_from": 0}
+    curves = figures[0].axes[1]  # the registered run's curves, under the model's name
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == [roster_entry("student", params).label]
 
 
 def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept(
@@ -729,3 +734,36 @@ def test_under_several_processes_the_step_budget_counts_the_steps_of_each_proces
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]),
                      Runtime(torch.device("cpu"), DistInfo(rank=0, world_size=3)), run=(0, 0.5))
     assert fit_calls["settings"].total_steps == params.student.epochs * 4
+
+
+def test_the_feature_loss_distils_the_stages_and_weights_the_params_give(params):
+    import torch
+
+    from hdkd.roster import roster_entry
+
+    cfg = params.distill.model_copy(update={"stages": [2, 3], "beta": 2.0})
+    ones, zeros = [torch.ones(1, 4, 2, 2)] * 3, [torch.zeros(1, 4, 2, 2)] * 3
+    direct = build_criterion("hdkd", cfg).feature
+    aligned = build_criterion(roster_entry("aligned_kd", params), cfg, (4, 4, 4)).feature
+    for projector in aligned.projectors.values():  # the identity: the same terms as the direct loss
+        torch.nn.init.dirac_(projector.weight)
+        torch.nn.init.zeros_(projector.bias)
+    for feature in (direct, aligned):  # (i + 1)^β · MSE at the i-th listed stage: 1 · 1 at stage 2, 2² · 1 at 3
+        terms = {s: t.item() for s, t in feature.stage_losses(ones, zeros).items()}
+        assert terms == {2: 1.0, 3: 4.0}
+    assert sorted(aligned.projectors) == ["2", "3"]
+
+
+def test_the_step_budget_is_the_whole_splits_passes_in_one_process_unless_told_otherwise(tmp_path):
+    from hdkd.training.run import step_budget
+
+    write_packed_train(tmp_path / "balanced", [f"b{i}" for i in range(7)], size=32)
+    paths = StagePaths(tmp_path / "balanced", tmp_path / "prepared", tmp_path / "out", tmp_path / "m.json",
+                       tmp_path / "resume")
+    params = quick_params(train={"batch_size": 4})
+    cfg = params.student
+    # 7 images, 4 a step: 1 step a pass (the partial batch dropped); two processes take 4 each in batches of 2
+    assert step_budget(params, cfg, paths, 0.5) == cfg.epochs
+    assert step_budget(params, cfg, paths, 0.5, 2) == 2 * cfg.epochs
+    assert step_budget(params, cfg, paths, 1.0) is None  # the whole split: its own epochs
+    assert step_budget(quick_params(train={"batch_size": 4, "budget": "epochs"}), cfg, paths, 0.5) is None
