@@ -767,3 +767,22 @@ def test_the_step_budget_is_the_whole_splits_passes_in_one_process_unless_told_o
     assert step_budget(params, cfg, paths, 0.5, 2) == 2 * cfg.epochs
     assert step_budget(params, cfg, paths, 1.0) is None  # the whole split: its own epochs
     assert step_budget(quick_params(train={"batch_size": 4, "budget": "epochs"}), cfg, paths, 0.5) is None
+
+
+def test_a_runs_resume_fingerprint_ignores_what_cannot_change_its_result(stage_data):
+    from hdkd.training.run import input_fingerprint
+
+    def fingerprint(name, params):
+        return input_fingerprint(name, params, stage_data, (0, 1.0))
+
+    params = quick_params()
+    grown = quick_params(seeds=[0, 1, 2, 3], fractions=[0.1, 0.25, 1.0], baseline_fractions=[0.25, 1.0])
+    deeper = {**KD, "deit_vit": {**KD["deit_vit"], "kwargs": {**KD["deit_vit"]["kwargs"], "depth": 2}}}
+    reordered = {**KD, "deit_vit": {**KD["deit_vit"], "kwargs": dict(reversed(KD["deit_vit"]["kwargs"].items()))}}
+    for name in ("student", "hdkd", "deit_vit", "logit_kd"):
+        assert fingerprint(name, grown) == fingerprint(name, params), name  # more seeds or fractions: runs kept
+        # the same settings written in another order are the same inputs
+        assert fingerprint(name, quick_params(kd=reordered)) == fingerprint(name, params), name
+    # another kd method's entry edited: only that method's runs start again
+    assert fingerprint("logit_kd", quick_params(kd=deeper)) == fingerprint("logit_kd", params)
+    assert fingerprint("deit_vit", quick_params(kd=deeper)) != fingerprint("deit_vit", params)
