@@ -752,6 +752,8 @@ def test_the_feature_loss_distils_the_stages_and_weights_the_params_give(params)
         terms = {s: t.item() for s, t in feature.stage_losses(ones, zeros).items()}
         assert terms == {2: 1.0, 3: 4.0}
     assert sorted(aligned.projectors) == ["2", "3"]
+    batch = params.distill.model_copy(update={"kl_reduction": "batch"})  # the KL term's reduction, as given
+    assert build_criterion("hdkd", batch).logit.reduction == "batch"
 
 
 def test_the_step_budget_is_the_whole_splits_passes_in_one_process_unless_told_otherwise(tmp_path):
@@ -783,6 +785,9 @@ def test_a_runs_resume_fingerprint_ignores_what_cannot_change_its_result(stage_d
         assert fingerprint(name, grown) == fingerprint(name, params), name  # more seeds or fractions: runs kept
         # the same settings written in another order are the same inputs
         assert fingerprint(name, quick_params(kd=reordered)) == fingerprint(name, params), name
+    # the default run is the params' seed on the whole split
+    assert input_fingerprint("hdkd", params, stage_data) == input_fingerprint("hdkd", params, stage_data,
+                                                                              (params.seed, 1.0))
     # another kd method's entry edited: only that method's runs start again
     assert fingerprint("logit_kd", quick_params(kd=deeper)) == fingerprint("logit_kd", params)
     assert fingerprint("deit_vit", quick_params(kd=deeper)) != fingerprint("deit_vit", params)
