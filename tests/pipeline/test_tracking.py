@@ -149,7 +149,6 @@ def test_with_the_tracking_server_down_every_output_is_written(unreachable_track
     assert log.count("continuing without tracking") == len(TRACKED_STAGES), log
 
 
-
 def test_every_trained_model_is_registered_with_its_run(stage_runs, tracked_pipeline):
     client = mlflow_client(tracked_pipeline)
     for model in RUN:

@@ -238,7 +238,6 @@ def test_a_failed_run_is_never_marked_done_and_a_rerun_trains_only_the_others(wo
     assert outputs(paths) == outputs(local_teacher)
 
 
-
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     """``mlflow server`` on a loopback port (a SQLite backend, artifacts proxied into a directory); its URL."""

@@ -295,12 +295,14 @@ def stage_data(tmp_path):
     return StagePaths(balanced, prepared, tmp_path / "out", tmp_path / "metrics.json", tmp_path / "resume")
 
 
-def runtime(rank=0):
-    from types import SimpleNamespace
+def cpu_runtime(rank=0, world_size=1, **options):
+    """The engine's runtime on the CPU, as process ``rank`` of ``world_size`` (``options``: its other fields)."""
+    import torch
 
     from hdkd.infra.distributed import DistInfo
+    from hdkd.training.engine import Runtime
 
-    return SimpleNamespace(dist=DistInfo(rank=rank, world_size=rank + 1))
+    return Runtime(torch.device("cpu"), DistInfo(rank=rank, world_size=world_size), **options)
 
 
 def stored_image(root, index):
@@ -318,32 +320,34 @@ def test_full_data_trains_on_the_balanced_split_and_a_fraction_on_a_subset_of_th
 
     params = make_params()
     for run_key in (None, (0, 1.0), (3, 1.0)):
-        (train, val, classes), _ = training_data(params, stage_data, runtime(), run_key)
+        (train, val, classes), _ = training_data(params, stage_data, cpu_runtime(), run_key)
         assert train.split.root == stage_data.train and len(train) == 12, run_key
         assert val.split.root == stage_data.val and val.split.name == "val" and len(val) == 4
         assert classes == ["a", "b"]
-    (train, _, _), _ = training_data(params, stage_data, runtime(), (3, 0.5))
+    (train, _, _), _ = training_data(params, stage_data, cpu_runtime(), (3, 0.5))
     subset = training_subset(stage_data.val, params, 3, 0.5)
     assert train.split.root == stage_data.val and list(train.split.ids) == list(subset.ids)
     assert 0 < len(train) < 16
 
 
 def test_training_data_refuses_packs_of_another_image_size_or_other_classes(stage_data):
+    import re
     import shutil
 
     from hdkd.data.errors import DataError
     from hdkd.training.run import training_data
 
-    with pytest.raises(DataError, match=rf"{stage_data.train / 'train'}.* holds 32px images but data\.image_size is 64"):
-        training_data(make_params({"data": {"image_size": 64}}), stage_data, runtime())
+    train_split, val_split = (re.escape(str(p)) for p in (stage_data.train / "train", stage_data.val / "val"))
+    with pytest.raises(DataError, match=rf"{train_split}.* holds 32px images but data\.image_size is 64"):
+        training_data(make_params({"data": {"image_size": 64}}), stage_data, cpu_runtime())
     shutil.rmtree(stage_data.val / "val")
     write_packed_train(stage_data.val, ["v0", "v1"], size=16, name="val")  # the training split still 32 px
-    with pytest.raises(DataError, match=rf"{stage_data.val / 'val'}.* holds 16px images but data\.image_size is 32"):
-        training_data(make_params(), stage_data, runtime())
+    with pytest.raises(DataError, match=rf"{val_split}.* holds 16px images but data\.image_size is 32"):
+        training_data(make_params(), stage_data, cpu_runtime())
     shutil.rmtree(stage_data.val / "val")
     write_packed_train(stage_data.val, ["v0", "v1"], size=32, classes=("b", "a"), name="val")
     with pytest.raises(ValueError) as e:
-        training_data(make_params(), stage_data, runtime())
+        training_data(make_params(), stage_data, cpu_runtime())
     assert str(e.value) == (f"{stage_data.train} and {stage_data.val} disagree on the classes: rerun "
                             "`dvc repro balance`")
 
@@ -356,13 +360,14 @@ def test_each_augmentation_setting_gives_the_images_it_promises(stage_data):
 
     stored = stored_image(stage_data.train, 5)
     # no augmentation: the evaluation transform of the stored image, the same at every epoch, no batch hook
-    (train, _, _), hook = training_data(make_params({"augment": {"enabled": False}}), stage_data, runtime(), (3, 1.0))
+    plain = make_params({"augment": {"enabled": False}})
+    (train, _, _), hook = training_data(plain, stage_data, cpu_runtime(), (3, 1.0))
     assert hook is None and torch.equal(train[5][0], eval_transform()(stored))
     train.set_epoch(1)
     assert torch.equal(train[5][0], eval_transform()(stored)) and train[5][1].item() == 1
     # batched: the stored uint8 images, augmented on the device by a hook drawing from the run's seed and the rank
     batched = make_params({"augment": {"batched": True}})
-    (train, _, _), hook = training_data(batched, stage_data, runtime(rank=1), (3, 1.0))
+    (train, _, _), hook = training_data(batched, stage_data, cpu_runtime(1, 2), (3, 1.0))
     assert train[5][0].dtype == torch.uint8 and torch.equal(train[5][0], stored)
     batch = torch.stack([train[i][0] for i in range(4)])
     assert torch.equal(hook(batch), BatchAugment(batched.augment, 3, 1)(batch))
@@ -370,8 +375,8 @@ def test_each_augmentation_setting_gives_the_images_it_promises(stage_data):
     assert not torch.equal(hook(batch), BatchAugment(batched.augment, 1, 1)(batch))
     # image by image: augmented in the loader, the draws the run's seed's (another seed, other images)
     per_image = make_params({"augment": {"batched": False}})
-    images = {seed: training_data(per_image, stage_data, runtime(), (seed, 1.0))[0][0][5][0] for seed in (0, 3)}
-    again, hook = training_data(per_image, stage_data, runtime(), (3, 1.0))
+    images = {s: training_data(per_image, stage_data, cpu_runtime(), (s, 1.0))[0][0][5][0] for s in (0, 3)}
+    again, hook = training_data(per_image, stage_data, cpu_runtime(), (3, 1.0))
     assert hook is None and images[3].dtype == torch.float32
     assert torch.equal(again[0][5][0], images[3]) and not torch.equal(images[0], images[3])
 
@@ -387,7 +392,7 @@ def train_run_calls(monkeypatch):
 
     def make_runtime(params, device, dist):
         calls["device"] = device
-        return runtime()
+        return cpu_runtime()
 
     def run_training(*args, **kwargs):
         calls["args"], calls["kwargs"] = args, kwargs
@@ -478,6 +483,22 @@ def fit_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def wrapped(monkeypatch):
+    """hdkd.training.run's DistributedDataParallel recorded (module, device_ids, find_unused_parameters) and the
+    module handed on unwrapped: no process group is needed."""
+    from hdkd.training import run
+
+    calls = []
+
+    def ddp(module, device_ids, find_unused_parameters):
+        calls.append((module, device_ids, find_unused_parameters))
+        return module
+
+    monkeypatch.setattr(run, "DistributedDataParallel", ddp)
+    return calls
+
+
 def quick_params(**change):
     return make_params({"tracking": {"enabled": False}, "kd": KD} | change)
 
@@ -511,17 +532,15 @@ def test_every_module_of_a_run_lives_on_the_runs_device(fit_calls, stage_data, t
 def test_a_run_hands_the_loop_a_channels_last_and_a_compiled_network_when_asked(fit_calls, stage_data):
     import torch
 
-    from hdkd.training.engine import Runtime
     from hdkd.training.run import run_training
 
-    run_training("student", quick_params(), stage_data, (None, None, ["a", "b"]), Runtime(torch.device("cpu")))
+    run_training("student", quick_params(), stage_data, (None, None, ["a", "b"]), cpu_runtime())
     plain = fit_calls["model"]
     assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
     conv = next(m.weight for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
     assert not conv.is_contiguous(memory_format=torch.channels_last)
     params = quick_params(train={"compile": True})
-    run_training("student", params, stage_data, (None, None, ["a", "b"]), Runtime(torch.device("cpu"),
-                                                                                  channels_last=True))
+    run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu_runtime(channels_last=True))
     compiled = fit_calls["model"]  # torch.compile wraps lazily: nothing is compiled before a forward pass
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     conv = next(m.weight for m in compiled._orig_mod.modules() if isinstance(m, torch.nn.Conv2d))
@@ -530,13 +549,11 @@ def test_a_run_hands_the_loop_a_channels_last_and_a_compiled_network_when_asked(
 
 def test_feature_distillation_refuses_a_teacher_of_other_maps_and_logit_distillation_takes_it(
         fit_calls, stage_data, teacher_file):
-    import torch
 
-    from hdkd.training.engine import Runtime
     from hdkd.training.run import run_training
 
     params = quick_params(model={"stem_stride": 4})  # the student's maps half the teacher's
-    paths, cpu = with_teacher(stage_data, teacher_file), Runtime(torch.device("cpu"))
+    paths, cpu = with_teacher(stage_data, teacher_file), cpu_runtime()
     with pytest.raises(ValueError, match=r"stage 1 maps are .* teacher and student need the same image size"):
         run_training("hdkd", params, paths, (None, None, ["a", "b"]), cpu)
     assert "model" not in fit_calls  # refused before training
@@ -546,16 +563,14 @@ def test_feature_distillation_refuses_a_teacher_of_other_maps_and_logit_distilla
 
 def test_a_run_registers_its_model_unless_told_not_to_and_its_model_file_holds_its_summary(
         fit_calls, stage_data, monkeypatch):
-    import torch
 
     from hdkd.models.checkpoint import load_model
     from hdkd.training import run
-    from hdkd.training.engine import Runtime
 
     registered = []
     real = run.track_run
     monkeypatch.setattr(run, "track_run", lambda *a: registered.append(a[-1]) or real(*a))
-    params, cpu = quick_params(), Runtime(torch.device("cpu"))
+    params, cpu = quick_params(), cpu_runtime()
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu)
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]), cpu, register=False)
     assert registered == [True, False]
@@ -586,21 +601,12 @@ def test_a_registered_runs_curves_name_the_model_as_the_report_does(params, tmp_
 
 
 def test_under_several_processes_the_loop_gets_a_ddp_network_told_of_a_head_without_gradient(
-        fit_calls, stage_data, teacher_file, monkeypatch):
+        fit_calls, wrapped, stage_data, teacher_file):
     import torch
 
-    from hdkd.infra.distributed import DistInfo
     from hdkd.training import run
-    from hdkd.training.engine import Runtime
 
-    wrapped = []
-
-    def ddp(module, device_ids, find_unused_parameters):
-        wrapped.append((module, device_ids, find_unused_parameters))
-        return module
-
-    monkeypatch.setattr(run, "DistributedDataParallel", ddp)
-    rank0 = Runtime(torch.device("cpu"), DistInfo(rank=0, world_size=2))
+    rank0 = cpu_runtime(0, 2)
     paths = with_teacher(stage_data, teacher_file)
     # the student alone, HDKD's soft distillation (both heads trained), HDKD with no logit distillation (the
     # distillation head gets no gradient: DDP must be told, or it waits for that gradient forever)
@@ -610,20 +616,17 @@ def test_under_several_processes_the_loop_gets_a_ddp_network_told_of_a_head_with
         module, device_ids, find_unused = wrapped.pop()
         assert isinstance(module, torch.nn.Module) and module is fit_calls["model"], (name, change)
         assert device_ids is None and find_unused is unused, (name, change)
-    run.run_training("student", quick_params(), paths, (None, None, ["a", "b"]), Runtime(torch.device("cpu")))
+    run.run_training("student", quick_params(), paths, (None, None, ["a", "b"]), cpu_runtime())
     assert wrapped == []  # one process: no wrapper
 
 
 class RecordingRunTracker(RecordingTracker):
     """A Tracker that records how a run opens it and what it logs (an MLflow run id only when tracking is on)."""
 
-    opened = []
-
     def __init__(self, tracking, params, stage, **kwargs):
         super().__init__()
         self.tracking, self.stage, self.kwargs = tracking, stage, kwargs
         self.run_id = "run-1" if tracking.enabled else None
-        RecordingRunTracker.opened.append(self)
 
     def __enter__(self):
         return self
@@ -639,20 +642,19 @@ class RecordingRunTracker(RecordingTracker):
 def tracker(monkeypatch):
     from hdkd.training import run
 
-    RecordingRunTracker.opened = []
-    monkeypatch.setattr(run, "Tracker", RecordingRunTracker)
-    return RecordingRunTracker.opened
+    opened = []
+    monkeypatch.setattr(run, "Tracker", lambda *args, **kwargs: opened.append(RecordingRunTracker(*args, **kwargs))
+                        or opened[-1])
+    return opened
 
 
 def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_name(
         fit_calls, tracker, stage_data, tmp_path, monkeypatch):
-    import torch
 
     from hdkd.evidence import plots
     from hdkd.models.checkpoint import load_model
     from hdkd.roster import roster_entry
     from hdkd.training import run
-    from hdkd.training.engine import Runtime
 
     params = quick_params(tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                           train={"batch_size": 4, "eval_batch_size": 9, "grad_clip": 1.5, "log_every": 7})
@@ -663,7 +665,7 @@ def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_
     assert fingerprint != run.input_fingerprint("student", params, stage_data)  # the default run's
     stage_data.resume_dir.mkdir()
     write_json(stage_data.resume_dir / run.MLFLOW_RUN, {"fingerprint": fingerprint, "run_id": "killed-run"})
-    result = run.run_training("student", params, stage_data, datasets, Runtime(torch.device("cpu")), hook, (3, 0.5))
+    result = run.run_training("student", params, stage_data, datasets, cpu_runtime(), hook, (3, 0.5))
 
     s = fit_calls["settings"]
     assert (s.optim, s.seed, s.batch_size, s.eval_batch_size, s.grad_clip, s.log_every) == (
@@ -698,18 +700,14 @@ def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_
 
 
 def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept(
-        fit_calls, tracker, stage_data, tmp_path, monkeypatch):
-    import torch
+        fit_calls, wrapped, tracker, stage_data, tmp_path):
 
-    from hdkd.infra.distributed import DistInfo
     from hdkd.training import run
-    from hdkd.training.engine import Runtime
 
-    monkeypatch.setattr(run, "DistributedDataParallel", lambda module, **kwargs: module)
     params = quick_params(tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     stage_data.resume_dir.mkdir()
     (stage_data.resume_dir / "last.pt").write_bytes(b"rank 0 writes it")
-    rank1 = Runtime(torch.device("cpu"), DistInfo(rank=1, world_size=2))
+    rank1 = cpu_runtime(1, 2)
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]), rank1)
     (opened,) = tracker
     assert not opened.tracking.enabled and opened.kwargs["extra_tags"]["hdkd.world_size"] == "2"
@@ -719,20 +717,17 @@ def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept
     assert (stage_data.resume_dir / "last.pt").is_file()
 
 
-def test_under_several_processes_the_step_budget_counts_the_steps_of_each_process(fit_calls, stage_data, monkeypatch):
-    import torch
+def test_under_several_processes_the_step_budget_counts_the_steps_of_each_process(fit_calls, wrapped, stage_data):
 
-    from hdkd.infra.distributed import DistInfo
     from hdkd.training import run
-    from hdkd.training.engine import Runtime, steps_per_epoch
+    from hdkd.training.engine import steps_per_epoch
 
-    monkeypatch.setattr(run, "DistributedDataParallel", lambda module, **kwargs: module)
     params = quick_params(train={"batch_size": 4})
     # 12 balanced images, 4 a step: 3 steps a pass in one process; in three, each takes its 4 images in batches of
     # 4 // 3 = 1: 4 steps
     assert (steps_per_epoch(12, 4), steps_per_epoch(12, 4, 3)) == (3, 4)
     run.run_training("student", params, stage_data, (None, None, ["a", "b"]),
-                     Runtime(torch.device("cpu"), DistInfo(rank=0, world_size=3)), run=(0, 0.5))
+                     cpu_runtime(0, 3), run=(0, 0.5))
     assert fit_calls["settings"].total_steps == params.student.epochs * 4
 
 
