@@ -102,13 +102,19 @@ def load_trained(path: str | Path, classes: Sequence[str], image_size: int,
     return model, meta
 
 
+def resume_paths(resume_dir: str | Path) -> tuple[Path, Path]:
+    """The resume state's two files in ``resume_dir``: ``last.pt`` (the last finished epoch) and
+    ``best.pt`` (the best-so-far weights)."""
+    return Path(resume_dir) / "last.pt", Path(resume_dir) / "best.pt"
+
+
 def load_resume_state(resume_dir: str | Path, fingerprint: str,
                       map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
     """The resume state in ``resume_dir`` (``last.pt``, with the best-so-far weights of ``best.pt``
     under ``"best_state"``) if it exists, every file reads and it belongs to the same inputs;
     ``None`` otherwise (says why). A partly unreadable state is discarded whole: resuming without
     the best weights would lose the epoch selection made before the interruption."""
-    last_path, best_path = Path(resume_dir) / "last.pt", Path(resume_dir) / "best.pt"
+    last_path, best_path = resume_paths(resume_dir)
     if not last_path.is_file():
         return None
     try:

@@ -30,7 +30,7 @@ from hdkd.config import OptimConfig
 from hdkd.data.seeding import derive_seed
 from hdkd.infra.distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, same_on_all_ranks
 from hdkd.infra.torch_io import save_torch
-from hdkd.models.checkpoint import load_resume_state, unwrap
+from hdkd.models.checkpoint import load_resume_state, resume_paths, unwrap
 from hdkd.training.losses import HDKDLoss, LossParts
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
 
     last_path = best_path = None
     if resume_dir is not None:
-        last_path, best_path = Path(resume_dir) / "last.pt", Path(resume_dir) / "best.pt"
+        last_path, best_path = resume_paths(resume_dir)
         state = load_resume_state(resume_dir, settings.fingerprint, rt.device)
         if state is not None:
             net.load_state_dict(state["model"])

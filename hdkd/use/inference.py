@@ -148,7 +148,7 @@ def _load_mlflow(uri: str, device: torch.device | str) -> Classifier:
 
 def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """``uint8`` S x S x 3 RGB, decoded and resized as prepare packs images; raises
-    :class:`hdkd.data.UnreadableImage` (with the reason) for a file that is not a readable image."""
+    :class:`hdkd.data.errors.UnreadableImage` (with the reason) for a file that is not a readable image."""
     return load_resized(lambda: Image.open(path), image_size, str(path))
 
 
