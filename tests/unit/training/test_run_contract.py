@@ -549,7 +549,6 @@ def test_a_run_hands_the_loop_a_channels_last_and_a_compiled_network_when_asked(
 
 def test_feature_distillation_refuses_a_teacher_of_other_maps_and_logit_distillation_takes_it(
         fit_calls, stage_data, teacher_file):
-
     from hdkd.training.run import run_training
 
     params = quick_params(model={"stem_stride": 4})  # the student's maps half the teacher's
@@ -563,7 +562,6 @@ def test_feature_distillation_refuses_a_teacher_of_other_maps_and_logit_distilla
 
 def test_a_run_registers_its_model_unless_told_not_to_and_its_model_file_holds_its_summary(
         fit_calls, stage_data, monkeypatch):
-
     from hdkd.models.checkpoint import load_model
     from hdkd.training import run
 
@@ -643,14 +641,17 @@ def tracker(monkeypatch):
     from hdkd.training import run
 
     opened = []
-    monkeypatch.setattr(run, "Tracker", lambda *args, **kwargs: opened.append(RecordingRunTracker(*args, **kwargs))
-                        or opened[-1])
+
+    def open_tracker(*args, **kwargs):
+        opened.append(RecordingRunTracker(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(run, "Tracker", open_tracker)
     return opened
 
 
 def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_name(
         fit_calls, tracker, stage_data, tmp_path, monkeypatch):
-
     from hdkd.evidence import plots
     from hdkd.models.checkpoint import load_model
     from hdkd.roster import roster_entry
@@ -701,7 +702,6 @@ def test_a_run_hands_the_loop_its_settings_and_data_and_tracks_itself_under_its_
 
 def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept(
         fit_calls, wrapped, tracker, stage_data, tmp_path):
-
     from hdkd.training import run
 
     params = quick_params(tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
@@ -718,7 +718,6 @@ def test_another_rank_trains_only_no_tracking_no_files_and_its_resume_state_kept
 
 
 def test_under_several_processes_the_step_budget_counts_the_steps_of_each_process(fit_calls, wrapped, stage_data):
-
     from hdkd.training import run
     from hdkd.training.engine import steps_per_epoch
 
