@@ -2,7 +2,7 @@
 
 - :mod:`hdkd.report.build`: a report (tables, figures, model card, README) from a bundle, all of it or none;
 - :mod:`hdkd.report.tables`, :mod:`hdkd.report.figures`, :mod:`hdkd.report.readme`: its parts;
-- :mod:`hdkd.report.diagnostics`: how the models trained (loss terms, gradients, class shares per pass);
+- :mod:`hdkd.report.diagnostics`: how the models trained (loss terms, gradients, class shares per epoch);
 - :mod:`hdkd.report.model_card`: the HDKD student's model card;
 - :mod:`hdkd.report.ablations`: the ablation definitions, their DVC queue and their collection from MLflow;
 - :mod:`hdkd.report.revisions`: the bundle of a git commit or DVC experiment;

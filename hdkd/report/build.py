@@ -15,7 +15,7 @@
     figures/training_curves.png       loss and validation accuracy per epoch
     figures/per_class_f1.png          per-class F1 grouped by model
     figures/data_efficiency.png       accuracy and macro-F1 vs training fraction, mean ± std over seeds
-    figures/hdkd_loss_terms.png       HDKD's weighted loss terms, their trunk gradients, one-class share per pass
+    figures/hdkd_loss_terms.png       HDKD's weighted loss terms, their trunk gradients, one-class share per epoch
     figures/hdkd_loss_terms.csv       its loss terms and gradient norms per fraction and pass (a DVC plot)
     model_card.md                     the HDKD student's model card (:mod:`hdkd.report.model_card`)
     README.md                         index; dataset, git commit and params hash of the source

@@ -37,8 +37,8 @@ def _one_class_share(row: Mapping[str, Any]) -> float | None:
     return max(shares) if shares else None
 
 
-def passes_on_one_class(history: Sequence[Mapping[str, Any]]) -> int:
-    """Passes (epochs) whose validation predictions fall on one class (≥ :data:`ONE_CLASS_SHARE`)."""
+def epochs_on_one_class(history: Sequence[Mapping[str, Any]]) -> int:
+    """Epochs (validations) whose validation predictions fall on one class (≥ :data:`ONE_CLASS_SHARE`)."""
     return sum(1 for row in history if (_one_class_share(row) or 0.0) >= ONE_CLASS_SHARE)
 
 
@@ -51,16 +51,16 @@ def feature_to_ce_ratio(row: Mapping[str, Any]) -> float | None:
 
 
 def diagnostics_rows(bundle: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per model and fraction with histories: passes, passes on one class (mean over seeds), and for a
-    distilled model the trunk-gradient ratio feature / CE in the first and the last pass (mean over seeds)."""
+    """One row per model and fraction with histories: epochs, epochs on one class (mean over seeds), and for a
+    distilled model the trunk-gradient ratio feature / CE in the first and the last epoch (mean over seeds)."""
     rows = []
     for model in model_names(bundle):
         for fraction, histories in _histories(bundle, model).items():
             first = [r for h in histories if (r := feature_to_ce_ratio(h[0])) is not None]
             last = [r for h in histories if (r := feature_to_ce_ratio(h[-1])) is not None]
             rows.append({"model": model, "fraction": fraction, "seeds": len(histories),
-                         "passes": float(np.mean([len(h) for h in histories])),
-                         "passes_one_class": float(np.mean([passes_on_one_class(h) for h in histories])),
+                         "epochs": float(np.mean([len(h) for h in histories])),
+                         "epochs_one_class": float(np.mean([epochs_on_one_class(h) for h in histories])),
                          "ratio_first": float(np.mean(first)) if first else None,
                          "ratio_last": float(np.mean(last)) if last else None})
     return rows
@@ -76,12 +76,12 @@ def diagnosis_sentence(bundle: Mapping[str, Any], model: str = "hdkd", reference
     mine, theirs = rows[(model, f)], rows.get((reference, f))
     lam = bundle["params"].get("distill", {}).get("lambda")
     budget = bundle["params"].get("train", {}).get("budget", "epochs")
-    text = (f"In its first pass the feature-distillation terms (λ = {lam:g}) send {mine['ratio_first']:.0f}× the "
+    text = (f"In its first epoch the feature-distillation terms (λ = {lam:g}) send {mine['ratio_first']:.0f}× the "
             f"cross-entropy's gradient into HDKD's shared trunk ({mine['ratio_last']:.0f}× in its last); at "
-            f"{100 * f:g} % of the data HDKD predicts one class on validation in {mine['passes_one_class']:.1f} of its "
-            f"{mine['passes']:.0f} passes")
+            f"{100 * f:g} % of the data HDKD predicts one class on validation in {mine['epochs_one_class']:.1f} of its "
+            f"{mine['epochs']:.0f} epochs")
     if theirs is not None:
-        text += f", the student in {theirs['passes_one_class']:.1f} of {theirs['passes']:.0f}"
+        text += f", the student in {theirs['epochs_one_class']:.1f} of {theirs['epochs']:.0f}"
     return text + f" (mean over {mine['seeds']} seeds; {budget} budget)."
 
 
@@ -111,7 +111,7 @@ def loss_terms_rows(bundle: Mapping[str, Any], model: str = "hdkd") -> list[Sequ
 
 
 def loss_terms_figure(bundle: Mapping[str, Any], model: str = "hdkd") -> Figure | None:
-    """Per fraction (columns), mean over the seeds per pass: the weighted loss terms, the gradient norm each
+    """Per fraction (columns), mean over the seeds per epoch: the weighted loss terms, the gradient norm each
     sends into the trunk, and the largest share of validation predictions on one class (every model)."""
     by_fraction = _histories(bundle, model)
     if not _has_loss_terms(by_fraction):

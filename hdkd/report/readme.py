@@ -187,7 +187,7 @@ def readme(bundle: Mapping[str, Any], tables: Sequence[Table], figures: Sequence
            "not learn and gets no verdict):", "", *(f"- {line}" for line in sentences), ""]
           if sentences else []),
         *(["## How the models trained", "", diagnosis, "See the [training diagnostics](tables/training_diagnostics.md) "
-           "and [the loss terms per pass](figures/hdkd_loss_terms.png).", ""]
+           "and [the loss terms per epoch](figures/hdkd_loss_terms.png).", ""]
           if (diagnosis := diagnosis_sentence(bundle)) else []),
         "## Tables",
         "",

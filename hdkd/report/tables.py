@@ -197,27 +197,28 @@ def data_efficiency_table(bundle: Mapping[str, Any]) -> Table:
 
 BUDGET_NOTES = {  # which training budget made the curve (bundles older than train.budget: epochs)
     "steps": "Every fraction trained for the optimizer steps of the full-data run (train.budget: steps): a smaller "
-             "share takes more passes over its data, so the curve varies the data, not the training.",
+             "share takes more passes over its data, validated as often (once per epoch of the schedule), so the "
+             "curve varies the data, not the training.",
     "epochs": "Every fraction trained for the recipe's epochs over its own share (train.budget: epochs): a smaller "
               "share also took fewer optimizer steps, so the curve mixes less data with less training.",
 }
 
 
 def diagnostics_table(bundle: Mapping[str, Any]) -> Table | None:
-    """Per model and fraction, from the runs' histories: passes, passes spent on one class, trunk-gradient ratio."""
+    """Per model and fraction, from the runs' histories: epochs, epochs spent on one class, trunk-gradient ratio."""
     rows = diagnostics_rows(bundle)
     if not rows:
         return None
     run = roster(bundle["params"])
-    columns = ("Model", "Fraction (%)", "Seeds", "Passes", "Passes on one class",
-               "Trunk gradient feature / CE, first pass", "last pass")
-    cells = tuple((model_label(r["model"], run), f"{100 * r['fraction']:g}", str(r["seeds"]), fixed(r["passes"], 1),
-                   fixed(r["passes_one_class"], 1), fixed(r["ratio_first"], 1), fixed(r["ratio_last"], 1))
+    columns = ("Model", "Fraction (%)", "Seeds", "Epochs", "Epochs on one class",
+               "Trunk gradient feature / CE, first epoch", "last epoch")
+    cells = tuple((model_label(r["model"], run), f"{100 * r['fraction']:g}", str(r["seeds"]), fixed(r["epochs"], 1),
+                   fixed(r["epochs_one_class"], 1), fixed(r["ratio_first"], 1), fixed(r["ratio_last"], 1))
                   for r in rows)
-    note = (f"Means over the seeds. A pass is on one class when at least {100 * ONE_CLASS_SHARE:g} % of its "
+    note = (f"Means over the seeds. An epoch is on one class when at least {100 * ONE_CLASS_SHARE:g} % of its "
             "validation predictions are one class. The ratio is the summed gradient norms that the weighted "
             "feature-distillation terms send into the shared convolutional stages over the cross-entropy term's, "
-            "measured on probe batches of each pass (figures/hdkd_loss_terms.png).")
+            "measured on probe batches of each epoch (figures/hdkd_loss_terms.png).")
     return Table("training_diagnostics", "Training diagnostics", columns, cells, note)
 
 

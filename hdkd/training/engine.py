@@ -1,9 +1,10 @@
 """Training engine: the loop that fits a model with a loss on data, on a runtime.
 
 It knows nothing of params.yaml, paths of the pipeline or MLflow (:mod:`hdkd.training.stage` wires a stage).
-Model selection uses the validation split only. Each epoch ends with an atomic resume state
-(weights, optimiser, scheduler, scaler, history), and every random draw of an epoch is seeded from
-(seed, rank, epoch), so an interrupted run continues where it stopped and — on the CPU — ends with
+Model selection uses the validation split only, once per epoch of the schedule (under an equal-steps budget a
+smaller training set takes several passes per epoch). Each epoch ends with an atomic resume state
+(weights, optimiser, scheduler, scaler, history), and every random draw of a pass is seeded from
+(seed, rank, pass), so an interrupted run continues where it stopped and — on the CPU — ends with
 the same numbers. Runs as a plain process or under ``torchrun`` (DistributedDataParallel; rank 0
 writes resume states).
 """
@@ -96,6 +97,41 @@ def steps_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> int:
     return per_rank // local if num_samples // world >= local else math.ceil(per_rank / local)
 
 
+def validation_rounds(total_steps: int, steps_per_pass: int, epochs: int) -> list[range]:
+    """The passes over the training set between two validations, in order: each range ends with the first pass
+    that reaches the next of the schedule's ``epochs`` (one every ``total_steps / epochs`` optimizer steps), the
+    last with the run's last pass. Under an equal-steps budget a smaller training set takes more, shorter passes;
+    validating once per epoch of the schedule rather than once per pass gives every fraction as many
+    validations, checkpoints to select from and resume states (the best of 80 validations would flatter a tenth
+    of the data against the best of 8, and cost ten times the validation)."""
+    passes = math.ceil(total_steps / steps_per_pass)
+    rounds, first = [], 0
+    for number in range(passes):
+        done, before = min((number + 1) * steps_per_pass, total_steps), number * steps_per_pass
+        if done * epochs // total_steps > before * epochs // total_steps or number == passes - 1:
+            rounds.append(range(first, number + 1))
+            first = number + 1
+    return rounds
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The batches of consecutive passes over ``loader``, each pass set up by ``begin(pass number)`` as its first
+    batch is drawn (its seeds and data order); the consumer stops at its step budget."""
+
+    loader: DataLoader
+    numbers: range
+    begin: Callable[[int], None]
+
+    def __len__(self) -> int:
+        return len(self.numbers) * len(self.loader)
+
+    def __iter__(self):
+        for number in self.numbers:
+            self.begin(number)
+            yield from self.loader
+
+
 @dataclass
 class Runtime:
     """Where and how the loop runs."""
@@ -152,10 +188,11 @@ class FitData:
 
 @dataclass(frozen=True)
 class Epoch:
-    """One pass of :func:`train_one_epoch`: ``steps`` batches of ``loader`` (default: all of them), each through
-    ``batch_hook`` when given; ``desc`` names the pass in progress bars and log lines."""
+    """One epoch of :func:`train_one_epoch`: ``steps`` batches of ``loader`` (default: all of them; in :func:`fit`,
+    the :class:`Passes` between two validations), each through ``batch_hook`` when given; ``desc`` names the
+    epoch in progress bars and log lines."""
 
-    loader: DataLoader
+    loader: DataLoader | Passes
     desc: str = "train"
     steps: int | None = None
     batch_hook: Callable | None = None
@@ -322,8 +359,9 @@ def is_better(row: dict[str, float], best: dict[str, float] | None) -> bool:
 def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, settings: FitSettings,
         teacher: nn.Module | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Train ``model`` for ``settings.total_steps`` optimizer steps (default: ``settings.optim.epochs``
-    passes over ``data.train_set``), selecting on ``data.val_set`` after each pass; resumable from
-    ``settings.resume_dir``. ``on_epoch`` receives each epoch's row on rank 0.
+    passes over ``data.train_set``), selecting on ``data.val_set`` after each epoch of the schedule
+    (:func:`validation_rounds`); resumable from ``settings.resume_dir``. ``on_epoch`` receives each epoch's row
+    on rank 0.
 
     A loss with parameters of its own (aligned feature distillation's projectors) trains them with the model,
     in one process: they are in the optimizer and the resume state, not in the selected weights."""
@@ -350,20 +388,24 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
                          "DistributedDataParallel would not reduce its gradients")
     # The model's parameters first: a loss without parameters leaves the optimizer as it was.
     optimizer = build_optimizer(nn.ModuleList([net, criterion]) if loss_parameters else net, cfg)
-    steps_per_epoch = len(loader)
-    total_steps = settings.total_steps or cfg.epochs * steps_per_epoch
-    epochs_total = math.ceil(total_steps / steps_per_epoch)  # passes over the training set (the last may be cut)
+    steps_per_pass = len(loader)
+    total_steps = settings.total_steps or cfg.epochs * steps_per_pass
+    rounds = validation_rounds(total_steps, steps_per_pass, cfg.epochs)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    start_epoch = 0
+    start = 0
 
     last_path = best_path = None
     if resume_dir is not None:
         last_path, best_path = resume_paths(resume_dir)
         state = load_resume_state(resume_dir, settings.fingerprint, rt.device)
+        if state is not None and not (0 < state["epoch"] <= len(rounds)
+                                      and state.get("passes") == rounds[state["epoch"] - 1].stop):
+            log.info("resume state %s was saved at another point of the run's passes; starting afresh", last_path)
+            state = None
         if state is not None:
             net.load_state_dict(state["model"])
             if loss_parameters:
@@ -371,32 +413,36 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            history, best, start_epoch = state["history"], state["best"], state["epoch"]
+            history, best, start = state["history"], state["best"], state["epoch"]
             best_state = state["best_state"]
             if rt.dist.is_main:
-                log.info("resuming from epoch %d of %d (%s)", start_epoch, epochs_total, last_path)
+                log.info("resuming from epoch %d of %d (%s)", start, len(rounds), last_path)
         # Only rank 0 writes resume states: on nodes that do not share the directory, the other
         # ranks would start afresh beside it and the run would hang or diverge.
-        if not same_on_all_ranks(start_epoch, rt.dist, rt.device):
+        if not same_on_all_ranks(start, rt.dist, rt.device):
             raise RuntimeError(f"the ranks found different resume states in {resume_dir}: it must be on a file "
                                "system that every node shares (or remove it on every node to start afresh)")
 
-    epochs = tqdm(range(start_epoch, epochs_total), desc=desc, initial=start_epoch, total=epochs_total,
-                  disable=None if rt.progress else True, dynamic_ncols=True)
-    for epoch in epochs:
-        # Every random draw of an epoch depends only on (seed, rank, epoch): dropout here, the data
+    def begin_pass(number: int) -> None:
+        # Every random draw of a pass depends only on (seed, rank, pass): dropout here, the data
         # order in the sampler, augmentation per sample or per batch. So each rank has its own streams
         # and a resumed run draws what an uninterrupted one would, with no RNG state to save.
-        torch.manual_seed(derive_seed(seed, rt.dist.rank, epoch))
-        sampler.set_epoch(epoch)
+        torch.manual_seed(derive_seed(seed, rt.dist.rank, number))
+        sampler.set_epoch(number)
         for part in (train_set, batch_hook):
             if hasattr(part, "set_epoch"):
-                part.set_epoch(epoch)
+                part.set_epoch(number)
+
+    epochs = tqdm(range(start, len(rounds)), desc=desc, initial=start, total=len(rounds),
+                  disable=None if rt.progress else True, dynamic_ncols=True)
+    for epoch in epochs:
+        passes = rounds[epoch]
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        this_pass = Epoch(loader, f"{desc} {epoch + 1}/{epochs_total}",
-                          min(steps_per_epoch, total_steps - epoch * steps_per_epoch), batch_hook)
-        row |= train_one_epoch(model, criterion, Optimisation(optimizer, scheduler, scaler), this_pass, rt, settings,
-                               teacher)
+        this_epoch = Epoch(Passes(loader, passes, begin_pass), f"{desc} {epoch + 1}/{len(rounds)}",
+                           min(passes.stop * steps_per_pass, total_steps) - passes.start * steps_per_pass,
+                           batch_hook)
+        row |= train_one_epoch(model, criterion, Optimisation(optimizer, scheduler, scaler), this_epoch, rt,
+                               settings, teacher)
         broadcast_buffers(net, rt.dist)
         row |= validate(net, val_loader, rt, settings.class_names)
         history.append(row)
@@ -406,15 +452,15 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if rt.dist.is_main:
             log.info("%s epoch %d/%d  loss %.4f  train acc %.3f  val loss %.4f  val acc %.3f  lr %.2e  %.0f img/s%s",
-                     desc, row["epoch"], epochs_total, row["train_loss"], row["train_accuracy"], row["val_loss"],
+                     desc, row["epoch"], len(rounds), row["train_loss"], row["train_accuracy"], row["val_loss"],
                      row["val_accuracy"], row["lr"], row["images_per_s"], "  *best" if improved else "")
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", best=f"{best['val_accuracy']:.3f}")
         if rt.dist.is_main and resume_dir is not None:
             if improved:  # before last.pt: a resume state never points at a missing best
                 save_torch(best_path, best_state)
             save_torch(last_path, {
-                "fingerprint": settings.fingerprint, "epoch": epoch + 1, "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "fingerprint": settings.fingerprint, "epoch": epoch + 1, "passes": passes.stop,
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "history": history, "best": best,
                 **({"criterion": criterion.state_dict()} if loss_parameters else {}),
             })
@@ -423,5 +469,5 @@ def fit(model: nn.Module, criterion: HDKDLoss, data: FitData, rt: Runtime, setti
         barrier(rt.dist)
 
     net.load_state_dict(best_state)
-    return FitResult(history, best["epoch"], best, start_epoch)
+    return FitResult(history, best["epoch"], best, start)
 

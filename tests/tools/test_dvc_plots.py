@@ -148,7 +148,7 @@ def test_every_chart_of_the_stages_files_has_data_and_every_model(tmp_path, monk
 
     shown = show_json(repo)
     assert chart_problems(shown, model_names(bundle)) == []
-    loss_terms = shown["data"]["HDKD weighted loss terms per pass (mean over seeds, log scale)"][0]["content"]
+    loss_terms = shown["data"]["HDKD weighted loss terms per epoch (mean over seeds, log scale)"][0]["content"]
     assert {v["term"] for v in loss_terms["data"]["values"]} == {"ce", "kd", "feature_stage3"}
 
     # The check finds a chart that misses a model, and one without a value to draw.

@@ -11,10 +11,10 @@ from hdkd.report.build import build_report
 from hdkd.report.diagnostics import (
     diagnosis_sentence,
     diagnostics_rows,
+    epochs_on_one_class,
     feature_to_ce_ratio,
     loss_terms_figure,
     loss_terms_rows,
-    passes_on_one_class,
 )
 from hdkd.report.tables import diagnostics_table
 from tests.helpers.params import make_params
@@ -30,7 +30,7 @@ def row(epoch, majority_share, ce_grad=None, feature_grads=()):
 
 
 def with_histories(bundle):
-    """``bundle`` whose HDKD runs collapse for 2 of 3 passes at fraction 0.1 (feature / CE 100 then 10), and
+    """``bundle`` whose HDKD runs collapse for 2 of 3 epochs at fraction 0.1 (feature / CE 100 then 10), and
     whose students collapse for 1 pass; other runs have no history (an older pipeline's)."""
     bundle = copy.deepcopy(bundle)
     for run in bundle["models"]["hdkd"]["runs"]:
@@ -44,7 +44,7 @@ def with_histories(bundle):
 
 
 def test_a_pass_is_on_one_class_from_its_largest_prediction_share():
-    assert passes_on_one_class([row(1, 1.0), row(2, 0.95), row(3, 0.949), row(4, 0.2)]) == 2
+    assert epochs_on_one_class([row(1, 1.0), row(2, 0.95), row(3, 0.949), row(4, 0.2)]) == 2
     assert feature_to_ce_ratio(row(1, 1.0, 0.5, (10, 20, 20))) == pytest.approx(100.0)
     assert feature_to_ce_ratio(row(1, 1.0, 0.5)) is None  # a model trained alone has no feature term
     assert feature_to_ce_ratio(row(1, 1.0)) is None  # an older history: no probes
@@ -55,12 +55,12 @@ def test_rows_and_the_sentence_say_how_long_hdkd_sat_on_one_class(bundle):
     rows = {(r["model"], r["fraction"]): r for r in diagnostics_rows(b)}
     assert set(rows) == {("hdkd", 0.1), ("student", 0.1)}  # only the runs that carry a history
     hdkd = rows[("hdkd", 0.1)]
-    assert hdkd["seeds"] == 3 and hdkd["passes"] == 3 and hdkd["passes_one_class"] == 2
+    assert hdkd["seeds"] == 3 and hdkd["epochs"] == 3 and hdkd["epochs_one_class"] == 2
     assert hdkd["ratio_first"] == pytest.approx(100.0) and hdkd["ratio_last"] == pytest.approx(10.0)
-    assert rows[("student", 0.1)]["passes_one_class"] == 1 and rows[("student", 0.1)]["ratio_first"] is None
+    assert rows[("student", 0.1)]["epochs_one_class"] == 1 and rows[("student", 0.1)]["ratio_first"] is None
     sentence = diagnosis_sentence(b)
     assert "send 100× the cross-entropy's gradient" in sentence and "(10× in its last)" in sentence
-    assert "at 10 % of the data HDKD predicts one class on validation in 2.0 of its 3 passes" in sentence
+    assert "at 10 % of the data HDKD predicts one class on validation in 2.0 of its 3 epochs" in sentence
     assert "the student in 1.0 of 3" in sentence and "λ = 10" in sentence
     table = diagnostics_table(b)
     assert table.name == "training_diagnostics" and ("HDKD", "10", "3", "3.0", "2.0", "100.0", "10.0") in table.rows

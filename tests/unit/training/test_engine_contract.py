@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hdkd.training.engine import FitData, FitSettings, build_optimizer, fit, lr_at, probe_steps
+from hdkd.training.engine import FitData, FitSettings, build_optimizer, fit, lr_at, probe_steps, validation_rounds
 from hdkd.training.run import build_criterion
 from tests.helpers.fit import CPU
 from tests.helpers.params import section
@@ -91,10 +91,42 @@ def test_a_partial_last_batch_is_dropped_when_a_full_batch_fits():
     assert seen == [3, 3]  # no full batch fits: the one partial batch is the pass
 
 
-def test_a_step_budget_takes_exactly_its_steps_the_last_pass_cut_short():
+def test_a_step_budget_takes_exactly_its_steps_the_last_pass_cut_short_validated_once_per_schedule_epoch():
     result, rows, seen = run_fit(Linear(), data(12), data(6, seed=1), cfg(epochs=1), batch_size=4, total_steps=8)
-    assert len(seen) == 8 and [r["epoch"] for r in rows] == [1, 2, 3]  # 3 + 3 + 2 steps
-    assert len(result.history) == 3
+    assert len(seen) == 8 and [r["epoch"] for r in rows] == [1]  # 3 + 3 + 2 steps, one epoch of the schedule
+    assert len(result.history) == 1
+    # two epochs of 4 steps: the first ends in the second pass, which the first validation follows
+    _, rows, seen = run_fit(Linear(), data(12), data(6, seed=1), cfg(epochs=2), batch_size=4, total_steps=8)
+    assert len(seen) == 8 and [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["images_per_s"] == pytest.approx(6 * 4 / rows[0]["epoch_time_s"])  # its row: both passes
+    assert rows[1]["images_per_s"] == pytest.approx(2 * 4 / rows[1]["epoch_time_s"])
+
+
+@pytest.mark.parametrize(("total", "per_pass", "epochs", "rounds"), [
+    (9, 3, 3, [[0], [1], [2]]),                     # whole data: one pass per epoch, as without a budget
+    (9, 1, 3, [[0, 1, 2], [3, 4, 5], [6, 7, 8]]),   # a third of it: three passes per epoch
+    (8, 3, 2, [[0, 1], [2]]),                       # the epoch ends mid-pass: validated after that pass
+    (8, 3, 4, [[0], [1], [2]]),                     # a pass past two epochs' ends: one validation
+    (7, 2, 3, [[0, 1], [2], [3]]),                  # epochs end at steps 7/3, 14/3, 7: after steps 4, 6, 7
+    (5, 7, 3, [[0]]),                               # a budget shorter than a pass
+])
+def test_validation_follows_the_first_pass_reaching_each_epoch_of_the_schedule(total, per_pass, epochs, rounds):
+    assert [list(r) for r in validation_rounds(total, per_pass, epochs)] == rounds
+
+
+def test_an_epoch_of_several_passes_reports_the_loss_and_accuracy_of_all_its_batches():
+    model, captured = Linear(), []
+    model.register_forward_hook(lambda m, args, out: captured.append((out[0].detach(), args[0])) if m.training
+                                else None)
+    train = data(4)  # one batch per pass: 3 passes per epoch of the schedule
+    labels_of = {tuple(x.tolist()): int(y) for x, y in zip(*train.tensors, strict=True)}
+    _, rows, seen = run_fit(model, train, data(6, seed=1), cfg(epochs=2), batch_size=4, grad_probes=0, total_steps=6)
+    assert seen == [4] * 6 and len(rows) == 2
+    for row, batches in zip(rows, [captured[:3], captured[3:]], strict=True):
+        logits = torch.cat([b[0] for b in batches])
+        labels = torch.tensor([labels_of[tuple(x.tolist())] for b in batches for x in b[1]])
+        assert row["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+        assert row["train_accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
 
 
 def test_each_row_names_the_learning_rate_its_pass_began_with():
@@ -103,8 +135,8 @@ def test_each_row_names_the_learning_rate_its_pass_began_with():
     _, rows, _ = run_fit(Linear(), data(12), data(6, seed=1), optim, batch_size=4)
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(optim, e) for e in range(4)], rel=1e-9)
     _, rows, _ = run_fit(Linear(), data(12), data(6, seed=1), optim, batch_size=4, total_steps=24)
-    # under a budget of 24 steps the 4 epochs of the schedule span 24 steps, 6 passes of 3
-    assert [r["lr"] for r in rows] == pytest.approx([lr_at(optim, 4 * 3 * e / 24) for e in range(8)], rel=1e-9)
+    # under a budget of 24 steps the 4 epochs of the schedule span 24 steps, 8 passes of 3, two per row
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(optim, e) for e in range(4)], rel=1e-9)
 
 
 def test_the_fit_returns_the_weights_of_the_best_validation_pass_accuracy_first_then_loss():

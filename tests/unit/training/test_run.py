@@ -131,6 +131,26 @@ def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
     assert result.resumed_from == 0 and "starting afresh" in caplog.text
 
 
+def test_a_resume_state_saved_at_another_point_of_the_passes_is_ignored(tmp_path, caplog):
+    # A state whose epoch ended after other passes than this run's (saved by an engine that validated after
+    # every pass, with no record of its passes) would resume the schedule at the wrong step.
+    from hdkd.infra.torch_io import load_torch, save_torch
+
+    train, val, cfg = toy_split(16), toy_split(16, seed=1), teacher_cfg(epochs=2)
+    settings = FitSettings(cfg, seed=0, batch_size=16, total_steps=4, resume_dir=tmp_path, fingerprint="f")
+    with pytest.raises(KeyboardInterrupt):
+        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val), CPU,
+            settings, on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt))
+    state = load_torch(tmp_path / "last.pt")
+    assert (state["epoch"], state["passes"]) == (1, 2)  # one step per pass, two passes per epoch
+    save_torch(tmp_path / "last.pt", {k: v for k, v in state.items() if k != "passes"})
+    with caplog.at_level(logging.INFO):
+        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg),
+                     FitData(train, val), CPU, settings)
+    assert result.resumed_from == 0 and "another point of the run's passes" in caplog.text
+    assert len(result.history) == 2
+
+
 def test_a_corrupt_best_checkpoint_is_discarded_with_the_rest_of_the_resume_state(tmp_path, caplog):
     train, val = toy_split(32), toy_split(16, seed=1)
 
@@ -228,9 +248,10 @@ def test_a_step_budget_trains_every_set_size_for_the_same_optimizer_steps():
                      FitSettings(cfg, seed=0, batch_size=16, total_steps=12),
                      on_epoch=lambda row, lrs=lrs: lrs.append(row["lr"]))
         seen[n] = (len(steps), len(result.history), lrs)
-    assert seen[64][:2] == (12, 3) and seen[16][:2] == (12, 12)  # the same steps; more, shorter passes
-    # The schedule runs over the steps, not the passes: the same learning rate at the same step.
-    assert seen[16][2][::4] == pytest.approx(seen[64][2])
+    # The same steps; more, shorter passes, validated as often: once per epoch of the schedule.
+    assert seen[64][:2] == (12, 3) and seen[16][:2] == (12, 3)
+    # The schedule runs over the steps, not the passes: each epoch begins with the same learning rate.
+    assert seen[16][2] == pytest.approx(seen[64][2])
     # Without a budget: the recipe's epochs over the set itself.
     torch.manual_seed(0)
     result = fit(create_model("student_tiny", 3, image_size=32), build_criterion("student", cfg), FitData(toy_split(16), val),
@@ -238,9 +259,10 @@ def test_a_step_budget_trains_every_set_size_for_the_same_optimizer_steps():
     assert len(result.history) == 3
 
 
-def test_a_step_budget_stops_mid_pass_and_resumes_to_the_same_weights(tmp_path):
-    cfg = teacher_cfg(epochs=1)
-    train, val = toy_split(48), toy_split(16, seed=1)
+@pytest.mark.parametrize("images", [48, 16], ids=["passes-of-3-steps", "passes-of-1-step"])
+def test_a_step_budget_stops_mid_pass_and_resumes_to_the_same_weights(images, tmp_path):
+    cfg = teacher_cfg(epochs=3)
+    train, val = toy_split(images), toy_split(16, seed=1)
 
     def run(resume_dir, stop_after=None):
         torch.manual_seed(0)
@@ -254,7 +276,9 @@ def test_a_step_budget_stops_mid_pass_and_resumes_to_the_same_weights(tmp_path):
         return fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU, settings, on_epoch=stop), model
 
     whole, model = run(None)
-    assert len(whole.history) == 3  # 3 + 3 + 1 steps
+    # 7 steps, an epoch of the schedule every 7/3: validated after passes 1, 2, 3 of 3 + 3 + 1 steps, or after
+    # passes 3, 5, 7 of one step each (the rows a kill after the second leaves span several passes)
+    assert len(whole.history) == 3
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, stop_after=2)
     resumed, model2 = run(tmp_path)
