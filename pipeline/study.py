@@ -1,6 +1,6 @@
 """The study profile: the pipeline under ``params/study.yaml``, run on the committed code, into ``reports/study/``.
 
-    python -m pipeline.study                  # params/study.yaml -> reports/study/ (46 minutes on 2 CPU cores)
+    python -m pipeline.study                  # params/study.yaml -> reports/study/ (40 minutes on 2 CPU cores)
     python -m pipeline.study --overlay params/my-study.yaml --out reports/my-study
     dvc repro report                          # rebuilds reports/study/'s tables and figures from its bundle
 
