@@ -28,8 +28,11 @@ def toy_split(n, classes=3, size=32, seed=0) -> TensorDataset:
 
 def interruptible_fit(make_model: Callable[[], nn.Module], criterion: str, cfg: OptimConfig, train, val, *,
                       seed: int, resume_dir: Path | None, stop_after: int | None = None,
-                      fingerprint: str = "f") -> tuple[FitResult, nn.Module]:
-    """Fit a model made after ``torch.manual_seed(0)``; raise ``KeyboardInterrupt`` after epoch ``stop_after``."""
+                      fingerprint: str = "f", total_steps: int | None = None) -> tuple[FitResult, nn.Module]:
+    """Fit a model made after ``torch.manual_seed(0)``; raise ``KeyboardInterrupt`` after epoch ``stop_after``.
+
+    ``total_steps``: the run's step budget (``train.budget: steps``), None for the configured epochs.
+    """
     torch.manual_seed(0)
     model = make_model()
 
@@ -37,7 +40,8 @@ def interruptible_fit(make_model: Callable[[], nn.Module], criterion: str, cfg: 
         if row["epoch"] == stop_after:
             raise KeyboardInterrupt
 
-    settings = FitSettings(cfg, seed=seed, batch_size=16, resume_dir=resume_dir, fingerprint=fingerprint)
+    settings = FitSettings(cfg, seed=seed, batch_size=16, total_steps=total_steps, resume_dir=resume_dir,
+                           fingerprint=fingerprint)
     return fit(model, build_criterion(criterion, cfg), FitData(train, val), CPU, settings, on_epoch=stop), model
 
 

@@ -25,6 +25,10 @@ from tests.helpers.fit import CPU, interruptible_fit, toy_split
 from tests.helpers.params import make_params, section
 
 
+def tiny_teacher():
+    return create_model("teacher_tiny", 3, image_size=32)
+
+
 def teacher_cfg(epochs=3, **kw):
     return section("teacher", epochs=epochs, optimizer="adam", lr=3e-3, **kw)
 
@@ -106,7 +110,7 @@ def test_a_resumed_fit_keeps_the_best_epoch_from_before_the_interruption(tmp_pat
     cfg = teacher_cfg(epochs=4)
 
     def run(resume_dir, stop_after=None):
-        return interruptible_fit(lambda: create_model("teacher_tiny", 3, image_size=32), "teacher", cfg, train, val,
+        return interruptible_fit(tiny_teacher, "teacher", cfg, train, val,
                                  seed=0, resume_dir=resume_dir, stop_after=stop_after)
 
     straight, straight_model = run(None)
@@ -137,16 +141,15 @@ def test_a_resume_state_saved_at_another_point_of_the_passes_is_ignored(tmp_path
     from hdkd.infra.torch_io import load_torch, save_torch
 
     train, val, cfg = toy_split(16), toy_split(16, seed=1), teacher_cfg(epochs=2)
-    settings = FitSettings(cfg, seed=0, batch_size=16, total_steps=4, resume_dir=tmp_path, fingerprint="f")
     with pytest.raises(KeyboardInterrupt):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val), CPU,
-            settings, on_epoch=lambda row: (_ for _ in ()).throw(KeyboardInterrupt))
+        interruptible_fit(tiny_teacher, "teacher", cfg, train, val,
+                          seed=0, resume_dir=tmp_path, stop_after=1, total_steps=4)
     state = load_torch(tmp_path / "last.pt")
     assert (state["epoch"], state["passes"]) == (1, 2)  # one step per pass, two passes per epoch
     save_torch(tmp_path / "last.pt", {k: v for k, v in state.items() if k != "passes"})
     with caplog.at_level(logging.INFO):
-        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg),
-                     FitData(train, val), CPU, settings)
+        result, _ = interruptible_fit(tiny_teacher, "teacher", cfg, train, val, seed=0, resume_dir=tmp_path,
+                                      total_steps=4)
     assert result.resumed_from == 0 and "another point of the run's passes" in caplog.text
     assert len(result.history) == 2
 
@@ -265,15 +268,8 @@ def test_a_step_budget_stops_mid_pass_and_resumes_to_the_same_weights(images, tm
     train, val = toy_split(images), toy_split(16, seed=1)
 
     def run(resume_dir, stop_after=None):
-        torch.manual_seed(0)
-        model = create_model("teacher_tiny", 3, image_size=32)
-
-        def stop(row):
-            if row["epoch"] == stop_after:
-                raise KeyboardInterrupt
-
-        settings = FitSettings(cfg, seed=0, batch_size=16, total_steps=7, resume_dir=resume_dir, fingerprint="f")
-        return fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU, settings, on_epoch=stop), model
+        return interruptible_fit(tiny_teacher, "teacher", cfg, train, val,
+                                 seed=0, resume_dir=resume_dir, stop_after=stop_after, total_steps=7)
 
     whole, model = run(None)
     # 7 steps, an epoch of the schedule every 7/3: validated after passes 1, 2, 3 of 3 + 3 + 1 steps, or after
