@@ -104,11 +104,12 @@ def validation_rounds(total_steps: int, steps_per_pass: int, epochs: int) -> lis
     validating once per epoch of the schedule rather than once per pass gives every fraction as many
     validations, checkpoints to select from and resume states (the best of 80 validations would flatter a tenth
     of the data against the best of 8, and cost ten times the validation)."""
-    passes = math.ceil(total_steps / steps_per_pass)
+    def reached(steps):  # epochs of the schedule complete after `steps` steps: all of them from the last pass on
+        return steps * epochs // total_steps
+
     rounds, first = [], 0
-    for number in range(passes):
-        done, before = min((number + 1) * steps_per_pass, total_steps), number * steps_per_pass
-        if done * epochs // total_steps > before * epochs // total_steps or number == passes - 1:
+    for number in range(math.ceil(total_steps / steps_per_pass)):
+        if reached((number + 1) * steps_per_pass) > reached(number * steps_per_pass):
             rounds.append(range(first, number + 1))
             first = number + 1
     return rounds

@@ -1,17 +1,19 @@
 """Properties of training a user would notice, written from the contracts: the validation loss is the mean over
-the images, the learning rate follows the schedule's formula at every step, and a run done for other params is
-pending again."""
+the images, the learning rate follows the schedule's formula at every step, validation comes once per epoch of the
+schedule, and a run done for other params is pending again."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hdkd.training.engine import build_optimizer, build_scheduler, validate
+from hdkd.training.engine import build_optimizer, build_scheduler, validate, validation_rounds
 from hdkd.training.run import PendingRun, StagePaths, input_fingerprint
 from tests.helpers.fit import CPU
 from tests.helpers.params import make_params, section
@@ -73,3 +75,16 @@ def test_a_finished_run_is_pending_again_when_a_param_that_shapes_its_result_cha
     assert pending(quieter).is_done()  # how often it logs never changes a result
     (tmp_path / "train" / "x.npy").write_bytes(b"other inputs")
     assert not pending(params).is_done()  # nor do other input files keep it done
+
+
+def test_validation_follows_each_pass_that_reaches_an_epoch_boundary_of_the_schedule_and_no_other():
+    # Every step budget, pass length and epoch count of a small grid; the schedule's epoch k ends at step
+    # k * total / epochs (exact fractions), and a pass spans the steps (start, end].
+    for total, per_pass, epochs in itertools.product(range(1, 41), range(1, 13), range(1, 9)):
+        rounds = validation_rounds(total, per_pass, epochs)
+        passes = [(p * per_pass, min((p + 1) * per_pass, total)) for p in range(math.ceil(total / per_pass))]
+        assert [p for r in rounds for p in r] == list(range(len(passes)))  # every pass once, in order
+        boundaries = [Fraction(k * total, epochs) for k in range(1, epochs + 1)]
+        validated_after = {r[-1] for r in rounds}
+        for p, (start, end) in enumerate(passes):
+            assert (p in validated_after) == any(start < b <= end for b in boundaries), (total, per_pass, epochs, p)
