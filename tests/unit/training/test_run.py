@@ -65,7 +65,7 @@ def test_teacher_learns_and_is_deterministic():
 
     def run():
         torch.manual_seed(0)
-        model = create_model("teacher_tiny", 3, image_size=32)
+        model = tiny_teacher()
         return fit(model, build_criterion("teacher", teacher_cfg()), FitData(train, val), CPU,
                    FitSettings(teacher_cfg(), seed=0, batch_size=16)), model
 
@@ -126,11 +126,11 @@ def test_a_resumed_fit_keeps_the_best_epoch_from_before_the_interruption(tmp_pat
 def test_resume_state_of_other_inputs_is_ignored(tmp_path, caplog):
     train, val = toy_split(32), toy_split(16, seed=1)
     cfg = teacher_cfg(epochs=1)
-    model = create_model("teacher_tiny", 3, image_size=32)
+    model = tiny_teacher()
     settings = FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="old")
     fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU, settings)
     with caplog.at_level(logging.INFO):
-        result = fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val),
+        result = fit(tiny_teacher(), build_criterion("teacher", cfg), FitData(train, val),
                      CPU, FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="new"))
     assert result.resumed_from == 0 and "starting afresh" in caplog.text
 
@@ -159,7 +159,7 @@ def test_a_corrupt_best_checkpoint_is_discarded_with_the_rest_of_the_resume_stat
 
     def run(epochs):
         cfg = teacher_cfg(epochs=epochs)
-        return fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val), CPU,
+        return fit(tiny_teacher(), build_criterion("teacher", cfg), FitData(train, val), CPU,
                    FitSettings(cfg, seed=0, batch_size=16, resume_dir=tmp_path, fingerprint="f"))
 
     run(2)
@@ -173,7 +173,7 @@ def test_a_corrupt_best_checkpoint_is_discarded_with_the_rest_of_the_resume_stat
 def test_hdkd_fit_logs_every_loss_part(tmp_path):
     train, val = toy_split(48), toy_split(16, seed=1)
     teacher_path = tmp_path / "teacher.pt"
-    save_model(teacher_path, create_model("teacher_tiny", 3, image_size=32), "teacher_tiny", ["a", "b", "c"], 32, {})
+    save_model(teacher_path, tiny_teacher(), "teacher_tiny", ["a", "b", "c"], 32, {})
     student = create_model("hdkd_tiny", 3, image_size=32)
     cfg = section("distill", epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.0, schedule="none", alpha=0.5,
                   **{"lambda": 10.0})
@@ -213,7 +213,7 @@ def test_gradient_probes_leave_the_training_unchanged():
     weights, rows = [], []
     for probes in (0, 2):
         torch.manual_seed(0)
-        model = create_model("teacher_tiny", 3, image_size=32)
+        model = tiny_teacher()
         result = fit(model, build_criterion("teacher", cfg), FitData(train, val), CPU,
                      FitSettings(cfg, seed=0, batch_size=16, grad_probes=probes))
         weights.append(model.state_dict())
@@ -298,7 +298,7 @@ def test_teacher_checks_fail_early_and_clearly(tmp_path):
 
 def test_a_split_too_small_for_batchnorm_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
+        fit(tiny_teacher(), build_criterion("teacher", teacher_cfg()),
             FitData(toy_split(1), toy_split(4)), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
 
 
@@ -335,7 +335,7 @@ def test_log_every_logs_running_loss_lines_inside_an_epoch(caplog):
     train, val = toy_split(64), toy_split(16, seed=1)
     cfg = teacher_cfg(epochs=1)
     with caplog.at_level(logging.INFO, logger="hdkd.training.engine"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", cfg), FitData(train, val), CPU,
+        fit(tiny_teacher(), build_criterion("teacher", cfg), FitData(train, val), CPU,
             FitSettings(cfg, seed=0, batch_size=8, log_every=3))
     steps = [m[1] for r in caplog.records if (m := re.search(r" step (\d+/\d+)  loss \d", r.getMessage()))]
     assert steps == ["3/8", "6/8"]
@@ -345,7 +345,7 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     train = toy_split(32)
     train.tensors[0][5] = float("nan")  # one corrupt sample poisons its batch's loss
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        fit(create_model("teacher_tiny", 3, image_size=32), build_criterion("teacher", teacher_cfg()),
+        fit(tiny_teacher(), build_criterion("teacher", teacher_cfg()),
             FitData(train, toy_split(8)), CPU, FitSettings(teacher_cfg(), seed=0, batch_size=16))
 
 
